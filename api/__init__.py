@@ -1,0 +1,1 @@
+"""FastAPI service: grids, jobs, workers, results, auth."""

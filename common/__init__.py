@@ -1,0 +1,1 @@
+"""Settings, database schema and migrations, shared types."""

@@ -1,0 +1,143 @@
+"""Database tables (SQLAlchemy Core). Times are unix seconds (float) so SQLite and Postgres compare alike.
+
+The Alembic migrations in common/migrations must create exactly these tables; a test checks that.
+"""
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+grids = Table(
+    "grids",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False, unique=True),
+    Column("trainer", String(100), nullable=False),
+    Column("spec", JSON, nullable=False),  # the grid spec as last posted
+    Column("objective", String(200)),  # e.g. "min:loss"
+    Column("priority", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False, default=3),
+    Column("state", String(20), nullable=False, default="active"),  # active | paused | cancelled
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("grid_id", Integer, ForeignKey("grids.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(64), nullable=False),  # sha256 of canonical {trainer, config, seed}
+    Column("trainer", String(100), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("gpus", Float, nullable=False, default=0.0),  # fraction of one GPU the job needs
+    Column("resources", JSON, nullable=False),
+    Column("code_rev", String(100)),
+    Column("state", String(20), nullable=False, default="queued"),
+    Column("not_before", Float, nullable=False, default=0.0),  # backoff: not claimable before this
+    Column("attempt_id", String(32)),  # the fencing token of the current attempt
+    Column("worker_id", String(32)),
+    Column("lease_expires_at", Float),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("max_attempts", Integer, nullable=False, default=3),  # the error budget
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("errors", Integer, nullable=False, default=0),
+    Column("losses", Integer, nullable=False, default=0),
+    Column("preemptions", Integer, nullable=False, default=0),
+    Column("step", Integer),
+    Column("progress_done", Float),
+    Column("progress_total", Float),
+    Column("checkpoint", JSON),  # pointer to the last durable checkpoint: {uri, step, time}
+    Column("result", JSON),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
+    Index("ix_jobs_lease", "state", "lease_expires_at"),
+    Index("ix_jobs_grid_state", "grid_id", "state"),
+)
+
+# The claim scans queued jobs by priority (high first), then age.
+Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("worker_id", String(32)),
+    Column("outcome", String(20), nullable=False, default="running"),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("code_rev", String(100)),
+    Column("error", Text),
+    Index("ix_attempts_job", "job_id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("host", String(200), nullable=False),
+    Column("gpus", JSON, nullable=False),  # list of GPU descriptions the worker sees
+    Column("trainers", JSON, nullable=False),  # trainer names it can run
+    Column("resources", JSON, nullable=False),
+    Column("code_rev", String(100)),
+    Column("state", String(20), nullable=False, default="idle"),  # idle | busy | stopped
+    Column("current_job_id", Integer),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen_at", Float, nullable=False),
+)
+
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt_id", String(32), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("time", Float, nullable=False),
+    Column("values", JSON, nullable=False),
+    Index("ix_metrics_job_step", "job_id", "step"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt_id", String(32)),
+    Column("time", Float, nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("message", Text, nullable=False),
+    Index("ix_events_job", "job_id", "id"),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("role", String(20), nullable=False),  # admin | submit | worker
+    Column("token_hash", String(64), nullable=False, unique=True),  # sha256 hex; the token is never stored
+    Column("created_at", Float, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)

@@ -1,0 +1,1 @@
+"""The queue: grid expansion, dedup, claim/lease/heartbeat/finish, retry policy."""

@@ -1,0 +1,340 @@
+"""The job queue: register, claim, heartbeat, finish. Every write after a claim is fenced by attempt id.
+
+Postgres claims with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING`;
+SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so nothing to skip).
+Expired leases are handled by the claim call itself: no janitor is needed for correctness.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, Engine, bindparam, insert, select, text, update
+
+from common import schema as t
+from common.db import is_sqlite, write_tx
+from scheduler.policy import RetryPolicy
+
+OUTCOMES = ("succeeded", "error", "preempted", "cancelled")
+EXPIRED_BATCH = 50
+
+
+@dataclass
+class ClaimedJob:
+    id: int
+    grid_id: int
+    attempt_id: str
+    trainer: str
+    config: dict[str, Any]
+    seed: int
+    resources: dict[str, Any]
+    code_rev: str | None
+    checkpoint: dict[str, Any] | None
+    attempt: int  # 1 for the first attempt
+    lease_expires_at: float
+
+
+@dataclass
+class Reply:
+    """The answer to a fenced write. `stop` tells the worker to abandon the job now."""
+
+    ok: bool
+    stop: bool = False
+    cancel: bool = False
+    reason: str | None = None
+    state: str | None = None
+    lease_expires_at: float | None = None
+
+
+@dataclass
+class Metric:
+    step: int
+    values: dict[str, Any]
+    time: float = field(default_factory=time.time)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _stale(job_id: int, attempt_id: str) -> Reply:
+    return Reply(
+        ok=False,
+        stop=True,
+        reason=f"attempt {attempt_id} is no longer the current attempt of job {job_id} "
+        "(its lease expired and the job was re-claimed, or the job was cancelled); stop working on it",
+    )
+
+
+class Queue:
+    def __init__(self, engine: Engine, policy: RetryPolicy | None = None):
+        self.engine = engine
+        self.policy = policy or RetryPolicy()
+        self._sqlite = is_sqlite(engine)
+        lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
+        self._claim_sql = text(
+            f"""
+            UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
+                lease_expires_at = :lease, attempts = attempts + 1,
+                started_at = COALESCE(started_at, :now)
+            WHERE id = (
+                SELECT id FROM jobs
+                WHERE state = 'queued' AND not_before <= :now AND gpus <= :gpus
+                  AND (:any_trainer OR trainer IN :trainers)
+                  AND (code_rev IS NULL OR :can_pin)
+                  AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
+                ORDER BY priority DESC, id
+                LIMIT 1{lock}
+            )
+            RETURNING id, grid_id, trainer, config, seed, resources, code_rev, checkpoint, attempts
+            """
+        ).bindparams(bindparam("trainers", expanding=True))
+        self._expired_sql = text(
+            f"""
+            SELECT id, attempt_id, losses, cancel_requested FROM jobs
+            WHERE state = 'running' AND lease_expires_at < :now
+            ORDER BY lease_expires_at LIMIT {EXPIRED_BATCH}{lock}
+            """
+        )
+
+    # ---- workers -------------------------------------------------------------------------------
+    def register_worker(
+        self,
+        name: str,
+        host: str,
+        trainers: list[str],
+        gpus: list[Any] | None = None,
+        resources: dict[str, Any] | None = None,
+        code_rev: str | None = None,
+        worker_id: str | None = None,
+    ) -> str:
+        now = time.time()
+        worker_id = worker_id or new_id()
+        with write_tx(self.engine) as conn:
+            conn.execute(
+                insert(t.workers).values(
+                    id=worker_id, name=name, host=host, gpus=gpus or [], trainers=trainers,
+                    resources=resources or {}, code_rev=code_rev, state="idle",
+                    registered_at=now, last_seen_at=now,
+                )
+            )
+        return worker_id
+
+    def touch_worker(self, conn: Connection, worker_id: str | None, now: float, **values) -> None:
+        if worker_id:
+            conn.execute(update(t.workers).where(t.workers.c.id == worker_id).values(last_seen_at=now, **values))
+
+    # ---- claim ---------------------------------------------------------------------------------
+    def claim(
+        self,
+        worker_id: str,
+        trainers: Iterable[str] | None = None,
+        gpus: float = 0.0,
+        can_pin_code: bool = False,
+        code_rev: str | None = None,
+        now: float | None = None,
+    ) -> ClaimedJob | None:
+        """Take the best runnable job for this worker, or None. Never blocks on other claimers."""
+        now = time.time() if now is None else now
+        trainer_list = sorted(set(trainers)) if trainers is not None else []
+        attempt_id = new_id()
+        lease = now + self.policy.lease_seconds
+        with write_tx(self.engine) as conn:
+            self._requeue_expired(conn, now)
+            row = conn.execute(
+                self._claim_sql,
+                {
+                    "aid": attempt_id, "wid": worker_id, "lease": lease, "now": now, "gpus": gpus,
+                    "any_trainer": trainers is None, "trainers": trainer_list or ["\x00"],
+                    "can_pin": can_pin_code,
+                },
+            ).mappings().first()
+            if row is None:
+                self.touch_worker(conn, worker_id, now, state="idle", current_job_id=None)
+                return None
+            conn.execute(
+                insert(t.attempts).values(
+                    id=attempt_id, job_id=row["id"], worker_id=worker_id, outcome="running",
+                    started_at=now, code_rev=row["code_rev"] or code_rev,
+                )
+            )
+            self.touch_worker(conn, worker_id, now, state="busy", current_job_id=row["id"])
+        return ClaimedJob(
+            id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, trainer=row["trainer"],
+            config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
+            code_rev=row["code_rev"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
+            lease_expires_at=lease,
+        )
+
+    def requeue_expired(self, now: float | None = None) -> int:
+        """Handle expired leases now (the claim does this too). Returns how many were handled."""
+        with write_tx(self.engine) as conn:
+            return self._requeue_expired(conn, time.time() if now is None else now)
+
+    def _requeue_expired(self, conn: Connection, now: float) -> int:
+        rows = conn.execute(self._expired_sql, {"now": now}).mappings().all()
+        for row in rows:
+            losses = row["losses"] + 1
+            message = f"lease expired (loss {losses} of at most {self.policy.max_lost})"
+            if row["cancel_requested"]:
+                values = dict(state="cancelled", finished_at=now)
+            elif losses > self.policy.max_lost:
+                values = dict(state="failed", finished_at=now, last_error=message + "; giving up")
+            else:
+                values = dict(state="queued", not_before=now + self.policy.backoff("lost", losses))
+            conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == row["id"], t.jobs.c.attempt_id == row["attempt_id"])
+                .values(losses=losses, attempt_id=None, worker_id=None, lease_expires_at=None, **values)
+            )
+            self._end_attempt(conn, row["attempt_id"], "lost", now, message)
+            self._event(conn, row["id"], row["attempt_id"], "lost", message, now)
+        return len(rows)
+
+    # ---- fenced writes from the current attempt --------------------------------------------------
+    def heartbeat(
+        self,
+        job_id: int,
+        attempt_id: str,
+        step: int | None = None,
+        progress: tuple[float, float] | None = None,
+        metrics: list[Metric] | None = None,
+        now: float | None = None,
+    ) -> Reply:
+        """Extend the lease and store progress and metrics, if `attempt_id` still owns the job."""
+        now = time.time() if now is None else now
+        lease = now + self.policy.lease_seconds
+        values: dict[str, Any] = {"lease_expires_at": lease}
+        if step is not None:
+            values["step"] = step
+        if progress is not None:
+            values["progress_done"], values["progress_total"] = progress
+        with write_tx(self.engine) as conn:
+            row = conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running")
+                .values(**values)
+                .returning(t.jobs.c.cancel_requested, t.jobs.c.worker_id)
+            ).first()
+            if row is None:
+                return _stale(job_id, attempt_id)
+            if metrics:
+                conn.execute(
+                    insert(t.metrics),
+                    [
+                        {"job_id": job_id, "attempt_id": attempt_id, "step": m.step, "time": m.time, "values": m.values}
+                        for m in metrics
+                    ],
+                )
+            self.touch_worker(conn, row.worker_id, now)
+        return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
+
+    def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any]) -> Reply:
+        """Record the last durable checkpoint (call only once the file it points to is durable)."""
+        with write_tx(self.engine) as conn:
+            row = conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running")
+                .values(checkpoint=pointer, step=pointer.get("step"))
+                .returning(t.jobs.c.id)
+            ).first()
+        return Reply(ok=True) if row else _stale(job_id, attempt_id)
+
+    def add_events(self, job_id: int, attempt_id: str, events: list[tuple[str, str]], now: float | None = None) -> Reply:
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            if not self._owns(conn, job_id, attempt_id):
+                return _stale(job_id, attempt_id)
+            for kind, message in events:
+                self._event(conn, job_id, attempt_id, kind, message, now)
+        return Reply(ok=True)
+
+    def finish(
+        self,
+        job_id: int,
+        attempt_id: str,
+        outcome: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> Reply:
+        """End the attempt: succeeded, error (retry with backoff until the budget is spent),
+        preempted (requeue at once, no error budget) or cancelled."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            query = select(
+                t.jobs.c.errors, t.jobs.c.max_attempts, t.jobs.c.preemptions, t.jobs.c.cancel_requested,
+                t.jobs.c.worker_id,
+            ).where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running")
+            if not self._sqlite:
+                query = query.with_for_update()
+            job = conn.execute(query).first()
+            if job is None:
+                return _stale(job_id, attempt_id)
+            values = self._next_state(job, outcome, result, error, now)
+            conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(**values))
+            self._end_attempt(conn, attempt_id, outcome, now, error)
+            self._event(conn, job_id, attempt_id, outcome, _finish_message(outcome, values, error), now)
+            self.touch_worker(conn, job.worker_id, now, state="idle", current_job_id=None)
+        return Reply(ok=True, state=values["state"])
+
+    def _next_state(self, job, outcome: str, result, error, now: float) -> dict[str, Any]:
+        released = dict(attempt_id=None, worker_id=None, lease_expires_at=None)
+        if outcome == "succeeded":
+            return dict(state="succeeded", result=result or {}, finished_at=now, **released)
+        if outcome == "cancelled" or job.cancel_requested:
+            return dict(state="cancelled", finished_at=now, last_error=error, **released)
+        if outcome == "preempted":
+            preemptions = job.preemptions + 1
+            if preemptions > self.policy.max_preemptions:
+                return dict(state="failed", preemptions=preemptions, finished_at=now,
+                            last_error=f"preempted {preemptions} times", **released)
+            return dict(state="queued", preemptions=preemptions, not_before=now, **released)
+        errors = job.errors + 1  # outcome == "error"
+        if errors >= job.max_attempts:
+            return dict(state="failed", errors=errors, finished_at=now, last_error=error, **released)
+        return dict(state="queued", errors=errors, last_error=error,
+                    not_before=now + self.policy.backoff("error", errors), **released)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _owns(self, conn: Connection, job_id: int, attempt_id: str) -> bool:
+        return conn.execute(
+            select(t.jobs.c.id).where(
+                t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running"
+            )
+        ).first() is not None
+
+    @staticmethod
+    def _end_attempt(conn: Connection, attempt_id: str, outcome: str, now: float, error: str | None) -> None:
+        conn.execute(
+            update(t.attempts)
+            .where(t.attempts.c.id == attempt_id, t.attempts.c.outcome == "running")
+            .values(outcome=outcome, ended_at=now, error=error)
+        )
+
+    @staticmethod
+    def _event(conn: Connection, job_id: int, attempt_id: str | None, kind: str, message: str, now: float) -> None:
+        conn.execute(
+            insert(t.events).values(job_id=job_id, attempt_id=attempt_id, time=now, kind=kind, message=message)
+        )
+
+
+def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> str:
+    message = f"attempt ended: {outcome}; job is now {values['state']}"
+    if values["state"] == "queued" and values.get("not_before"):
+        message += f" (retry not before {time.strftime('%H:%M:%S', time.gmtime(values['not_before']))} UTC)"
+    if error:
+        message += f"\n{error}"
+    return message
+
+
+def _json(value: Any) -> Any:
+    """JSON columns come back decoded from both drivers; raw text (older SQLite rows) is decoded here."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return value

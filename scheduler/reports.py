@@ -1,0 +1,173 @@
+"""Read models for the API and CLI: grid summaries with progress and best result, results, job views."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from common import schema as t
+from common.db import read_tx
+from scheduler.grids import NotFound, grid_id_by_name
+from scheduler.policy import JOB_STATES
+
+
+def _loads(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _objective_value(result: dict | None, metric: str) -> float | None:
+    if not isinstance(result, dict):
+        return None
+    value = result.get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _best(rows, objective: str | None) -> dict | None:
+    if not objective:
+        return None
+    direction, metric = objective.split(":", 1)
+    scored = [(v, r) for r in rows if (v := _objective_value(_loads(r.result), metric)) is not None]
+    if not scored:
+        return None
+    value, row = (min if direction == "min" else max)(scored, key=lambda pair: pair[0])
+    return {"job_id": row.id, "metric": metric, "value": value, "config": _loads(row.config), "seed": row.seed}
+
+
+def grid_summary(engine: Engine, grid: str | int) -> dict[str, Any]:
+    with read_tx(engine) as conn:
+        grid_id = grid_id_by_name(conn, grid)
+        g = conn.execute(select(t.grids).where(t.grids.c.id == grid_id)).mappings().one()
+        counts = dict(
+            conn.execute(
+                select(t.jobs.c.state, func.count()).where(t.jobs.c.grid_id == grid_id).group_by(t.jobs.c.state)
+            ).all()
+        )
+        running = conn.execute(
+            select(t.jobs.c.progress_done, t.jobs.c.progress_total)
+            .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "running")
+        ).all()
+        finished = conn.execute(
+            select(t.jobs.c.id, t.jobs.c.result, t.jobs.c.config, t.jobs.c.seed)
+            .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "succeeded")
+        ).all()
+    total = sum(counts.values())
+    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+    partial = sum(min(1.0, (d or 0) / tot) for d, tot in running if tot)
+    return {
+        "id": g["id"], "name": g["name"], "trainer": g["trainer"], "state": g["state"],
+        "objective": g["objective"], "priority": g["priority"], "created_at": g["created_at"],
+        "total": total, "counts": {s: counts.get(s, 0) for s in JOB_STATES},
+        "progress": (done + partial) / total if total else 1.0,
+        "best": _best(finished, g["objective"]),
+        "spec": _loads(g["spec"]),
+    }
+
+
+def list_grids(engine: Engine) -> list[dict[str, Any]]:
+    with read_tx(engine) as conn:
+        ids = conn.execute(select(t.grids.c.id).order_by(t.grids.c.id)).scalars().all()
+    return [grid_summary(engine, grid_id) for grid_id in ids]
+
+
+def grid_results(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
+    """One row per job: id, state, seed, config, result; sorted best first when the grid has an objective."""
+    with read_tx(engine) as conn:
+        grid_id = grid_id_by_name(conn, grid)
+        objective = conn.execute(select(t.grids.c.objective).where(t.grids.c.id == grid_id)).scalar()
+        rows = conn.execute(
+            select(t.jobs.c.id, t.jobs.c.state, t.jobs.c.seed, t.jobs.c.config, t.jobs.c.result,
+                   t.jobs.c.attempts, t.jobs.c.step)
+            .where(t.jobs.c.grid_id == grid_id).order_by(t.jobs.c.id)
+        ).all()
+    results = [
+        {"job_id": r.id, "state": r.state, "seed": r.seed, "attempts": r.attempts, "step": r.step,
+         "config": _loads(r.config), "result": _loads(r.result)}
+        for r in rows
+    ]
+    if objective:
+        direction, metric = objective.split(":", 1)
+        sign = 1.0 if direction == "min" else -1.0
+
+        def rank(row):
+            value = _objective_value(row["result"], metric)
+            return (value is None, sign * value if value is not None else 0.0, row["job_id"])
+
+        results.sort(key=rank)
+    return results
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), child, out)
+    elif isinstance(value, list):
+        out[prefix] = json.dumps(value)
+    else:
+        out[prefix] = value
+    return out
+
+
+def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Flat rows for CSV: job_id, state, seed, config.*, result.* (list values as JSON)."""
+    flat = []
+    for row in rows:
+        out = {"job_id": row["job_id"], "state": row["state"], "seed": row["seed"], "attempts": row["attempts"]}
+        flatten("config", row["config"], out)
+        flatten("result", row["result"] or {}, out)
+        flat.append(out)
+    columns: list[str] = []
+    for out in flat:
+        columns.extend(c for c in out if c not in columns)
+    return columns, flat
+
+
+def job_detail(engine: Engine, job_id: int) -> dict[str, Any]:
+    with read_tx(engine) as conn:
+        job = conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).mappings().first()
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        attempts = conn.execute(
+            select(t.attempts).where(t.attempts.c.job_id == job_id).order_by(t.attempts.c.started_at)
+        ).mappings().all()
+        grid_name = conn.execute(select(t.grids.c.name).where(t.grids.c.id == job["grid_id"])).scalar_one()
+    out = {k: _loads(v) if k in ("config", "resources", "checkpoint", "result") else v for k, v in job.items()}
+    out["grid"] = grid_name
+    out["attempt_history"] = [dict(a) for a in attempts]
+    return out
+
+
+def job_metrics(engine: Engine, job_id: int, after_step: int | None = None, limit: int = 10_000) -> list[dict]:
+    with read_tx(engine) as conn:
+        if conn.execute(select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
+            raise NotFound(f"no job {job_id}")
+        query = select(t.metrics).where(t.metrics.c.job_id == job_id)
+        if after_step is not None:
+            query = query.where(t.metrics.c.step > after_step)
+        rows = conn.execute(query.order_by(t.metrics.c.step, t.metrics.c.id).limit(limit)).mappings().all()
+    return [{"step": r["step"], "time": r["time"], "attempt_id": r["attempt_id"], **_loads(r["values"])} for r in rows]
+
+
+def job_events(engine: Engine, job_id: int, limit: int = 1000) -> list[dict]:
+    with read_tx(engine) as conn:
+        if conn.execute(select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
+            raise NotFound(f"no job {job_id}")
+        rows = conn.execute(
+            select(t.events).where(t.events.c.job_id == job_id).order_by(t.events.c.id).limit(limit)
+        ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
+    now = time.time()
+    with read_tx(engine) as conn:
+        rows = conn.execute(select(t.workers).order_by(t.workers.c.registered_at)).mappings().all()
+    return [
+        {**{k: _loads(v) if k in ("gpus", "trainers", "resources") else v for k, v in r.items()},
+         "alive": now - r["last_seen_at"] < stale_after}
+        for r in rows
+    ]

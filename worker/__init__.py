@@ -1,0 +1,1 @@
+"""The agent that pulls and runs jobs, and the trainers it runs."""

@@ -1,0 +1,60 @@
+"""Trainers: one file each, with a pydantic `Config` and `train(config, ctx) -> dict`.
+
+Modules are imported lazily so validating a `noop` grid never imports torch.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+TRAINERS: dict[str, str] = {
+    "noop": "worker.trainers.noop",
+    "sleep": "worker.trainers.sleep",
+}
+
+
+class UnknownTrainer(LookupError):
+    def __init__(self, name: str):
+        known = ", ".join(sorted(TRAINERS))
+        super().__init__(f"unknown trainer '{name}'; known trainers: {known}")
+        self.name = name
+
+
+class InvalidConfig(ValueError):
+    """The trainer's Config rejected a config. `errors` holds (field, message) pairs."""
+
+    def __init__(self, trainer: str, errors: list[tuple[str, str]]):
+        detail = "; ".join(f"{field}: {msg}" for field, msg in errors)
+        super().__init__(f"config rejected by trainer '{trainer}': {detail}")
+        self.trainer = trainer
+        self.errors = errors
+
+
+def known_trainers() -> list[str]:
+    return sorted(TRAINERS)
+
+
+def load(name: str) -> ModuleType:
+    if name not in TRAINERS:
+        raise UnknownTrainer(name)
+    return importlib.import_module(TRAINERS[name])
+
+
+def parse_config(name: str, config: dict[str, Any]) -> BaseModel:
+    """The trainer's typed Config for `config`; raises UnknownTrainer or InvalidConfig."""
+    module = load(name)
+    try:
+        return module.Config.model_validate(config)
+    except ValidationError as exc:
+        errors = [
+            ("config." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "config", err["msg"])
+            for err in exc.errors()
+        ]
+        raise InvalidConfig(name, errors) from None
+
+
+def validate_config(name: str, config: dict[str, Any]) -> None:
+    parse_config(name, config)
