@@ -123,6 +123,17 @@ class Queue:
             )
         return worker_id
 
+    def worker_seen(self, worker_id: str, state: str | None = None) -> bool:
+        """An idle worker's heartbeat. False when the worker id is unknown (it should register again)."""
+        values = {"last_seen_at": time.time()}
+        if state:
+            values["state"] = state
+        with write_tx(self.engine) as conn:
+            found = conn.execute(
+                update(t.workers).where(t.workers.c.id == worker_id).values(**values).returning(t.workers.c.id)
+            ).first()
+        return found is not None
+
     def touch_worker(self, conn: Connection, worker_id: str | None, now: float, **values) -> None:
         if worker_id:
             conn.execute(update(t.workers).where(t.workers.c.id == worker_id).values(last_seen_at=now, **values))

@@ -1,0 +1,92 @@
+"""Shared fixtures: every database test runs on SQLite and on a real Postgres.
+
+Postgres: GRIDFLEET_TEST_POSTGRES_URL (default: the local server, user postgres, trust auth). Each test
+gets a fresh database copied from a migrated template. In CI (CI=true) an unreachable Postgres is an
+error, never a skip.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from common.db import make_engine, migrate, normalize_url
+from scheduler.policy import RetryPolicy
+from scheduler.queue import Queue
+
+PG_ADMIN_URL = normalize_url(os.environ.get("GRIDFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pg_admin():
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+
+
+@pytest.fixture(scope="session")
+def pg_template():
+    """A migrated template database, made once per test session."""
+    name = f"gf_tpl_{os.getpid()}"
+    try:
+        admin = _pg_admin()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means "no Postgres here"
+        message = f"Postgres not reachable at {make_url(PG_ADMIN_URL).render_as_string(hide_password=True)}: {exc}"
+        if IN_CI:
+            pytest.fail(message + " (CI must run the Postgres tests)")
+        pytest.skip(message)
+    template_url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    migrate(template_url)
+    yield name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _fresh_postgres(template: str):
+    name = f"gf_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+    def drop():
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    """A migrated, empty database URL; the test runs once per backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'gridfleet.db'}"
+        migrate(url)
+        yield url
+    else:
+        url, drop = _fresh_postgres(request.getfixturevalue("pg_template"))
+        yield url
+        drop()
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def policy():
+    return RetryPolicy(lease_seconds=30.0, backoff_base_seconds=5.0)
+
+
+@pytest.fixture
+def queue(engine, policy):
+    return Queue(engine, policy)
