@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 TRAINERS: dict[str, str] = {
     "noop": "worker.trainers.noop",
     "sleep": "worker.trainers.sleep",
+    "gated_rnn": "worker.trainers.gated_rnn",
 }
 
 

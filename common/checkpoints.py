@@ -1,0 +1,78 @@
+"""Checkpoint stores. `local:` keeps files under a directory: write temp, fsync, rename, keep the last K.
+
+A checkpoint is one dict (nanoGPT style): whatever the trainer needs to resume exactly. The pointer a
+store returns is what the job row records, and only after the file it names is durable.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+def _serialize(state: Any) -> bytes:
+    import torch  # only workers save checkpoints; the queue never imports torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _deserialize(data: bytes) -> Any:
+    import torch
+
+    # weights_only=False: checkpoints hold optimizer state, RNG states and replay buffers we wrote ourselves.
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    def __init__(self, root: str | Path, keep: int = 3):
+        self.root = Path(root).resolve()
+        self.keep = max(1, keep)
+
+    def job_dir(self, grid_id: int, job_id: int) -> Path:
+        return self.root / f"grid-{grid_id}" / f"job-{job_id}"
+
+    def save(self, grid_id: int, job_id: int, step: int, state: Any) -> dict[str, Any]:
+        """Write atomically and durably; return the pointer {uri, step, time}."""
+        directory = self.job_dir(grid_id, job_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / f"ckpt-{step:012d}.pt"
+        temp = directory / f".{final.name}.{os.getpid()}.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(_serialize(state))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+        _fsync_dir(directory)
+        self._prune(directory)
+        return {"uri": f"local:{final}", "step": step, "time": time.time()}
+
+    def _prune(self, directory: Path) -> None:
+        files = sorted(p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name))
+        for old in files[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def load(self, pointer: dict[str, Any]) -> Any:
+        uri = pointer["uri"]
+        if not uri.startswith("local:"):
+            raise ValueError(f"the local store cannot read checkpoint '{uri}'")
+        path = Path(uri[len("local:"):])
+        if not path.exists():
+            raise FileNotFoundError(
+                f"checkpoint {path} is gone (was it written on another machine? use a shared or hf:// store)"
+            )
+        return _deserialize(path.read_bytes())

@@ -1,0 +1,278 @@
+"""The worker agent: register, then claim -> run the job in a child process -> finish, until told to stop.
+
+Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job. Heartbeats go from a side thread
+(`_heartbeat_loop`), never from the training loop. SIGTERM/SIGINT ask the running job to checkpoint and
+stop; after `grace_seconds` the child is killed, and the job is released as `preempted` either way.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker import runner
+
+log = logging.getLogger("gridfleet.worker")
+OUTPUT_TAIL_LINES = 60
+MAX_BUFFERED_METRICS = 10_000
+
+
+@dataclass
+class AgentOptions:
+    name: str = field(default_factory=socket.gethostname)
+    trainers: list[str] | None = None  # None: every trainer this install knows
+    gpus: float | None = None  # GPU capacity offered; None: the number of GPUs seen
+    can_pin_code: bool = False
+    max_jobs: int | None = None
+    max_run_time: float | None = None  # seconds this agent may live (rented machines with free hours)
+    min_job_time: float = 120.0  # do not claim when less time than this is left
+    grace_seconds: float = 30.0
+    idle_sleep_max: float = 10.0
+    home: Path = Path(".gridfleet")
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class JobRun:
+    """What the agent knows about the running job; shared with the heartbeat thread under `lock`."""
+
+    job: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, str]] = field(default_factory=list)
+    step: int | None = None
+    progress: tuple[float, float] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    stop_reason: str | None = None  # "cancelled" | "preempted"
+    stale: str | None = None  # set when the server says this attempt is no longer ours
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def request_stop(self, reason: str) -> None:
+        with self.lock:
+            self.stop_reason = self.stop_reason or reason
+
+
+def visible_gpus() -> list[str]:
+    """GPU names from nvidia-smi (no torch import in the agent); empty on CPU machines."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU")]
+
+
+def code_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             check=True, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class Agent:
+    def __init__(self, client, options: AgentOptions):
+        from worker import trainers
+
+        self.client = client
+        self.options = options
+        self.trainers = options.trainers or trainers.known_trainers()
+        self.stopping = False
+        self.current: JobRun | None = None
+        self.started = time.monotonic()
+        self.jobs_done = 0
+        self.worker_id: str | None = None
+        self.heartbeat_seconds = 5.0
+        self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
+        self._mp = multiprocessing.get_context("spawn")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signal_handlers()
+        gpus = visible_gpus()
+        self.code_rev = code_revision()
+        reply = self.client.register({
+            "name": self.options.name, "host": socket.gethostname(), "gpus": gpus,
+            "trainers": self.trainers, "resources": {}, "code_rev": self.code_rev,
+        })
+        self.worker_id = reply["worker_id"]
+        self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
+        capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
+        log.info("worker %s registered (trainers: %s; gpus: %s)", self.worker_id, ", ".join(self.trainers), capacity)
+        idle = 0.5
+        while not self.stopping:
+            if self.options.max_jobs is not None and self.jobs_done >= self.options.max_jobs:
+                log.info("done %d jobs (--max-jobs); stopping", self.jobs_done)
+                break
+            if self._time_left() < self.options.min_job_time:
+                log.info("less than %.0f s left of --max-run-time; not claiming more", self.options.min_job_time)
+                break
+            job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
+                                    can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
+                                    **self.claim_filters)
+            if job is None:
+                self.client.heartbeat(self.worker_id)  # idle, but alive
+                self._sleep(idle)
+                idle = min(idle * 2, self.options.idle_sleep_max)
+                continue
+            idle = 0.5
+            self.run_job(job)
+            self.jobs_done += 1
+        self.client.close()
+        return 0
+
+    # ---- one job -------------------------------------------------------------------------------
+    def run_job(self, job: dict[str, Any]) -> None:
+        run = JobRun(job=job)
+        self.current = run
+        log.info("job %s attempt %s (%s) started", job["id"], job["attempt"], job["trainer"])
+        workdir = self.options.home / "work" / f"job-{job['id']}"
+        stop_event = self._mp.Event()
+        receiver, sender = self._mp.Pipe(duplex=False)
+        child = self._mp.Process(
+            target=runner.run_job, daemon=True,
+            args=(job, str(workdir), str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
+                  sender, stop_event),
+        )
+        child.start()
+        sender.close()
+        heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run,), daemon=True)
+        heartbeats.start()
+        kill_at: float | None = None
+        while True:
+            if receiver.poll(0.2):
+                try:
+                    self._handle_message(run, receiver.recv())
+                except EOFError:
+                    child.join()
+                    break
+            elif not child.is_alive():
+                break
+            if run.stale:
+                child.kill()  # someone else owns this job now: stop at once, write nothing
+            elif run.stop_reason and not stop_event.is_set():
+                stop_event.set()
+                kill_at = time.monotonic() + self.options.grace_seconds
+            elif kill_at and time.monotonic() > kill_at:
+                log.warning("job %s did not stop within %.0f s; killing it", job["id"], self.options.grace_seconds)
+                child.kill()
+                kill_at = None
+            if self._time_left() < self.options.grace_seconds:
+                run.request_stop("preempted")
+        child.join()
+        run.done.set()
+        heartbeats.join()
+        self._finish(run, child.exitcode, workdir)
+        self.current = None
+
+    def _handle_message(self, run: JobRun, message: tuple) -> None:
+        kind = message[0]
+        if kind == "report":
+            _, step, values, when = message
+            with run.lock:
+                run.step = step
+                if len(run.metrics) < MAX_BUFFERED_METRICS:
+                    run.metrics.append({"step": step, "time": when, "values": values})
+        elif kind == "progress":
+            with run.lock:
+                run.progress = (message[1], message[2])
+        elif kind == "event":
+            with run.lock:
+                run.events.append({"kind": message[1], "message": message[2]})
+        elif kind == "checkpoint":
+            reply = self.client.set_checkpoint(self.worker_id, run.job["id"], run.job["attempt_id"], message[1])
+            if not reply["ok"]:
+                run.stale = reply.get("reason") or "checkpoint refused"
+        elif kind == "result":
+            run.result = message[1]
+        elif kind == "error":
+            run.error = message[1]
+
+    def _heartbeat_loop(self, run: JobRun) -> None:
+        while not run.done.wait(self.heartbeat_seconds):
+            self._send_heartbeat(run)
+
+    def _send_heartbeat(self, run: JobRun) -> None:
+        with run.lock:
+            metrics, run.metrics = run.metrics, []
+            events, run.events = run.events, []
+            step, progress = run.step, run.progress
+        try:
+            reply = self.client.heartbeat(self.worker_id, job_id=run.job["id"], attempt_id=run.job["attempt_id"],
+                                          step=step, progress=progress, metrics=metrics, events=events)
+        except Exception as exc:  # noqa: BLE001 - keep the data and try again next beat
+            log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
+            with run.lock:
+                run.metrics[:0] = metrics[: MAX_BUFFERED_METRICS - len(run.metrics)]
+                run.events[:0] = events
+            return
+        if not reply["ok"]:
+            run.stale = reply.get("reason") or "heartbeat refused"
+        elif reply.get("cancel"):
+            run.request_stop("cancelled")
+
+    def _finish(self, run: JobRun, exitcode: int | None, workdir: Path) -> None:
+        job = run.job
+        if run.stale:
+            log.warning("job %s: attempt %s is stale (%s); not finishing it", job["id"], job["attempt_id"], run.stale)
+            return
+        if run.stop_reason:
+            outcome, error = run.stop_reason, None
+        elif run.result is not None:
+            outcome, error = "succeeded", None
+        else:
+            outcome = "error"
+            error = run.error or f"the trainer process exited with code {exitcode} and sent no result"
+        tail = _tail(workdir / runner.OUTPUT_LOG)
+        if tail:
+            with run.lock:
+                run.events.append({"kind": "output", "message": tail})
+        if run.metrics or run.events:
+            self._send_heartbeat(run)  # flush what is left, fenced like any heartbeat
+            if run.stale:
+                return
+        reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome=outcome,
+                                   result=run.result if outcome == "succeeded" else None, error=error)
+        log.info("job %s finished: %s -> %s", job["id"], outcome, reply.get("state"))
+
+    # ---- stopping ------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.info("signal %s: finishing up (running job checkpoints and is released as preempted)", signum)
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.current is not None:
+            self.current.request_stop("preempted")
+
+    def _time_left(self) -> float:
+        if self.options.max_run_time is None:
+            return float("inf")
+        return self.options.max_run_time - (time.monotonic() - self.started)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            time.sleep(min(0.2, end - time.monotonic()))
+
+
+def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "r", errors="replace") as handle:
+        return "".join(deque(handle, maxlen=lines)).strip()

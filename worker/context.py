@@ -1,0 +1,72 @@
+"""The `ctx` a trainer receives. It lives in the job's child process and talks to the agent by a pipe.
+
+Trainers call report/progress/save_checkpoint freely; the agent batches metrics into heartbeats sent
+from its own side thread, so nothing here touches the network or the database.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from common.checkpoints import LocalStore
+
+
+def _plain(value: Any) -> Any:
+    """Metrics as plain JSON numbers (tensors and numpy scalars have .item())."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class TrainerContext:
+    def __init__(self, job: dict[str, Any], conn, stop_event, store: LocalStore, workdir: Path):
+        self.job_id: int = job["id"]
+        self.grid_id: int = job["grid_id"]
+        self.seed: int = job["seed"]
+        self.attempt: int = job["attempt"]
+        self.workdir = workdir
+        self._job = job
+        self._conn = conn
+        self._stop_event = stop_event
+        self._store = store
+        self._signalled = False  # set by the child's SIGTERM handler
+        self._last_step = 0
+        self._device: str | None = None
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            import torch
+
+            self._device = "cuda" if torch.cuda.is_available() else "cpu"
+        return self._device
+
+    def report(self, step: int, **metrics: Any) -> None:
+        self._last_step = int(step)
+        self._conn.send(("report", int(step), {k: _plain(v) for k, v in metrics.items()}, time.time()))
+
+    def progress(self, done: float, total: float) -> None:
+        self._conn.send(("progress", float(done), float(total)))
+
+    def event(self, kind: str, message: str) -> None:
+        self._conn.send(("event", kind, message))
+
+    def save_checkpoint(self, state: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Write the checkpoint durably, then hand its pointer to the agent to record on the job."""
+        step = int(state.get("step", self._last_step) if step is None else step)
+        pointer = self._store.save(self.grid_id, self.job_id, step, state)
+        self._job["checkpoint"] = pointer
+        self._conn.send(("checkpoint", pointer))
+        return pointer
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        pointer = self._job.get("checkpoint")
+        return None if not pointer else self._store.load(pointer)
+
+    def should_stop(self) -> bool:
+        """True when the job must checkpoint and return: preempted, cancelled or out of time."""
+        return self._signalled or self._stop_event.is_set()

@@ -1,0 +1,186 @@
+"""Embedded mode: `gridfleet run GRID.yaml --workers N` on one machine, SQLite under ./.gridfleet/.
+
+Submits the grid (only configs not stored yet), requeues jobs a previous run left running, starts N local
+agents that use the queue directly, shows live progress, and at the end writes a results table, a CSV
+and a PNG of the loss curves. Ctrl-C preempts: running jobs checkpoint, and the same command continues.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.db import make_engine, migrate
+from common.settings import Settings
+from scheduler.grids import submit_grid
+from scheduler.policy import RetryPolicy
+from scheduler.queue import Queue
+from scheduler.reports import grid_results, grid_summary, latest_metrics, results_table, running_jobs
+from scheduler.spec import GridSpec
+from worker.agent import Agent, AgentOptions
+from worker.client import DirectClient
+from common.results import plot_loss_curves, write_csv
+
+REFRESH_SECONDS = 1.0
+
+
+@dataclass
+class RunOutcome:
+    finished: bool
+    summary: dict[str, Any]
+    out_dir: Path
+
+
+def _worker_main(url: str, settings_dump: dict, grid_id: int, index: int, log_path: str) -> None:
+    """One local agent process. Logs to a file so the live display stays readable."""
+    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = Settings(**settings_dump)
+    queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
+    options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0)
+    agent = Agent(DirectClient(queue, settings.heartbeat_seconds), options)
+    agent.claim_filters = {"grid_id": grid_id}
+    agent.run()
+
+
+def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console) -> RunOutcome:
+    from worker.trainers import validate_config
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    lock = _single_run_lock(settings.home)  # noqa: F841 - held until the process exits
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    policy = RetryPolicy.from_settings(settings)
+    queue = Queue(engine, policy)
+    submitted = submit_grid(engine, spec, validate_config)
+    console.print(f"grid [bold]{spec.name}[/]: {submitted.created} new configs, "
+                  f"{submitted.existing} already stored ({submitted.total} in all)")
+    # Whatever a previous run left 'running' died with it (we hold the run lock): requeue it now.
+    requeued = queue.expire_leases_of_dead_workers(silent_for=0.0)
+    if requeued:
+        console.print(f"requeued {requeued} job(s) left running by an earlier run (resuming from checkpoints)")
+    out_dir = settings.home / "runs" / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    mp = multiprocessing.get_context("spawn")
+    dump = settings.model_dump(mode="json", exclude={"admin_token", "token"})
+    procs = [
+        mp.Process(target=_worker_main, args=(settings.database_url, dump, submitted.grid_id, i,
+                                              str(out_dir / f"worker-{i}.log")))
+        for i in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    finished = False
+    try:
+        finished = _watch(engine, submitted.grid_id, procs, console)
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted: running jobs are checkpointing and will be released "
+                      "(Ctrl-C again to kill)[/]")
+    finally:
+        _stop_workers(procs, console)
+    summary = grid_summary(engine, submitted.grid_id)
+    rows = grid_results(engine, submitted.grid_id)
+    _print_results(console, summary, rows)
+    columns, flat = results_table(rows)
+    write_csv(out_dir / "results.csv", columns, flat)
+    png = plot_loss_curves(engine, rows, out_dir / "loss_curves.png", objective=summary["objective"])
+    console.print(f"results: {out_dir / 'results.csv'}" + (f", loss curves: {png}" if png else ""))
+    if not finished:
+        console.print("[yellow]not finished: run the same command again to continue where it stopped[/]")
+    engine.dispose()
+    return RunOutcome(finished=finished, summary=summary, out_dir=out_dir)
+
+
+def _watch(engine, grid_id: int, procs, console: Console) -> bool:
+    """Live display until every job of the grid has ended. True when finished."""
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                   TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console)
+    task = bar.add_task("grid", total=1.0, counts="")
+    with Live(Group(bar), console=console, refresh_per_second=4, transient=False) as live:
+        while True:
+            summary = grid_summary(engine, grid_id)
+            counts = summary["counts"]
+            bar.update(task, completed=summary["progress"], description=summary["name"],
+                       counts=" ".join(f"{k} {v}" for k, v in counts.items() if v))
+            live.update(Group(bar, _running_table(engine, grid_id)))
+            if counts["queued"] == 0 and counts["running"] == 0:
+                return True
+            if not any(p.is_alive() for p in procs):
+                console.print("[red]all workers exited before the grid finished; see worker-*.log[/]")
+                return False
+            time.sleep(REFRESH_SECONDS)
+
+
+def _running_table(engine, grid_id: int) -> Table:
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
+    for column in ("job", "attempt", "step", "progress", "loss", "config"):
+        table.add_column(column)
+    jobs = running_jobs(engine, grid_id)
+    latest = latest_metrics(engine, [job["id"] for job in jobs])
+    for job in jobs:
+        values = latest.get(job["id"], {})
+        loss = values.get("loss")
+        done, total = job["progress_done"], job["progress_total"]
+        table.add_row(
+            str(job["id"]), str(job["attempts"]), str(job["step"] or 0),
+            f"{100 * done / total:.0f}%" if done is not None and total else "",
+            f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
+            _short_config(job["config"]),
+        )
+    return table
+
+
+def _short_config(config: dict[str, Any], width: int = 70) -> str:
+    text = " ".join(f"{k}={v}" for k, v in config.items())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _stop_workers(procs, console: Console) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()  # SIGTERM: the agent preempts its job with a checkpoint
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        console.print("[red]killing workers; their jobs resume from the last checkpoint next time[/]")
+        for proc in procs:
+            proc.kill()
+            proc.join()
+
+
+def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[str, Any]], top: int = 10) -> None:
+    objective = summary["objective"] or "min:loss"
+    metric = objective.split(":", 1)[1]
+    table = Table(title=f"{summary['name']}: top {top} by {objective}")
+    table.add_column("job")
+    table.add_column("state")
+    table.add_column(metric, justify="right")
+    table.add_column("config")
+    for row in [r for r in rows if r["state"] == "succeeded"][:top]:
+        value = (row["result"] or {}).get(metric)
+        table.add_row(str(row["job_id"]), row["state"],
+                      f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+                      _short_config(row["config"], 90) + f" seed={row['seed']}")
+    console.print(table)
+    console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
+
+
+def _single_run_lock(home: Path):
+    handle = open(home / "run.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another `gridfleet run` is using {home}; wait for it or use another directory") from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    return handle

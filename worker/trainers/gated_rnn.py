@@ -1,0 +1,186 @@
+"""gated_rnn: seed 001's systematic gated-RNN exploration (ASFaust/SLMfun), one readable file.
+
+Byte-level next-byte prediction, cross-entropy in nats/byte. Model: embed(256 -> state) -> n_layers x
+GatedLayer -> Linear(state -> 256). No BPTT: the recurrent state is detached after every step, and the
+optimizer steps once per time step. `batch_size` streams read windows of `history` bytes at random
+offsets; the state resets at each window. The logged loss is the seed's moving average
+(0.95 * avg + 0.05 * loss, starting from 3.0), reported every `log_every` steps.
+"""
+from __future__ import annotations
+
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+VOCAB = 256
+STDLIB_CORPUS = "stdlib"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    # The seven flags of the seed's grid.
+    use_input_gate: bool = False
+    use_forget_gate: bool = True
+    use_output_gate: bool = False
+    use_state_gate: bool = True
+    use_new_state: bool = True
+    use_old_state: bool = False
+    use_residual: bool = True
+    n_layers: int = Field(default=2, ge=1, le=16)
+    state_size: int = Field(default=256, ge=1, le=8192)
+    # Training, as in the seed: batch 256, window 1000, 10,000 steps, Adam lr 1e-3.
+    batch_size: int = Field(default=256, ge=1, le=65_536, validation_alias=AliasChoices("batch_size", "batch"))
+    history: int = Field(default=1000, ge=2, validation_alias=AliasChoices("history", "history_len", "window"))
+    steps: int = Field(default=10_000, ge=1, validation_alias=AliasChoices("steps", "n_steps", "training_steps"))
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("lr", "learning_rate"))
+    # "stdlib" (the Python standard library's sources: on every machine) or a path, e.g. to enwik8.
+    corpus: str = STDLIB_CORPUS
+    corpus_bytes: int = Field(default=10_000_000, ge=10_000)
+    log_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_a_state_output(self):
+        if not (self.use_new_state or self.use_old_state):
+            raise ValueError("use_new_state and use_old_state are both false: the output would see no state")
+        return self
+
+
+class GatedLayer(nn.Module):
+    """new = tanh(W[x, s]); the state gate mixes new and old; the forget gate scales the old state; the
+    input gate gates x and the old state going into W; the output reads new and/or old state (+ x when
+    residual) through the output gate, or swish when there is none."""
+
+    def __init__(self, size: int, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        both = 2 * size
+        self.candidate = nn.Linear(both, size)
+        self.input_gate = nn.Linear(both, both) if cfg.use_input_gate else None
+        self.forget_gate = nn.Linear(both, size) if cfg.use_forget_gate else None
+        self.state_gate = nn.Linear(both, size) if cfg.use_state_gate else None
+        self.output_gate = nn.Linear(both, size) if cfg.use_output_gate else None
+        self.readout = nn.Linear(size * (int(cfg.use_new_state) + int(cfg.use_old_state)), size)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = torch.cat([x, state], dim=-1)
+        gated = xs * torch.sigmoid(self.input_gate(xs)) if self.input_gate is not None else xs
+        old = state * torch.sigmoid(self.forget_gate(xs)) if self.forget_gate is not None else state
+        new = torch.tanh(self.candidate(gated))
+        if self.state_gate is not None:
+            z = torch.sigmoid(self.state_gate(xs))
+            next_state = z * new + (1.0 - z) * old
+        else:
+            next_state = new
+        parts = ([new] if self.cfg.use_new_state else []) + ([old] if self.cfg.use_old_state else [])
+        h = self.readout(torch.cat(parts, dim=-1))
+        y = torch.sigmoid(self.output_gate(xs)) * torch.tanh(h) if self.output_gate is not None else F.silu(h)
+        if self.cfg.use_residual:
+            y = y + x
+        return y, next_state
+
+
+class GatedRNN(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, cfg.state_size)  # = Linear(256 -> state) on one-hot bytes
+        self.layers = nn.ModuleList(GatedLayer(cfg.state_size, cfg) for _ in range(cfg.n_layers))
+        self.head = nn.Linear(cfg.state_size, VOCAB)
+
+    def forward(self, byte: torch.Tensor, states: list[torch.Tensor]):
+        x = self.embed(byte)
+        new_states = []
+        for layer, state in zip(self.layers, states):
+            x, state = layer(x, state)
+            new_states.append(state)
+        return self.head(x), new_states
+
+
+def load_corpus(corpus: str, max_bytes: int) -> torch.Tensor:
+    """The corpus as a uint8 tensor: a file's first `max_bytes`, or the stdlib's sources in path order."""
+    if corpus == STDLIB_CORPUS:
+        chunks, size = [], 0
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            data = path.read_bytes()
+            chunks.append(data)
+            size += len(data)
+            if size >= max_bytes:
+                break
+        raw = b"".join(chunks)[:max_bytes]
+    else:
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file '{corpus}' not found (use corpus: stdlib for the built-in one)")
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+
+def train(cfg: Config, ctx) -> dict:
+    device = torch.device(ctx.device)
+    torch.manual_seed(ctx.seed)
+    data = load_corpus(cfg.corpus, cfg.corpus_bytes).to(device)
+    if len(data) < cfg.history + 2:
+        raise ValueError(f"corpus has {len(data)} bytes; it needs more than history={cfg.history}")
+    model = GatedRNN(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sampler = torch.Generator().manual_seed(ctx.seed)
+
+    state = ctx.load_checkpoint()
+    if state is None:
+        state = {"step": 0, "window_pos": 0, "starts": None, "hidden": None, "avg": 3.0,
+                 "min_loss": float("inf"), "curve": [], "elapsed": 0.0}
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+    step, pos, starts, hidden = state["step"], state["window_pos"], state["starts"], state["hidden"]
+    avg = torch.tensor(state["avg"], device=device)
+    min_loss, curve = state["min_loss"], state["curve"]
+    hidden = [h.to(device) for h in hidden] if hidden is not None else None
+    began = time.monotonic() - state["elapsed"]
+
+    def checkpoint() -> None:
+        ctx.save_checkpoint({
+            "step": step, "window_pos": pos, "starts": starts, "hidden": [h.cpu() for h in hidden],
+            "avg": float(avg), "min_loss": min_loss, "curve": curve, "elapsed": time.monotonic() - began,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
+        })
+
+    while step < cfg.steps:
+        if pos == 0:  # a new window: fresh offsets, state reset
+            starts = torch.randint(0, len(data) - cfg.history - 1, (cfg.batch_size,), generator=sampler)
+            hidden = [torch.zeros(cfg.batch_size, cfg.state_size, device=device) for _ in range(cfg.n_layers)]
+        index = starts.to(device) + pos
+        logits, hidden = model(data[index], hidden)
+        loss = F.cross_entropy(logits, data[index + 1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        hidden = [h.detach() for h in hidden]  # no BPTT
+        avg = 0.95 * avg + 0.05 * loss.detach()
+        step += 1
+        pos = (pos + 1) % cfg.history
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            value = float(avg)
+            min_loss = min(min_loss, value)
+            curve.append([step, value])
+            ctx.report(step, loss=value, raw_loss=loss.item())
+            ctx.progress(step, cfg.steps)
+        if step % cfg.checkpoint_every == 0 or ctx.should_stop():
+            checkpoint()
+            if ctx.should_stop():
+                return {"stopped_at": step}
+    return {
+        "min_loss": min_loss, "final_loss": float(avg), "steps": step, "loss_curve": curve,
+        "seconds": round(time.monotonic() - began, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
