@@ -36,8 +36,24 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
     validate_jobs(spec, jobs, validate_config)
     now = time.time()
     spec_json = spec.model_dump(mode="json")
+    dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
+    find_grid = select(t.grids.c.id, t.grids.c.trainer).where(t.grids.c.name == spec.name)
     with write_tx(engine) as conn:
-        grid = conn.execute(select(t.grids.c.id, t.grids.c.trainer).where(t.grids.c.name == spec.name)).first()
+        grid = conn.execute(find_grid).first()
+        grid_id = None
+        if grid is None:
+            # ON CONFLICT: a concurrent POST of the same new grid (Postgres) makes this wait for it and
+            # insert nothing, instead of failing on the unique name; then the grid is read back.
+            grid_id = conn.execute(
+                dialect_insert(t.grids)
+                .values(name=spec.name, trainer=spec.trainer, spec=spec_json, objective=spec.objective,
+                        priority=spec.priority, max_attempts=spec.max_attempts, state="active",
+                        created_at=now, updated_at=now)
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(t.grids.c.id)
+            ).scalar()
+            if grid_id is None:
+                grid = conn.execute(find_grid).one()
         if grid is not None and grid.trainer != spec.trainer:
             raise GridError(
                 "trainer",
@@ -46,13 +62,6 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             )
         new_grid = grid is None
         if new_grid:
-            grid_id = conn.execute(
-                insert(t.grids)
-                .values(name=spec.name, trainer=spec.trainer, spec=spec_json, objective=spec.objective,
-                        priority=spec.priority, max_attempts=spec.max_attempts, state="active",
-                        created_at=now, updated_at=now)
-                .returning(t.grids.c.id)
-            ).scalar_one()
             existing_keys: set[str] = set()
         else:
             grid_id = grid.id
@@ -72,13 +81,17 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             for job in jobs
             if job.key not in existing_keys
         ]
+        created = 0
         if rows:
-            dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
-            # A concurrent POST of the same grid may have inserted some keys: skip them, never duplicate.
-            stmt = dialect_insert(t.jobs).on_conflict_do_nothing(index_elements=["grid_id", "key"])
+            # A concurrent POST of the same grid may have inserted some keys: skip them, never duplicate,
+            # and count only the rows this call really inserted.
+            stmt = (
+                dialect_insert(t.jobs)
+                .on_conflict_do_nothing(index_elements=["grid_id", "key"])
+                .returning(t.jobs.c.id)
+            )
             for start in range(0, len(rows), 5000):
-                conn.execute(stmt, rows[start:start + 5000])
-    created = len(rows)
+                created += len(conn.execute(stmt, rows[start:start + 5000]).all())
     return SubmitResult(grid_id=grid_id, name=spec.name, created=created, existing=len(jobs) - created,
                         total=len(jobs), new_grid=new_grid)
 
@@ -145,7 +158,7 @@ def cancel_job(engine: Engine, job_id: int) -> str:
 
 
 def retry_job(engine: Engine, job_id: int) -> str:
-    """Queue a failed or cancelled job again with fresh error and loss budgets."""
+    """Queue a failed or cancelled job again with fresh error, loss and preemption budgets."""
     with write_tx(engine) as conn:
         state = _job_state(conn, job_id)
         if state not in ("failed", "cancelled"):
@@ -157,7 +170,8 @@ def retry_job(engine: Engine, job_id: int) -> str:
             raise Conflict(f"job {job_id} belongs to a cancelled grid; resume the grid first")
         conn.execute(
             update(t.jobs).where(t.jobs.c.id == job_id)
-            .values(state="queued", errors=0, losses=0, not_before=0.0, cancel_requested=False, finished_at=None)
+            .values(state="queued", errors=0, losses=0, preemptions=0, not_before=0.0, cancel_requested=False,
+                    finished_at=None)
         )
         conn.execute(insert(t.events).values(job_id=job_id, time=time.time(), kind="retry",
                                              message=f"retried by a user (was {state})"))

@@ -11,7 +11,7 @@ JOB_STATES = ("queued", "running", *TERMINAL_STATES)
 @dataclass(frozen=True)
 class RetryPolicy:
     lease_seconds: float = 60.0
-    max_lost: int = 5  # lost leases before a job fails
+    max_lost: int = 5  # the job fails at its max_lost-th lost lease (like max_attempts for errors)
     max_preemptions: int = 1000  # preemption never uses the error budget, but a loop must end
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 600.0

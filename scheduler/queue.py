@@ -85,6 +85,7 @@ class Queue:
                 WHERE state = 'queued' AND not_before <= :now AND gpus <= :gpus
                   AND (:any_trainer OR trainer IN :trainers)
                   AND (code_rev IS NULL OR :can_pin)
+                  AND (:any_grid OR grid_id = :grid_id)
                   AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
                 ORDER BY priority DESC, id
                 LIMIT 1{lock}
@@ -146,6 +147,7 @@ class Queue:
         gpus: float = 0.0,
         can_pin_code: bool = False,
         code_rev: str | None = None,
+        grid_id: int | None = None,
         now: float | None = None,
     ) -> ClaimedJob | None:
         """Take the best runnable job for this worker, or None. Never blocks on other claimers."""
@@ -159,8 +161,12 @@ class Queue:
                 self._claim_sql,
                 {
                     "aid": attempt_id, "wid": worker_id, "lease": lease, "now": now, "gpus": gpus,
-                    "any_trainer": trainers is None, "trainers": trainer_list or ["\x00"],
+                    "any_trainer": trainers is None,
+                    # An empty list matches no trainer ("" is never a trainer name; Postgres text
+                    # cannot hold the NUL byte this used to be).
+                    "trainers": trainer_list or [""],
                     "can_pin": can_pin_code,
+                    "any_grid": grid_id is None, "grid_id": grid_id or 0,
                 },
             ).mappings().first()
             if row is None:
@@ -185,6 +191,19 @@ class Queue:
         with write_tx(self.engine) as conn:
             return self._requeue_expired(conn, time.time() if now is None else now)
 
+    def expire_leases_of_dead_workers(self, silent_for: float, now: float | None = None) -> int:
+        """End the leases of running jobs whose worker has not been heard from for `silent_for` seconds,
+        then requeue them as lost. Embedded mode calls this at start: its previous run died."""
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            dead = select(t.workers.c.id).where(t.workers.c.last_seen_at < now - silent_for)
+            conn.execute(
+                update(t.jobs)
+                .where(t.jobs.c.state == "running", t.jobs.c.worker_id.in_(dead))
+                .values(lease_expires_at=now - 1.0)
+            )
+            return self._requeue_expired(conn, now)
+
     def _requeue_expired(self, conn: Connection, now: float) -> int:
         rows = conn.execute(self._expired_sql, {"now": now}).mappings().all()
         for row in rows:
@@ -192,7 +211,7 @@ class Queue:
             message = f"lease expired (loss {losses} of at most {self.policy.max_lost})"
             if row["cancel_requested"]:
                 values = dict(state="cancelled", finished_at=now)
-            elif losses > self.policy.max_lost:
+            elif losses >= self.policy.max_lost:  # the max_lost-th loss spends the budget
                 values = dict(state="failed", finished_at=now, last_error=message + "; giving up")
             else:
                 values = dict(state="queued", not_before=now + self.policy.backoff("lost", losses))

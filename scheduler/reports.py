@@ -171,3 +171,25 @@ def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
          "alive": now - r["last_seen_at"] < stale_after}
         for r in rows
     ]
+
+
+def running_jobs(engine: Engine, grid_id: int) -> list[dict[str, Any]]:
+    with read_tx(engine) as conn:
+        rows = conn.execute(
+            select(t.jobs.c.id, t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.progress_done, t.jobs.c.progress_total,
+                   t.jobs.c.config)
+            .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "running").order_by(t.jobs.c.id)
+        ).mappings().all()
+    return [{**r, "config": _loads(r["config"])} for r in rows]
+
+
+def latest_metrics(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The newest metrics row of each job."""
+    if not job_ids:
+        return {}
+    with read_tx(engine) as conn:
+        newest = (
+            select(func.max(t.metrics.c.id)).where(t.metrics.c.job_id.in_(job_ids)).group_by(t.metrics.c.job_id)
+        )
+        rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c["values"]).where(t.metrics.c.id.in_(newest))).all()
+    return {job_id: _loads(values) for job_id, values in rows}

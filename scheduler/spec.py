@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_JOBS_PER_GRID = 100_000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -72,10 +72,13 @@ class GridSpec(BaseModel):
             raise ValueError("seeds has duplicates")
         return seeds
 
-    @model_validator(mode="after")
-    def _zip_groups_consistent(self):
-        seen = set(self.axes)
-        for i, group in enumerate(self.zip):
+    @field_validator("zip")
+    @classmethod
+    def _zip_groups_consistent(cls, groups, info: ValidationInfo):
+        # A field validator (not a model validator) so the error's location names `zip`; `axes` is
+        # declared first, so it is already validated here (absent when it was itself invalid).
+        seen = set(info.data.get("axes") or {})
+        for i, group in enumerate(groups):
             if not group:
                 raise ValueError(f"zip[{i}] is empty")
             lengths = {key: len(values) for key, values in group.items()}
@@ -87,7 +90,7 @@ class GridSpec(BaseModel):
                 if key in seen:
                     raise ValueError(f"key '{key}' is swept twice (in axes and/or zip groups)")
                 seen.add(key)
-        return self
+        return groups
 
     @property
     def objective_parts(self) -> tuple[str, str] | None:

@@ -1,0 +1,67 @@
+"""The FastAPI app. Run with `gridfleet serve` or `uvicorn --factory api.app:create_app`."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import errors, tokens
+from api.responses import JSONResponse
+from api.routes import grids, health, jobs, workers
+from common.db import make_engine, migrate
+from common.settings import Settings
+from scheduler.policy import RetryPolicy
+from scheduler.queue import Queue
+
+log = logging.getLogger("gridfleet.api")
+API_PREFIX = "/api/v1"
+TOKEN_CACHE_SECONDS = 5.0
+
+
+def bootstrap_admin(engine, settings: Settings) -> str:
+    """Make sure the configured admin token (GRIDFLEET_ADMIN_TOKEN) is stored, hashed.
+
+    Returns 'created', 'present', 'revoked', 'exists' (no token configured, another admin token is
+    stored) or 'missing' (no admin token at all: `gridfleet serve` then makes one and prints it).
+    """
+    configured = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if configured:
+        outcome = tokens.ensure_token(engine, configured, "admin", "admin (GRIDFLEET_ADMIN_TOKEN)")
+        if outcome == "revoked":
+            log.warning("the configured admin token (GRIDFLEET_ADMIN_TOKEN) was revoked; it stays revoked")
+        if len(configured) < 16:
+            log.warning("the configured admin token is short (%d characters); use `gf_...` from "
+                        "`gridfleet token create --role admin` or at least 32 random characters", len(configured))
+        return outcome
+    return "exists" if tokens.has_active(engine, "admin") else "missing"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    if bootstrap_admin(engine, settings) == "missing":
+        log.warning("no admin token exists: set GRIDFLEET_ADMIN_TOKEN, or run `gridfleet token create --role admin`")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="gridfleet",
+        summary="Grids of training configs on a fleet of GPU workers",
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.queue = Queue(engine, RetryPolicy.from_settings(settings))
+    app.state.token_cache = tokens.TokenCache(ttl=TOKEN_CACHE_SECONDS)
+    app.state.known_workers = set()
+    errors.install(app)
+    app.include_router(health.router)
+    for module in (grids, jobs, workers):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app

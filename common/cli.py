@@ -1,0 +1,250 @@
+"""The `gridfleet` command: serve, submit, status, token.
+
+Heavy modules (FastAPI, uvicorn, SQLAlchemy, rich) are imported inside the commands that use them.
+Bad input (a missing file, YAML that does not parse) is one line on stderr and exit code 2; a request
+the server refuses is its message on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+
+app = typer.Typer(help="Run grids of training configs on a fleet of GPU workers.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+token_app = typer.Typer(help="API tokens (stored hashed; each token is shown once, when created).",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+EXIT_FAILED = 1  # the server refused or could not be reached
+EXIT_USAGE = 2  # bad input on our side
+
+
+def _settings():
+    from common.settings import Settings
+
+    return Settings()
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _db_problem(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="interface to listen on (default: settings.host)"),
+    port: Optional[int] = typer.Option(None, help="port (default: settings.port)"),
+    log_level: str = typer.Option("info", help="uvicorn log level"),
+) -> None:
+    """Run the API server (one process). Migrates the database and makes sure an admin token exists."""
+    import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from api import tokens
+    from api.app import bootstrap_admin, create_app
+    from common.db import make_engine, migrate
+
+    settings = _settings()
+    try:
+        migrate(settings.database_url)
+        engine = make_engine(settings.database_url)
+        try:
+            if bootstrap_admin(engine, settings) == "missing":
+                _, token = tokens.create_token(engine, "admin", "admin (made by gridfleet serve)")
+                # Printed once, to stdout only: it is stored hashed and cannot be shown again.
+                typer.echo(f"admin token (shown once; store it now, e.g. GRIDFLEET_ADMIN_TOKEN in .env): {token}")
+        finally:
+            engine.dispose()
+        application = create_app(settings)
+    except SQLAlchemyError as exc:
+        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level)
+
+
+# ---- submit --------------------------------------------------------------------------------------
+def load_grid_file(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML or JSON grid file; exits 2 with one line on any problem."""
+    import yaml
+
+    if not path.is_file():
+        fail(f"no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {path}: {exc}")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        fail(f"{path} is not valid YAML: {problem}{where}")
+    if not isinstance(data, dict):
+        fail(f"{path} must hold a mapping (name, trainer, config, axes, ...), not {type(data).__name__}")
+    return data
+
+
+def _client(server: Optional[str], token: Optional[str]):
+    import httpx
+
+    settings = _settings()
+    url = (server or settings.server_url).rstrip("/")
+    secret = token or (settings.token.get_secret_value() if settings.token else "")
+    if not secret:
+        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
+             "`gridfleet token create --role submit`)")
+    return httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {secret}"}, timeout=60.0), url
+
+
+def _request(client, url: str, method: str, path: str, **kwargs):
+    import httpx
+
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the server at {url}: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = error["message"]
+            for field in error.get("fields") or []:
+                if field["field"] not in message:
+                    message += f"\n  {field['field']}: {field['message']}"
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        fail(f"{response.status_code}: {message}", EXIT_FAILED)
+    return response
+
+
+@app.command()
+def submit(
+    grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Submit a grid. Re-submitting the same name adds only the configs not already there."""
+    data = load_grid_file(grid_file)
+    try:
+        body = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        fail(f"{grid_file} holds a value JSON cannot carry (NaN, infinity, a date?): {exc}")
+    client, url = _client(server, token)
+    with client:
+        reply = _request(client, url, "POST", "/grids", content=body,
+                         headers={"Content-Type": "application/json"}).json()
+    typer.echo(f"grid {reply['name']}: {reply['created']} created, {reply['existing']} already existed")
+
+
+# ---- status --------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def _best(best: Optional[dict]) -> str:
+    if not best:
+        return "-"
+    return f"{best['metric']}={_fmt(best['value'])} (job {best['job_id']})"
+
+
+@app.command()
+def status(
+    grid: Optional[str] = typer.Argument(None, help="a grid name or id; all grids when left out"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="any valid token (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Progress of all grids, or one grid's summary and its top 10 results."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from scheduler.policy import JOB_STATES
+
+    console = Console(width=max(120, Console().width))
+    client, url = _client(server, token)
+    with client:
+        if grid is None:
+            grids = _request(client, url, "GET", "/grids").json()["grids"]
+            table = Table(title="grids")
+            for column in ("name", "trainer", "state", *JOB_STATES, "total", "progress", "best"):
+                table.add_column(column, justify="right" if column in (*JOB_STATES, "total", "progress") else "left")
+            for g in grids:
+                table.add_row(g["name"], g["trainer"], g["state"], *(str(g["counts"][s]) for s in JOB_STATES),
+                              str(g["total"]), f"{100 * g['progress']:.1f}%", _best(g["best"]))
+            console.print(table)
+            return
+        from urllib.parse import quote
+
+        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
+        results = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
+    head = Table(title=f"grid {summary['name']}", show_header=False)
+    head.add_column("field")
+    head.add_column("value")
+    head.add_row("trainer", summary["trainer"])
+    head.add_row("state", summary["state"])
+    head.add_row("objective", summary["objective"] or "-")
+    head.add_row("jobs", f"{summary['total']} total: " + ", ".join(f"{summary['counts'][s]} {s}" for s in JOB_STATES))
+    head.add_row("progress", f"{100 * summary['progress']:.1f}%")
+    head.add_row("best", _best(summary["best"]))
+    console.print(head)
+    top = Table(title="top 10 results" + (f" by {summary['objective']}" if summary["objective"] else ""))
+    for column in ("job", "state", "seed", "config", "result"):
+        top.add_column(column)
+    for row in results[:10]:
+        top.add_row(str(row["job_id"]), row["state"], str(row["seed"]), json.dumps(row["config"], sort_keys=True),
+                    json.dumps(row["result"], sort_keys=True) if row["result"] is not None else "-")
+    console.print(top)
+
+
+# ---- token ---------------------------------------------------------------------------------------
+@token_app.command("create")
+def token_create(
+    role: str = typer.Option(..., help="admin, submit or worker"),
+    name: Optional[str] = typer.Option(None, help="a label to recognise the token by (default: the role)"),
+) -> None:
+    """Create a token directly in the database (settings.database_url) and print it once."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from api import tokens
+    from common.db import make_engine, migrate
+
+    if role not in tokens.ROLES:
+        fail(f"--role must be one of {', '.join(tokens.ROLES)}; got '{role}'")
+    if name is not None and not 1 <= len(name) <= tokens.MAX_NAME:
+        fail(f"--name must be 1 to {tokens.MAX_NAME} characters")
+    settings = _settings()
+    try:
+        migrate(settings.database_url)
+        engine = make_engine(settings.database_url)
+        try:
+            _, token = tokens.create_token(engine, role, name)
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as exc:
+        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+    typer.echo(token)
+    typer.echo(f"({role} token; shown once, only its hash is stored)", err=True)
+
+
+def main() -> None:  # pragma: no cover - `python -m common.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
