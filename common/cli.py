@@ -212,6 +212,67 @@ def status(
     console.print(top)
 
 
+# ---- run (embedded) and worker -----------------------------------------------------------------
+@app.command()
+def run(
+    grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="local worker processes"),
+) -> None:
+    """Train a grid on this machine (SQLite under ./.gridfleet/): live progress, then a results table, a CSV
+    and a PNG. Ctrl-C preempts with checkpoints; running the same command again continues."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from scheduler.spec import GridError, GridSpec
+    from worker import trainers
+    from worker.local import run_grid
+
+    data = load_grid_file(grid_file)
+    try:
+        spec = GridSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'grid'}: {e['msg']}" for e in exc.errors())
+        fail(f"{grid_file}: {problems}")
+    try:
+        outcome = run_grid(spec, workers, _settings(), Console())
+    except (GridError, trainers.UnknownTrainer, trainers.InvalidConfig) as exc:
+        fail(f"{grid_file}: {exc}")
+    raise typer.Exit(0 if outcome.finished else 3)
+
+
+@app.command()
+def worker(
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="a worker or admin token (default: GRIDFLEET_TOKEN)"),
+    name: Optional[str] = typer.Option(None, help="a label for this worker (default: the host name)"),
+    trainers: Optional[str] = typer.Option(None, help="comma-separated trainers to run (default: all known)"),
+    gpus: Optional[float] = typer.Option(None, min=0.0, help="GPU capacity offered (default: GPUs seen)"),
+    max_jobs: Optional[int] = typer.Option(None, min=1, help="stop after this many jobs"),
+    max_run_time: Optional[float] = typer.Option(None, min=1.0, help="seconds this worker may live"),
+    grace: float = typer.Option(30.0, min=0.0, help="seconds a preempted job gets to checkpoint"),
+) -> None:
+    """Pull jobs from the API and train them, one at a time, each in a child process."""
+    import logging
+
+    from worker.agent import Agent, AgentOptions
+    from worker.client import ApiClient
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = _settings()
+    secret = token or (settings.token.get_secret_value() if settings.token else "")
+    if not secret:
+        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
+             "`gridfleet token create --role worker`)")
+    options = AgentOptions(
+        trainers=[t.strip() for t in trainers.split(",") if t.strip()] if trainers else None,
+        gpus=gpus, max_jobs=max_jobs, max_run_time=max_run_time, grace_seconds=grace, home=settings.home,
+    )
+    if name:
+        options.name = name
+    client = ApiClient(server or settings.server_url, secret)
+    raise typer.Exit(Agent(client, options).run())
+
+
 # ---- token ---------------------------------------------------------------------------------------
 @token_app.command("create")
 def token_create(

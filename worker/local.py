@@ -82,7 +82,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
         proc.start()
     finished = False
     try:
-        finished = _watch(engine, submitted.grid_id, procs, console)
+        finished = _watch(engine, submitted.grid_id, procs, console, _spec_keys(spec))
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted: running jobs are checkpointing and will be released "
                       "(Ctrl-C again to kill)[/]")
@@ -101,7 +101,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     return RunOutcome(finished=finished, summary=summary, out_dir=out_dir)
 
 
-def _watch(engine, grid_id: int, procs, console: Console) -> bool:
+def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None) -> bool:
     """Live display until every job of the grid has ended. True when finished."""
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                    TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console)
@@ -112,7 +112,7 @@ def _watch(engine, grid_id: int, procs, console: Console) -> bool:
             counts = summary["counts"]
             bar.update(task, completed=summary["progress"], description=summary["name"],
                        counts=" ".join(f"{k} {v}" for k, v in counts.items() if v))
-            live.update(Group(bar, _running_table(engine, grid_id)))
+            live.update(Group(bar, _running_table(engine, grid_id, keys)))
             if counts["queued"] == 0 and counts["running"] == 0:
                 return True
             if not any(p.is_alive() for p in procs):
@@ -121,7 +121,7 @@ def _watch(engine, grid_id: int, procs, console: Console) -> bool:
             time.sleep(REFRESH_SECONDS)
 
 
-def _running_table(engine, grid_id: int) -> Table:
+def _running_table(engine, grid_id: int, keys: list[str] | None) -> Table:
     table = Table(box=None, pad_edge=False, show_header=True, header_style="dim")
     for column in ("job", "attempt", "step", "progress", "loss", "config"):
         table.add_column(column)
@@ -135,14 +135,26 @@ def _running_table(engine, grid_id: int) -> Table:
             str(job["id"]), str(job["attempts"]), str(job["step"] or 0),
             f"{100 * done / total:.0f}%" if done is not None and total else "",
             f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
-            _short_config(job["config"]),
+            _short_config(job["config"], keys=keys),
         )
     return table
 
 
-def _short_config(config: dict[str, Any], width: int = 70) -> str:
-    text = " ".join(f"{k}={v}" for k, v in config.items())
+def _short_config(config: dict[str, Any], width: int = 70, keys: list[str] | None = None) -> str:
+    """`k=v` pairs; only `keys` (what the grid sweeps) when given, so rows differ where the configs do."""
+    text = " ".join(f"{k}={v}" for k, v in config.items() if keys is None or k in keys)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _spec_keys(spec: GridSpec) -> list[str] | None:
+    keys = [*spec.axes, *(k for group in spec.zip for k in group)]
+    return [k.split(".")[0] for k in keys] or None
+
+
+def _swept_keys(configs: list[dict[str, Any]]) -> list[str] | None:
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    return varying or None
 
 
 def _stop_workers(procs, console: Console) -> None:
@@ -167,11 +179,12 @@ def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[st
     table.add_column("state")
     table.add_column(metric, justify="right")
     table.add_column("config")
+    keys = _swept_keys([r["config"] for r in rows])
     for row in [r for r in rows if r["state"] == "succeeded"][:top]:
         value = (row["result"] or {}).get(metric)
         table.add_row(str(row["job_id"]), row["state"],
                       f"{value:.4f}" if isinstance(value, (int, float)) else "-",
-                      _short_config(row["config"], 90) + f" seed={row['seed']}")
+                      _short_config(row["config"], 90, keys) + f" seed={row['seed']}")
     console.print(table)
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
