@@ -192,6 +192,8 @@ class Agent:
             reply = self.client.set_checkpoint(self.worker_id, run.job["id"], run.job["attempt_id"], message[1])
             if not reply["ok"]:
                 run.stale = reply.get("reason") or "checkpoint refused"
+        elif kind == "stopped":  # the child was signalled and stopped early: not a success
+            run.request_stop(message[1])
         elif kind == "result":
             run.result = message[1]
         elif kind == "error":

@@ -53,6 +53,10 @@ def run_job(job: dict[str, Any], workdir: str, store_root: str, keep: int, conn,
         config = module.Config.model_validate(job["config"])
         print(f"gridfleet: job {job['id']} attempt {job['attempt']} trainer {job['trainer']}", flush=True)
         result = _json_safe(module.train(config, ctx))
+        if ctx._signalled:
+            # SIGTERM reached this process (alone, or before the agent asked): train() returned because
+            # should_stop() said so, so the result may be partial. The agent releases the job as preempted.
+            conn.send(("stopped", "preempted"))
         conn.send(("result", result))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit, to the agent
         text = traceback.format_exc()

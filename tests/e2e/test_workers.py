@@ -1,0 +1,539 @@
+"""End to end with real processes: `gridfleet serve`, `gridfleet worker` agents (each training in a spawned
+child process), `gridfleet run`, and real signals (kill -9, SIGTERM, Ctrl-C).
+
+The server runs with a short lease (LEASE_SECONDS) and fast heartbeats, so a dead worker's job comes back
+within seconds. Every wait polls with a generous deadline (never a fixed sleep), so a loaded 2-core machine
+only makes the tests slower, not flaky. Each process runs in its own session/process group: a test can kill
+an agent *and* its job child together, and teardown never leaves anything behind.
+
+The helpers (server, workers, polling) live in this file on purpose; tests/e2e/test_api_server.py has its own.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LEASE_SECONDS = 3.0
+HEARTBEAT_SECONDS = 0.5
+BACKOFF_BASE_SECONDS = 0.2
+DEADLINE = 90.0  # seconds any one wait may take before the test fails (normally a few)
+POLL = 0.1
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"),
+                                reason="needs Linux /proc and POSIX process groups")
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+def gridfleet_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("gridfleet")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "common.cli"]
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a process from /proc, or None when it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def group_members(pgid: int) -> dict[int, tuple[int, str]]:
+    """Live (not zombie) processes of process group `pgid`: pid -> (ppid, command line)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(int(entry.name))
+        if stat and stat[2] == pgid and stat[0] not in ("Z", "X"):
+            members[int(entry.name)] = (stat[1], _cmdline(int(entry.name)))
+    return members
+
+
+class Proc:
+    """A subprocess in its own session (so its pid is its process group id), output to a log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path, log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def group(self) -> dict[int, tuple[int, str]]:
+        return group_members(self.pid)
+
+    def job_children(self) -> list[int]:
+        """The agent's spawned job processes (not multiprocessing's resource tracker)."""
+        return [pid for pid, (ppid, cmd) in self.group().items()
+                if ppid == self.pid and "spawn_main" in cmd]
+
+    def send(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def send_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def close(self) -> None:
+        # Only a group that is certainly ours: its leader not yet reaped, or members left (a process
+        # group id is not reused while the group has members).
+        if self.alive() or self.group():
+            self.send_group(signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Server:
+    url: str
+    admin_token: str
+    worker_token: str
+    proc: Proc
+    api: httpx.Client  # /api/v1 with the admin token
+
+
+class Fleet:
+    """Starts and tracks the processes of one test; teardown kills every process group it started."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: list[Proc] = []
+        self.clients: list[httpx.Client] = []
+
+    def env(self, **values: str) -> dict[str, str]:
+        # Nothing from the caller's gridfleet settings leaks in; cwd is tmp_path, so no .env is read either.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env.update(
+            PYTHONUNBUFFERED="1", HF_HUB_DISABLE_TELEMETRY="1",
+            GRIDFLEET_LEASE_SECONDS=str(LEASE_SECONDS), GRIDFLEET_HEARTBEAT_SECONDS=str(HEARTBEAT_SECONDS),
+            GRIDFLEET_BACKOFF_BASE_SECONDS=str(BACKOFF_BASE_SECONDS),
+        )
+        env.update(values)
+        return env
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> Proc:
+        proc = Proc(name, args, env, cwd or self.tmp, self.logs)
+        self.procs.append(proc)
+        return proc
+
+    def explain(self) -> str:
+        parts = [f"--- {p.name} (pid {p.pid}, exit {p.popen.poll()}; log {p.log_path}) ---\n{p.tail()}"
+                 for p in self.procs]
+        return "\n".join(parts)
+
+    def assert_clean(self) -> None:
+        """No traceback in any server or agent log (a 500, a crashed agent, an unhandled thread error)."""
+        for proc in self.procs:
+            assert "Traceback" not in proc.tail(100_000), f"traceback in {proc.name}'s log\n{self.explain()}"
+
+    def wait_for(self, check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+        """Poll `check` until it returns something truthy (returned); fail with every log's tail."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while True:
+            try:
+                value = check()
+            except (httpx.TransportError, LookupError, OSError) as exc:  # not up yet / not there yet
+                value, last_error = None, exc
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                     f" (last error: {last_error!r})\n{self.explain()}")
+            time.sleep(POLL)
+
+    # ---- the API server ------------------------------------------------------------------------
+    def start_server(self, db_url: str) -> Server:
+        from api import tokens
+        from common.db import make_engine
+
+        admin_token = "gf_e2e_admin_" + secrets.token_hex(16)
+        for _ in range(3):  # a free port can be taken between choosing it and binding it
+            port = _free_port()
+            env = self.env(DATABASE_URL=db_url, GRIDFLEET_ADMIN_TOKEN=admin_token,
+                           GRIDFLEET_HOME=str(self.tmp / "server-home"))
+            proc = self.spawn(f"server-{port}", [*gridfleet_cmd(), "serve", "--host", "127.0.0.1", "--port",
+                                                 str(port), "--log-level", "warning"], env)
+            url = f"http://127.0.0.1:{port}"
+            api = httpx.Client(base_url=url + "/api/v1", timeout=30.0,
+                               headers={"Authorization": f"Bearer {admin_token}"})
+            self.clients.append(api)
+
+            def ours() -> bool:  # our token proves it is our server, not another one on that port
+                if not proc.alive():
+                    return True
+                return api.get("/workers").status_code == 200
+
+            self.wait_for(ours, "the API server to answer")
+            if proc.alive():
+                break
+        else:
+            raise AssertionError(f"the API server did not start\n{self.explain()}")
+        engine = make_engine(db_url)
+        try:
+            _, worker_token = tokens.create_token(engine, "worker", "e2e workers")
+        finally:
+            engine.dispose()
+        return Server(url=url, admin_token=admin_token, worker_token=worker_token, proc=proc, api=api)
+
+    def start_worker(self, server: Server, name: str, grace: float = 30.0) -> Proc:
+        env = self.env(GRIDFLEET_HOME=str(self.tmp / f"{name}-home"), GRIDFLEET_TOKEN=server.worker_token)
+        return self.spawn(name, [*gridfleet_cmd(), "worker", "--server", server.url, "--name", name,
+                                 "--grace", str(grace)], env)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for proc in reversed(self.procs):  # workers before the server
+            proc.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    fleet = Fleet(tmp_path)
+    yield fleet
+    fleet.close()
+
+
+# ---- API helpers -------------------------------------------------------------------------------------
+def ok(response: httpx.Response) -> Any:
+    assert response.status_code < 400, f"{response.request.method} {response.request.url}: " \
+                                       f"{response.status_code} {response.text}"
+    return response.json()
+
+
+def submit(api: httpx.Client, name: str, config: dict[str, Any], **spec: Any) -> int:
+    """Post a one-job sleep grid; returns the job's id."""
+    ok(api.post("/grids", json={"name": name, "trainer": "sleep", "config": config, **spec}))
+    results = ok(api.get(f"/grids/{name}/results"))["results"]
+    assert len(results) == 1, results
+    return results[0]["job_id"]
+
+
+def job(api: httpx.Client, job_id: int) -> dict[str, Any]:
+    return ok(api.get(f"/jobs/{job_id}"))
+
+
+def worker_names(api: httpx.Client) -> dict[str, str]:
+    return {w["id"]: w["name"] for w in ok(api.get("/workers"))["workers"]}
+
+
+def attempt_steps(api: httpx.Client, job_id: int, attempt_id: str) -> list[int]:
+    metrics = ok(api.get(f"/jobs/{job_id}/metrics"))["metrics"]
+    return sorted(m["step"] for m in metrics if m["attempt_id"] == attempt_id)
+
+
+def running_with(api: httpx.Client, job_id: int, min_step: int, checkpointed: bool) -> dict[str, Any] | None:
+    """The job when it runs and has reached `min_step` (by checkpoint or by reported step), else None."""
+    detail = job(api, job_id)
+    assert detail["state"] in ("queued", "running"), f"job ended early: {detail}"
+    step = (detail["checkpoint"] or {}).get("step") if checkpointed else detail["step"]
+    return detail if detail["state"] == "running" and (step or 0) >= min_step else None
+
+
+# ---- tests: API server + workers ---------------------------------------------------------------------
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_kill9_worker_mid_job_resumes_on_other_worker_and_completes_once(db_url, fleet):
+    server = fleet.start_server(db_url)
+    api = server.api
+    steps = 30
+    job_id = submit(api, "e2e-kill9", {"seconds": 4.5, "steps": steps, "checkpoint_every": 1})
+    workers = {name: fleet.start_worker(server, name) for name in ("w1", "w2")}
+
+    before = fleet.wait_for(lambda: running_with(api, job_id, 3, checkpointed=True),
+                            "the job to run and checkpoint step 3")
+    holder_name = worker_names(api)[before["worker_id"]]
+    holder = workers[holder_name]
+    other = workers["w2" if holder_name == "w1" else "w1"]
+    children = holder.job_children()
+    assert len(children) == 1, f"expected one job child of {holder_name}: {holder.group()}"
+
+    killed_at = time.time()
+    holder.send_group(signal.SIGKILL)  # the agent, its job child and the resource tracker, all at once
+    fleet.wait_for(lambda: not holder.group(), "every process of the killed worker to be gone")
+    assert holder.wait(10) == -signal.SIGKILL
+    assert all(_proc_stat(pid) is None or _proc_stat(pid)[0] in "ZX" for pid in children)
+    killed_at_checkpoint = before["checkpoint"]["step"]
+
+    done = fleet.wait_for(lambda: (d := job(api, job_id))["state"] not in ("queued", "running") and d,
+                          "the job to be re-claimed after the lease expired and to finish")
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "succeeded", context
+    assert done["result"] == {"loss": 1.0 / steps, "steps": steps}, context
+    assert (done["attempts"], done["losses"], done["errors"], done["preemptions"]) == (2, 1, 0, 0), context
+    first, second = done["attempt_history"]
+    assert (first["outcome"], second["outcome"]) == ("lost", "succeeded"), context
+    assert first["worker_id"] == before["worker_id"] and second["worker_id"] != before["worker_id"], context
+    # Lost only once its lease ran out after the kill; re-claimed only after that.
+    assert killed_at < first["ended_at"] <= second["started_at"], context
+    assert worker_names(api)[second["worker_id"]] == ("w2" if holder_name == "w1" else "w1")
+    assert other.alive(), context
+
+    # The second attempt resumed from the checkpoint: its first step is after the one checkpointed
+    # before the kill, and it ran every later step exactly once.
+    resumed = attempt_steps(api, job_id, second["id"])
+    assert resumed and resumed[0] > 1 and resumed[0] >= killed_at_checkpoint + 1, (resumed, context)
+    assert resumed == list(range(resumed[0], steps + 1)), (resumed, context)
+    kinds = [e["kind"] for e in ok(api.get(f"/jobs/{job_id}/events"))["events"]]
+    assert kinds.count("lost") == 1 and kinds.count("succeeded") == 1, kinds
+
+    other.send(signal.SIGTERM)  # an idle agent stops cleanly
+    assert other.wait(DEADLINE) == 0, fleet.explain()
+    fleet.assert_clean()
+
+
+@pytest.mark.parametrize(
+    "db_url, target",
+    [
+        ("postgres", "agent"),  # `kill PID`: the agent asks its job child to checkpoint and stop
+        ("sqlite", "process group"),  # systemd / Ctrl-C style: the agent and its job child both get it
+        ("sqlite", "job child"),  # only the training process: the agent survives and releases the job
+    ],
+    indirect=["db_url"],
+)
+def test_sigterm_preempts_with_checkpoint_and_the_job_resumes(db_url, target, fleet):
+    server = fleet.start_server(db_url)
+    api = server.api
+    steps = 40
+    # The trainer checkpoints only when asked to stop: the resume below can only come from that checkpoint.
+    job_id = submit(api, "e2e-sigterm", {"seconds": 4.0, "steps": steps, "checkpoint_every": 10_000})
+    workers = {name: fleet.start_worker(server, name) for name in ("w1", "w2")}
+
+    before = fleet.wait_for(lambda: running_with(api, job_id, 3, checkpointed=False),
+                            "the job to run and report step 3")
+    holder_name = worker_names(api)[before["worker_id"]]
+    holder = workers[holder_name]
+    assert before["checkpoint"] is None
+    children = holder.job_children()
+    assert len(children) == 1, f"expected one job child of {holder_name}: {holder.group()}"
+
+    if target == "agent":
+        holder.send(signal.SIGTERM)
+    elif target == "process group":
+        holder.send_group(signal.SIGTERM)
+    else:
+        os.kill(children[0], signal.SIGTERM)
+    if target == "job child":
+        fleet.wait_for(lambda: job(api, job_id)["attempt_history"][0]["outcome"] != "running",
+                       "the first attempt to end")
+        assert holder.alive(), "the agent must survive its job child's SIGTERM\n" + fleet.explain()
+    else:
+        fleet.wait_for(lambda: not holder.alive(), "the SIGTERMed worker to exit")
+        assert holder.popen.returncode == 0, fleet.explain()
+
+    released = job(api, job_id)
+    context = f"\njob: {released}\n{fleet.explain()}"
+    first = released["attempt_history"][0]
+    assert first["outcome"] == "preempted" and first["error"] is None, context
+    assert (released["errors"], released["preemptions"], released["losses"]) == (0, 1, 0), context
+    assert released["result"] is None, context
+    saved = released["checkpoint"]["step"]
+    assert 3 <= saved < steps, context
+    assert max(attempt_steps(api, job_id, first["id"])) == saved, context
+
+    done = fleet.wait_for(lambda: (d := job(api, job_id))["state"] not in ("queued", "running") and d,
+                          "a worker to resume and finish the job")
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "succeeded", context
+    assert done["result"] == {"loss": 1.0 / steps, "steps": steps}, context
+    assert (done["attempts"], done["errors"], done["preemptions"], done["losses"]) == (2, 0, 1, 0), context
+    assert [a["outcome"] for a in done["attempt_history"]] == ["preempted", "succeeded"], context
+    second = done["attempt_history"][1]
+    if target != "job child":
+        assert worker_names(api)[second["worker_id"]] != holder_name, context
+    resumed = attempt_steps(api, job_id, second["id"])
+    assert resumed == list(range(saved + 1, steps + 1)), (resumed, context)
+    fleet.assert_clean()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cancel_running_job_stops_it_within_a_heartbeat(db_url, fleet):
+    server = fleet.start_server(db_url)
+    api = server.api
+    steps = 300
+    job_id = submit(api, "e2e-cancel", {"seconds": 60.0, "steps": steps, "checkpoint_every": 1})
+    worker = fleet.start_worker(server, "w1")
+    fleet.wait_for(lambda: running_with(api, job_id, 2, checkpointed=True), "the job to run and checkpoint")
+
+    asked = time.monotonic()
+    assert ok(api.post(f"/jobs/{job_id}/cancel"))["state"] == "cancel_requested"
+    done = fleet.wait_for(lambda: (d := job(api, job_id))["state"] != "running" and d, "the job to stop")
+    took = time.monotonic() - asked
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "cancelled", context
+    # One heartbeat (0.5 s) carries the cancel; then one 0.2 s step and a checkpoint. Loose for loaded CI.
+    assert took < 10.0, f"cancel took {took:.1f} s" + context
+    assert [a["outcome"] for a in done["attempt_history"]] == ["cancelled"], context
+    assert done["result"] is None and done["step"] < steps and done["errors"] == 0, context
+
+    # The agent survives a cancelled job and goes back to idle.
+    def idle() -> bool:
+        return [w["state"] for w in ok(api.get("/workers"))["workers"]] == ["idle"]
+
+    fleet.wait_for(idle, "the worker to be idle again")
+    assert worker.alive(), context
+    assert job(api, job_id)["attempts"] == 1
+    fleet.assert_clean()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_trainer_error_is_retried_with_backoff_then_failed_with_traceback(db_url, fleet):
+    server = fleet.start_server(db_url)
+    api = server.api
+    job_id = submit(api, "e2e-fail", {"seconds": 0.2, "steps": 2, "fail_at_step": 0}, max_attempts=2)
+    worker = fleet.start_worker(server, "w1")
+
+    done = fleet.wait_for(lambda: (d := job(api, job_id))["state"] not in ("queued", "running") and d,
+                          "the job to fail twice")
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "failed", context
+    assert (done["attempts"], done["errors"], done["losses"], done["preemptions"]) == (2, 2, 0, 0), context
+    first, second = done["attempt_history"]
+    assert (first["outcome"], second["outcome"]) == ("error", "error"), context
+    assert "RuntimeError: sleep trainer asked to fail at step 0" in done["last_error"], context
+    # The retry waited out the backoff (base 0.2 s for the first error).
+    assert second["started_at"] - first["ended_at"] >= BACKOFF_BASE_SECONDS - 0.01, context
+
+    events = ok(api.get(f"/jobs/{job_id}/events"))["events"]
+    text = "\n".join(e["message"] for e in events)
+    assert "Traceback" in text and "RuntimeError" in text, events
+    errors = [e for e in events if e["kind"] == "error"]
+    assert len(errors) == 2, events
+    assert "retry not before" in errors[0]["message"] and "job is now queued" in errors[0]["message"], errors
+    assert "job is now failed" in errors[1]["message"] and "Traceback" in errors[1]["message"], errors
+    assert worker.alive(), "a crashing trainer must not kill the agent" + context
+    fleet.assert_clean()  # the trainer's traceback is in the job's events, not in the agent's log
+
+
+# ---- test: embedded `gridfleet run`, Ctrl-C, run again -------------------------------------------------
+LOCAL_GRID = """\
+name: e2e-local
+trainer: sleep
+config:
+  steps: 40
+  checkpoint_every: 1
+axes:
+  seconds: [0.4, 6.0]   # job 1 finishes quickly; job 2 (0.15 s a step) is interrupted
+"""
+
+
+def test_run_interrupted_with_ctrl_c_then_rerun_resumes(fleet, tmp_path):
+    from common.db import make_engine
+    from scheduler.reports import grid_results, job_detail
+
+    home = tmp_path / "home"
+    db_url = f"sqlite:///{home / 'gridfleet.db'}"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(LOCAL_GRID)
+    env = fleet.env(GRIDFLEET_HOME=str(home), DATABASE_URL=db_url, COLUMNS="120")
+    command = [*gridfleet_cmd(), "run", str(grid_file.name), "--workers", "1"]
+    engine = make_engine(db_url)
+    try:
+        def rows() -> list[dict[str, Any]]:
+            try:
+                return grid_results(engine, "e2e-local")
+            except Exception:  # noqa: BLE001 - the database or grid is not there yet
+                return []
+
+        def second_job_midway():
+            found = rows()
+            if len(found) != 2 or found[0]["state"] != "succeeded" or found[1]["state"] != "running":
+                return None
+            return job_detail(engine, found[1]["job_id"]) if (found[1]["step"] or 0) >= 3 else None
+
+        first_run = fleet.spawn("run-1", command, env)
+        running = fleet.wait_for(second_job_midway, "job 1 to finish and job 2 to be midway")
+        assert (running["checkpoint"] or {}).get("step", 0) >= 1, running
+        first_run.send_group(signal.SIGINT)  # Ctrl-C: the whole foreground process group gets SIGINT
+        assert first_run.wait(DEADLINE) == 3, fleet.explain()  # 3: not finished, run again to continue
+        assert "run the same command again" in first_run.tail(200), fleet.explain()
+        fleet.wait_for(lambda: not first_run.group(), "every process of the first run to exit")
+
+        fast, slow = rows()
+        interrupted = job_detail(engine, slow["job_id"])
+        context = f"\njob: {interrupted}\n{fleet.explain()}"
+        assert fast["state"] == "succeeded" and fast["attempts"] == 1, fast
+        assert interrupted["state"] == "queued", context
+        assert interrupted["checkpoint"]["step"] > 0, context
+        assert [a["outcome"] for a in interrupted["attempt_history"]] == ["preempted"], context
+        assert interrupted["errors"] == 0 and interrupted["losses"] == 0, context
+        saved = interrupted["checkpoint"]["step"]
+
+        second_run = fleet.spawn("run-2", command, env)
+        assert second_run.wait(DEADLINE) == 0, fleet.explain()
+        assert "0 new configs, 2 already stored" in second_run.tail(200), fleet.explain()
+        fast, slow = rows()
+        assert fast["state"] == "succeeded" and fast["attempts"] == 1, fast  # not retrained
+        finished = job_detail(engine, slow["job_id"])
+        context = f"\njob: {finished}\n{fleet.explain()}"
+        assert finished["state"] == "succeeded" and finished["attempts"] == 2, context
+        assert [a["outcome"] for a in finished["attempt_history"]] == ["preempted", "succeeded"], context
+        assert finished["result"] == {"loss": 1.0 / 40, "steps": 40}, context
+        with engine.connect() as conn:
+            from sqlalchemy import text
+
+            resumed_from = conn.execute(
+                text("SELECT MIN(step) FROM metrics WHERE attempt_id = :a"),
+                {"a": finished["attempt_history"][1]["id"]},
+            ).scalar()
+        assert resumed_from == saved + 1, (resumed_from, saved)
+        out = home / "runs" / "e2e-local"
+        assert (out / "results.csv").is_file()
+        agent_log = (out / "worker-0.log").read_text()
+        assert "job 2 finished: preempted -> queued" in agent_log and "Traceback" not in agent_log, agent_log
+        fleet.assert_clean()
+    finally:
+        engine.dispose()
