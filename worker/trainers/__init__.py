@@ -14,6 +14,7 @@ TRAINERS: dict[str, str] = {
     "noop": "worker.trainers.noop",
     "sleep": "worker.trainers.sleep",
     "gated_rnn": "worker.trainers.gated_rnn",
+    "command": "worker.trainers.command",
 }
 
 

@@ -36,13 +36,13 @@ class Config(BaseModel):
     state_size: int = Field(default=256, ge=1, le=8192)
     # Training, as in the seed: batch 256, window 1000, 10,000 steps, Adam lr 1e-3.
     batch_size: int = Field(default=256, ge=1, le=65_536, validation_alias=AliasChoices("batch_size", "batch"))
-    history: int = Field(default=1000, ge=2, validation_alias=AliasChoices("history", "history_len", "window"))
+    history: int = Field(default=1000, ge=2, validation_alias=AliasChoices("history", "history_size", "history_len", "window"))
     steps: int = Field(default=10_000, ge=1, validation_alias=AliasChoices("steps", "n_steps", "training_steps"))
     lr: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("lr", "learning_rate"))
     # "stdlib" (the Python standard library's sources: on every machine) or a path, e.g. to enwik8.
     corpus: str = STDLIB_CORPUS
     corpus_bytes: int = Field(default=10_000_000, ge=10_000)
-    log_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=50, ge=1, validation_alias=AliasChoices("log_every", "log_frequency"))
     checkpoint_every: int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
@@ -53,48 +53,50 @@ class Config(BaseModel):
 
 
 class GatedLayer(nn.Module):
-    """new = tanh(W[x, s]); the state gate mixes new and old; the forget gate scales the old state; the
-    input gate gates x and the old state going into W; the output reads new and/or old state (+ x when
-    residual) through the output gate, or swish when there is none."""
+    """As the seed's RNNLayer. x' and s' are the input and the old state, each scaled by its input gate
+    when there is one. new = tanh(W[x', s']); the state gate mixes it with the old state,
+    z = sig(Wz[x', s', new]), new = z * new + (1 - z) * s; the forget gate then scales the state,
+    new = sig(Wf[x', s', new]) * new. The output layer reads new and/or s', plus x when residual
+    (concatenated, not added: "not a true residual" in the seed), then goes through the output gate
+    o * sig(Wo[o, inputs]), or swish when there is none. `new` is the next state."""
 
     def __init__(self, size: int, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        both = 2 * size
+        both, reads = 2 * size, size * (int(cfg.use_new_state) + int(cfg.use_old_state) + int(cfg.use_residual))
         self.candidate = nn.Linear(both, size)
-        self.input_gate = nn.Linear(both, both) if cfg.use_input_gate else None
-        self.forget_gate = nn.Linear(both, size) if cfg.use_forget_gate else None
-        self.state_gate = nn.Linear(both, size) if cfg.use_state_gate else None
-        self.output_gate = nn.Linear(both, size) if cfg.use_output_gate else None
-        self.readout = nn.Linear(size * (int(cfg.use_new_state) + int(cfg.use_old_state)), size)
+        self.input_gate = nn.Linear(both, both) if cfg.use_input_gate else None  # x and s gates in one
+        self.state_gate = nn.Linear(both + size, size) if cfg.use_state_gate else None
+        self.forget_gate = nn.Linear(both + size, size) if cfg.use_forget_gate else None
+        self.readout = nn.Linear(reads, size)
+        self.output_gate = nn.Linear(size + reads, size) if cfg.use_output_gate else None
 
     def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xs = torch.cat([x, state], dim=-1)
-        gated = xs * torch.sigmoid(self.input_gate(xs)) if self.input_gate is not None else xs
-        old = state * torch.sigmoid(self.forget_gate(xs)) if self.forget_gate is not None else state
-        new = torch.tanh(self.candidate(gated))
+        if self.input_gate is not None:
+            xs = xs * torch.sigmoid(self.input_gate(xs))
+        new = torch.tanh(self.candidate(xs))
         if self.state_gate is not None:
-            z = torch.sigmoid(self.state_gate(xs))
-            next_state = z * new + (1.0 - z) * old
-        else:
-            next_state = new
-        parts = ([new] if self.cfg.use_new_state else []) + ([old] if self.cfg.use_old_state else [])
-        h = self.readout(torch.cat(parts, dim=-1))
-        y = torch.sigmoid(self.output_gate(xs)) * torch.tanh(h) if self.output_gate is not None else F.silu(h)
-        if self.cfg.use_residual:
-            y = y + x
-        return y, next_state
+            z = torch.sigmoid(self.state_gate(torch.cat([xs, new], dim=-1)))
+            new = z * new + (1.0 - z) * state
+        if self.forget_gate is not None:
+            new = torch.sigmoid(self.forget_gate(torch.cat([xs, new], dim=-1))) * new
+        parts = ([new] if self.cfg.use_new_state else []) + ([xs[..., state.shape[-1]:]] if self.cfg.use_old_state else [])
+        reads = torch.cat(parts + ([x] if self.cfg.use_residual else []), dim=-1)
+        y = self.readout(reads)
+        y = y * torch.sigmoid(self.output_gate(torch.cat([y, reads], dim=-1))) if self.output_gate is not None else F.silu(y)
+        return y, new
 
 
 class GatedRNN(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, cfg.state_size)  # = Linear(256 -> state) on one-hot bytes
+        self.embed = nn.Linear(VOCAB, cfg.state_size)  # the seed's Linear(256 -> state), its init included
         self.layers = nn.ModuleList(GatedLayer(cfg.state_size, cfg) for _ in range(cfg.n_layers))
         self.head = nn.Linear(cfg.state_size, VOCAB)
 
     def forward(self, byte: torch.Tensor, states: list[torch.Tensor]):
-        x = self.embed(byte)
+        x = self.embed.weight.t()[byte] + self.embed.bias  # = embed(one_hot(byte)), without the matmul
         new_states = []
         for layer, state in zip(self.layers, states):
             x, state = layer(x, state)
@@ -126,8 +128,8 @@ def train(cfg: Config, ctx) -> dict:
     device = torch.device(ctx.device)
     torch.manual_seed(ctx.seed)
     data = load_corpus(cfg.corpus, cfg.corpus_bytes).to(device)
-    if len(data) < cfg.history + 2:
-        raise ValueError(f"corpus has {len(data)} bytes; it needs more than history={cfg.history}")
+    if len(data) < cfg.history:
+        raise ValueError(f"corpus has {len(data)} bytes; it needs at least history={cfg.history}")
     model = GatedRNN(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = torch.Generator().manual_seed(ctx.seed)
@@ -157,7 +159,7 @@ def train(cfg: Config, ctx) -> dict:
 
     while step < cfg.steps:
         if pos == 0:  # a new window: fresh offsets, state reset
-            starts = torch.randint(0, len(data) - cfg.history - 1, (cfg.batch_size,), generator=sampler)
+            starts = torch.randint(0, len(data) - cfg.history + 1, (cfg.batch_size,), generator=sampler)
             hidden = [torch.zeros(cfg.batch_size, cfg.state_size, device=device) for _ in range(cfg.n_layers)]
         index = starts.to(device) + pos
         logits, hidden = model(data[index], hidden)
@@ -168,7 +170,7 @@ def train(cfg: Config, ctx) -> dict:
         hidden = [h.detach() for h in hidden]  # no BPTT
         avg = 0.95 * avg + 0.05 * loss.detach()
         step += 1
-        pos = (pos + 1) % cfg.history
+        pos = (pos + 1) % (cfg.history - 1)  # a window of `history` bytes holds history - 1 predictions
         if step % cfg.log_every == 0 or step == cfg.steps:
             value = float(avg)
             min_loss = min(min_loss, value)
