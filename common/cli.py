@@ -69,7 +69,8 @@ def serve(
         application = create_app(settings)
     except SQLAlchemyError as exc:
         fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
-    uvicorn.run(application, host=host or settings.host, port=port or settings.port, log_level=log_level)
+    uvicorn.run(application, host=host or settings.host, port=settings.port if port is None else port,
+                log_level=log_level)
 
 
 # ---- submit --------------------------------------------------------------------------------------

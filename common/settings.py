@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_HOME = Path(".gridfleet")
@@ -18,10 +18,8 @@ class Settings(BaseSettings):
         env_prefix="GRIDFLEET_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
     )
 
-    database_url: str = Field(
-        default=f"sqlite:///{DEFAULT_HOME}/gridfleet.db",
-        validation_alias=AliasChoices("DATABASE_URL", "GRIDFLEET_DATABASE_URL"),
-    )
+    # Default: a SQLite file in `home` (so GRIDFLEET_HOME moves the database with the rest).
+    database_url: str = Field(default="", validation_alias=AliasChoices("DATABASE_URL", "GRIDFLEET_DATABASE_URL"))
     # Queue timing. A heartbeat every `heartbeat_seconds` keeps a lease of `lease_seconds` alive.
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
@@ -41,6 +39,13 @@ class Settings(BaseSettings):
     token: SecretStr | None = None
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
+
+
+    @model_validator(mode="after")
+    def _default_database_in_home(self):
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home}/gridfleet.db"
+        return self
 
 
 @lru_cache

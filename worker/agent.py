@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import subprocess
@@ -35,7 +36,8 @@ class AgentOptions:
     max_run_time: float | None = None  # seconds this agent may live (rented machines with free hours)
     min_job_time: float = 120.0  # do not claim when less time than this is left
     grace_seconds: float = 30.0
-    idle_sleep_max: float = 10.0
+    # An idle worker polls at most this far apart: a lost job is re-claimed soon after its lease ends.
+    idle_sleep_max: float = 2.0
     home: Path = Path(".gridfleet")
     keep_checkpoints: int = 3
 
@@ -141,7 +143,7 @@ class Agent:
         child = self._mp.Process(
             target=runner.run_job, daemon=True,
             args=(job, str(workdir), str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
-                  sender, stop_event),
+                  sender, stop_event, os.getpid()),
         )
         child.start()
         sender.close()

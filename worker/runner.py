@@ -16,6 +16,20 @@ from common.checkpoints import LocalStore
 from worker.context import TrainerContext
 
 OUTPUT_LOG = "output.log"
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent(agent_pid: int) -> None:
+    """Linux: SIGKILL this process when the agent dies (kill -9), so an orphan never keeps training a
+    job whose lease will pass to another worker."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the next pipe write to the dead agent ends us instead
+        return
+    if os.getppid() != agent_pid:  # the agent died before prctl took effect
+        os._exit(1)
 
 
 def _redirect_output(workdir: Path) -> None:
@@ -35,9 +49,11 @@ def _json_safe(result: Any) -> dict[str, Any]:
     return json.loads(json.dumps(result, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def run_job(job: dict[str, Any], workdir: str, store_root: str, keep: int, conn, stop_event) -> None:
+def run_job(job: dict[str, Any], workdir: str, store_root: str, keep: int, conn, stop_event,
+            agent_pid: int) -> None:
     from worker import trainers
 
+    _die_with_agent(agent_pid)
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     _redirect_output(path)

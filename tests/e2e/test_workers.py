@@ -335,6 +335,22 @@ def test_kill9_worker_mid_job_resumes_on_other_worker_and_completes_once(db_url,
     fleet.assert_clean()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_kill9_of_the_agent_alone_takes_its_job_process_with_it(db_url, fleet):
+    """No orphan keeps training a job whose lease will pass to another worker."""
+    server = fleet.start_server(db_url)
+    # Two 60-second steps: the job writes nothing to its (dead) agent for a minute.
+    job_id = submit(server.api, "e2e-orphan", {"seconds": 120, "steps": 2})
+    agent = fleet.start_worker(server, "w1")
+    fleet.wait_for(lambda: running_with(server.api, job_id, 0, checkpointed=False) and agent.job_children(),
+                   "the job to run")
+    children = agent.job_children()
+    assert len(children) == 1, agent.group()
+    os.kill(agent.pid, signal.SIGKILL)  # the agent only, not its process group
+    fleet.wait_for(lambda: all(_proc_stat(pid) is None or _proc_stat(pid)[0] in "ZX" for pid in children),
+                   "the job process to die with its agent", timeout=15)
+
+
 @pytest.mark.parametrize(
     "db_url, target",
     [

@@ -334,7 +334,8 @@ def _spawn_job(tmp_path: Path, config: dict):
     job = {"id": 3, "grid_id": 2, "seed": 5, "attempt": 1, "trainer": "command", "config": config,
            "checkpoint": None}
     child = mp.Process(target=runner.run_job, daemon=True,
-                       args=(job, str(tmp_path / "work"), str(tmp_path / "store"), 3, sender, stop))
+                       args=(job, str(tmp_path / "work"), str(tmp_path / "store"), 3, sender, stop,
+                             os.getpid()))
     child.start()
     sender.close()
     return child, receiver, stop

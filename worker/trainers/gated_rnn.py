@@ -108,7 +108,10 @@ def load_corpus(corpus: str, max_bytes: int) -> torch.Tensor:
     """The corpus as a uint8 tensor: a file's first `max_bytes`, or the stdlib's sources in path order."""
     if corpus == STDLIB_CORPUS:
         chunks, size = [], 0
-        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        root = Path(sysconfig.get_paths()["stdlib"])
+        # Installed packages live under the stdlib folder too; they differ between machines, so skip them.
+        sources = (p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+        for path in sorted(sources):
             data = path.read_bytes()
             chunks.append(data)
             size += len(data)
