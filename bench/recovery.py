@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     grid = {
         "name": "recovery", "trainer": "gated_rnn",
-        "config": {"state_size": 32, "n_layers": 1, "batch_size": 8, "history": 50, "steps": 100_000,
+        "config": {"state_size": 256, "n_layers": 2, "batch_size": 64, "history": 200, "steps": 100_000,
                    "log_every": 1, "corpus_bytes": 100_000, "checkpoint_every": args.checkpoint_every},
     }
     with tempfile.TemporaryDirectory() as tmp, \
