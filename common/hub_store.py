@@ -1,0 +1,259 @@
+"""The `hf://owner/repo[@branch]` checkpoint store: local first (LocalStore), then one Hub commit per save.
+
+A pointer names the file in the repo and the commit that holds it:
+    {"uri": "hf://owner/repo/grid-1/job-2/ckpt-000000000010.pt", "revision": <commit sha>, "step", "time"}
+so a load on any machine gets exactly that version, even after later commits to the branch.
+
+Tokens arrive as SecretStr arguments and are unwrapped only at the call into huggingface_hub. Errors from
+huggingface_hub are re-raised as HubStoreError with a message we build (status, operation, repo), never the
+original exception text or its request, so no token can leak into logs or error messages.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from pydantic import SecretStr
+
+from common.checkpoints import LocalStore, _deserialize
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class HubStoreError(RuntimeError):
+    """A Hub call failed; the message names the operation and status, never a token."""
+
+
+def parse_hf_uri(uri: str) -> tuple[str, str]:
+    """'hf://owner/repo[@branch]' -> (repo_id, branch)."""
+    if not uri.startswith("hf://"):
+        raise ValueError(f"not an hf:// store URI: '{uri}'")
+    rest, _, branch = uri[len("hf://"):].partition("@")
+    parts = rest.strip("/").split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"an hf:// store URI is hf://owner/repo[@branch], got '{uri}'")
+    return "/".join(parts), branch or "main"
+
+
+class HubStore:
+    def __init__(
+        self,
+        uri: str,
+        local_root: str | Path,
+        *,
+        write_token: SecretStr | None = None,
+        read_token: SecretStr | None = None,
+        endpoint: str | None = None,
+        keep: int = 3,
+        max_attempts: int = 6,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+    ):
+        self.repo_id, self.branch = parse_hf_uri(uri)
+        self.local = LocalStore(local_root, keep=keep)
+        self.cache_dir = self.local.root / ".hub-cache"
+        self.endpoint = endpoint
+        self._write_token = write_token
+        self._read_token = read_token or write_token
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._repo_ready = False
+
+    def __repr__(self) -> str:
+        return f"HubStore(hf://{self.repo_id}@{self.branch}, local={self.local.root})"
+
+    @staticmethod
+    def path_in_repo(grid_id: int, job_id: int, step: int) -> str:
+        return f"grid-{grid_id}/job-{job_id}/ckpt-{step:012d}.pt"
+
+    def _api(self, token: SecretStr | None) -> HfApi:
+        return HfApi(endpoint=self.endpoint, token=token.get_secret_value() if token else None)
+
+    # -- public API ------------------------------------------------------------------------------------
+    def save(self, grid_id: int, job_id: int, step: int, state: Any) -> dict[str, Any]:
+        """Write locally (durable), upload as one commit, return the Hub pointer with the commit sha."""
+        local_pointer = self.local.save(grid_id, job_id, step, state)
+        path = self.path_in_repo(grid_id, job_id, step)
+        sha = self.upload({path: Path(local_pointer["uri"][len("local:"):])},
+                          f"checkpoint grid {grid_id} job {job_id} step {step}")
+        return self.pointer(path, sha, step, local_pointer["time"])
+
+    def pointer(self, path: str, sha: str, step: int, saved_at: float) -> dict[str, Any]:
+        return {"uri": f"hf://{self.repo_id}/{path}", "revision": sha, "step": step, "time": saved_at}
+
+    def upload(self, files: dict[str, Path], message: str) -> str:
+        """Commit {path in repo: local file} to the branch in one commit (retried); return the commit sha."""
+        self.ensure_repo()
+        api = self._api(self._write_token)
+
+        def commit() -> str:
+            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+            return api.create_commit(self.repo_id, operations=operations, commit_message=message,
+                                     revision=self.branch).oid
+
+        return self._retry(f"upload of {len(files)} file(s)", commit)
+
+    def load(self, pointer: dict[str, Any]) -> Any:
+        """The checkpoint a pointer names: the local copy when there is one, else that exact Hub revision."""
+        repo_id, path = self._split_pointer(pointer["uri"])
+        local_path = self.local.root / path
+        if local_path.exists():
+            return _deserialize(local_path.read_bytes())
+        api = self._api(self._read_token)
+        revision = pointer["revision"]
+
+        def download() -> str:
+            return api.hf_hub_download(repo_id, path, revision=revision, cache_dir=str(self.cache_dir))
+
+        downloaded = self._retry(f"download of {path}@{revision[:12]}", download)
+        return _deserialize(Path(downloaded).read_bytes())
+
+    def ensure_repo(self) -> None:
+        if self._repo_ready:
+            return
+        api = self._api(self._write_token)
+        self._retry(
+            f"creation of repo {self.repo_id}",
+            lambda: api.create_repo(self.repo_id, private=True, exist_ok=True),
+        )
+        self._repo_ready = True
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _split_pointer(self, uri: str) -> tuple[str, str]:
+        if not uri.startswith("hf://"):
+            raise ValueError(f"the hub store cannot read checkpoint '{uri}'")
+        parts = uri[len("hf://"):].split("/", 2)
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"a hub checkpoint URI is hf://owner/repo/path, got '{uri}'")
+        return f"{parts[0]}/{parts[1]}", parts[2]
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """Run `call`, retrying 429 (after Retry-After), 5xx and network errors with bounded backoff."""
+        for attempt in range(1, self.max_attempts + 1):
+            # Only plain values leave the except blocks, so the HubStoreError carries no reference to the
+            # original exception (whose request holds the Authorization header).
+            status, delay, kind = None, None, None
+            try:
+                return call()
+            except (HfHubHTTPError, httpx2.TransportError, LocalEntryNotFoundError) as exc:
+                # hf_hub_download reports a failed HEAD (5xx, 403, network) as LocalEntryNotFoundError
+                # ("not reachable and not cached"), with the real error as its cause.
+                if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ is not None:
+                    exc = exc.__cause__
+                if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+                    status = exc.response.status_code
+                    retryable = status in RETRY_STATUSES
+                    delay = _retry_after(exc.response) if status == 429 else None
+                else:  # network error, or a FileMetadataError from a server that is not Hub-compatible
+                    retryable = isinstance(exc, (httpx2.TransportError, LocalEntryNotFoundError))
+                    kind = type(exc).__name__
+            if not retryable or attempt == self.max_attempts:
+                raise HubStoreError(_describe(what, self.repo_id, status, attempt, kind))
+            if delay is None:
+                delay = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            log.warning("%s: %s, retrying in %.2fs (attempt %d/%d)", what,
+                        f"HTTP {status}" if status else kind, delay, attempt, self.max_attempts)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class Uploader:
+    """Batches checkpoints already saved locally into one Hub commit every `interval` seconds.
+
+    The Hub allows about 128 commits per repo per hour, so a worker saving often should `save` through
+    here instead of calling `HubStore.save` (one commit per checkpoint). `on_uploaded(pointer)` gets each
+    Hub pointer once its commit exists (that is when a job row may record it). A failed batch stays pending (the local copies
+    are kept) and is tried again at the next interval. A pending file the LocalStore has pruned meanwhile
+    was superseded by a newer step of the same job and is dropped.
+    """
+
+    def __init__(self, store: HubStore, interval: float = 60.0,
+                 on_uploaded: Callable[[dict[str, Any]], None] | None = None):
+        self.store = store
+        self.interval = interval
+        self.on_uploaded = on_uploaded
+        self._pending: dict[str, tuple[Path, int, float]] = {}  # path in repo -> (local file, step, saved at)
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def save(self, grid_id: int, job_id: int, step: int, state: Any) -> dict[str, Any]:
+        """Save locally now, upload with the next batch; return the local pointer."""
+        local_pointer = self.store.local.save(grid_id, job_id, step, state)
+        path = self.store.path_in_repo(grid_id, job_id, step)
+        with self._lock:
+            self._pending[path] = (Path(local_pointer["uri"][len("local:"):]), step, local_pointer["time"])
+        return local_pointer
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Upload everything pending as one commit now; return the new Hub pointers."""
+        with self._flush_lock:
+            with self._lock:
+                batch = {p: item for p, item in self._pending.items() if item[0].exists()}
+                self._pending = dict(batch)
+            if not batch:
+                return []
+            sha = self.store.upload({p: item[0] for p, item in batch.items()},
+                                    f"{len(batch)} checkpoint(s) from a gridfleet worker")
+            with self._lock:
+                for path, item in batch.items():
+                    if self._pending.get(path) == item:
+                        del self._pending[path]
+            pointers = [self.store.pointer(p, sha, step, saved_at) for p, (_, step, saved_at) in batch.items()]
+            for pointer in pointers:
+                if self.on_uploaded is not None:
+                    self.on_uploaded(pointer)
+            return pointers
+
+    def start(self) -> "Uploader":
+        self._thread = threading.Thread(target=self._run, name="hub-uploader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, flush: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if flush:
+            self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except HubStoreError as exc:  # our message carries no token
+                log.warning("checkpoint upload failed, will retry at the next interval: %s", exc)
+
+
+def _retry_after(response: httpx2.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def _describe(what: str, repo_id: str, status: int | None, attempts: int, kind: str | None = None) -> str:
+    reason = f"HTTP {status}" if status is not None else (kind or "network error")
+    hint = {
+        401: " (is the Hub token valid?)",
+        403: " (does the token have write access to this repo?)",
+        404: " (does the repo or revision exist, and can the token read it?)",
+    }.get(status or 0, "")
+    return f"Hub {what} in {repo_id} failed after {attempts} attempt(s): {reason}{hint}"
