@@ -47,7 +47,8 @@ def pg_template():
     admin.dispose()
 
 
-def _fresh_postgres(template: str):
+def fresh_postgres(template: str):
+    """A new database copied from the migrated template: (url, drop)."""
     name = f"gf_t_{uuid.uuid4().hex[:12]}"
     admin = _pg_admin()
     with admin.connect() as conn:
@@ -70,7 +71,7 @@ def db_url(request, tmp_path):
         migrate(url)
         yield url
     else:
-        url, drop = _fresh_postgres(request.getfixturevalue("pg_template"))
+        url, drop = fresh_postgres(request.getfixturevalue("pg_template"))
         yield url
         drop()
 

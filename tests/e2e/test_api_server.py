@@ -18,20 +18,18 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select, update
 
 from api.tokens import create_token
 from common import schema as t
-from common.db import make_engine, normalize_url
+from common.db import make_engine
+from conftest import fresh_postgres
 
-PG_ADMIN_URL = normalize_url(os.environ.get("GRIDFLEET_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 START_DEADLINE = 90.0  # a cold server on a loaded 2-core machine
 REQUEST_TIMEOUT = 60.0  # the first gated_rnn validation imports torch in the server
 API = "/api/v1"
@@ -114,17 +112,7 @@ def server(request, tmp_path_factory):
     if request.param == "sqlite":
         db_url = f"sqlite:///{workdir / 'gridfleet.db'}"  # empty: the server migrates it at start
     else:
-        template = request.getfixturevalue("pg_template")  # session-scoped, from tests/conftest.py
-        name = f"gf_e2e_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-        db_url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-
-        def drop():
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        db_url, drop = fresh_postgres(request.getfixturevalue("pg_template"))  # from tests/conftest.py
 
     admin_token = "adm-" + secrets.token_urlsafe(24)
     proc, url, log_path = _start_server(db_url, admin_token, workdir)

@@ -8,62 +8,23 @@ import re
 import signal
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
+import harness  # tests/trainers/harness.py
 import pytest
 from pydantic import ValidationError
 
-from common.checkpoints import LocalStore
 from worker import runner, trainers
-from worker.context import TrainerContext
 from worker.trainers import command
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
-class Harness:
-    """A real TrainerContext whose pipe is drained by a thread, so the trainer never blocks on it."""
-
-    def __init__(self, root: Path, workdir: str = "work", checkpoint: dict | None = None, seed: int = 0):
-        self.receiver, sender = multiprocessing.Pipe(duplex=False)
-        self.stop_event = multiprocessing.Event()
-        job = {"id": 7, "grid_id": 1, "seed": seed, "attempt": 1, "checkpoint": checkpoint}
-        self.store = LocalStore(root / "store", keep=100)
-        self.ctx = TrainerContext(job, sender, self.stop_event, self.store, root / workdir)
-        self.messages: list[tuple] = []
-        self.on_message = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while not self._done.is_set() or self.receiver.poll():
-            if self.receiver.poll(0.02):
-                message = self.receiver.recv()
-                self.messages.append(message)
-                if self.on_message is not None:
-                    self.on_message(self, message)
-
+class Harness(harness.Harness):
     def run(self, config: dict):
-        try:
-            return command.train(command.Config.model_validate(config), self.ctx)
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-    def of(self, kind: str) -> list[tuple]:
-        return [m[1:] for m in self.messages if m[0] == kind]
-
-    @property
-    def reports(self) -> list[tuple[int, dict]]:
-        return [(step, values) for step, values, _when in self.of("report")]
-
-    @property
-    def checkpoints(self) -> list[dict]:
-        return [pointer for (pointer,) in self.of("checkpoint")]
+        return self.train(command, config)
 
 
 def write_script(tmp_path: Path, body: str, name: str = "script.py") -> Path:

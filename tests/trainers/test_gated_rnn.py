@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import threading
-from pathlib import Path
 
+import harness  # tests/trainers/harness.py
 import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from common.checkpoints import LocalStore
 from worker import trainers
-from worker.context import TrainerContext
 from worker.trainers import gated_rnn
 from worker.trainers.gated_rnn import Config, GatedRNN
 
@@ -43,46 +39,9 @@ def corpus(tmp_path) -> str:
     return str(path)
 
 
-class StopAtStep(TrainerContext):
-    """A real context that also asks to stop once a step >= `stop_at` was reported (like a preemption)."""
-
-    stop_at: int | None = None
-
-    def should_stop(self) -> bool:
-        return super().should_stop() or (self.stop_at is not None and self._last_step >= self.stop_at)
-
-
-class Harness:
-    def __init__(self, root: Path, checkpoint: dict | None = None, seed: int = 0, stop_at: int | None = None):
-        self.receiver, sender = multiprocessing.Pipe(duplex=False)
-        job = {"id": 1, "grid_id": 1, "seed": seed, "attempt": 1, "checkpoint": checkpoint}
-        self.store = LocalStore(root / "store", keep=100)
-        self.ctx = StopAtStep(job, sender, multiprocessing.Event(), self.store, root / "work")
-        self.ctx.stop_at = stop_at
-        self.messages: list[tuple] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while not self._done.is_set() or self.receiver.poll():
-            if self.receiver.poll(0.02):
-                self.messages.append(self.receiver.recv())
-
+class Harness(harness.Harness):
     def train(self, **config) -> dict:
-        try:
-            return gated_rnn.train(Config.model_validate(config), self.ctx)
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-    @property
-    def reports(self) -> list[tuple[int, dict]]:
-        return [(m[1], m[2]) for m in self.messages if m[0] == "report"]
-
-    @property
-    def checkpoints(self) -> list[dict]:
-        return [m[1] for m in self.messages if m[0] == "checkpoint"]
+        return super().train(gated_rnn, config)
 
 
 def small(corpus: str, **overrides) -> dict:
