@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api import errors, tokens
 from api.responses import JSONResponse
 from api.routes import grids, health, jobs, workers
-from common.db import make_engine, migrate
+from common.db import is_sqlite, make_engine, migrate
 from common.settings import Settings
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
@@ -17,6 +17,11 @@ from scheduler.queue import Queue
 log = logging.getLogger("gridfleet.api")
 API_PREFIX = "/api/v1"
 TOKEN_CACHE_SECONDS = 5.0
+# The sync routes run in AnyIO's thread pool (40 threads), each holding a connection for one short
+# transaction. Keep every connection the pool opens (at most 30, as with make_engine's default 10 + 20
+# overflow) instead of closing those above 10 on return: with 16 busy workers that default opened about
+# 40 new Postgres connections a second (bench/queue_throughput.py, --workers 16).
+POSTGRES_POOL = {"pool_size": 30, "max_overflow": 0}
 
 
 def bootstrap_admin(engine, settings: Settings) -> str:
@@ -40,7 +45,7 @@ def bootstrap_admin(engine, settings: Settings) -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     migrate(settings.database_url)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, **({} if is_sqlite(settings.database_url) else POSTGRES_POOL))
     if bootstrap_admin(engine, settings) == "missing":
         log.warning("no admin token exists: set GRIDFLEET_ADMIN_TOKEN, or run `gridfleet token create --role admin`")
 

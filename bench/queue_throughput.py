@@ -1,0 +1,1087 @@
+"""Queue throughput: claim+finish cycles per second and heartbeat latency, next to the issue's targets.
+
+    .venv/bin/python bench/queue_throughput.py                      # everything, ~5 s per measurement
+    .venv/bin/python bench/queue_throughput.py --quick              # a 2 s smoke run
+    .venv/bin/python bench/queue_throughput.py --backends postgres,api --workers 1,16 --seconds 10
+    .venv/bin/python bench/queue_throughput.py --backends api --uvicorn-workers 1,2   # compare server setups
+
+What it measures
+- cycles/s: N worker processes (separate OS processes, started together after warm-up) each loop
+  `claim` -> `finish(succeeded)` on noop jobs for --seconds; the sum of cycles completed inside the
+  window divided by the window. Backends:
+    sqlite    directly through scheduler.queue.Queue on a SQLite file (WAL), in a temp directory
+    postgres  directly through Queue on a fresh Postgres database (created here, dropped at the end)
+    api       through the HTTP worker protocol (worker.client.ApiClient: httpx, keep-alive) against a
+              real uvicorn subprocess on its own fresh Postgres database (or SQLite: --api-db sqlite)
+- heartbeat latency: open loop through the API. --hb-clients processes each send --hb-rate/--hb-clients
+  heartbeats per second on a fixed schedule, each for its own running job and attempt id. Latency is
+  counted from the *scheduled* send time, so a slow server cannot hide behind a late client
+  (no coordinated omission).
+- targets (from the issue): Postgres direct >= 1,000 cycles/s, API >= 250 cycles/s, heartbeat
+  p99 < 50 ms at 100 heartbeats/s. Printed as measured/target (for latency, below 1.00x passes).
+- where the CPU went (Linux /proc): CPU ms per operation in the workers, the uvicorn process tree and
+  the Postgres backends, the machine's busy cores and how much of that was not this benchmark.
+
+Everything (workers, uvicorn, Postgres, the clients) shares this machine's cores, so cycles/s is a floor
+for a real deployment and noisy when anything else runs here (see "not ours" and load1 in the CPU table);
+CPU ms per cycle is the steadier number to compare. The script cleans up its server, its databases, its
+processes and its temp files, also on Ctrl-C and SIGTERM. See bench/README.md for findings.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+TARGET_PG_CYCLES = 1000.0
+TARGET_API_CYCLES = 250.0
+TARGET_HB_P99_MS = 50.0
+TARGET_HB_RATE = 100.0
+MAX_JOBS_PER_GRID = 100_000  # scheduler.spec.MAX_JOBS_PER_GRID
+WARMUP_CYCLES = 3  # per worker, before the measured window (connections, caches, the first claim)
+
+
+# ---- small helpers ---------------------------------------------------------------------------------
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of values; nan for none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
+
+
+def load1() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ignore_sigint_in_child() -> None:
+    # Ctrl-C reaches the whole foreground process group; children stop when the parent tells them
+    # to (or terminates them), so the parent alone decides and can clean up in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---- CPU accounting (Linux /proc; elsewhere the CPU columns show "-") --------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu(pid: int) -> float | None:
+    """user+system CPU seconds of one process, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (uvicorn --workers N: the supervisor and its worker processes)."""
+    parents: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [root]
+    for name in entries:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [root], [root]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        todo += children
+    return tree
+
+
+def machine_busy() -> float | None:
+    """CPU seconds all cores spent busy since boot (everything on the machine, not only ours)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    guest = sum(values[8:10]) if len(values) > 9 else 0  # already counted in user/nice
+    return (sum(values) - idle - guest) / CLK_TCK
+
+
+class CpuProbe:
+    """Snapshots of CPU seconds: the API server's process tree, the Postgres backends serving our database
+    (only when Postgres runs on this machine) and the whole machine."""
+
+    def __init__(self, server_pid: int | None = None, pg_url: str | None = None):
+        self.server_pid = server_pid
+        self.pg_engine = None
+        if pg_url and _is_local(pg_url) and os.path.exists("/proc/self/stat"):
+            from sqlalchemy import create_engine
+
+            from common.db import normalize_url
+
+            self.pg_engine = create_engine(normalize_url(pg_url), poolclass=_null_pool())
+            self.pg_db = _database_name(pg_url)
+
+    def __call__(self) -> dict:
+        snap: dict = {"time": time.time(), "machine": machine_busy(), "server": None, "pg": None}
+        if self.server_pid is not None:
+            values = [proc_cpu(pid) for pid in process_tree(self.server_pid)]
+            snap["server"] = {pid: v for pid, v in zip(process_tree(self.server_pid), values) if v is not None}
+        if self.pg_engine is not None:
+            from sqlalchemy import text
+
+            with self.pg_engine.connect() as conn:
+                pids = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> "
+                                         "pg_backend_pid()"), {"db": self.pg_db}).scalars().all()
+                with contextlib.suppress(Exception):  # pg_stat_database.sessions: PostgreSQL 14+
+                    snap["sessions"] = conn.execute(text("SELECT sessions FROM pg_stat_database WHERE datname = :db"),
+                                                    {"db": self.pg_db}).scalar()
+            snap["pg"] = {pid: v for pid in pids if (v := _postgres_cpu(pid)) is not None}
+        return snap
+
+    def close(self) -> None:
+        if self.pg_engine is not None:
+            self.pg_engine.dispose()
+
+
+def _postgres_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if not f.read().startswith("postgres"):
+                return None
+    except OSError:
+        return None
+    return proc_cpu(pid)
+
+
+def _null_pool():
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
+
+
+def _is_local(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from common.db import normalize_url
+
+    host = make_url(normalize_url(url)).host
+    return host in (None, "", "localhost", "127.0.0.1", "::1")
+
+
+def _database_name(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    from common.db import normalize_url
+
+    return make_url(normalize_url(url)).database
+
+
+def cpu_delta(first: dict, last: dict) -> dict:
+    """CPU seconds used between two probe snapshots, per part; a process born in between counts whole."""
+    out: dict = {"seconds": last["time"] - first["time"]}
+    if first["machine"] is not None and last["machine"] is not None:
+        out["machine"] = last["machine"] - first["machine"]
+    if first.get("sessions") is not None and last.get("sessions") is not None:
+        out["connections"] = last["sessions"] - first["sessions"] - 1  # minus the probe's own connection
+    for part in ("server", "pg"):
+        if last[part] is not None:
+            before = first[part] or {}
+            out[part] = sum(v - before.get(pid, 0.0) for pid, v in last[part].items())
+    return out
+
+
+# ---- processes: one cycle worker ---------------------------------------------------------------------
+def cycle_worker(kind: str, target: str, token: str, go, times, results, index: int) -> None:
+    """One worker process: set up, warm up, wait for `go`, then claim+finish until the window closes."""
+    _ignore_sigint_in_child()
+    out: dict[str, Any] = {"index": index, "cycles": 0, "dry": 0, "errors": 0, "error": None,
+                           "cycle": [], "claim": [], "finish": []}
+    try:
+        if kind == "api":
+            from worker.client import ApiClient
+
+            client = ApiClient(target, token, retry_for=2.0, timeout=30.0)
+            worker_id = client.register({"name": f"bench-{index}", "host": "bench", "trainers": ["noop"]})["worker_id"]
+
+            def claim():
+                return client.claim(worker_id, trainers=["noop"])
+
+            def finish(job):
+                reply = client.finish(worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome="succeeded",
+                                      result={"loss": 0.0})
+                if not reply.get("ok"):
+                    raise RuntimeError(f"finish refused: {reply}")
+
+            def close():
+                client.close()
+        else:
+            from common.db import make_engine
+            from scheduler.policy import RetryPolicy
+            from scheduler.queue import Queue
+
+            engine = make_engine(target)
+            job_queue = Queue(engine, RetryPolicy())
+            worker_id = job_queue.register_worker(name=f"bench-{index}", host="bench", trainers=["noop"])
+
+            def claim():
+                job = job_queue.claim(worker_id, trainers=["noop"])
+                return None if job is None else {"id": job.id, "attempt_id": job.attempt_id}
+
+            def finish(job):
+                reply = job_queue.finish(job["id"], job["attempt_id"], "succeeded", {"loss": 0.0})
+                if not reply.ok:
+                    raise RuntimeError(f"finish refused: {reply.reason}")
+
+            def close():
+                engine.dispose()
+
+        for _ in range(WARMUP_CYCLES):
+            job = claim()
+            if job is not None:
+                finish(job)
+        results.put(("ready", index))
+        go.wait()
+        start_at, end_at = times[0], times[1]
+        while time.time() < start_at:
+            time.sleep(max(0.0, min(0.01, start_at - time.time())))
+        perf = time.perf_counter
+        cpu0 = time.process_time()
+        while time.time() < end_at:
+            t0 = perf()
+            try:
+                job = claim()
+                t1 = perf()
+                if job is None:
+                    out["dry"] += 1
+                    time.sleep(0.005)
+                    continue
+                finish(job)
+            except Exception as exc:  # noqa: BLE001 - count it, keep going, report the first one
+                out["errors"] += 1
+                out["error"] = out["error"] or f"{type(exc).__name__}: {str(exc)[:300]}"
+                time.sleep(0.01)
+                continue
+            t2 = perf()
+            if time.time() <= end_at:
+                out["cycles"] += 1
+                out["cycle"].append(t2 - t0)
+                out["claim"].append(t1 - t0)
+                out["finish"].append(t2 - t1)
+        out["cpu"] = time.process_time() - cpu0
+        time.sleep(max(0.0, end_at + 1.0 - time.time()))  # keep connections open until the parent's last CPU probe
+        close()
+    except Exception as exc:  # noqa: BLE001 - setup failed: report it instead of hanging the parent
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        out["fatal"] = True
+        results.put(("ready", index))
+    results.put(("done", out))
+
+
+# ---- processes: one heartbeat client ---------------------------------------------------------------
+def heartbeat_client(base_url: str, token: str, worker_id: str, job_id: int, attempt_id: str, rate: float,
+                     offset: float, go, times, results, index: int) -> None:
+    """Open loop: send at start + offset + k/rate regardless of how long earlier replies took."""
+    _ignore_sigint_in_child()
+    out: dict[str, Any] = {"index": index, "sent": 0, "ok": 0, "errors": 0, "error": None, "latency": [],
+                           "service": [], "late": 0}
+    try:
+        import httpx
+
+        http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers={"Authorization": f"Bearer {token}"},
+                            timeout=10.0)
+        path = f"/workers/{worker_id}/heartbeat"
+        step = 0
+
+        def beat() -> None:
+            nonlocal step
+            step += 1
+            response = http.post(path, json={"job_id": job_id, "attempt_id": attempt_id, "step": step,
+                                             "progress": [step, 1_000_000]})
+            if response.status_code != 200:
+                raise RuntimeError(f"heartbeat: {response.status_code} {response.text[:200]}")
+
+        for _ in range(3):  # warm-up: connection, token cache, JIT-free paths
+            beat()
+        results.put(("ready", index))
+        go.wait()
+        start_at, end_at = times[0], times[1]
+        interval = 1.0 / rate
+        k = 0
+        cpu0 = time.process_time()
+        while True:
+            scheduled = start_at + offset + k * interval
+            if scheduled >= end_at:
+                break
+            k += 1
+            delay = scheduled - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -interval:
+                out["late"] += 1  # we could not even send on time (the client itself was starved)
+            sent = time.time()
+            out["sent"] += 1
+            try:
+                beat()
+            except Exception as exc:  # noqa: BLE001
+                out["errors"] += 1
+                out["error"] = out["error"] or f"{type(exc).__name__}: {str(exc)[:300]}"
+                continue
+            done = time.time()
+            out["ok"] += 1
+            out["latency"].append(done - scheduled)
+            out["service"].append(done - sent)
+        out["cpu"] = time.process_time() - cpu0
+        time.sleep(max(0.0, end_at + 1.0 - time.time()))
+        http.close()
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        out["fatal"] = True
+        results.put(("ready", index))
+    results.put(("done", out))
+
+
+# ---- running a group of processes together ---------------------------------------------------------
+class Group:
+    """Start processes, wait until all are warmed up, release them together for a window, collect."""
+
+    def __init__(self, ctx, cleanup: Cleanup):
+        self.ctx = ctx
+        self.cleanup = cleanup
+        self.go = ctx.Event()
+        self.times = ctx.Array("d", 2)
+        self.results = ctx.Queue()
+        self.procs: list[mp.Process] = []
+
+    def start(self, target, args_list: list[tuple]) -> None:
+        for args in args_list:
+            proc = self.ctx.Process(target=target, args=(*args, self.go, self.times, self.results, len(self.procs)),
+                                    daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.cleanup.processes.append(proc)
+
+    def run(self, seconds: float, probe=None, ready_timeout: float = 120.0) -> tuple[list[dict[str, Any]], dict]:
+        """Returns each process's report and probe() taken at the window's start and end (if given)."""
+        outs: list[dict[str, Any]] = []
+        ready = 0
+        deadline = time.time() + ready_timeout
+        while ready < len(self.procs):
+            self._check_alive()
+            try:
+                kind, payload = self.results.get(timeout=max(0.1, min(1.0, deadline - time.time())))
+            except queue.Empty:
+                if time.time() > deadline:
+                    raise RuntimeError(f"only {ready} of {len(self.procs)} processes got ready in {ready_timeout:.0f} s")
+                continue
+            if kind == "ready":
+                ready += 1
+            else:
+                outs.append(payload)
+        start_at = time.time() + 0.3
+        self.times[0], self.times[1] = start_at, start_at + seconds
+        self.go.set()
+        usage: dict = {}
+        if probe is not None:
+            time.sleep(max(0.0, start_at - time.time()))
+            first = probe()
+            time.sleep(max(0.0, start_at + seconds - time.time()))
+            usage = cpu_delta(first, probe())
+        deadline = start_at + seconds + 60.0
+        while len(outs) < len(self.procs):
+            try:
+                kind, payload = self.results.get(timeout=1.0)
+            except queue.Empty:
+                if time.time() > deadline:
+                    raise RuntimeError("processes did not report within 60 s after the window")
+                self._check_alive(allow_exit=True)
+                continue
+            if kind == "done":
+                outs.append(payload)
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+            with contextlib.suppress(ValueError):
+                self.cleanup.processes.remove(proc)
+        return outs, usage
+
+    def _check_alive(self, allow_exit: bool = False) -> None:
+        for proc in self.procs:
+            if not proc.is_alive() and proc.exitcode not in (0, None) and not allow_exit:
+                raise RuntimeError(f"a benchmark process died with exit code {proc.exitcode}")
+
+
+# ---- resources that must go away, even on Ctrl-C -----------------------------------------------------
+@dataclass
+class Cleanup:
+    admin_url: str
+    databases: list[str] = field(default_factory=list)
+    servers: list[subprocess.Popen] = field(default_factory=list)
+    processes: list[mp.Process] = field(default_factory=list)
+    tempdirs: list[str] = field(default_factory=list)
+
+    def stop_processes(self) -> None:
+        for proc in list(self.processes):
+            if proc.is_alive():
+                proc.terminate()
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.processes.clear()
+
+    def stop_server(self, server: subprocess.Popen) -> None:
+        self.stop_processes()  # clients first, so none of them retries against a server that is going away
+        if server.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)  # its own session: uvicorn and its worker processes
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=5)
+        else:  # the supervisor is gone; make sure no worker of its group lingers
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(ValueError):
+            self.servers.remove(server)
+
+    def drop_database(self, name: str) -> None:
+        from sqlalchemy import create_engine, text
+
+        from common.db import normalize_url
+
+        admin = create_engine(normalize_url(self.admin_url), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
+        with contextlib.suppress(ValueError):
+            self.databases.remove(name)
+
+    def run(self) -> None:
+        self.stop_processes()
+        for server in list(self.servers):
+            try:
+                self.stop_server(server)
+            except Exception as exc:  # noqa: BLE001
+                print(f"warning: could not stop the API server (pid {server.pid}): {exc}", file=sys.stderr)
+        for name in list(self.databases):
+            try:
+                self.drop_database(name)
+            except Exception as exc:  # noqa: BLE001
+                print(f"warning: could not drop database {name}: {exc}; drop it by hand", file=sys.stderr)
+        for path in self.tempdirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- databases and jobs ---------------------------------------------------------------------------
+def create_pg_database(cleanup: Cleanup, suffix: str) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from common.db import migrate, normalize_url
+
+    name = f"gf_bench_{os.getpid()}_{suffix}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(normalize_url(cleanup.admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            cleanup.databases.append(name)
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    url = make_url(normalize_url(cleanup.admin_url)).set(database=name).render_as_string(hide_password=False)
+    migrate(url)
+    return url
+
+
+def create_sqlite_database(cleanup: Cleanup) -> str:
+    from common.db import migrate
+
+    directory = tempfile.mkdtemp(prefix="gf_bench_")
+    cleanup.tempdirs.append(directory)
+    url = f"sqlite:///{directory}/bench.db"
+    migrate(url)
+    return url
+
+
+class JobFeeder:
+    """Makes sure enough queued noop jobs exist before each window (grids of at most 100,000 jobs).
+
+    Direct backends submit with scheduler.grids.submit_grid and then refresh the planner's statistics
+    as POST /grids does (unless --no-analyze); the API backend submits through POST /grids itself.
+    """
+
+    def __init__(self, url: str, analyze: bool = True):
+        from common.db import make_engine
+
+        self.engine = make_engine(url)
+        self.analyze = analyze
+        self.http = None
+        self.grids = 0
+
+    def via_api(self, base_url: str | None, token: str | None) -> None:
+        import httpx
+
+        if self.http is not None:
+            self.http.close()
+        self.http = None if base_url is None else httpx.Client(
+            base_url=base_url.rstrip("/") + "/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=600.0)
+
+    def queued(self) -> int:
+        from sqlalchemy import func, select
+
+        from common import schema as t
+
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(t.jobs).where(t.jobs.c.state == "queued")).scalar_one()
+
+    def ensure(self, wanted: int) -> float:
+        """Top up to `wanted` queued jobs; returns seconds spent."""
+        from scheduler.grids import submit_grid
+        from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
+        from scheduler.spec import GridSpec
+        from worker.trainers import validate_config
+
+        started = time.perf_counter()
+        missing = wanted - self.queued()
+        while missing > 0:
+            count = min(missing, MAX_JOBS_PER_GRID)
+            self.grids += 1
+            body = {"name": f"bench-{self.grids}-{uuid.uuid4().hex[:6]}", "trainer": "noop",
+                    "axes": {"value": [float(i) for i in range(count)]}}
+            if self.http is not None:
+                response = self.http.post("/grids", json=body)
+                if response.status_code >= 300:
+                    raise RuntimeError(f"POST /grids: {response.status_code} {response.text[:500]}")
+                created = response.json()["created"]
+            else:
+                created = submit_grid(self.engine, GridSpec.model_validate(body), validate_config).created
+                if self.analyze and created >= ANALYZE_AFTER_ROWS:
+                    refresh_planner_stats(self.engine)
+            missing -= created
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.via_api(None, None)
+        self.engine.dispose()
+
+
+# ---- the API server -------------------------------------------------------------------------------
+@dataclass
+class Server:
+    url: str
+    token: str
+    admin_token: str
+    process: subprocess.Popen
+    log_path: str
+    workers: int
+
+
+def start_server(cleanup: Cleanup, db_url: str, uvicorn_workers: int, workdir: str) -> Server:
+    import httpx
+
+    from api.tokens import create_token
+    from common.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        _, token = create_token(engine, "worker", "bench worker")
+    finally:
+        engine.dispose()
+    port = free_port()
+    admin_token = "gf_bench_admin_" + uuid.uuid4().hex
+    env = dict(os.environ)
+    env.update({
+        "GRIDFLEET_DATABASE_URL": db_url, "DATABASE_URL": db_url,
+        "GRIDFLEET_ADMIN_TOKEN": admin_token,  # the server stores it; the bench submits grids with it
+        "GRIDFLEET_HOME": workdir,
+        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    })
+    log_path = os.path.join(workdir, f"uvicorn-{uvicorn_workers}-{port}.log")
+    command = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(uvicorn_workers), "--no-access-log", "--log-level", "warning"]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    cleanup.servers.append(process)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with code {process.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"uvicorn did not answer /healthz within 90 s:\n{Path(log_path).read_text()[-3000:]}")
+        time.sleep(0.2)
+    if uvicorn_workers > 1:
+        time.sleep(1.5)  # healthz answered from one worker process; give the others time to finish start-up
+    return Server(url=url, token=token, admin_token=admin_token, process=process, log_path=log_path, workers=uvicorn_workers)
+
+
+# ---- measurements -----------------------------------------------------------------------------------
+@dataclass
+class CycleRow:
+    label: str
+    backend: str  # sqlite | postgres | api
+    workers: int
+    rate: float
+    cycle: list[float]
+    claim: list[float]
+    finish: list[float]
+    errors: int
+    dry: int
+    error: str | None
+    load: str
+    uvicorn_workers: int | None = None
+    cpu: dict = field(default_factory=dict)  # CPU seconds in the window: client, server, pg, machine
+
+
+def measure_cycles(ctx, cleanup: Cleanup, backend: str, label: str, target: str, token: str, workers: int,
+                   seconds: float, feeder: JobFeeder, rate_guess: float, probe: CpuProbe,
+                   uvicorn_workers: int | None = None) -> CycleRow:
+    needed = int(rate_guess * (seconds + 3) * 1.5) + workers * (WARMUP_CYCLES + 5)
+    feeder.ensure(min(needed, 5 * MAX_JOBS_PER_GRID))
+    load = load1()
+    group = Group(ctx, cleanup)
+    group.start(cycle_worker, [(backend if backend == "api" else "direct", target, token) for _ in range(workers)])
+    outs, usage = group.run(seconds, probe)
+    fatal = [o["error"] for o in outs if o.get("fatal")]
+    if fatal:
+        raise RuntimeError(f"{label}: a worker could not start: {fatal[0]}")
+    usage["client"] = sum(o.get("cpu", 0.0) for o in outs)
+    cycles = sum(o["cycles"] for o in outs)
+    row = CycleRow(
+        label=label, backend=backend, workers=workers, rate=cycles / seconds,
+        cycle=[x for o in outs for x in o["cycle"]], claim=[x for o in outs for x in o["claim"]],
+        finish=[x for o in outs for x in o["finish"]], errors=sum(o["errors"] for o in outs),
+        dry=sum(o["dry"] for o in outs), error=next((o["error"] for o in outs if o["error"]), None), load=load,
+        uvicorn_workers=uvicorn_workers, cpu=usage,
+    )
+    return row
+
+
+@dataclass
+class HeartbeatRow:
+    label: str
+    uvicorn_workers: int
+    clients: int
+    target_rate: float
+    sent: int
+    ok: int
+    seconds: float
+    latency: list[float]
+    service: list[float]
+    errors: int
+    late: int
+    error: str | None
+    load: str
+    cpu: dict = field(default_factory=dict)
+
+
+def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate: float, seconds: float,
+                       label: str, probe: CpuProbe) -> HeartbeatRow:
+    from worker.client import ApiClient
+
+    # Each client beats for its own running job with its own attempt id (claimed through the API).
+    setup = ApiClient(server.url, server.token, retry_for=5.0)
+    jobs = []
+    try:
+        for i in range(clients):
+            worker_id = setup.register({"name": f"bench-hb-{i}", "host": "bench", "trainers": ["noop"]})["worker_id"]
+            job = setup.claim(worker_id, trainers=["noop"])
+            if job is None:
+                raise RuntimeError("no queued job left for the heartbeat clients")
+            jobs.append((worker_id, job["id"], job["attempt_id"]))
+    finally:
+        setup.close()
+    per_client = rate / clients
+    load = load1()
+    group = Group(ctx, cleanup)
+    # Stagger the clients evenly over one interval so the offered load is smooth, not 10 at once.
+    group.start(heartbeat_client, [
+        (server.url, server.token, worker_id, job_id, attempt_id, per_client, i / rate)
+        for i, (worker_id, job_id, attempt_id) in enumerate(jobs)
+    ])
+    outs, usage = group.run(seconds, probe)
+    fatal = [o["error"] for o in outs if o.get("fatal")]
+    if fatal:
+        raise RuntimeError(f"{label}: a heartbeat client could not start: {fatal[0]}")
+    usage["client"] = sum(o.get("cpu", 0.0) for o in outs)
+    return HeartbeatRow(
+        label=label, uvicorn_workers=server.workers, clients=clients, target_rate=rate,
+        sent=sum(o["sent"] for o in outs), ok=sum(o["ok"] for o in outs), seconds=seconds,
+        latency=[x for o in outs for x in o["latency"]], service=[x for o in outs for x in o["service"]],
+        errors=sum(o["errors"] for o in outs), late=sum(o["late"] for o in outs),
+        error=next((o["error"] for o in outs if o["error"]), None), load=load, cpu=usage,
+    )
+
+
+# ---- printing ---------------------------------------------------------------------------------------
+def versions(pg_version: str | None) -> str:
+    import sqlite3
+
+    import sqlalchemy
+
+    parts = [f"Python {platform.python_version()}", f"SQLAlchemy {sqlalchemy.__version__}",
+             f"SQLite {sqlite3.sqlite_version}"]
+    with contextlib.suppress(ImportError):
+        import psycopg
+
+        parts.append(f"psycopg {psycopg.__version__}")
+    if pg_version:
+        parts.append(f"PostgreSQL {pg_version}")
+    with contextlib.suppress(ImportError):
+        import uvicorn
+
+        extras = [name for name in ("uvloop", "httptools") if _importable(name)]
+        parts.append(f"uvicorn {uvicorn.__version__}" + (f" ({'+'.join(extras)})" if extras else ""))
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        parts.append(f"httpx {httpx.__version__}")
+    return ", ".join(parts)
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def pg_server_version(admin_url: str) -> str | None:
+    from sqlalchemy import create_engine, text
+
+    from common.db import normalize_url
+
+    engine = create_engine(normalize_url(admin_url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SHOW server_version")).scalar_one().split()[0]
+    finally:
+        engine.dispose()
+
+
+def ratio_text(measured: float, target: float, higher_is_better: bool = True) -> str:
+    if math.isnan(measured):
+        return "-"
+    ratio = measured / target
+    ok = ratio >= 1.0 if higher_is_better else ratio < 1.0
+    return f"{ratio:5.2f}x {'PASS' if ok else 'FAIL'}"
+
+
+def cycle_target(row: CycleRow) -> float | None:
+    return {"postgres": TARGET_PG_CYCLES, "api": TARGET_API_CYCLES}.get(row.backend)
+
+
+def print_cycle_table(rows: list[CycleRow]) -> None:
+    header = (f"{'backend':<26} {'workers':>7} {'cycles/s':>9} {'cycle p50':>9} {'p99':>7} {'claim p50':>9} "
+              f"{'finish p50':>10} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        target = cycle_target(row)
+        print(f"{row.label:<26} {row.workers:>7} {row.rate:>9.0f} {ms(pct(row.cycle, 50)):>9} "
+              f"{ms(pct(row.cycle, 99)):>7} {ms(pct(row.claim, 50)):>9} {ms(pct(row.finish, 50)):>10} "
+              f"{row.errors:>6}   {f'>= {target:.0f}' if target else '-':>8}  "
+              f"{ratio_text(row.rate, target) if target else '-':<15}")
+    for row in rows:
+        if row.error:
+            print(f"  {row.label} x{row.workers}: {row.errors} errors, first: {row.error}")
+        if row.dry:
+            print(f"  {row.label} x{row.workers}: workers found the queue empty {row.dry} times (a lower bound)")
+
+
+def print_heartbeat_table(rows: list[HeartbeatRow]) -> None:
+    header = (f"{'server':<26} {'offered/s':>9} {'done/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+              f"{'max ms':>7} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        p99 = pct(row.latency, 99)
+        print(f"{row.label:<26} {row.sent / row.seconds:>9.0f} {row.ok / row.seconds:>7.0f} "
+              f"{ms(pct(row.latency, 50)):>7} {ms(pct(row.latency, 90)):>7} {ms(p99):>7} "
+              f"{ms(max(row.latency) if row.latency else float('nan')):>7} {row.errors:>6}   "
+              f"{f'p99 < {TARGET_HB_P99_MS:.0f}':>8}  {ratio_text(p99 * 1000, TARGET_HB_P99_MS, False):<15}")
+    for row in rows:
+        if row.error:
+            print(f"  {row.label}: {row.errors} errors, first: {row.error}")
+        if row.late:
+            print(f"  {row.label}: {row.late} heartbeats left the client more than one interval late "
+                  "(client starved of CPU); their latency counts from the scheduled time")
+
+
+def _cpu_ms(cpu: dict, part: str, ops: int) -> str:
+    value = cpu.get(part)
+    return "-" if value is None or ops <= 0 else f"{value / ops * 1000:.2f}"
+
+
+def print_cpu_table(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
+    cores = os.cpu_count() or 1
+    header = (f"{'measurement':<26} {'workers':>7} {'per':<9} {'workers':>7} {'server':>7} {'postgres':>8} "
+              f"{'total':>7} {'ops/s/core':>10}   {'busy cores':>10} {'not ours':>8} {'load1':>5}   {'new pg conns/s':>14}")
+    print(f"{'':<44}{'CPU ms per operation':-^40}   {'machine (' + str(cores) + ' cores)':-^26}")
+    print(header)
+    print("-" * len(header))
+    entries = [(r.label, str(r.workers), "cycle", r.cpu, r.rate * r.cpu.get("seconds", 0.0), r.load) for r in cycle_rows]
+    entries += [(r.label, f"{r.clients}hb", "heartbeat", r.cpu, r.ok * r.cpu.get("seconds", 0.0) / r.seconds, r.load)
+                for r in hb_rows]
+    for label, workers, per, cpu, ops, load in entries:
+        ops = round(ops)
+        parts = [cpu.get(k) for k in ("client", "server", "pg")]
+        known = sum(v for v in parts if v is not None)
+        total_ms = known / ops * 1000 if ops else float("nan")
+        seconds = cpu.get("seconds") or float("nan")
+        machine = cpu.get("machine")
+        busy = f"{machine / seconds:.2f}" if machine is not None else "-"
+        other = f"{max(0.0, machine - known) / seconds:.2f}" if machine is not None else "-"
+        per_core = f"{1000 / total_ms:.0f}" if total_ms > 0 else "-"
+        conns = f"{cpu['connections'] / seconds:.1f}" if cpu.get("connections") is not None else "-"
+        print(f"{label:<26} {workers:>7} {per:<9} {_cpu_ms(cpu, 'client', ops):>7} {_cpu_ms(cpu, 'server', ops):>7} "
+              f"{_cpu_ms(cpu, 'pg', ops):>8} {total_ms:>7.2f} {per_core:>10}   {busy:>10} {other:>8} {load:>5}   "
+              f"{conns:>14}")
+    for line in (
+        "workers = the benchmark's worker/client processes; server = the uvicorn process tree; postgres = the",
+        "backends serving the benchmark database (not WAL writer/checkpointer; backends that exit inside the window",
+        "are missed, so with pool churn it reads low). ops/s/core = 1000 / total: what one free core could sustain.",
+        "busy cores = the whole machine in the window; not ours = busy minus the three columns (other people's work,",
+        "Postgres background processes, this script). new pg conns/s = connections opened to the benchmark database",
+        "in the window (pool churn; PostgreSQL 14+).",
+    ):
+        print("  " + line)
+
+
+def print_summary(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
+    print("targets from the issue, measured in this run (best row of each kind):")
+    lines = []
+    pg = [r for r in cycle_rows if r.backend == "postgres"]
+    if pg:
+        best = max(pg, key=lambda r: r.rate)
+        lines.append(("Postgres direct, cycles/s", f"{best.rate:.0f} ({best.workers} workers)",
+                      f">= {TARGET_PG_CYCLES:.0f}", ratio_text(best.rate, TARGET_PG_CYCLES)))
+    api = [r for r in cycle_rows if r.backend == "api"]
+    if api:
+        best = max(api, key=lambda r: r.rate)
+        measured = f"{best.rate:.0f} ({best.workers} workers, uvicorn --workers {best.uvicorn_workers})"
+        lines.append(("API, cycles/s", measured, f">= {TARGET_API_CYCLES:.0f}",
+                      ratio_text(best.rate, TARGET_API_CYCLES)))
+    if hb_rows:
+        best = min(hb_rows, key=lambda r: pct(r.latency, 99))
+        p99 = pct(best.latency, 99) * 1000
+        measured = f"{p99:.1f} ms (uvicorn --workers {best.uvicorn_workers})"
+        lines.append((f"heartbeat p99 at {best.target_rate:.0f}/s", measured, f"< {TARGET_HB_P99_MS:.0f} ms",
+                      ratio_text(p99, TARGET_HB_P99_MS, False) + " (lower is better)"))
+    if not lines:
+        print("  (no Postgres, API or heartbeat row measured)")
+    for name, measured, target, ratio in lines:
+        print(f"  {name:<28} {measured:<42} target {target:<10} measured/target {ratio}")
+
+
+# ---- main -------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=None, help="length of each measured window (default 5)")
+    parser.add_argument("--workers", default=None, help="comma-separated worker process counts (default 1,4,16)")
+    parser.add_argument("--backends", default="sqlite,postgres,api",
+                        help="comma-separated subset of sqlite,postgres,api (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: 2 s windows, workers 1,4")
+    parser.add_argument("--uvicorn-workers", default="1",
+                        help="comma-separated uvicorn --workers values to run the API rows with (default 1: "
+                             "measured best on a 2-core machine; try 1,2)")
+    parser.add_argument("--api-db", choices=("postgres", "sqlite"), default="postgres",
+                        help="the database behind the API server (default postgres)")
+    parser.add_argument("--hb-rate", type=float, default=TARGET_HB_RATE, help="heartbeats per second offered (100)")
+    parser.add_argument("--hb-clients", type=int, default=10, help="heartbeat client processes (10)")
+    parser.add_argument("--no-analyze", action="store_true",
+                        help="direct backends: do not ANALYZE after submitting jobs (POST /grids does); shows the "
+                             "stale-statistics claim plan on Postgres")
+    parser.add_argument("--no-heartbeat", action="store_true", help="skip the heartbeat latency measurement")
+    parser.add_argument("--pg-admin-url", default=os.environ.get("GRIDFLEET_BENCH_POSTGRES_URL", PG_ADMIN_URL_DEFAULT),
+                        help="a Postgres URL allowed to CREATE/DROP DATABASE (env GRIDFLEET_BENCH_POSTGRES_URL)")
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
+    args.workers = [int(x) for x in (args.workers or ("1,4" if args.quick else "1,4,16")).split(",") if x.strip()]
+    args.backends = [x.strip() for x in args.backends.split(",") if x.strip()]
+    unknown = set(args.backends) - {"sqlite", "postgres", "api"}
+    if unknown:
+        parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}; choose from sqlite,postgres,api")
+    args.uvicorn_workers = [int(x) for x in args.uvicorn_workers.split(",") if x.strip()]
+    if min(args.workers) < 1 or min(args.uvicorn_workers) < 1 or args.hb_clients < 1:
+        parser.error("worker and client counts must be at least 1")
+    return args
+
+
+def report(args: argparse.Namespace, cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
+    if cycle_rows:
+        print("claim+finish cycles per second (higher is better; latencies in ms per cycle, per worker)")
+        print_cycle_table(cycle_rows)
+    if hb_rows:
+        print()
+        print(f"heartbeat latency through the API, open loop: {args.hb_clients} client processes x "
+              f"{args.hb_rate / args.hb_clients:g}/s, each for its own running job and attempt id; "
+              "latency from the scheduled send time")
+        print_heartbeat_table(hb_rows)
+    print()
+    print("where the CPU went (Linux /proc; the same windows as above)")
+    print_cpu_table(cycle_rows, hb_rows)
+    print()
+    print_summary(cycle_rows, hb_rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_sigterm(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (e.g. `cmd &`)
+    ctx = mp.get_context("forkserver")
+    # Preloaded once in the fork server, so each worker process starts in milliseconds, not seconds.
+    ctx.set_forkserver_preload(["sqlalchemy", "psycopg", "httpx", "common.db", "scheduler.queue", "worker.client"])
+
+    needs_pg = "postgres" in args.backends or ("api" in args.backends and args.api_db == "postgres")
+    cleanup = Cleanup(admin_url=args.pg_admin_url)
+    workdir = tempfile.mkdtemp(prefix="gf_bench_run_")
+    cleanup.tempdirs.append(workdir)
+    cycle_rows: list[CycleRow] = []
+    hb_rows: list[HeartbeatRow] = []
+    started = time.time()
+    try:
+        pg_version = pg_server_version(args.pg_admin_url) if needs_pg else None
+        cpus = os.cpu_count()
+        print(f"gridfleet queue throughput  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+              f"host {platform.node()}")
+        print(f"os.cpu_count() = {cpus}: every worker process, the API server, Postgres and the heartbeat clients "
+              f"share these {cpus} cores" + (" (and so does anything else running here)" if cpus and cpus <= 4 else ""))
+        print(versions(pg_version))
+        print(f"{args.seconds:g} s per measured window after warm-up; workers {', '.join(map(str, args.workers))}; "
+              f"noop jobs; one cycle = claim + finish(succeeded); load average now {load1()}")
+        if "api" in args.backends:
+            print(f"API: uvicorn --workers {'/'.join(map(str, args.uvicorn_workers))} --no-access-log --log-level "
+                  f"warning, on {args.api_db}; jobs submitted through POST /grids")
+        if {"sqlite", "postgres"} & set(args.backends):
+            print("direct: jobs submitted with scheduler.grids.submit_grid" +
+                  (" (no ANALYZE: --no-analyze)" if args.no_analyze else ", then ANALYZE jobs as POST /grids does"))
+        print()
+
+        rate_guess = {"sqlite": 1500.0, "postgres": 2000.0, "api": 800.0}
+        for backend in args.backends:
+            if backend in ("sqlite", "postgres"):
+                url = create_sqlite_database(cleanup) if backend == "sqlite" else create_pg_database(cleanup, "direct")
+                label = "sqlite direct (WAL)" if backend == "sqlite" else "postgres direct"
+                feeder = JobFeeder(url, analyze=not args.no_analyze)
+                probe = CpuProbe(pg_url=url if backend == "postgres" else None)
+                try:
+                    for workers in args.workers:
+                        print(f"... {label}, {workers} workers", file=sys.stderr, flush=True)
+                        row = measure_cycles(ctx, cleanup, backend, label, url, "", workers, args.seconds, feeder,
+                                             rate_guess[backend], probe)
+                        rate_guess[backend] = max(rate_guess[backend], row.rate)
+                        cycle_rows.append(row)
+                finally:
+                    feeder.close()
+                    probe.close()
+                if backend == "postgres":
+                    cleanup.drop_database(_database_name(url))
+                continue
+            # api: one database, one server per uvicorn --workers value
+            url = create_pg_database(cleanup, "api") if args.api_db == "postgres" else create_sqlite_database(cleanup)
+            feeder = JobFeeder(url)
+            try:
+                for uvicorn_workers in args.uvicorn_workers:
+                    print(f"... starting uvicorn --workers {uvicorn_workers}", file=sys.stderr, flush=True)
+                    server = start_server(cleanup, url, uvicorn_workers, workdir)
+                    feeder.via_api(server.url, server.admin_token)
+                    probe = CpuProbe(server_pid=server.process.pid, pg_url=url if args.api_db == "postgres" else None)
+                    label = f"api ({args.api_db}, uvicorn x{uvicorn_workers})"
+                    try:
+                        for workers in args.workers:
+                            print(f"... {label}, {workers} workers", file=sys.stderr, flush=True)
+                            row = measure_cycles(ctx, cleanup, "api", label, server.url, server.token, workers,
+                                                 args.seconds, feeder, rate_guess["api"], probe, uvicorn_workers)
+                            rate_guess["api"] = max(rate_guess["api"], row.rate)
+                            cycle_rows.append(row)
+                        if not args.no_heartbeat:
+                            print(f"... heartbeats through {label}", file=sys.stderr, flush=True)
+                            feeder.ensure(args.hb_clients + 10)
+                            hb_rows.append(measure_heartbeats(ctx, cleanup, server, args.hb_clients, args.hb_rate,
+                                                              max(args.seconds, 5.0), label, probe))
+                    finally:
+                        probe.close()
+                        feeder.via_api(None, None)
+                        cleanup.stop_server(server.process)
+                        log = Path(server.log_path).read_text(errors="replace").strip()
+                        if log:
+                            print(f"uvicorn --workers {uvicorn_workers} logged:\n{log[-2000:]}", file=sys.stderr)
+            finally:
+                feeder.close()
+            if args.api_db == "postgres":
+                cleanup.drop_database(_database_name(url))
+
+        report(args, cycle_rows, hb_rows)
+        print()
+        print(f"done in {time.time() - started:.0f} s; load average now {load1()} "
+              f"(numbers are noisy when other work shares the {os.cpu_count()} cores)")
+        return 0
+    except BaseException as exc:
+        if cycle_rows or hb_rows:
+            print("\npartial results (the run stopped early):")
+            report(args, cycle_rows, hb_rows)
+        if isinstance(exc, KeyboardInterrupt):
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            return 130
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleanup.run()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
