@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LEASE_SECONDS = 3.0
+LEASE_SECONDS = 6.0  # long enough that a worker starved of CPU on a loaded 2-core box keeps its lease
 HEARTBEAT_SECONDS = 0.5
 BACKOFF_BASE_SECONDS = 0.2
 DEADLINE = 90.0  # seconds any one wait may take before the test fails (normally a few)
