@@ -24,6 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from pydantic import SecretStr
 
 from common.checkpoints import LocalStore, _deserialize
+from common.store_uri import parse_hf_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,17 +33,6 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 class HubStoreError(RuntimeError):
     """A Hub call failed; the message names the operation and status, never a token."""
-
-
-def parse_hf_uri(uri: str) -> tuple[str, str]:
-    """'hf://owner/repo[@branch]' -> (repo_id, branch)."""
-    if not uri.startswith("hf://"):
-        raise ValueError(f"not an hf:// store URI: '{uri}'")
-    rest, _, branch = uri[len("hf://"):].partition("@")
-    parts = rest.strip("/").split("/")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"an hf:// store URI is hf://owner/repo[@branch], got '{uri}'")
-    return "/".join(parts), branch or "main"
 
 
 class HubStore:

@@ -49,6 +49,7 @@ jobs = Table(
     Column("gpus", Float, nullable=False, default=0.0),  # fraction of one GPU the job needs
     Column("resources", JSON, nullable=False),
     Column("code_rev", String(100)),
+    Column("store", String(300)),  # checkpoint store for new checkpoints ("local", "hf://..."); NULL: the worker's
     Column("state", String(20), nullable=False, default="queued"),
     Column("not_before", Float, nullable=False, default=0.0),  # backoff: not claimable before this
     Column("attempt_id", String(32)),  # the fencing token of the current attempt

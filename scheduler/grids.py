@@ -74,7 +74,7 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             {
                 "grid_id": grid_id, "key": job.key, "trainer": spec.trainer, "config": job.config,
                 "seed": job.seed, "priority": spec.priority, "gpus": spec.resources.gpus,
-                "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "state": "queued",
+                "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
                 "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
                 "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
             }

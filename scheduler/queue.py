@@ -52,6 +52,7 @@ class ClaimedJob:
     seed: int
     resources: dict[str, Any]
     code_rev: str | None
+    store: str | None  # where new checkpoints go; None: the worker's default
     checkpoint: dict[str, Any] | None
     attempt: int  # 1 for the first attempt
     lease_expires_at: float
@@ -111,7 +112,7 @@ class Queue:
                 ORDER BY priority DESC, id
                 LIMIT 1{lock}
             )
-            RETURNING id, grid_id, trainer, config, seed, resources, code_rev, checkpoint, attempts
+            RETURNING id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
             """
         ).bindparams(bindparam("trainers", expanding=True))
         self._expired_sql = text(
@@ -202,7 +203,7 @@ class Queue:
         return ClaimedJob(
             id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, trainer=row["trainer"],
             config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
-            code_rev=row["code_rev"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
+            code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
             lease_expires_at=lease,
         )
 
@@ -278,14 +279,29 @@ class Queue:
         return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
 
     def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any]) -> Reply:
-        """Record the last durable checkpoint (call only once the file it points to is durable)."""
+        """Record the last durable checkpoint (call only once the file it points to is durable).
+
+        Accepted from the attempt that runs the job, and from the attempt that made it succeed: a Hub upload
+        of the final checkpoint may land after the job finished, and no other attempt can follow that one.
+        """
+        values = dict(checkpoint=pointer, step=pointer.get("step"))
+        succeeded_by_this_attempt = select(t.attempts.c.id).where(
+            t.attempts.c.id == attempt_id, t.attempts.c.job_id == job_id, t.attempts.c.outcome == "succeeded"
+        ).exists()
         with write_tx(self.engine) as conn:
             row = conn.execute(
                 update(t.jobs)
                 .where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running")
-                .values(checkpoint=pointer, step=pointer.get("step"))
+                .values(**values)
                 .returning(t.jobs.c.id)
             ).first()
+            if row is None:
+                row = conn.execute(
+                    update(t.jobs)
+                    .where(t.jobs.c.id == job_id, t.jobs.c.state == "succeeded", succeeded_by_this_attempt)
+                    .values(checkpoint=pointer)  # `step` stays the last reported one
+                    .returning(t.jobs.c.id)
+                ).first()
         return Reply(ok=True) if row else _stale(job_id, attempt_id)
 
     def add_events(self, job_id: int, attempt_id: str, events: list[tuple[str, str]], now: float | None = None) -> Reply:

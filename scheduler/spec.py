@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from common.store_uri import check_store
+
 MAX_JOBS_PER_GRID = 100_000
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -48,6 +50,8 @@ class GridSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     code_rev: str | None = Field(default=None, min_length=4, max_length=100, pattern=r"^[A-Za-z0-9._/-]+$")
     objective: str | None = Field(default=None, pattern=r"^(min|max):[A-Za-z0-9_./-]+$")
+    # Where checkpoints and results go: "local" or "hf://owner/repo[@branch]"; unset: each worker's setting.
+    store: str | None = Field(default=None, max_length=300)
 
     @field_validator("zip", mode="before")
     @classmethod
@@ -62,6 +66,11 @@ class GridSpec(BaseModel):
             if not values:
                 raise ValueError(f"axis '{key}' is an empty list; give it at least one value")
         return axes
+
+    @field_validator("store")
+    @classmethod
+    def _store_known(cls, store):
+        return None if store is None else check_store(store)
 
     @field_validator("seeds")
     @classmethod

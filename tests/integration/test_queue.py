@@ -234,6 +234,28 @@ def test_set_checkpoint_is_handed_to_the_next_attempt(engine, queue, t0):
     assert b.checkpoint == pointer
 
 
+def test_grid_store_rides_on_the_claimed_job(engine, queue, t0):
+    submit(engine, "hub", store="hf://alice/ckpts@runs")
+    submit(engine, "plain")
+    stores = {queue.claim("a", now=t0).store, queue.claim("b", now=t0).store}
+    assert stores == {"hf://alice/ckpts@runs", None}
+
+
+def test_final_checkpoint_may_land_after_success_but_only_from_the_succeeding_attempt(engine, queue, t0):
+    submit(engine, "g")
+    a = queue.claim("a", now=t0)
+    assert queue.finish(a.id, a.attempt_id, "preempted", now=t0 + 1).ok
+    b = queue.claim("b", now=t0 + 2)
+    assert queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 1.0}, now=t0 + 3).ok
+    late = {"uri": "hf://alice/ckpts/grid-1/job-1/ckpt-000000000009.pt", "revision": "abc", "step": 9, "time": t0}
+    # The preempted attempt's upload arrives late: refused, the job keeps what it had.
+    assert not queue.set_checkpoint(a.id, a.attempt_id, late).ok
+    assert job(engine, a.id)["checkpoint"] is None
+    assert queue.set_checkpoint(b.id, b.attempt_id, late).ok
+    row = job(engine, b.id)
+    assert row["checkpoint"] == late and row["state"] == "succeeded" and row["result"] == {"loss": 1.0}
+
+
 def test_lease_expiry_reclaims_with_a_new_attempt_and_fences_the_old_one(engine, queue, t0):
     submit(engine, "g", config={"value": 1.0})
     a = queue.claim("worker-a", now=t0)

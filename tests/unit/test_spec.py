@@ -284,3 +284,15 @@ def test_backoff_zero_count_is_zero():
     policy = RetryPolicy()
     assert policy.backoff("error", 0) == 0.0
     assert policy.backoff("lost", 0) == 0.0
+
+
+@pytest.mark.parametrize("store", ["local", "hf://alice/ckpts", "hf://alice/ckpts@runs", "hf://a-b/c.d_e@x/y"])
+def test_store_accepts_local_and_hub_repos(store):
+    assert GridSpec.model_validate({"name": "g", "trainer": "noop", "store": store}).store == store
+
+
+@pytest.mark.parametrize("store", ["s3://bucket", "hf://alice", "hf://alice/ckpts/extra", "hf://al--ice/x", "", "hf://"])
+def test_store_rejects_unknown_schemes_and_bad_repo_ids_naming_store(store):
+    with pytest.raises(ValidationError) as info:
+        GridSpec.model_validate({"name": "g", "trainer": "noop", "store": store})
+    assert error_locs(info.value) == [("store",)]
