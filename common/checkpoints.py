@@ -9,10 +9,41 @@ import io
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How a worker reaches checkpoint stores (from Settings.store_options()). Tokens stay SecretStr, whose
+    repr is masked, until the call into huggingface_hub."""
+
+    default_store: str = "local"  # for jobs whose grid chose no store
+    hub_endpoint: str | None = None
+    hub_read_token: SecretStr | None = None
+    hub_write_token: SecretStr | None = None
+    upload_interval: float = 300.0
+
+    def store_for(self, job: dict[str, Any]) -> str:
+        return job.get("store") or self.default_store
+
+
+def load_checkpoint(pointer: dict[str, Any], local_root: str | Path, options: StoreOptions) -> Any:
+    """The checkpoint a job row points to, from whichever store wrote it (local copy first)."""
+    uri = pointer["uri"]
+    if uri.startswith("hf://"):
+        from common.hub_store import HubStore  # huggingface_hub only where a Hub checkpoint is read
+
+        owner, repo = uri[len("hf://"):].split("/")[:2]
+        store = HubStore(f"hf://{owner}/{repo}", local_root, read_token=options.hub_read_token,
+                         endpoint=options.hub_endpoint)
+        return store.load(pointer)
+    return LocalStore(local_root).load(pointer)
 
 
 def _serialize(state: Any) -> bytes:

@@ -215,6 +215,33 @@ def status(
 
 # ---- run (embedded) and worker -----------------------------------------------------------------
 @app.command()
+def pull(
+    grid: str = typer.Argument(..., help="grid name or id"),
+    dest: Optional[Path] = typer.Option(None, help="where to put the files (default: ./<grid name>)"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="any API token (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Download a grid's results (CSV, JSON) and, per succeeded job, its final model and job files."""
+    from common.pull import pull_grid
+
+    settings = _settings()
+    client, url = _client(server, token)
+    with client:
+        summary = _request(client, url, "GET", f"/grids/{grid}").json()
+        rows = _request(client, url, "GET", f"/grids/{grid}/results").json()["results"]
+    target = dest or Path(summary["name"])
+    pulled = pull_grid(summary, rows, target, settings.store_options(), settings.home / "checkpoints")
+    for job in pulled:
+        typer.echo(f"job {job.job_id}: {', '.join(job.files) or 'no files'}")
+        for problem in job.missing:
+            typer.echo(f"  missing {problem}", err=True)
+    complete = sum(1 for job in pulled if not job.missing)
+    typer.echo(f"{target}: results.csv, results.json; {complete}/{len(pulled)} succeeded job(s) complete")
+    if complete < len(pulled):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
 def run(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
     workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="local worker processes"),
@@ -267,6 +294,7 @@ def worker(
     options = AgentOptions(
         trainers=[t.strip() for t in trainers.split(",") if t.strip()] if trainers else None,
         gpus=gpus, max_jobs=max_jobs, max_run_time=max_run_time, grace_seconds=grace, home=settings.home,
+        stores=settings.store_options(),
     )
     if name:
         options.name = name

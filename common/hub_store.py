@@ -15,6 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -97,17 +98,22 @@ class HubStore:
     def load(self, pointer: dict[str, Any]) -> Any:
         """The checkpoint a pointer names: the local copy when there is one, else that exact Hub revision."""
         repo_id, path = self._split_pointer(pointer["uri"])
+        if repo_id != self.repo_id:
+            raise ValueError(f"checkpoint {pointer['uri']} is not in this store's repo {self.repo_id}")
         local_path = self.local.root / path
         if local_path.exists():
             return _deserialize(local_path.read_bytes())
+        return _deserialize(self.download(path, pointer["revision"]).read_bytes())
+
+    def download(self, path: str, revision: str | None = None) -> Path:
+        """One file of the repo at `revision` (default: the branch head), into the cache; its local path."""
         api = self._api(self._read_token)
-        revision = pointer["revision"]
+        revision = revision or self.branch
 
         def download() -> str:
-            return api.hf_hub_download(repo_id, path, revision=revision, cache_dir=str(self.cache_dir))
+            return api.hf_hub_download(self.repo_id, path, revision=revision, cache_dir=str(self.cache_dir))
 
-        downloaded = self._retry(f"download of {path}@{revision[:12]}", download)
-        return _deserialize(Path(downloaded).read_bytes())
+        return Path(self._retry(f"download of {path}@{revision[:12]}", download))
 
     def ensure_repo(self) -> None:
         if self._repo_ready:
@@ -158,22 +164,30 @@ class HubStore:
         raise AssertionError("unreachable")
 
 
-class Uploader:
-    """Batches checkpoints already saved locally into one Hub commit every `interval` seconds.
+@dataclass
+class PendingFile:
+    local: Path
+    step: int | None  # a checkpoint's step; None for other files (config.json, result.json, README.md)
+    saved_at: float
+    on_uploaded: Callable[[dict[str, Any]], None] | None = None  # gets the Hub pointer once committed
 
-    The Hub allows about 128 commits per repo per hour, so a worker saving often should `save` through
-    here instead of calling `HubStore.save` (one commit per checkpoint). `on_uploaded(pointer)` gets each
-    Hub pointer once its commit exists (that is when a job row may record it). A failed batch stays pending (the local copies
-    are kept) and is tried again at the next interval. A pending file the LocalStore has pruned meanwhile
-    was superseded by a newer step of the same job and is dropped.
+
+class Uploader:
+    """Uploads files already written locally, all pending ones as one Hub commit every `interval` seconds.
+
+    The Hub allows about 128 commits per repo per hour for the whole fleet, so a worker never commits per
+    checkpoint. A newer checkpoint of a job supersedes its older pending one (only the newest is worth a
+    commit). Each file's `on_uploaded(pointer)` runs once its commit exists: that is when a job row may
+    record it. A failed batch stays pending (the local copies are kept) and is tried again at the next
+    flush. A pending file that is gone locally (pruned: superseded by a newer step) is dropped.
     """
 
-    def __init__(self, store: HubStore, interval: float = 60.0,
+    def __init__(self, store: HubStore, interval: float = 300.0,
                  on_uploaded: Callable[[dict[str, Any]], None] | None = None):
         self.store = store
         self.interval = interval
-        self.on_uploaded = on_uploaded
-        self._pending: dict[str, tuple[Path, int, float]] = {}  # path in repo -> (local file, step, saved at)
+        self.on_uploaded = on_uploaded  # for every checkpoint, after the file's own callback
+        self._pending: dict[str, PendingFile] = {}  # path in repo -> file
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -182,33 +196,55 @@ class Uploader:
     def save(self, grid_id: int, job_id: int, step: int, state: Any) -> dict[str, Any]:
         """Save locally now, upload with the next batch; return the local pointer."""
         local_pointer = self.store.local.save(grid_id, job_id, step, state)
-        path = self.store.path_in_repo(grid_id, job_id, step)
-        with self._lock:
-            self._pending[path] = (Path(local_pointer["uri"][len("local:"):]), step, local_pointer["time"])
+        self.add_checkpoint(grid_id, job_id, local_pointer)
         return local_pointer
+
+    def add_checkpoint(self, grid_id: int, job_id: int, local_pointer: dict[str, Any],
+                       on_uploaded: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Queue a checkpoint the LocalStore wrote (its pointer); it replaces the job's older pending one."""
+        step = int(local_pointer["step"])
+        path = self.store.path_in_repo(grid_id, job_id, step)
+        job_prefix = path.rsplit("/", 1)[0] + "/"
+        item = PendingFile(Path(local_pointer["uri"][len("local:"):]), step, local_pointer["time"], on_uploaded)
+        with self._lock:
+            for old in [p for p, f in self._pending.items() if p.startswith(job_prefix) and f.step is not None]:
+                del self._pending[old]
+            self._pending[path] = item
+
+    def add_file(self, path_in_repo: str, local: Path) -> None:
+        with self._lock:
+            self._pending[path_in_repo] = PendingFile(Path(local), None, time.time())
 
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
 
     def flush(self) -> list[dict[str, Any]]:
-        """Upload everything pending as one commit now; return the new Hub pointers."""
+        """Upload everything pending as one commit now; return the new pointers of the checkpoints."""
         with self._flush_lock:
             with self._lock:
-                batch = {p: item for p, item in self._pending.items() if item[0].exists()}
+                batch = {p: item for p, item in self._pending.items() if item.local.exists()}
                 self._pending = dict(batch)
             if not batch:
                 return []
-            sha = self.store.upload({p: item[0] for p, item in batch.items()},
-                                    f"{len(batch)} checkpoint(s) from a gridfleet worker")
+            sha = self.store.upload({p: item.local for p, item in batch.items()},
+                                    f"{len(batch)} file(s) from a gridfleet worker")
             with self._lock:
                 for path, item in batch.items():
-                    if self._pending.get(path) == item:
+                    if self._pending.get(path) is item:
                         del self._pending[path]
-            pointers = [self.store.pointer(p, sha, step, saved_at) for p, (_, step, saved_at) in batch.items()]
-            for pointer in pointers:
-                if self.on_uploaded is not None:
-                    self.on_uploaded(pointer)
+            pointers = []
+            for path, item in batch.items():
+                if item.step is None:
+                    continue
+                pointer = self.store.pointer(path, sha, item.step, item.saved_at)
+                pointers.append(pointer)
+                for callback in (item.on_uploaded, self.on_uploaded):
+                    if callback is not None:
+                        try:
+                            callback(pointer)
+                        except Exception as exc:  # noqa: BLE001 - one failed record must not stop the others
+                            log.warning("recording uploaded checkpoint %s failed: %s", path, exc)
             return pointers
 
     def start(self) -> "Uploader":
@@ -228,7 +264,7 @@ class Uploader:
             try:
                 self.flush()
             except HubStoreError as exc:  # our message carries no token
-                log.warning("checkpoint upload failed, will retry at the next interval: %s", exc)
+                log.warning("upload to the Hub failed, will retry at the next interval: %s", exc)
 
 
 def _retry_after(response: httpx2.Response) -> float | None:

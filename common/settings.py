@@ -7,8 +7,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.checkpoints import StoreOptions
+from common.store_uri import check_store
 
 DEFAULT_HOME = Path(".gridfleet")
 
@@ -40,12 +43,40 @@ class Settings(BaseSettings):
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
 
+    # Checkpoint stores. A grid's `store:` wins; this is the deployment's default ("local" or hf://owner/repo).
+    checkpoint_store: str = "local"
+    # Hugging Face Hub: read and write tokens apart (seed 002's .env keys accepted); one HF_TOKEN serves both.
+    hf_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("HF_TOKEN", "GRIDFLEET_HF_TOKEN"))
+    hf_read_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GRIDFLEET_HF_READ_TOKEN", "HF_READ_TOKEN", "huggingface_read"))
+    hf_write_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("GRIDFLEET_HF_WRITE_TOKEN", "HF_WRITE_TOKEN", "huggingface_write"))
+    hub_endpoint: str | None = Field(default=None, validation_alias=AliasChoices("GRIDFLEET_HUB_ENDPOINT", "HF_ENDPOINT"))
+    # The Hub takes about 128 commits per hour per repo, shared by every worker writing to it: each worker
+    # commits at most once per interval (plus once when a job is preempted), so keep
+    # workers x 3600 / interval under ~100. The default suits 8 workers per repo.
+    hub_upload_interval: float = Field(default=300.0, ge=1.0)
+
 
     @model_validator(mode="after")
     def _default_database_in_home(self):
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home}/gridfleet.db"
         return self
+
+    @field_validator("checkpoint_store")
+    @classmethod
+    def _store_known(cls, value: str) -> str:
+        return check_store(value)
+
+    def store_options(self) -> StoreOptions:
+        return StoreOptions(
+            default_store=self.checkpoint_store,
+            hub_endpoint=self.hub_endpoint,
+            hub_read_token=self.hf_read_token or self.hf_token or self.hf_write_token,
+            hub_write_token=self.hf_write_token or self.hf_token,
+            upload_interval=self.hub_upload_interval,
+        )
 
 
 @lru_cache

@@ -75,18 +75,19 @@ def list_grids(engine: Engine) -> list[dict[str, Any]]:
 
 
 def grid_results(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
-    """One row per job: id, state, seed, config, result; sorted best first when the grid has an objective."""
+    """One row per job: id, state, seed, config, result, checkpoint pointer; best first when the grid has
+    an objective."""
     with read_tx(engine) as conn:
         grid_id = grid_id_by_name(conn, grid)
         objective = conn.execute(select(t.grids.c.objective).where(t.grids.c.id == grid_id)).scalar()
         rows = conn.execute(
             select(t.jobs.c.id, t.jobs.c.state, t.jobs.c.seed, t.jobs.c.config, t.jobs.c.result,
-                   t.jobs.c.attempts, t.jobs.c.step)
+                   t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.checkpoint)
             .where(t.jobs.c.grid_id == grid_id).order_by(t.jobs.c.id)
         ).all()
     results = [
         {"job_id": r.id, "state": r.state, "seed": r.seed, "attempts": r.attempts, "step": r.step,
-         "config": _loads(r.config), "result": _loads(r.result)}
+         "config": _loads(r.config), "result": _loads(r.result), "checkpoint": _loads(r.checkpoint)}
         for r in rows
     ]
     if objective:

@@ -4,9 +4,11 @@ It covers what HubStore needs: create repo, repo info, refs, tree, preupload (al
 or Xet), commit (NDJSON with base64 files) and resolve (HEAD/GET). Repos live in memory with real history:
 every commit has a sha and a full file snapshot, so any old revision can still be downloaded.
 
-Test controls: `fail_next(n, status, retry_after)` answers the next n requests with an error, `drop_next(n)`
+Test controls: `fail_next(n, status, retry_after)` answers the next n requests with an error, `set_down(True)`
+answers every request with a 503 until `set_down(False)`, `drop_next(n)`
 closes the next n connections without an answer (a network outage), `requests` records (method, path,
-status) of everything served, and only requests with `Authorization: Bearer <token>` get through.
+status) of everything served, and only requests with `Authorization: Bearer <token>` get through (with a
+`read_token`, that one may only read: GET/HEAD; writes need `token`).
 """
 from __future__ import annotations
 
@@ -60,8 +62,10 @@ class _Drop(Exception):
 
 
 class HubServer:
-    def __init__(self, token: str):
+    def __init__(self, token: str, read_token: str | None = None):
         self.token = token
+        self.read_token = read_token
+        self.down = False
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, int]] = []
         self._faults: list[tuple[int, str | None]] = []  # (status or 0 for "drop", retry_after)
@@ -87,6 +91,10 @@ class HubServer:
     def fail_next(self, n: int, status: int = 503, retry_after: float | None = None) -> None:
         with self._lock:
             self._faults.extend([(status, None if retry_after is None else str(retry_after))] * n)
+
+    def set_down(self, down: bool) -> None:
+        """While down, every request gets a 503 (an outage of any length)."""
+        self.down = down
 
     def drop_next(self, n: int) -> None:
         with self._lock:
@@ -121,6 +129,8 @@ class HubServer:
         body = handler.rfile.read(length) if length else b""
         with self._lock:
             fault = self._faults.pop(0) if self._faults else None
+        if fault is None and self.down:
+            fault = (503, None)
         if fault is not None and fault[0] == 0:
             self.requests.append((method, handler.path, 0))
             handler.close_connection = True
@@ -131,9 +141,14 @@ class HubServer:
             headers = {"Retry-After": retry_after} if retry_after is not None else {}
             self._reply(handler, method, status, {"error": f"simulated {status}"}, headers)
             return
-        if handler.headers.get("Authorization") != f"Bearer {self.token}":
-            self._reply(handler, method, 401, {"error": "Invalid credentials in Authorization header"})
-            return
+        auth = handler.headers.get("Authorization")
+        if auth != f"Bearer {self.token}":
+            if self.read_token is None or auth != f"Bearer {self.read_token}":
+                self._reply(handler, method, 401, {"error": "Invalid credentials in Authorization header"})
+                return
+            if method == "POST":
+                self._reply(handler, method, 403, {"error": "This token has read access only"})
+                return
         try:
             status, payload, headers = self._route(method, handler.path, body)
         except Exception as exc:  # noqa: BLE001 - a server bug should show as a 500, not a hung test

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.checkpoints import StoreOptions
 from worker import runner
+from worker.checkpoint_sync import CheckpointSync
 
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
@@ -40,6 +42,7 @@ class AgentOptions:
     idle_sleep_max: float = 2.0
     home: Path = Path(".gridfleet")
     keep_checkpoints: int = 3
+    stores: StoreOptions = field(default_factory=StoreOptions)  # checkpoint stores and Hub access
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Agent:
         self.heartbeat_seconds = 5.0
         self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
         self._mp = multiprocessing.get_context("spawn")
+        self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints")
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -106,7 +110,7 @@ class Agent:
             "name": self.options.name, "host": socket.gethostname(), "gpus": gpus,
             "trainers": self.trainers, "resources": {}, "code_rev": self.code_rev,
         })
-        self.worker_id = reply["worker_id"]
+        self.worker_id = self.sync.worker_id = reply["worker_id"]
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
         capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
         log.info("worker %s registered (trainers: %s; gpus: %s)", self.worker_id, ", ".join(self.trainers), capacity)
@@ -129,6 +133,7 @@ class Agent:
             idle = 0.5
             self.run_job(job)
             self.jobs_done += 1
+        self.sync.close()
         self.client.close()
         return 0
 
@@ -143,8 +148,9 @@ class Agent:
         child = self._mp.Process(
             target=runner.run_job, daemon=True,
             args=(job, str(workdir), str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
-                  sender, stop_event, os.getpid()),
+                  sender, stop_event, os.getpid(), self.options.stores),
         )
+        self.sync.job_started(job)
         child.start()
         sender.close()
         heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run,), daemon=True)
@@ -191,7 +197,7 @@ class Agent:
             with run.lock:
                 run.events.append({"kind": message[1], "message": message[2]})
         elif kind == "checkpoint":
-            reply = self.client.set_checkpoint(self.worker_id, run.job["id"], run.job["attempt_id"], message[1])
+            reply = self.sync.checkpoint_saved(run.job, message[1])
             if not reply["ok"]:
                 run.stale = reply.get("reason") or "checkpoint refused"
         elif kind == "stopped":  # the child was signalled and stopped early: not a success
@@ -244,6 +250,7 @@ class Agent:
             self._send_heartbeat(run)  # flush what is left, fenced like any heartbeat
             if run.stale:
                 return
+        self.sync.job_finished(job, outcome, run.result, run.step)
         reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome=outcome,
                                    result=run.result if outcome == "succeeded" else None, error=error)
         log.info("job %s finished: %s -> %s", job["id"], outcome, reply.get("state"))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import LocalStore
+from common.checkpoints import LocalStore, StoreOptions, load_checkpoint
 
 
 def _plain(value: Any) -> Any:
@@ -23,7 +23,8 @@ def _plain(value: Any) -> Any:
 
 
 class TrainerContext:
-    def __init__(self, job: dict[str, Any], conn, stop_event, store: LocalStore, workdir: Path):
+    def __init__(self, job: dict[str, Any], conn, stop_event, store: LocalStore, workdir: Path,
+                 stores: StoreOptions | None = None):
         self.job_id: int = job["id"]
         self.grid_id: int = job["grid_id"]
         self.seed: int = job["seed"]
@@ -32,7 +33,8 @@ class TrainerContext:
         self._job = job
         self._conn = conn
         self._stop_event = stop_event
-        self._store = store
+        self._store = store  # new checkpoints are written here first, whatever the job's store
+        self._stores = stores or StoreOptions()  # to read a checkpoint another machine uploaded
         self._signalled = False  # set by the child's SIGTERM handler
         self._last_step = 0
         self._device: str | None = None
@@ -56,7 +58,8 @@ class TrainerContext:
         self._conn.send(("event", kind, message))
 
     def save_checkpoint(self, state: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-        """Write the checkpoint durably, then hand its pointer to the agent to record on the job."""
+        """Write the checkpoint durably, then hand its pointer to the agent, which records it on the job
+        (or, for a Hub store, uploads it in the background and records the Hub pointer)."""
         step = int(state.get("step", self._last_step) if step is None else step)
         pointer = self._store.save(self.grid_id, self.job_id, step, state)
         self._job["checkpoint"] = pointer
@@ -65,7 +68,7 @@ class TrainerContext:
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         pointer = self._job.get("checkpoint")
-        return None if not pointer else self._store.load(pointer)
+        return None if not pointer else load_checkpoint(pointer, self._store.root, self._stores)
 
     def should_stop(self) -> bool:
         """True when the job must checkpoint and return: preempted, cancelled or out of time."""

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.checkpoints import StoreOptions
 from common.db import make_engine, migrate
 from common.settings import Settings
 from scheduler.grids import submit_grid
@@ -41,12 +42,14 @@ class RunOutcome:
     out_dir: Path
 
 
-def _worker_main(url: str, settings_dump: dict, grid_id: int, index: int, log_path: str) -> None:
+def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: int, index: int,
+                 log_path: str) -> None:
     """One local agent process. Logs to a file so the live display stays readable."""
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
     settings = Settings(**settings_dump)
     queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
-    options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0)
+    options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0,
+                           stores=stores)
     agent = Agent(DirectClient(queue, settings.heartbeat_seconds), options)
     agent.claim_filters = {"grid_id": grid_id}
     agent.run()
@@ -72,9 +75,12 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     mp = multiprocessing.get_context("spawn")
-    dump = settings.model_dump(mode="json", exclude={"admin_token", "token"})
+    # Secrets are masked in a JSON dump; the Hub tokens travel (pickled, never printed) in StoreOptions.
+    dump = settings.model_dump(mode="json", exclude={"admin_token", "token", "hf_token", "hf_read_token",
+                                                     "hf_write_token"})
     procs = [
-        mp.Process(target=_worker_main, args=(settings.database_url, dump, submitted.grid_id, i,
+        mp.Process(target=_worker_main, args=(settings.database_url, dump, settings.store_options(),
+                                              submitted.grid_id, i,
                                               str(out_dir / f"worker-{i}.log")))
         for i in range(workers)
     ]

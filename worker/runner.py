@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import LocalStore
+from common.checkpoints import LocalStore, StoreOptions
 from worker.context import TrainerContext
 
 OUTPUT_LOG = "output.log"
@@ -50,14 +50,14 @@ def _json_safe(result: Any) -> dict[str, Any]:
 
 
 def run_job(job: dict[str, Any], workdir: str, store_root: str, keep: int, conn, stop_event,
-            agent_pid: int) -> None:
+            agent_pid: int, stores: StoreOptions | None = None) -> None:
     from worker import trainers
 
     _die_with_agent(agent_pid)
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     _redirect_output(path)
-    ctx = TrainerContext(job, conn, stop_event, LocalStore(store_root, keep=keep), path)
+    ctx = TrainerContext(job, conn, stop_event, LocalStore(store_root, keep=keep), path, stores or StoreOptions())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the agent, which asks us to stop
 
     def _on_term(_signum, _frame):

@@ -196,17 +196,20 @@ def test_uploader_batches_pending_checkpoints_into_one_commit(hub, tmp_path):
 
     uploader.start()
     deadline = time.monotonic() + 10
-    while len(uploaded) < 4 and time.monotonic() < deadline:
+    while len(uploaded) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     uploader.stop()
-    assert len(uploaded) == 4 and uploader.pending() == 0
+    # Job 1's step 3 superseded its pending steps 1 and 2: only the newest checkpoint of each job goes out.
+    assert sorted((p["uri"].split("/")[-2], p["step"]) for p in uploaded) == [("job-1", 3), ("job-2", 1)]
+    assert uploader.pending() == 0
     assert len({p["revision"] for p in uploaded}) == 1  # one commit for the batch
     repo = hub.repos["alice/ckpts"]
     assert len(repo.commits) == 2  # the initial commit, then the batch
+    assert not any(path.endswith("job-1/ckpt-000000000001.pt") for path in repo.resolve("main").files)
 
     reader = make_store(hub, tmp_path / "b")
     by_step = {(p["uri"].split("/")[-2], p["step"]): p for p in uploaded}
-    assert_same_state(reader.load(by_step[("job-1", 2)]), make_state(2))
+    assert_same_state(reader.load(by_step[("job-1", 3)]), make_state(3))
     assert_same_state(reader.load(by_step[("job-2", 1)]), make_state(100))
 
 
