@@ -40,8 +40,8 @@ def load_checkpoint(pointer: dict[str, Any], local_root: str | Path, options: St
         from common.hub_store import HubStore  # huggingface_hub only where a Hub checkpoint is read
 
         owner, repo = uri[len("hf://"):].split("/")[:2]
-        store = HubStore(f"hf://{owner}/{repo}", local_root, read_token=options.hub_read_token,
-                         endpoint=options.hub_endpoint)
+        store = HubStore(f"hf://{owner}/{repo}", local_root, endpoint=options.hub_endpoint,
+                         read_token=options.hub_read_token or options.hub_write_token)
         return store.load(pointer)
     return LocalStore(local_root).load(pointer)
 

@@ -7,7 +7,14 @@ error, never a skip.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
+
+# huggingface_hub reads these at import: no Xet, no telemetry, no token or cache from the developer's home.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="gridfleet-hf-home-"))
 
 import pytest
 from sqlalchemy import create_engine, text

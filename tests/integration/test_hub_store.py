@@ -1,24 +1,15 @@
 """HubStore against a local Hub-compatible server (tests/hub_server.py), through the real huggingface_hub client."""
 from __future__ import annotations
 
-import os
-import tempfile
+import logging
+import time
 
-# huggingface_hub reads these at import: no Xet, no telemetry, no token or cache from the developer's home.
-os.environ["HF_HUB_DISABLE_XET"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="gridfleet-hf-home-"))
+import pytest
+import torch
+from pydantic import SecretStr
 
-import logging  # noqa: E402
-import time  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
-
-from common.hub_store import HubStore, HubStoreError, parse_hf_uri  # noqa: E402
-from tests.hub_server import HubServer  # noqa: E402
+from common.hub_store import HubStore, HubStoreError, parse_hf_uri
+from tests.hub_server import HubServer
 
 TOKEN = "hf_test_SECRET_token_4b1d9e"
 REPO = "hf://alice/ckpts"
