@@ -18,6 +18,9 @@ app = typer.Typer(help="Run grids of training configs on a fleet of GPU workers.
 token_app = typer.Typer(help="API tokens (stored hashed; each token is shown once, when created).",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
+from worker.fleet_cli import app as fleet_app  # noqa: E402 - imports only typer until a command runs
+
+app.add_typer(fleet_app, name="fleet")
 
 EXIT_FAILED = 1  # the server refused or could not be reached
 EXIT_USAGE = 2  # bad input on our side
