@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,16 +29,18 @@ from worker.fleet import FleetError, FleetOptions, RayFleet, named_actors, worke
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024, log_to_driver=False,
-             namespace="gridfleet")
+    # Two logical GPUs: Ray schedules them and sets CUDA_VISIBLE_DEVICES even on a machine without any.
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
+             log_to_driver=False, namespace="gridfleet")
     yield
     ray.shutdown()
 
 
 @contextmanager
-def running_fleet(server, tmp_path, workers: int):
-    options = FleetOptions(server_url=server.url, token=server.worker_token, workers=workers, gpus_per_worker=0.0,
-                           cpus_per_worker=1.0, agent=AgentOptions(home=tmp_path / "fleet-home", grace_seconds=20.0))
+def running_fleet(server, tmp_path, workers: int | None, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0):
+    options = FleetOptions(server_url=server.url, token=server.worker_token, workers=workers,
+                           gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                           agent=AgentOptions(home=tmp_path / "fleet-home", grace_seconds=20.0))
     ray_fleet = RayFleet(options).start()
     stop = threading.Event()
     supervisor = threading.Thread(target=ray_fleet.supervise, args=(stop,), daemon=True)
@@ -51,8 +54,8 @@ def running_fleet(server, tmp_path, workers: int):
             ray_fleet.drain(timeout=30)
 
 
-def submit_grid(api, name: str, config: dict, **spec) -> list[int]:
-    ok(api.post("/grids", json={"name": name, "trainer": "sleep", "config": config, **spec}))
+def submit_grid(api, name: str, config: dict, trainer: str = "sleep", **spec) -> list[int]:
+    ok(api.post("/grids", json={"name": name, "trainer": trainer, "config": config, **spec}))
     return [row["job_id"] for row in ok(api.get(f"/grids/{name}/results"))["results"]]
 
 
@@ -137,3 +140,26 @@ def test_drain_checkpoints_and_releases_every_running_job(db_url, fleet: Fleet, 
         assert detail["attempt_history"][-1]["outcome"] == "preempted", detail
     assert drained_in < 30, drained_in  # within the grace period, not by the lease running out
     assert not named_actors()
+
+
+SHOW_GPU = "import os, gridfleet_script_api as gf; gf.result(cuda=os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_auto_fills_the_gpus_and_each_job_sees_only_its_actors_gpu(db_url, fleet: Fleet, ray_cluster, tmp_path):
+    server = fleet.start_server(db_url)
+    ids = submit_grid(server.api, "ray-gpus", {"command": [sys.executable, "-c", SHOW_GPU]},
+                      axes={"config.i": [0, 1, 2, 3]}, trainer="command", resources={"gpus": 1})
+    [too_big] = submit_grid(server.api, "ray-too-big", {"seconds": 0.1}, resources={"gpus": 2})
+    with running_fleet(server, tmp_path, workers=None, gpus_per_worker=1.0, cpus_per_worker=0.5) as (ray_fleet, _, _):
+        fleet.wait_for(lambda: all(job(server.api, i)["state"] == "succeeded" for i in ids),
+                       "the GPU jobs to finish")
+        infos = ray_fleet.status()
+    assert len(infos) == 2  # auto: the cluster's 2 GPUs / 1 GPU per worker
+    assert sorted(i["cuda_visible_devices"] for i in infos) == ["0", "1"], infos
+    gpu_of_worker = {i["worker_id"]: i["cuda_visible_devices"] for i in infos}
+    for job_id in ids:
+        detail = job(server.api, job_id)
+        assert detail["result"]["cuda"] == gpu_of_worker[detail["attempt_history"][0]["worker_id"]], detail
+    # A job asking for more than a worker's share is never claimed by it.
+    assert job(server.api, too_big)["state"] == "queued"
