@@ -10,12 +10,14 @@ original exception text or its request, so no token can leak into logs or error 
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +53,7 @@ class HubStore:
         backoff_max: float = 60.0,
     ):
         self.repo_id, self.branch = parse_hf_uri(uri)
+        self.uri = f"hf://{self.repo_id}@{self.branch}"
         self.local = LocalStore(local_root, keep=keep)
         self.cache_dir = self.local.root / ".hub-cache"
         self.endpoint = endpoint
@@ -169,7 +172,7 @@ class PendingFile:
     local: Path
     step: int | None  # a checkpoint's step; None for other files (config.json, result.json, README.md)
     saved_at: float
-    on_uploaded: Callable[[dict[str, Any]], None] | None = None  # gets the Hub pointer once committed
+    meta: dict[str, Any] = field(default_factory=dict)  # handed to on_uploaded (e.g. job and attempt ids)
 
 
 class Uploader:
@@ -177,16 +180,21 @@ class Uploader:
 
     The Hub allows about 128 commits per repo per hour for the whole fleet, so a worker never commits per
     checkpoint. A newer checkpoint of a job supersedes its older pending one (only the newest is worth a
-    commit). Each file's `on_uploaded(pointer)` runs once its commit exists: that is when a job row may
-    record it. A failed batch stays pending (the local copies are kept) and is tried again at the next
-    flush. A pending file that is gone locally (pruned: superseded by a newer step) is dropped.
+    commit). `on_uploaded(pointer, meta)` runs for each checkpoint once its commit exists: that is when a job
+    row may record it. A failed batch stays pending (the local copies are kept) and is tried again at the
+    next flush. A pending file that is gone locally (pruned: superseded by a newer step) is dropped.
+
+    With a `journal` file the pending list survives the process: an agent killed with kill -9 finds it at
+    its next start on the same machine and uploads what was left (`Uploader.resume`).
     """
 
     def __init__(self, store: HubStore, interval: float = 300.0,
-                 on_uploaded: Callable[[dict[str, Any]], None] | None = None):
+                 on_uploaded: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+                 journal: Path | None = None):
         self.store = store
         self.interval = interval
-        self.on_uploaded = on_uploaded  # for every checkpoint, after the file's own callback
+        self.on_uploaded = on_uploaded
+        self.journal = journal
         self._pending: dict[str, PendingFile] = {}  # path in repo -> file
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -200,20 +208,22 @@ class Uploader:
         return local_pointer
 
     def add_checkpoint(self, grid_id: int, job_id: int, local_pointer: dict[str, Any],
-                       on_uploaded: Callable[[dict[str, Any]], None] | None = None) -> None:
+                       meta: dict[str, Any] | None = None) -> None:
         """Queue a checkpoint the LocalStore wrote (its pointer); it replaces the job's older pending one."""
         step = int(local_pointer["step"])
         path = self.store.path_in_repo(grid_id, job_id, step)
         job_prefix = path.rsplit("/", 1)[0] + "/"
-        item = PendingFile(Path(local_pointer["uri"][len("local:"):]), step, local_pointer["time"], on_uploaded)
+        item = PendingFile(Path(local_pointer["uri"][len("local:"):]), step, local_pointer["time"], meta or {})
         with self._lock:
             for old in [p for p, f in self._pending.items() if p.startswith(job_prefix) and f.step is not None]:
                 del self._pending[old]
             self._pending[path] = item
+            self._write_journal()
 
     def add_file(self, path_in_repo: str, local: Path) -> None:
         with self._lock:
             self._pending[path_in_repo] = PendingFile(Path(local), None, time.time())
+            self._write_journal()
 
     def pending(self) -> int:
         with self._lock:
@@ -233,18 +243,18 @@ class Uploader:
                 for path, item in batch.items():
                     if self._pending.get(path) is item:
                         del self._pending[path]
+                self._write_journal()
             pointers = []
             for path, item in batch.items():
                 if item.step is None:
                     continue
                 pointer = self.store.pointer(path, sha, item.step, item.saved_at)
                 pointers.append(pointer)
-                for callback in (item.on_uploaded, self.on_uploaded):
-                    if callback is not None:
-                        try:
-                            callback(pointer)
-                        except Exception as exc:  # noqa: BLE001 - one failed record must not stop the others
-                            log.warning("recording uploaded checkpoint %s failed: %s", path, exc)
+                if self.on_uploaded is not None:
+                    try:
+                        self.on_uploaded(pointer, item.meta)
+                    except Exception as exc:  # noqa: BLE001 - one failed record must not stop the others
+                        log.warning("recording uploaded checkpoint %s failed: %s", path, exc)
             return pointers
 
     def start(self) -> "Uploader":
@@ -265,6 +275,34 @@ class Uploader:
                 self.flush()
             except HubStoreError as exc:  # our message carries no token
                 log.warning("upload to the Hub failed, will retry at the next interval: %s", exc)
+
+    # -- the journal -----------------------------------------------------------------------------------
+    def _write_journal(self) -> None:
+        """Called with the lock held. Best effort: the local files are the data, this is only the to-do list."""
+        if self.journal is None:
+            return
+        files = {p: {"local": str(f.local), "step": f.step, "saved_at": f.saved_at, "meta": f.meta}
+                 for p, f in self._pending.items()}
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.journal.with_name(f".{self.journal.name}.tmp")
+        temp.write_text(json.dumps({"store": self.store.uri, "files": files}))
+        os.replace(temp, self.journal)
+
+    def resume(self) -> int:
+        """Take over what the journal lists (files a killed process left); returns how many."""
+        if self.journal is None or not self.journal.exists():
+            return 0
+        try:
+            files = json.loads(self.journal.read_text())["files"]
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable upload journal %s: %s", self.journal, exc)
+            return 0
+        with self._lock:
+            for path, f in files.items():
+                if Path(f["local"]).exists() and path not in self._pending:
+                    self._pending[path] = PendingFile(Path(f["local"]), f["step"], f["saved_at"], f.get("meta") or {})
+            self._write_journal()
+            return len(self._pending)
 
 
 def _retry_after(response: httpx2.Response) -> float | None:

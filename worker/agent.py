@@ -99,7 +99,7 @@ class Agent:
         self.heartbeat_seconds = 5.0
         self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
         self._mp = multiprocessing.get_context("spawn")
-        self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints")
+        self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -112,6 +112,7 @@ class Agent:
         })
         self.worker_id = self.sync.worker_id = reply["worker_id"]
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
+        self.sync.resume_pending()  # uploads an earlier agent here left when it was killed
         capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
         log.info("worker %s registered (trainers: %s; gpus: %s)", self.worker_id, ", ".join(self.trainers), capacity)
         idle = 0.5

@@ -5,10 +5,13 @@ that pointer at once. For an `hf://` store the file joins the store's Uploader, 
 `upload_interval` seconds from its own thread (training never waits on the Hub); the Hub pointer, with its
 commit sha, is recorded once the commit exists. When a job is preempted or fails, its pending files are
 uploaded before the job is released, so the next attempt (on any machine) resumes from the newest state.
+Each uploader keeps a journal of what is pending under `<local root>/.uploads/`: an agent killed with
+kill -9 uploads the rest at its next start on the same machine (`resume_pending`).
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,10 @@ log = logging.getLogger("gridfleet.worker")
 
 
 class CheckpointSync:
-    def __init__(self, client, options: StoreOptions, local_root: Path):
+    def __init__(self, client, options: StoreOptions, local_root: Path, name: str = "worker"):
         self.client = client
+        # Journals per agent name: agents sharing a directory (`gridfleet run --workers N`) keep theirs apart.
+        self.journals = local_root / ".uploads" / re.sub(r"[^A-Za-z0-9._-]", "_", name)
         self.options = options
         self.local = LocalStore(local_root)
         self.worker_id: str | None = None  # set by the agent once registered
@@ -29,15 +34,40 @@ class CheckpointSync:
     def _uploader(self, job: dict[str, Any]):
         """The Uploader of the job's hf:// store, or None for a local store."""
         uri = self.options.store_for(job)
-        if not uri.startswith("hf://"):
-            return None
-        if uri not in self._uploaders:
-            from common.hub_store import HubStore, Uploader  # huggingface_hub only where the Hub is used
+        return self._uploader_for(uri) if uri.startswith("hf://") else None
 
-            store = HubStore(uri, self.local.root, write_token=self.options.hub_write_token,
-                             read_token=self.options.hub_read_token, endpoint=self.options.hub_endpoint)
-            self._uploaders[uri] = Uploader(store, interval=self.options.upload_interval).start()
-        return self._uploaders[uri]
+    def _uploader_for(self, uri: str):
+        from common.hub_store import HubStore, Uploader  # huggingface_hub only where the Hub is used
+
+        store = HubStore(uri, self.local.root, write_token=self.options.hub_write_token,
+                         read_token=self.options.hub_read_token, endpoint=self.options.hub_endpoint)
+        if store.uri not in self._uploaders:  # keyed by the normalised URI (an explicit @main or not)
+            journal = self.journals / (store.uri[len("hf://"):].replace("/", "--") + ".json")
+            self._uploaders[store.uri] = Uploader(store, interval=self.options.upload_interval,
+                                                  on_uploaded=self._record, journal=journal).start()
+        return self._uploaders[store.uri]
+
+    def resume_pending(self) -> int:
+        """Take over the uploads an earlier agent on this machine left pending (it was killed)."""
+        import json
+
+        resumed = 0
+        for journal in sorted(self.journals.glob("*.json")):
+            try:
+                uri = json.loads(journal.read_text())["store"]
+            except (ValueError, KeyError, OSError) as exc:
+                log.warning("ignoring unreadable upload journal %s: %s", journal, exc)
+                continue
+            resumed += self._uploader_for(uri).resume()
+        if resumed:
+            log.info("%d file(s) an earlier run left pending will be uploaded with the next batch", resumed)
+        return resumed
+
+    def _record(self, pointer: dict[str, Any], meta: dict[str, Any]) -> None:
+        """An uploaded checkpoint's pointer goes on its job (fenced by the attempt that wrote it)."""
+        reply = self.client.set_checkpoint(self.worker_id, meta["job_id"], meta["attempt_id"], pointer)
+        if not reply["ok"]:  # the attempt ended and was not the one that succeeded: nothing to record
+            log.info("job %s: uploaded step %s, not recorded: %s", meta["job_id"], pointer["step"], reply.get("reason"))
 
     def job_started(self, job: dict[str, Any]) -> None:
         path = job_files.write_config(self._job_dir(job), job)
@@ -49,13 +79,8 @@ class CheckpointSync:
         uploader = self._uploader(job)
         if uploader is None:
             return self.client.set_checkpoint(self.worker_id, job["id"], job["attempt_id"], local_pointer)
-
-        def record(pointer: dict[str, Any]) -> None:
-            reply = self.client.set_checkpoint(self.worker_id, job["id"], job["attempt_id"], pointer)
-            if not reply["ok"]:  # the attempt ended and was not the one that succeeded: nothing to record
-                log.info("job %s: uploaded step %s, not recorded: %s", job["id"], pointer["step"], reply.get("reason"))
-
-        uploader.add_checkpoint(job["grid_id"], job["id"], local_pointer, on_uploaded=record)
+        uploader.add_checkpoint(job["grid_id"], job["id"], local_pointer,
+                                meta={"job_id": job["id"], "attempt_id": job["attempt_id"]})
         return {"ok": True}
 
     def job_finished(self, job: dict[str, Any], outcome: str, result: dict[str, Any] | None,

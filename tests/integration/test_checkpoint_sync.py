@@ -135,3 +135,26 @@ def test_checkpoints_dir_layout_matches_the_repo_layout(tmp_path):
     pointer = LocalStore(tmp_path).save(4, 9, 12, {"step": 12})
     assert Path(pointer["uri"][len("local:"):]).relative_to(tmp_path.resolve()).as_posix() == \
         "grid-4/job-9/ckpt-000000000012.pt"
+
+
+def test_uploads_left_by_a_killed_agent_go_up_at_the_next_start_on_that_machine(queue, hub, tmp_path):
+    client, job = claim_one(queue, f"hf://{REPO}")
+    first = CheckpointSync(client, options(hub), tmp_path)
+    first.worker_id = job["worker_id"]
+    first.job_started(job)
+    first.checkpoint_saved(job, LocalStore(tmp_path).save(job["grid_id"], job["id"], 7, {"step": 7}))
+    first.job_finished(job, "succeeded", {"loss": 0.1}, 7)
+    client.finish(job["worker_id"], job_id=job["id"], attempt_id=job["attempt_id"], outcome="succeeded",
+                  result={"loss": 0.1})
+    # kill -9: `first` never flushes (its thread waits an hour); only its journal and files are on disk.
+    assert not hub.requests and any((tmp_path / ".uploads").iterdir())
+
+    second = CheckpointSync(client, options(hub), tmp_path)
+    second.worker_id = "a-new-worker-id"
+    assert second.resume_pending() == 4  # config.json, the checkpoint, result.json, README.md
+    second.close()
+    prefix = f"grid-{job['grid_id']}/job-{job['id']}/"
+    files = hub.repos[REPO].resolve("main").files
+    assert {prefix + n for n in ("config.json", "ckpt-000000000007.pt", "result.json", "README.md")} <= set(files)
+    assert recorded(queue, job["id"])["uri"].endswith(prefix + "ckpt-000000000007.pt")  # the final model
+    assert CheckpointSync(client, options(hub), tmp_path).resume_pending() == 0  # nothing is uploaded twice

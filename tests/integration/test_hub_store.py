@@ -178,7 +178,7 @@ def test_uploader_batches_pending_checkpoints_into_one_commit(hub, tmp_path):
 
     store = make_store(hub, tmp_path / "a", keep=5)
     uploaded = []
-    uploader = Uploader(store, interval=0.2, on_uploaded=uploaded.append)
+    uploader = Uploader(store, interval=0.2, on_uploaded=lambda pointer, meta: uploaded.append(pointer))
     for step in (1, 2, 3):
         local = uploader.save(1, 1, step, make_state(step))
         assert local["uri"].startswith("local:")
