@@ -102,3 +102,8 @@ class Finish(Fenced):
     outcome: Literal["succeeded", "error", "preempted", "cancelled"]
     result: dict[str, Any] | None = None
     error: Text | None = None
+
+
+class CodeRev(Fenced):
+    """The full commit sha an attempt really runs (a pinned job's code_rev, resolved by the worker)."""
+    code_rev: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{40}|[0-9a-f]{64})$")]

@@ -18,6 +18,9 @@ app = typer.Typer(help="Run grids of training configs on a fleet of GPU workers.
 token_app = typer.Typer(help="API tokens (stored hashed; each token is shown once, when created).",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
+from worker.studios_cli import app as studios_app  # noqa: E402 - imports only typer until a command runs
+
+app.add_typer(studios_app, name="studios")
 from worker.fleet_cli import app as fleet_app  # noqa: E402 - imports only typer until a command runs
 
 app.add_typer(fleet_app, name="fleet")
@@ -281,6 +284,16 @@ def worker(
     max_jobs: Optional[int] = typer.Option(None, min=1, help="stop after this many jobs"),
     max_run_time: Optional[float] = typer.Option(None, min=1.0, help="seconds this worker may live"),
     grace: float = typer.Option(30.0, min=0.0, help="seconds a preempted job gets to checkpoint"),
+    min_job_time: float = typer.Option(120.0, min=0.0, help="with --max-run-time: claim no job when less "
+                                       "than this many seconds are left (at least --grace)"),
+    self_update: Optional[bool] = typer.Option(
+        None, "--self-update/--no-self-update",
+        help="between jobs, follow --git-ref and re-exec on each new commit (default: GRIDFLEET_SELF_UPDATE)"),
+    git_remote: Optional[str] = typer.Option(
+        None, help="remote for self-update and pinned code_revs (default: GRIDFLEET_GIT_REMOTE or .env "
+                   "code_base_link, else origin)"),
+    git_ref: Optional[str] = typer.Option(None, help="ref --self-update follows (default: the remote's HEAD)"),
+    update_interval: Optional[float] = typer.Option(None, min=0.0, help="seconds between self-update fetches"),
 ) -> None:
     """Pull jobs from the API and train them, one at a time, each in a child process."""
     import logging
@@ -301,8 +314,21 @@ def worker(
     )
     if name:
         options.name = name
+    options.min_job_time = max(min_job_time, grace)  # a job claimed with less than grace left is preempted at once
+    from worker import self_update as updates
+
+    try:
+        code_cache, updater = updates.prepare(
+            Path(updates.__file__).parent, settings.home, remote=git_remote or settings.git_remote,
+            ref=git_ref or settings.git_ref,
+            enabled=settings.self_update if self_update is None else self_update,
+            interval=settings.self_update_interval if update_interval is None else update_interval,
+            trainers=options.trainers)
+    except updates.UpdateFailed as exc:
+        fail(str(exc))
+    options.can_pin_code = code_cache is not None
     client = ApiClient(server or settings.server_url, secret)
-    raise typer.Exit(Agent(client, options).run())
+    raise typer.Exit(Agent(client, options, updater=updater, code_cache=code_cache).run())
 
 
 # ---- token ---------------------------------------------------------------------------------------

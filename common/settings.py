@@ -57,6 +57,22 @@ class Settings(BaseSettings):
     # workers x 3600 / interval under ~100. The default suits 8 workers per repo.
     hub_upload_interval: float = Field(default=300.0, ge=1.0)
 
+    # ---- Self-update and pinned code (worker/self_update.py, worker/code_cache.py; docs/self_update.md) ----
+    # The git remote workers fetch from: a URL, a path, a remote name, or seed 002's `code_base_link`
+    # ("owner/repo" on GitHub). Unset: the checkout's `origin`.
+    git_remote: str | None = Field(default=None, validation_alias=AliasChoices(
+        "GRIDFLEET_GIT_REMOTE", "code_base_link", "GRIDFLEET_CODE_BASE_LINK"))
+    git_ref: str = "HEAD"  # the ref `--self-update` follows; HEAD: the remote's default branch
+    self_update: bool = False  # `gridfleet worker --self-update`
+    self_update_interval: float = Field(default=60.0, ge=0.0)  # seconds between fetches (only between jobs)
+
+    # ---- Lightning AI studios (`gridfleet studios`, worker/studios.py; docs/studios.md) ----
+    # Used for the studios.json entries that leave out apiKey / userID (the SDK's own variable names).
+    lightning_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("LIGHTNING_API_KEY", "GRIDFLEET_LIGHTNING_API_KEY"))
+    lightning_user_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("LIGHTNING_USER_ID", "GRIDFLEET_LIGHTNING_USER_ID"))
+
 
     @model_validator(mode="after")
     def _default_database_in_home(self):

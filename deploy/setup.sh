@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[dev]'
+# studios: lightning-sdk, so the tests check worker/studios.py against its real classes
+.venv/bin/pip install -q -e '.[dev,studios]'

@@ -374,6 +374,17 @@ class Queue:
             _INSERT_EVENT, {"job_id": job_id, "attempt_id": attempt_id, "time": now, "kind": kind, "message": message}
         )
 
+    def record_code_rev(self, job_id: int, attempt_id: str, sha: str, now: float | None = None) -> Reply:
+        """Store the full sha the current attempt really runs (the claim stored the job's `code_rev` as
+        written in the grid, which may be a tag or a short sha), with an event saying so. Fenced."""
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            if not self._owns(conn, job_id, attempt_id):
+                return _stale(job_id, attempt_id)
+            conn.execute(update(t.attempts).where(t.attempts.c.id == attempt_id).values(code_rev=sha))
+            self._event(conn, job_id, attempt_id, "code_rev", f"running commit {sha}", now)
+        return Reply(ok=True)
+
 
 def refresh_planner_stats(engine: Engine) -> None:
     """ANALYZE the jobs table (Postgres; a no-op on SQLite). Call after adding many jobs at once.

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoints import StoreOptions
-from worker import runner
+from worker import runner, self_update
+from worker.code_cache import CodeUnavailable, start_child
 from worker.checkpoint_sync import CheckpointSync
 
 log = logging.getLogger("gridfleet.worker")
@@ -85,7 +86,7 @@ def code_revision() -> str | None:
 
 
 class Agent:
-    def __init__(self, client, options: AgentOptions):
+    def __init__(self, client, options: AgentOptions, updater=None, code_cache=None):
         from worker import trainers
 
         self.client = client
@@ -99,17 +100,20 @@ class Agent:
         self.heartbeat_seconds = 5.0
         self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
         self._mp = multiprocessing.get_context("spawn")
+        self.updater = updater  # worker/self_update.SelfUpdater: checked between jobs
+        self.code_cache = code_cache  # worker/code_cache.CodeCache: worktrees for jobs with a pinned code_rev
+        self.update_report: dict[str, Any] | None = None  # the last self-update outcome, shown in registration
+        self.reexec_pending = False
+        self.gpus: list[str] = []
         self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signal_handlers()
-        gpus = visible_gpus()
+        self._resume_after_reexec()
+        self.gpus = gpus = visible_gpus()
         self.code_rev = code_revision()
-        reply = self.client.register({
-            "name": self.options.name, "host": socket.gethostname(), "gpus": gpus,
-            "trainers": self.trainers, "resources": {}, "code_rev": self.code_rev,
-        })
+        reply = self.client.register(self._registration())
         self.worker_id = self.sync.worker_id = reply["worker_id"]
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
         self.sync.resume_pending()  # uploads an earlier agent here left when it was killed
@@ -123,6 +127,8 @@ class Agent:
             if self._time_left() < self.options.min_job_time:
                 log.info("less than %.0f s left of --max-run-time; not claiming more", self.options.min_job_time)
                 break
+            if self.updater is not None and self._self_update():
+                break  # re-exec on the new commit once the loop has closed up
             job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
                                     can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
                                     **self.claim_filters)
@@ -136,13 +142,52 @@ class Agent:
             self.jobs_done += 1
         self.sync.close()
         self.client.close()
+        if self.reexec_pending:
+            self_update.reexec()  # same pid and command line, new code; does not return
         return 0
+
+    # ---- self-update (worker/self_update.py) ---------------------------------------------------
+    def _registration(self) -> dict[str, Any]:
+        resources = {"self_update": self.update_report} if self.update_report else {}
+        return {"name": self.options.name, "host": socket.gethostname(), "gpus": self.gpus,
+                "trainers": self.trainers, "resources": resources, "code_rev": self.code_rev}
+
+    def _resume_after_reexec(self) -> None:
+        """After our own re-exec: keep the --max-run-time clock and --max-jobs count, report the update."""
+        handoff = self_update.read_handoff(self.options.home)
+        if handoff:
+            self.started, self.jobs_done = handoff["started"], handoff["jobs_done"]
+            self.update_report = handoff["last"]
+            log.info("self-update: now running %s (%s)", handoff["last"]["new"], handoff["last"]["message"])
+
+    def _self_update(self) -> bool:
+        """Between jobs. True: a new commit is checked out and imports; the agent re-execs on it. Otherwise
+        (refused, rolled back) it keeps serving, and registers again so GET /workers shows why."""
+        result = self.updater.due()
+        if result is None or self.stopping:
+            return False
+        if result.state == "updated":
+            self_update.write_handoff(self.options.home, self.started, self.jobs_done, result.report())
+            self.reexec_pending = True
+            return True
+        self.update_report = result.report()
+        reply = self.client.register(self._registration())
+        self.worker_id = self.sync.worker_id = reply["worker_id"]
+        log.info("self-update %s: registered again as worker %s, still on %s", result.state, self.worker_id,
+                 (self.code_rev or "?")[:12])
+        return False
 
     # ---- one job -------------------------------------------------------------------------------
     def run_job(self, job: dict[str, Any]) -> None:
         run = JobRun(job=job)
         self.current = run
         log.info("job %s attempt %s (%s) started", job["id"], job["attempt"], job["trainer"])
+        try:
+            code_root = self._pinned_code(job)  # None: this checkout's own code
+        except CodeUnavailable as exc:
+            self._unrunnable(job, str(exc))
+            self.current = None
+            return
         workdir = self.options.home / "work" / f"job-{job['id']}"
         stop_event = self._mp.Event()
         receiver, sender = self._mp.Pipe(duplex=False)
@@ -152,7 +197,7 @@ class Agent:
                   sender, stop_event, os.getpid(), self.options.stores),
         )
         self.sync.job_started(job)
-        child.start()
+        start_child(child, code_root)  # a pinned job's child imports the worktree's code
         sender.close()
         heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run,), daemon=True)
         heartbeats.start()
@@ -182,6 +227,27 @@ class Agent:
         heartbeats.join()
         self._finish(run, child.exitcode, workdir)
         self.current = None
+
+    def _pinned_code(self, job: dict[str, Any]) -> Path | None:
+        """The worktree of the job's pinned code_rev (made or fetched when missing); the attempt records
+        the full sha it resolves to."""
+        rev = job.get("code_rev")
+        if not rev:
+            return None
+        if self.code_cache is None:
+            raise CodeUnavailable(f"code_rev '{rev}': this worker cannot run pinned code (not a git checkout)")
+        sha, path = self.code_cache.worktree(rev)
+        reply = self.client.record_code_rev(self.worker_id, job["id"], job["attempt_id"], sha)
+        if not reply["ok"]:
+            raise CodeUnavailable(reply.get("reason") or "recording the code_rev was refused")
+        log.info("job %s runs code_rev %s = %s from %s", job["id"], rev, sha, path)
+        return path
+
+    def _unrunnable(self, job: dict[str, Any], error: str) -> None:
+        log.error("job %s: %s", job["id"], error)
+        reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome="error",
+                                   error=error)
+        log.info("job %s finished: error -> %s", job["id"], reply.get("state"))
 
     def _handle_message(self, run: JobRun, message: tuple) -> None:
         kind = message[0]

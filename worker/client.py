@@ -77,6 +77,10 @@ class ApiClient:
     def finish(self, worker_id: str, **body: Any) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/finish", body)
 
+    def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
+        return self._post(f"/workers/{worker_id}/code_rev",
+                          {"job_id": job_id, "attempt_id": attempt_id, "code_rev": sha})
+
 
 class DirectClient:
     """The same calls against a Queue in this process (embedded mode: SQLite, no server)."""
@@ -124,3 +128,6 @@ class DirectClient:
 
     def finish(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None) -> dict:
         return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error))
+
+    def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
+        return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha))

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from api import auth
 from api.deps import get_engine, get_queue
 from api.errors import ApiError, error_response
-from api.models import Checkpoint, Claim, Events, Finish, Heartbeat, RegisterWorker
+from api.models import Checkpoint, Claim, CodeRev, Events, Finish, Heartbeat, RegisterWorker
 from api.responses import JSONResponse
 from api.routes.common import router as make_router
 from common import schema as t
@@ -108,6 +108,13 @@ def events(worker_id: WorkerId, body: Events, queue: Queue = Depends(get_queue))
 def finish(worker_id: WorkerId, body: Finish, queue: Queue = Depends(get_queue)):
     reply = queue.finish(body.job_id, body.attempt_id, body.outcome, result=body.result, error=body.error)
     return JSONResponse({"ok": True, "state": reply.state}) if reply.ok else _stale(reply)
+
+
+@router.post("/workers/{worker_id}/code_rev", dependencies=[Depends(auth.worker)],
+             summary="Record the full commit sha the attempt runs (pinned code_rev, resolved by the worker)")
+def code_rev(worker_id: WorkerId, body: CodeRev, queue: Queue = Depends(get_queue)):
+    reply = queue.record_code_rev(body.job_id, body.attempt_id, body.code_rev)
+    return JSONResponse({"ok": True}) if reply.ok else _stale(reply)
 
 
 @router.get("/workers", dependencies=[Depends(auth.any_role)])

@@ -553,3 +553,43 @@ def test_run_interrupted_with_ctrl_c_then_rerun_resumes(fleet, tmp_path):
         fleet.assert_clean()
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_max_run_time_checkpoints_and_releases_the_job_before_the_budget_ends(db_url, fleet):
+    """A rented studio's free hours: the worker preempts its own job `--grace` before `--max-run-time`, claims
+    nothing more, and exits; another worker resumes the job from that checkpoint."""
+    server = fleet.start_server(db_url)
+    api = server.api
+    steps = 40
+    # Checkpoints only when asked to stop: the resume below can only come from the budget's checkpoint.
+    job_id = submit(api, "e2e-budget", {"seconds": 20.0, "steps": steps, "checkpoint_every": 10_000})
+    # The grace period covers the stop checkpoint's first `import torch` (seconds on a loaded 2-core machine).
+    budget, grace = 35.0, 22.0
+    env = fleet.env(GRIDFLEET_HOME=str(fleet.tmp / "short-home"), GRIDFLEET_TOKEN=server.worker_token)
+    short = fleet.spawn("short", [*gridfleet_cmd(), "worker", "--server", server.url, "--name", "short",
+                                  "--max-run-time", str(budget), "--grace", str(grace),
+                                  "--min-job-time", str(grace + 1)], env)
+    fleet.wait_for(lambda: running_with(api, job_id, 1, checkpointed=False), "the job to run on the short worker")
+    fleet.wait_for(lambda: not short.alive(), "the worker to reach --max-run-time and exit", timeout=budget + DEADLINE)
+    assert short.popen.returncode == 0, fleet.explain()
+
+    released = job(api, job_id)
+    context = f"\njob: {released}\n{fleet.explain()}"
+    (first,) = released["attempt_history"]
+    assert first["outcome"] == "preempted" and first["error"] is None, context
+    assert released["state"] == "queued" and released["preemptions"] == 1 and released["errors"] == 0, context
+    registered = next(w["registered_at"] for w in ok(api.get("/workers"))["workers"] if w["name"] == "short")
+    assert first["ended_at"] - registered < budget, context  # released within its budget, not killed after it
+    saved = released["checkpoint"]["step"]
+    assert 1 <= saved < steps and max(attempt_steps(api, job_id, first["id"])) == saved, context
+    assert "not claiming more" in short.tail(200), context
+
+    fleet.start_worker(server, "w2")
+    done = fleet.wait_for(lambda: (d := job(api, job_id))["state"] not in ("queued", "running") and d,
+                          "the second worker to resume and finish the job")
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "succeeded" and done["result"] == {"loss": 1.0 / steps, "steps": steps}, context
+    assert [a["outcome"] for a in done["attempt_history"]] == ["preempted", "succeeded"], context
+    assert attempt_steps(api, job_id, done["attempt_history"][1]["id"]) == list(range(saved + 1, steps + 1)), context
+    fleet.assert_clean()
