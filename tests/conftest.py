@@ -98,3 +98,14 @@ def policy():
 @pytest.fixture
 def queue(engine, policy):
     return Queue(engine, policy)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """Real `gridfleet serve` / `gridfleet worker` processes for one test (tests/e2e/processes.py); all of
+    them are killed at teardown."""
+    from tests.e2e.processes import Fleet
+
+    fleet = Fleet(tmp_path)
+    yield fleet
+    fleet.close()

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tests.e2e.test_workers import DEADLINE, Fleet, fleet, gridfleet_cmd, job, ok  # noqa: E402,F401
+from tests.e2e.processes import DEADLINE, Fleet, gridfleet_cmd, job, ok  # noqa: E402
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from tests.e2e.test_workers import (  # noqa: F401 - `fleet` is a fixture
+from tests.e2e.processes import (
     DEADLINE,
     Fleet,
     Server,
     attempt_steps,
-    fleet,
     gridfleet_cmd,
     job,
     ok,

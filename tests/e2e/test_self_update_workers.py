@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_workers import Fleet, Proc, Server, fleet, job, ok, submit  # noqa: F401 - `fleet` is a fixture
+from tests.e2e.processes import Fleet, Proc, Server, job, ok, submit
 from tests.gitrepos import NOOP, Upstream, git, noop_with_marker, project_remote
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # git is the subject, not the database

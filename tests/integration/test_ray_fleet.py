@@ -15,14 +15,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ray = pytest.importorskip("ray")
 
-from tests.e2e.test_workers import (  # noqa: E402,F401 - `fleet` is a fixture
-    Fleet,
-    attempt_steps,
-    fleet,
-    job,
-    ok,
-    running_with,
-)
+from tests.e2e.processes import Fleet, attempt_steps, job, ok, running_with  # noqa: E402
 from worker.agent import AgentOptions  # noqa: E402
 from worker.fleet import FleetError, FleetOptions, RayFleet, named_actors, worker_count  # noqa: E402
 
