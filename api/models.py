@@ -107,3 +107,10 @@ class Finish(Fenced):
 class CodeRev(Fenced):
     """The full commit sha an attempt really runs (a pinned job's code_rev, resolved by the worker)."""
     code_rev: Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{40}|[0-9a-f]{64})$")]
+
+
+class WorkerEvent(Body):
+    """Something that happened to the worker outside any job (e.g. a self-update rolled back)."""
+    kind: Short(40)
+    message: Text = ""
+    resources: dict[str, Any] | None = None  # replaces the registered resources when given

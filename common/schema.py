@@ -108,6 +108,18 @@ workers = Table(
     Column("last_seen_at", Float, nullable=False),
 )
 
+# What happened to a worker outside any job: a self-update, a rollback, a refused dirty tree.
+worker_events = Table(
+    "worker_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("worker_id", String(32), ForeignKey("workers.id", ondelete="CASCADE"), nullable=False),
+    Column("time", Float, nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("message", Text, nullable=False),
+    Index("ix_worker_events_worker", "worker_id", "id"),
+)
+
 metrics = Table(
     "metrics",
     metadata,

@@ -385,6 +385,23 @@ class Queue:
             self._event(conn, job_id, attempt_id, "code_rev", f"running commit {sha}", now)
         return Reply(ok=True)
 
+    def worker_event(self, worker_id: str, kind: str, message: str, resources: dict[str, Any] | None = None,
+                     now: float | None = None) -> bool:
+        """Record what happened to a worker outside any job; `resources`, when given, replaces what the
+        worker registered (so GET /workers shows its current state). False when the worker is unknown."""
+        now = time.time() if now is None else now
+        values: dict[str, Any] = {"last_seen_at": now}
+        if resources is not None:
+            values["resources"] = resources
+        with write_tx(self.engine) as conn:
+            found = conn.execute(
+                update(t.workers).where(t.workers.c.id == worker_id).values(**values).returning(t.workers.c.id)
+            ).first()
+            if found is None:
+                return False
+            conn.execute(insert(t.worker_events).values(worker_id=worker_id, time=now, kind=kind, message=message))
+        return True
+
 
 def refresh_planner_stats(engine: Engine) -> None:
     """ANALYZE the jobs table (Postgres; a no-op on SQLite). Call after adding many jobs at once.

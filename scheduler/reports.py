@@ -174,6 +174,17 @@ def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
     ]
 
 
+def worker_events(engine: Engine, worker_id: str) -> list[dict[str, Any]]:
+    with read_tx(engine) as conn:
+        if conn.execute(select(t.workers.c.id).where(t.workers.c.id == worker_id)).first() is None:
+            raise NotFound(f"no worker {worker_id}")
+        rows = conn.execute(
+            select(t.worker_events.c.time, t.worker_events.c.kind, t.worker_events.c.message)
+            .where(t.worker_events.c.worker_id == worker_id).order_by(t.worker_events.c.id)
+        ).mappings().all()
+    return [dict(r) for r in rows]
+
+
 def running_jobs(engine: Engine, grid_id: int) -> list[dict[str, Any]]:
     with read_tx(engine) as conn:
         rows = conn.execute(

@@ -116,6 +116,8 @@ class Agent:
         reply = self.client.register(self._registration())
         self.worker_id = self.sync.worker_id = reply["worker_id"]
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
+        if self.update_report:  # re-exec'd on a new commit: say so on the new registration too
+            self._report_update()
         self.sync.resume_pending()  # uploads an earlier agent here left when it was killed
         capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
         log.info("worker %s registered (trainers: %s; gpus: %s)", self.worker_id, ", ".join(self.trainers), capacity)
@@ -162,7 +164,8 @@ class Agent:
 
     def _self_update(self) -> bool:
         """Between jobs. True: a new commit is checked out and imports; the agent re-execs on it. Otherwise
-        (refused, rolled back) it keeps serving, and registers again so GET /workers shows why."""
+        (refused, rolled back) it keeps serving on its revision and records a worker event saying why
+        (GET /workers/{id}/events; GET /workers shows the last outcome in resources.self_update)."""
         result = self.updater.due()
         if result is None or self.stopping:
             return False
@@ -171,11 +174,14 @@ class Agent:
             self.reexec_pending = True
             return True
         self.update_report = result.report()
-        reply = self.client.register(self._registration())
-        self.worker_id = self.sync.worker_id = reply["worker_id"]
-        log.info("self-update %s: registered again as worker %s, still on %s", result.state, self.worker_id,
-                 (self.code_rev or "?")[:12])
+        self._report_update()
+        log.info("self-update %s: still on %s", result.state, (self.code_rev or "?")[:12])
         return False
+
+    def _report_update(self) -> None:
+        report = self.update_report or {}
+        self.client.worker_event(self.worker_id, f"self_update_{report.get('state', 'unknown')}",
+                                 report.get("message", ""), resources=self._registration()["resources"])
 
     # ---- one job -------------------------------------------------------------------------------
     def run_job(self, job: dict[str, Any]) -> None:

@@ -81,6 +81,11 @@ class ApiClient:
         return self._post(f"/workers/{worker_id}/code_rev",
                           {"job_id": job_id, "attempt_id": attempt_id, "code_rev": sha})
 
+    def worker_event(self, worker_id: str, kind: str, message: str,
+                     resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._post(f"/workers/{worker_id}/worker_events",
+                          {"kind": kind, "message": message, "resources": resources})
+
 
 class DirectClient:
     """The same calls against a Queue in this process (embedded mode: SQLite, no server)."""
@@ -131,3 +136,7 @@ class DirectClient:
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
         return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha))
+
+    def worker_event(self, worker_id: str, kind: str, message: str,
+                     resources: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"ok": self.queue.worker_event(worker_id, kind, message, resources)}

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select
 from api import auth
 from api.deps import get_engine, get_queue
 from api.errors import ApiError, error_response
-from api.models import Checkpoint, Claim, CodeRev, Events, Finish, Heartbeat, RegisterWorker
+from api.models import Checkpoint, Claim, CodeRev, Events, Finish, Heartbeat, RegisterWorker, WorkerEvent
 from api.responses import JSONResponse
 from api.routes.common import router as make_router
 from common import schema as t
@@ -115,6 +115,20 @@ def finish(worker_id: WorkerId, body: Finish, queue: Queue = Depends(get_queue))
 def code_rev(worker_id: WorkerId, body: CodeRev, queue: Queue = Depends(get_queue)):
     reply = queue.record_code_rev(body.job_id, body.attempt_id, body.code_rev)
     return JSONResponse({"ok": True}) if reply.ok else _stale(reply)
+
+
+@router.post("/workers/{worker_id}/worker_events", dependencies=[Depends(auth.worker)],
+             summary="Record what happened to the worker outside any job (self-update, rollback, ...)")
+def worker_event(worker_id: WorkerId, body: WorkerEvent, queue: Queue = Depends(get_queue)):
+    if not queue.worker_event(worker_id, body.kind, body.message, body.resources):
+        raise _unknown_worker(worker_id)
+    return JSONResponse({"ok": True})
+
+
+@router.get("/workers/{worker_id}/events", dependencies=[Depends(auth.any_role)],
+            summary="What happened to the worker outside its jobs, oldest first")
+def worker_events(worker_id: WorkerId, engine: Engine = Depends(get_engine)):
+    return JSONResponse({"worker_id": worker_id, "events": reports.worker_events(engine, worker_id)})
 
 
 @router.get("/workers", dependencies=[Depends(auth.any_role)])

@@ -92,6 +92,8 @@ def test_new_commit_is_picked_up_between_jobs_and_the_agent_reexecs(db_url, flee
     assert after["attempt_history"][0]["code_rev"] == new
     # os.execv: the same process (pid) came back on the new code; nothing else was started
     assert agent.alive() and len(registrations(server, "su")) == 2
+    kinds = [e["kind"] for e in ok(server.api.get(f"/workers/{again['id']}/events"))["events"]]
+    assert kinds == ["self_update_updated"], kinds
     assert "self-update: now running " + new in agent.tail(200)
     fleet.assert_clean()
 
@@ -112,7 +114,10 @@ def test_commit_that_fails_to_import_is_rolled_back_and_the_worker_keeps_serving
     assert served["state"] == "succeeded" and served["result"] == {"loss": 1.0}, fleet.explain()
     assert served["attempt_history"][0]["code_rev"] == old
     assert agent.alive() and "rolled back" in agent.tail(200)
-    assert len(registrations(server, "su")) == 2  # no re-exec: the first run, and the rollback report
+    [worker] = registrations(server, "su")  # no re-exec, no new registration
+    events = ok(server.api.get(f"/workers/{worker['id']}/events"))["events"]
+    assert [e["kind"] for e in events] == ["self_update_rolled_back"], events
+    assert "gridfleet_no_such_module" in events[0]["message"]
 
 
 def test_dirty_tree_is_refused_and_the_worker_keeps_serving(db_url, fleet, upstream, tmp_path):
@@ -132,6 +137,8 @@ def test_dirty_tree_is_refused_and_the_worker_keeps_serving(db_url, fleet, upstr
     served = finished(fleet, server, submit(server.api, "after-dirty", {"value": 1.0}, trainer="noop"))
     assert served["state"] == "succeeded" and served["result"] == {"loss": 1.0}, fleet.explain()
     assert agent.alive() and "refusing to update" in agent.tail(200)
+    [worker] = registrations(server, "su")
+    assert [e["kind"] for e in ok(server.api.get(f"/workers/{worker['id']}/events"))["events"]] == ["self_update_dirty"]
     fleet.assert_clean()
 
 
