@@ -1,7 +1,12 @@
 """Grid specs: validation and deterministic expansion into jobs. Pure logic, no database.
 
 A grid = trainer + base config + axes (cartesian product) + zip groups (lists advanced together)
-+ seeds, minus `exclude` patterns. Axis keys may be dotted paths ("optim.lr") into nested configs.
++ sample draws + seeds, minus `exclude` patterns. Axis keys may be dotted paths ("optim.lr") into nested
+configs; a numeric part indexes an existing list ("block_types.1.0").
+
+`sample` (seed 000's random-network runners): n draws of `params`, each a distribution, advanced together
+like a zip group. Draw i of key k comes from its own generator seeded by sha256(seed, i, k), so the
+same spec always expands to the same configs (and job keys), and adding a key leaves the others' draws.
 """
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ import hashlib
 import itertools
 import json
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from common.store_uri import check_store
 
@@ -30,6 +36,101 @@ class GridError(ValueError):
         self.message = message
 
 
+class Distribution(BaseModel):
+    """One sampled value: exactly one of uniform [a, b], uniform_int [a, b] (both ends included),
+    normal [mu, sigma], log_uniform [a, b] (a > 0), choice [values...], or template "G={mean},{std}" with
+    `fields` (a distribution per name). Then, in order: abs, clip [lo, hi] (null: open), round (digits),
+    format ("R={}")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uniform: tuple[float, float] | None = None
+    uniform_int: tuple[int, int] | None = None
+    normal: tuple[float, float] | None = None
+    log_uniform: tuple[float, float] | None = None
+    choice: list[Any] | None = None
+    template: str | None = None
+    fields: dict[str, "Distribution"] | None = None
+    abs: bool = False
+    clip: tuple[float | None, float | None] | None = None
+    round: int | None = Field(default=None, ge=0, le=15)
+    format: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("uniform", "uniform_int", "normal", "log_uniform", "choice", "template")
+                 if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of uniform, uniform_int, normal, log_uniform, choice, template"
+                             f" (got {kinds or 'none'})")
+        lo_hi = self.uniform or self.uniform_int or self.log_uniform
+        if lo_hi is not None and lo_hi[0] > lo_hi[1]:
+            raise ValueError(f"{kinds[0]} needs low <= high, got {list(lo_hi)}")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError("log_uniform needs 0 < low")
+        if self.normal is not None and self.normal[1] < 0:
+            raise ValueError("normal needs sigma >= 0")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is empty")
+        if (self.template is None) != (self.fields is None):
+            raise ValueError("template and fields go together")
+        if self.template is not None:
+            try:
+                self.template.format(**dict.fromkeys(self.fields or {}, 0))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"template '{self.template}' does not fit its fields: {exc}") from None
+        if self.format is not None and "{}" not in self.format:
+            raise ValueError("format needs a '{}' where the value goes")
+        return self
+
+    def draw(self, rng: random.Random) -> Any:
+        u = rng.random()  # random() is the one stream Python guarantees across versions; build the rest on it
+        if self.uniform is not None:
+            value: Any = self.uniform[0] + (self.uniform[1] - self.uniform[0]) * u
+        elif self.uniform_int is not None:
+            low, high = self.uniform_int
+            value = min(high, low + int(u * (high - low + 1)))
+        elif self.log_uniform is not None:
+            low, high = math.log(self.log_uniform[0]), math.log(self.log_uniform[1])
+            value = math.exp(low + (high - low) * u)
+        elif self.normal is not None:  # Box-Muller
+            z = math.sqrt(-2.0 * math.log(1.0 - u)) * math.cos(2.0 * math.pi * rng.random())
+            value = self.normal[0] + self.normal[1] * z
+        elif self.choice is not None:
+            value = copy.deepcopy(self.choice[min(len(self.choice) - 1, int(u * len(self.choice)))])
+        else:
+            value = self.template.format(**{name: dist.draw(rng) for name, dist in (self.fields or {}).items()})
+        if is_number(value):
+            if self.abs:
+                value = abs(value)
+            if self.clip is not None:
+                low, high = self.clip
+                value = value if low is None else max(low, value)
+                value = value if high is None else min(high, value)
+            if self.round is not None:
+                value = round(value, self.round)
+        return self.format.format(value) if self.format is not None else value
+
+
+class SampleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(ge=1, le=MAX_JOBS_PER_GRID)
+    seed: int = 0
+    params: dict[str, Distribution] = Field(min_length=1)
+
+    def rows(self) -> list[list[tuple[str, Any]]]:
+        """n rows of (key, value), deterministic in (seed, draw, key)."""
+        out = []
+        for i in range(self.n):
+            row = []
+            for key, dist in self.params.items():
+                digest = hashlib.sha256(f"{self.seed}:{i}:{key}".encode()).digest()
+                row.append((key, dist.draw(random.Random(int.from_bytes(digest[:8], "big")))))
+            out.append(row)
+        return out
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="allow")  # free-form extras (e.g. gpu_memory_gb) ride along
     gpus: float = Field(default=0.0, ge=0.0, le=64.0)
@@ -43,6 +144,7 @@ class GridSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     zip: list[dict[str, list[Any]]] = Field(default_factory=list)
+    sample: SampleSpec | None = None
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0])
     priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
@@ -101,6 +203,19 @@ class GridSpec(BaseModel):
                 seen.add(key)
         return groups
 
+    @field_validator("sample")
+    @classmethod
+    def _sample_keys_not_swept(cls, sample, info: ValidationInfo):
+        if sample is None:
+            return sample
+        swept = set(info.data.get("axes") or {})
+        for group in info.data.get("zip") or []:
+            swept.update(group)
+        for key in sample.params:
+            if key in swept:
+                raise ValueError(f"key '{key}' is both sampled and swept (in axes or zip)")
+        return sample
+
     @property
     def objective_parts(self) -> tuple[str, str] | None:
         if not self.objective:
@@ -114,6 +229,8 @@ class GridSpec(BaseModel):
             count *= len(values)
         for group in self.zip:
             count *= len(next(iter(group.values())))
+        if self.sample is not None:
+            count *= self.sample.n
         return count
 
 
@@ -132,20 +249,43 @@ def job_key(trainer: str, config: dict[str, Any], seed: int) -> str:
     return hashlib.sha256(canonical_json({"trainer": trainer, "config": config, "seed": seed}).encode()).hexdigest()
 
 
+def _list_index(node: Any, part: str) -> int | None:
+    """`part` as an index into `node` when node is a list and part a valid index, else None."""
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return int(part)
+    return None
+
+
 def _set_path(config: dict[str, Any], path: str, value: Any) -> None:
     parts = path.split(".")
-    node = config
+    node: Any = config
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        index = _list_index(node, part)
+        if index is not None:
+            child = node[index]
+        elif isinstance(node, dict):
+            child = node.setdefault(part, {})
+        else:
+            raise GridError(f"axes.{path}", f"'{part}' is not a key or an index of the base config there")
+        if not isinstance(child, (dict, list)):
             raise GridError(f"axes.{path}", f"'{part}' is not a mapping in the base config")
         node = child
-    node[parts[-1]] = value
+    index = _list_index(node, parts[-1])
+    if index is not None:
+        node[index] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise GridError(f"axes.{path}", f"'{parts[-1]}' is not an index of the list in the base config")
 
 
 def _get_path(config: dict[str, Any], path: str) -> Any:
     node: Any = config
     for part in path.split("."):
+        index = _list_index(node, part)
+        if index is not None:
+            node = node[index]
+            continue
         if not isinstance(node, dict) or part not in node:
             return _MISSING
         node = node[part]
@@ -160,7 +300,7 @@ def _excluded(config: dict[str, Any], patterns: list[dict[str, Any]]) -> bool:
 
 
 def expand(spec: GridSpec) -> list[JobSpec]:
-    """All jobs of a grid, in a deterministic order (axes in spec order, then zip groups, then seeds)."""
+    """All jobs of a grid, in a deterministic order (axes in spec order, then zip groups, sample draws, seeds)."""
     bound = spec.job_count_upper_bound()
     if bound > MAX_JOBS_PER_GRID:
         raise GridError("axes", f"the grid expands to {bound:,} jobs; the limit is {MAX_JOBS_PER_GRID:,}")
@@ -168,6 +308,8 @@ def expand(spec: GridSpec) -> list[JobSpec]:
     zip_items = [
         [list(zip(group.keys(), row)) for row in zip(*group.values())] for group in spec.zip
     ]
+    if spec.sample is not None:  # the draws advance together, like one more zip group
+        zip_items.append(spec.sample.rows())
     jobs: list[JobSpec] = []
     seen: set[str] = set()
     for combo in itertools.product(*axis_items, *zip_items):

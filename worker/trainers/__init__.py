@@ -15,6 +15,7 @@ TRAINERS: dict[str, str] = {
     "sleep": "worker.trainers.sleep",
     "gated_rnn": "worker.trainers.gated_rnn",
     "command": "worker.trainers.command",
+    "sparse_rnn": "worker.trainers.sparse_rnn",
 }
 
 

@@ -1,0 +1,372 @@
+"""sparse_rnn: seed 000's iterated sparse block-matrix RNNs (qbhershey/iterativenn) and their baselines.
+
+One masked linear map over the state z = [x | h | y] is applied once per sequence step: the step's input
+is inserted into the x block, then z <- act(W z + b); the loss reads the y block at every step or only at
+the last (`sequence_position`). `model_type`: `description` (the block model; aliases `block`, `sparse`),
+`lstm`, `gru`, `rnn`, `mlp`, all trained by the same data, loss and loop. Adam, lr 1e-4 as in the seed.
+
+Data (`data.dataset`): `random_anomaly` (the real parquet files when `data.path` names their folder, else
+the same task built offline from scikit-learn's digits) or a Minari dataset id such as
+`D4RL/door/expert-v2` (behaviour cloning, see iterativenn/minari_data.py).
+
+Seed 000's Hydra files are accepted as written: either their keys at the top level, or the composed
+sections {base: ..., data: ..., model: ..., logger: ...}; `config_from_hydra` reads the YAML files.
+Seed keys that only steered Lightning or W&B (factory_type, name, profiler, base_dir, logger,
+callbacks' idx_list strings) are accepted and ignored; `seed` is ignored too: the grid's `seeds` decide.
+See docs/sparse_rnn.md.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.trainers.iterativenn import anomaly
+from worker.trainers.iterativenn.baselines import build_baseline
+from worker.trainers.iterativenn.blocks import (
+    BlockRNN,
+    Description,
+    choose_representation,
+)
+from worker.trainers.iterativenn.data import Batch, SequenceData, pad
+from worker.trainers.iterativenn.sampling import hidden_for_budget, with_hidden
+
+MODEL_ALIASES = {
+    "description": "description", "block": "description", "blocks": "description", "sparse": "description",
+    "description_sparse": "description", "masked": "description", "sparse_rnn": "description",
+    "lstm": "lstm", "gru": "gru", "rnn": "rnn", "mlp": "mlp",
+}
+RANDOM_ANOMALY_NAMES = {"random_anomaly", "randomanomaly", "random-anomaly", "ra"}
+SEED_SECTIONS = ("base", "model")  # merged into the top level; `data` stays a section, `logger` is dropped
+DATA_KEYS = ("dataset", "train_size", "validation_size", "test_size", "batch_size", "path", "image_size",
+             "minari_root", "score_episodes")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    dataset: str = "random_anomaly"
+    name: str | None = None  # the seed's label for the data file; ignored
+    # None: the source's own default (RandomAnomaly 10000/1000/1000; Minari: part B's loader decides).
+    train_size: int | None = Field(default=None, ge=1)
+    validation_size: int | None = Field(default=None, ge=0)
+    test_size: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=16, ge=1, le=65_536)
+    path: str | None = None  # RandomAnomaly: the folder of the real parquet files
+    image_size: int = Field(default=50, ge=4, le=256)  # offline RandomAnomaly: side of each image
+    minari_root: str | None = None  # Minari: where datasets live (else minari's own default)
+    score_episodes: int = Field(default=0, ge=0, le=10_000)  # Minari: env episodes to score the policy on
+
+    @property
+    def is_random_anomaly(self) -> bool:
+        return self.dataset.strip().lower() in RANDOM_ANOMALY_NAMES
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model_type: Literal["description", "lstm", "gru", "rnn", "mlp"] = "description"
+    # ---- the block description (model_type description) -------------------------------------------
+    row_sizes: list[int] | None = None  # [x, h..., y]; x and y must match the data
+    col_sizes: list[int] | None = None  # must equal row_sizes (the map takes z to z)
+    hidden_size: int | None = Field(default=None, ge=1, le=100_000)  # overrides every hidden block size
+    density: float = Field(default=0.1, gt=0.0, le=1.0)  # R=density everywhere when block_types is absent
+    block_types: list[list[Any]] | None = None
+    initialization_types: list[list[Any]] | None = None
+    trainable: list[list[Any]] | None = None
+    activations: list[str] | bool | None = None  # per block row; the seed's LSTM files say False
+    activation_sizes: list[int] | None = None  # must equal row_sizes
+    bias: bool = True
+    param_budget: int | None = Field(default=None, ge=1)  # solve the hidden size for this many parameters
+    representation: Literal["auto", "dense", "sparse"] = "auto"
+    # ---- baselines -----------------------------------------------------------------------------------
+    input_size: int | None = Field(default=None, ge=1)  # checked against the data when given
+    output_size: int | None = Field(default=None, ge=1)
+    sizes: list[int] | None = None  # mlp: [x, h1, ..., y]
+    # ---- training --------------------------------------------------------------------------------------
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=10.0, validation_alias=AliasChoices("learning_rate", "lr"))
+    max_epochs: int = Field(default=5, ge=1, le=100_000, validation_alias=AliasChoices("max_epochs", "epochs"))
+    max_steps: int | None = Field(default=None, ge=1)  # stop after this many optimizer steps
+    sequence_position: Literal["all", "last"] | None = None  # None: callbacks.loss's, else the data's
+    loss: Literal["mse", "cross_entropy"] | None = None  # None: callbacks.loss.func's, else the data's
+    log_every: int = Field(default=10, ge=1, validation_alias=AliasChoices("log_every", "log_every_n_steps"))
+    checkpoint_every: int = Field(default=200, ge=1)
+    use_cuda: bool = True
+    num_threads: int | None = Field(default=None, ge=1, le=256)
+    data: DataConfig = Field(default_factory=DataConfig)
+    # ---- seed keys accepted and ignored (Lightning / Hydra / W&B plumbing) ------------------------------
+    callbacks: dict[str, Any] | None = None
+    factory_type: str | None = None
+    name: str | None = None
+    profiler: Any = None
+    base_dir: Any = None
+    seed: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_layout(cls, value: Any) -> Any:
+        """Merge Hydra sections (base, model) into the top level, move flat data keys into `data`."""
+        if not isinstance(value, dict):
+            return value
+        out = {k: v for k, v in value.items() if k not in SEED_SECTIONS and k != "logger"}
+        for section in SEED_SECTIONS:
+            part = value.get(section)
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                raise ValueError(f"'{section}' must be a mapping (a Hydra config group)")
+            for key, item in part.items():
+                if key in out and out[key] != item:
+                    raise ValueError(f"'{key}' is set both at the top level and in '{section}'")
+                out[key] = item
+        data = dict(out.get("data") or {})
+        for key in DATA_KEYS:
+            if key in out:
+                if key in data and data[key] != out[key]:
+                    raise ValueError(f"'{key}' is set both at the top level and in 'data'")
+                data[key] = out.pop(key)
+        if data:
+            out["data"] = data
+        return out
+
+    @field_validator("model_type", mode="before")
+    @classmethod
+    def _model_alias(cls, value: Any) -> Any:
+        key = str(value).strip().lower()
+        if key not in MODEL_ALIASES:
+            raise ValueError(f"unknown model_type '{value}'; use description (block), lstm, gru, rnn or mlp")
+        return MODEL_ALIASES[key]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.row_sizes is not None:
+            for name in ("col_sizes", "activation_sizes"):
+                other = getattr(self, name)
+                if other is not None and list(other) != list(self.row_sizes):
+                    raise ValueError(f"{name} {other} must equal row_sizes {self.row_sizes}")
+        if self.model_type == "description":
+            self.description()  # parse now, so a bad block string is a 422 at POST, not a failed job
+        return self
+
+    # ---- derived ---------------------------------------------------------------------------------------
+    def loss_from_callbacks(self) -> tuple[str | None, str | None]:
+        loss = (self.callbacks or {}).get("loss") or {}
+        func = str(loss.get("func", "")).lower()
+        kind = "mse" if "mse" in func else "cross_entropy" if "crossentropy" in func.replace("_", "") else None
+        position = loss.get("sequence_position")
+        return kind, (position if position in ("all", "last") else None)
+
+    def description(self, input_size: int | None = None, output_size: int | None = None) -> Description:
+        """The block description; sizes of x and y come from the data when known (placeholders before)."""
+        sizes = list(self.row_sizes) if self.row_sizes else [input_size or 1, self.hidden_size or 64, output_size or 1]
+        if input_size is not None:
+            sizes[0] = input_size
+        if output_size is not None:
+            sizes[-1] = output_size
+        n = len(sizes)
+        if self.hidden_size is not None and n > 2:
+            sizes[1:-1] = [self.hidden_size] * (n - 2)
+        kind = f"R={self.density}" if self.density < 1.0 else "W"
+        types = self.block_types or [[0] * n] + [[kind] * n for _ in range(n - 1)]
+        inits = self.initialization_types or [[0] * n] + [["G=0,0.05"] * n for _ in range(n - 1)]
+        train = self.trainable or [[False] * n] + [["non-zero"] * n for _ in range(n - 1)]
+        acts = self.activations if isinstance(self.activations, list) else ["Identity"] + ["ReLU"] * (n - 2) + ["Identity"]
+        desc = Description.parse(sizes, types, inits, train, acts, self.bias)
+        if self.param_budget is not None:
+            desc = with_hidden(desc, hidden_for_budget(desc, self.param_budget))
+        return desc
+
+
+def config_from_hydra(base: str | Path | dict, data: str | Path | dict, model: str | Path | dict) -> dict[str, Any]:
+    """A sparse_rnn config from seed 000's three Hydra files (conf/base/*.yaml, conf/data/*.yaml,
+    conf/model/*.yaml), or already-loaded dicts: {base: ..., data: ..., model: ...}, which Config accepts."""
+    import yaml
+
+    def load(part):
+        return dict(part) if isinstance(part, dict) else yaml.safe_load(Path(part).read_text()) or {}
+
+    return {"base": load(base), "data": load(data), "model": load(model)}
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+def load_data(cfg: Config, seed: int) -> SequenceData:
+    d = cfg.data
+    if d.is_random_anomaly:
+        return anomaly.load(d.path, d.train_size or 10_000, 1_000 if d.validation_size is None else d.validation_size,
+                            1_000 if d.test_size is None else d.test_size, seed, d.image_size)
+    # part B's loader, imported only when used: RandomAnomaly runs need no Minari
+    from worker.trainers.iterativenn import minari_data
+
+    return minari_data.load_sequences(d.dataset, d.train_size, d.validation_size, d.test_size, seed,
+                                      minari_root=d.minari_root)
+
+
+def sequence_loss(pred: torch.Tensor, batch: Batch, kind: str, position: str) -> tuple[torch.Tensor, int, int]:
+    """(mean loss over valid targets, correct predictions, counted predictions). Padded or NaN targets
+    (mse) and IGNORE targets (cross-entropy) carry no loss, as the seed's NaN truths did."""
+    if position == "last":
+        rows = torch.arange(len(batch.lengths), device=pred.device)
+        pred, y = pred[rows, batch.lengths - 1].unsqueeze(1), batch.y[rows, batch.lengths - 1].unsqueeze(1)
+    else:
+        y = batch.y
+    if kind == "mse":
+        valid = ~torch.isnan(y)
+        if not bool(valid.any()):
+            return pred.sum() * 0.0, 0, 0
+        return F.mse_loss(pred[valid], y[valid]), 0, 0
+    valid = y >= 0
+    logits, labels = pred[valid], y[valid]
+    if labels.numel() == 0:
+        return pred.sum() * 0.0, 0, 0
+    correct = int((logits.argmax(dim=-1) == labels).sum())
+    return F.cross_entropy(logits, labels), correct, int(labels.numel())
+
+
+def build_model(cfg: Config, data: SequenceData, seed: int, device: str, representation: str | None):
+    """(model, facts). `representation` comes from a checkpoint when resuming, so a job that started
+    sparse on one machine stays sparse on another whatever auto would pick there."""
+    torch.manual_seed(seed)  # nn.LSTM/GRU/RNN initialise from the global generator
+    gen = torch.Generator().manual_seed(seed)
+    for name, want, have in (("input_size", cfg.input_size, data.input_size), ("output_size", cfg.output_size, data.output_size)):
+        if want is not None and want != have:
+            raise ValueError(f"{name} is {want} but the data ({data.name}) has {have}")
+    if cfg.model_type == "description":
+        if cfg.row_sizes and (cfg.row_sizes[0], cfg.row_sizes[-1]) != (data.input_size, data.output_size):
+            raise ValueError(f"row_sizes {cfg.row_sizes} must start with the data's input size {data.input_size} "
+                             f"and end with its output size {data.output_size} ({data.name})")
+        desc = cfg.description(data.input_size, data.output_size)
+        if representation is None:
+            representation = cfg.representation if cfg.representation != "auto" else choose_representation(
+                desc.expected_density(), desc.n, device)
+        model = BlockRNN(desc, representation, gen)
+        facts = model.describe() | {"hidden_size": desc.sizes[1] if len(desc.sizes) > 2 else 0}
+        return model, facts
+    hidden = cfg.hidden_size or 64
+    if cfg.model_type == "mlp" and cfg.sizes and (cfg.sizes[0], cfg.sizes[-1]) != (data.input_size, data.output_size):
+        raise ValueError(f"sizes {cfg.sizes} must start with {data.input_size} and end with {data.output_size}")
+    acts = cfg.activations if isinstance(cfg.activations, list) else None
+    model = build_baseline(cfg.model_type, data.input_size, hidden, data.output_size, gen, cfg.sizes, acts, cfg.bias)
+    trainable = (model.trainable_parameters() if isinstance(model, BlockRNN)
+                 else sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return model, {"representation": "dense", "hidden_size": hidden, "trainable_parameters": trainable}
+
+
+@torch.no_grad()
+def evaluate(model, pairs, batch_size: int, kind: str, position: str, device) -> dict[str, float]:
+    if len(pairs) == 0:
+        return {}
+    total, weight, correct, counted = 0.0, 0, 0, 0
+    for start in range(0, len(pairs), batch_size):
+        batch = pad([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]).to(device)
+        loss, c, n = sequence_loss(model(batch.x), batch, kind, position)
+        total += float(loss) * len(batch.lengths)
+        weight += len(batch.lengths)
+        correct, counted = correct + c, counted + n
+    out = {"loss": total / weight}
+    if kind == "cross_entropy" and counted:
+        out["accuracy"] = correct / counted
+    return out
+
+
+# ---- training ---------------------------------------------------------------------------------------------
+def train(cfg: Config, ctx) -> dict:
+    warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # CSR "beta" notices, once per job
+    warnings.filterwarnings("ignore", message=".*LSTM with projections.*")  # oneDNN falls back; harmless
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = torch.device(ctx.device if cfg.use_cuda else "cpu")
+    data = load_data(cfg, ctx.seed)
+    kind_cb, position_cb = cfg.loss_from_callbacks()
+    kind = cfg.loss or kind_cb or data.loss
+    position = cfg.sequence_position or position_cb or data.sequence_position
+
+    state = ctx.load_checkpoint()
+    model, facts = build_model(cfg, data, ctx.seed, device.type, state["representation"] if state else None)
+    model.to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    shuffler = torch.Generator().manual_seed(ctx.seed)
+    batches_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
+    total_steps = batches_per_epoch * cfg.max_epochs if cfg.max_steps is None else min(cfg.max_steps, batches_per_epoch * cfg.max_epochs)
+
+    if state is None:
+        state = {"step": 0, "epoch": 0, "pos": 0, "order": None, "window": [], "curve": [], "val_curve": [],
+                 "min_val_loss": float("inf"), "elapsed": 0.0}
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffler.set_state(state["shuffler"])
+    step, epoch, pos, order = state["step"], state["epoch"], state["pos"], state["order"]
+    window, curve, val_curve, min_val = state["window"], state["curve"], state["val_curve"], state["min_val_loss"]
+    began = time.monotonic() - state["elapsed"]
+
+    def checkpoint() -> None:
+        ctx.save_checkpoint({
+            "step": step, "epoch": epoch, "pos": pos, "order": order, "window": window, "curve": curve,
+            "val_curve": val_curve, "min_val_loss": min_val, "elapsed": time.monotonic() - began,
+            "representation": facts["representation"], "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "shuffler": shuffler.get_state(),
+        })
+
+    while step < total_steps:
+        if order is None:  # a new epoch: a fresh shuffle
+            order = torch.randperm(len(data.train), generator=shuffler).tolist()
+            pos = 0
+        indices = order[pos : pos + cfg.data.batch_size]
+        batch = pad([data.train[i] for i in indices]).to(device)
+        loss, _, _ = sequence_loss(model(batch.x), batch, kind, position)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step, pos = step + 1, pos + len(indices)
+        window.append(loss.item())
+        if step % cfg.log_every == 0 or step == total_steps:
+            value = sum(window) / len(window)
+            window = []
+            curve.append([step, value])
+            ctx.report(step, loss=value, epoch=epoch)
+            ctx.progress(step, total_steps)
+        if pos >= len(order):  # end of an epoch: validate
+            epoch, order = epoch + 1, None
+            metrics = evaluate(model, data.validation, cfg.data.batch_size, kind, position, device)
+            if metrics:
+                min_val = min(min_val, metrics["loss"])
+                val_curve.append([step, metrics["loss"]])
+                ctx.report(step, **{f"val_{k}": v for k, v in metrics.items()})
+        if step % cfg.checkpoint_every == 0 or step == total_steps or ctx.should_stop():
+            checkpoint()
+            if ctx.should_stop() and step < total_steps:
+                return {"stopped_at": step}
+
+    result = {
+        "final_loss": curve[-1][1] if curve else None, "steps": step, "epochs": epoch, "loss_curve": curve,
+        "val_curve": val_curve, "min_val_loss": min_val if val_curve else None,
+        "seconds": round(time.monotonic() - began, 2), "parameters": facts["trainable_parameters"],
+        "model_type": cfg.model_type, "representation": facts["representation"],
+        "hidden_size": facts.get("hidden_size"), "density": facts.get("density"), "dataset": data.name,
+        "loss_kind": kind, "sequence_position": position,
+    }
+    result.update({f"test_{k}": v for k, v in evaluate(model, data.test, cfg.data.batch_size, kind, position, device).items()})
+    if cfg.data.score_episodes and not cfg.data.is_random_anomaly:
+        result.update(score(model, cfg, data, ctx.seed, device))
+    return result
+
+
+def score(model, cfg: Config, data: SequenceData, seed: int, device) -> dict:
+    """Seed 000's reward scoring: the policy sees the growing observation history each env step and acts
+    with its last output. `model_step_fn(history [t, n_in] float array) -> action [n_out] array`."""
+    # part B's env runner, imported only when used
+    from worker.trainers.iterativenn import scoring
+
+    @torch.no_grad()
+    def model_step_fn(history):
+        x = torch.as_tensor(history, dtype=torch.float32, device=device).reshape(1, -1, data.input_size)
+        return model(x)[0, -1].cpu().numpy()
+
+    model.eval()
+    return scoring.score_policy(model_step_fn, cfg.data.dataset, cfg.data.score_episodes, seed)
