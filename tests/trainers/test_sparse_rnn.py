@@ -239,3 +239,15 @@ def test_reads_the_real_parquet_layout_and_trains_on_it(tmp_path):
     assert result["steps"] == 4 and result["dataset"] == "random_anomaly"
     with pytest.raises(FileNotFoundError, match="leave data.path out"):
         anomaly.load(str(tmp_path / "missing"), 1, 1, 1, seed=0)
+
+
+def test_minari_jobs_pass_their_data_settings_to_the_loader(monkeypatch):
+    from worker.trainers.iterativenn import minari_data
+
+    calls = []
+    monkeypatch.setattr(minari_data, "load_sequences", lambda *args, **kwargs: calls.append((args, kwargs)))
+    cfg = Config.model_validate({"data": {"dataset": "D4RL/door/expert-v2", "train_size": 40, "validation_size": 5,
+                                          "test_size": 5, "minari_root": "/data/minari", "download": True}})
+    sparse_rnn.load_data(cfg, seed=3)
+    assert calls == [(("D4RL/door/expert-v2", 40, 5, 5, 3), {"minari_root": "/data/minari", "download": True})]
+    assert Config.model_validate({"data": {"dataset": "D4RL/door/expert-v2"}}).data.download is False

@@ -61,6 +61,7 @@ class DataConfig(BaseModel):
     path: str | None = None  # RandomAnomaly: the folder of the real parquet files
     image_size: int = Field(default=50, ge=4, le=256)  # offline RandomAnomaly: side of each image
     minari_root: str | None = None  # Minari: where datasets live (else minari's own default)
+    download: bool = False  # Minari: fetch a dataset missing locally (needs a network; off: fail at once)
     score_episodes: int = Field(default=0, ge=0, le=10_000)  # Minari: env episodes to score the policy on
 
     @property
@@ -204,7 +205,7 @@ def load_data(cfg: Config, seed: int) -> SequenceData:
     from worker.trainers.iterativenn import minari_data
 
     return minari_data.load_sequences(d.dataset, d.train_size, d.validation_size, d.test_size, seed,
-                                      minari_root=d.minari_root)
+                                      minari_root=d.minari_root, download=d.download)
 
 
 def sequence_loss(pred: torch.Tensor, batch: Batch, kind: str, position: str) -> tuple[torch.Tensor, int, int]:
