@@ -388,12 +388,15 @@ def test_worker_protocol_over_http(server):
             done = w.post(f"{base}/finish", json={**fenced, "outcome": "succeeded",
                                                   "result": {"loss": job["config"]["value"]}})
             assert done.status_code == 200 and done.json() == {"ok": True, "state": "succeeded"}
-            # The attempt is over: every further write with it is refused with stop.
+            # The attempt is over: every further write with it is refused with stop...
             for path, extra in (("finish", {"outcome": "succeeded", "result": {"loss": -1.0}}),
-                                ("heartbeat", {"step": 2}), ("checkpoint", {"pointer": {"step": 2}}),
+                                ("heartbeat", {"step": 2}),
                                 ("events", {"events": [{"kind": "log", "message": "late"}]})):
                 body = _error(w.post(f"{base}/{path}", json={**fenced, **extra}), 409)
                 assert body["error"]["code"] == "stale_attempt" and body["stop"] is True, (path, body)
+            # ...but the final checkpoint's pointer, which a Hub upload records after the job finished.
+            late = w.post(f"{base}/checkpoint", json={**fenced, "pointer": {"uri": "hf://a/b/c.pt", "step": 2}})
+            assert late.status_code == 200 and w.get(f"{API}/jobs/{job['id']}").json()["checkpoint"]["step"] == 2
             finished.append(job["id"])
         assert len(finished) == 3
 
