@@ -16,6 +16,7 @@ TRAINERS: dict[str, str] = {
     "gated_rnn": "worker.trainers.gated_rnn",
     "command": "worker.trainers.command",
     "sparse_rnn": "worker.trainers.sparse_rnn",
+    "snn_ddqn": "worker.trainers.snn_ddqn",
 }
 
 

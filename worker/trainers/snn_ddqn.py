@@ -1,0 +1,466 @@
+"""snn_ddqn: seed 002's spiking-network Double DQN (amirabbasija/SNN-DDQN), one readable file.
+
+An epsilon-greedy agent on any Gymnasium env with a flat Box observation and Discrete actions
+(LunarLander-v3 as the seed; CartPole-v1 for fast runs). The Q-network is a stack of Linear layers:
+`ann` puts ReLUs between them; `snn` puts an snntorch `Leaky(beta)` neuron after every Linear layer
+(the output layer's too), feeds the observation as a constant current for `snn_tSteps` steps and reads
+Q as the summed output spikes (`readout: spikes`, the seed) or the output layer's mean membrane
+potential (`readout: membrane`, output neurons without reset).
+
+Learning as in the seed: replay buffer (100,000), epsilon from 1 to a floor, multiplied by `decay` once
+per finished episode, an update every `update_every` env steps once the buffer holds a batch, MSE on the
+TD error, Adam, soft target update (tau) after each update or a hard copy every N updates. The target
+is true Double DQN (the online net picks the next action, the target net values it) or, with
+`target: dqn`, the seed's own rule (max over the target net).
+
+`agents` environments run side by side with one batched forward pass for their actions. An episode is a
+"win" when its final reward is > `win_threshold` (75: LunarLander's landing bonus), or its return is
+(`win_by: return`). Learning stops, and the job ends, when the win rate over the last `win_window`
+episodes exceeds `stop_learning_at_win_percent` (a percent: the seed compared a 0-1 fraction to 80).
+
+Exact resume: a checkpoint holds both nets, the optimizer, the replay buffer, epsilon, counters, history,
+the RNG states and, for each episode in flight, its reset seed and its actions so far. A Gymnasium env's
+internal state cannot be saved, but it is a function of its reset seed and the actions taken, so resume
+replays them. A resumed run therefore equals an uninterrupted one, even when it stopped mid-episode.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import gymnasium as gym
+import numpy as np
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from torch import nn
+
+CURVE_POINTS = 200  # the result's return curve is averaged down to at most this many points
+
+
+def _names(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Config(BaseModel):
+    """Seed 002's conf.json keys are accepted as written (snn_tSteps, learning_rate, batch, decay, ...)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    env_id: str = Field(default="LunarLander-v3", validation_alias=_names("env_id", "env", "env_name", "environment"))
+    max_episode_steps: int | None = Field(default=None, ge=1, description="None: the env's own (LunarLander: 1000)")
+    episodes: int = Field(default=15_000, ge=1, validation_alias=_names("episodes", "max_episodes", "num_episodes"))
+    agents: int = Field(default=1, ge=1, le=256, validation_alias=_names("agents", "num_envs"))
+    # The network.
+    architecture: Literal["snn", "ann"] = "snn"
+    hidden_layers: list[Annotated[int, Field(ge=1, le=8192)]] = Field(default=[64, 64], min_length=1, max_length=16)
+    snn_tSteps: int = Field(default=25, ge=1, le=10_000,
+                            validation_alias=_names("snn_tSteps", "snn_t_steps", "t_steps"))
+    snn_beta: float = Field(default=0.95, ge=0.0, le=1.0, validation_alias=_names("snn_beta", "beta"))
+    readout: Literal["spikes", "membrane"] = "spikes"
+    # Learning.
+    target: Literal["ddqn", "dqn"] = "ddqn"
+    target_update: Literal["soft", "hard"] = "soft"
+    tau: float = Field(default=0.001, gt=0.0, le=1.0)
+    target_update_every: int = Field(default=1000, ge=1, description="updates between hard copies")
+    learning_rate: float = Field(default=4e-4, gt=0.0, le=10.0, validation_alias=_names("learning_rate", "lr"))
+    gamma: float = Field(default=0.995, ge=0.0, le=1.0)
+    batch: int = Field(default=100, ge=1, le=1_000_000, validation_alias=_names("batch", "batch_size"))
+    buffer_size: int = Field(default=100_000, ge=1,
+                             validation_alias=_names("buffer_size", "replay_size", "memory_size"))
+    update_every: int = Field(default=4, ge=1, validation_alias=_names("update_every", "train_frequency"))
+    epsilon_start: float = Field(default=1.0, ge=0.0, le=1.0)
+    epsilon_min: float = Field(default=0.01, ge=0.0, le=1.0,
+                               validation_alias=_names("epsilon_min", "epsilon_end", "epsilon_floor", "min_epsilon"))
+    decay: float = Field(default=0.998, gt=0.0, le=1.0, validation_alias=_names("decay", "epsilon_decay"))
+    # Winning and stopping.
+    win_by: Literal["final_reward", "return"] = "final_reward"
+    win_threshold: float = 75.0
+    win_window: int = Field(default=100, ge=1)
+    stop_learning_at_win_percent: float | None = Field(default=80.0, ge=0.0, le=100.0)
+    stop_at_mean_return: float | None = None  # e.g. CartPole-v1's "solved": mean return >= 475 over 100
+    max_run_time: float | None = Field(default=None, gt=0.0, description="seconds of training, all attempts together")
+    train_max_time: float | None = Field(default=None, gt=0.0, description="the same; the smaller of the two counts")
+    checkpoint_every: int = Field(default=100, ge=1, description="episodes")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Seed 002's other conf.json keys, accepted so its file runs unchanged. gridfleet does their work:
+    # attempts of a job always resume (continue_run), checkpoints go to the grid's store (upload_to_cloud,
+    # local_backup); `name` names the grid (grid_from_seed_conf). run_tag makes a new run a new job.
+    name: str | None = None
+    continue_run: bool = True
+    extra_info: str = ""
+    upload_to_cloud: bool = False
+    local_backup: bool = True
+    debug: bool = False
+    run_tag: str | None = None
+
+    @field_validator("env_id")
+    @classmethod
+    def _known_env(cls, env_id: str) -> str:
+        if ":" in env_id:  # "module:EnvId" registers itself when gym.make imports the module
+            return env_id
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as exc:
+            raise ValueError(f"unknown Gymnasium env '{env_id}': {exc}") from None
+        return env_id
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.batch > self.buffer_size:
+            raise ValueError(f"batch ({self.batch}) is larger than buffer_size ({self.buffer_size})")
+        if self.epsilon_min > self.epsilon_start:
+            raise ValueError(f"epsilon_min ({self.epsilon_min}) is above epsilon_start ({self.epsilon_start})")
+        return self
+
+    def time_limit(self) -> float | None:
+        limits = [t for t in (self.max_run_time, self.train_max_time) if t is not None]
+        return min(limits) if limits else None
+
+
+# ---- seed 002's conf.json as a grid ------------------------------------------------------------------
+SEED_CONF_KEYS = frozenset({"snn_tSteps", "snn_beta", "architecture", "stop_learning_at_win_percent", "hidden_layers"})
+
+
+def is_seed_conf(data: dict[str, Any]) -> bool:
+    """A seed-002 conf.json rather than a grid spec: no trainer/config keys, some of the seed's own."""
+    return "trainer" not in data and "config" not in data and bool(SEED_CONF_KEYS & data.keys())
+
+
+def grid_from_seed_conf(conf: dict[str, Any], force_new_run: bool = False, now: datetime | None = None) -> dict:
+    """A one-job grid for a seed-002 conf.json. Submitting the same file again adds nothing, so the job
+    (resumed from its checkpoints by whichever worker runs it) continues: `continue_run: true`. With
+    `continue_run: false` or `force_new_run` (the seed's --forcenewrun) a run_tag makes it a new job."""
+    config = dict(conf)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(config.get("name") or "snn-ddqn")).strip("-._")[:100] or "snn-ddqn"
+    if force_new_run or not config.get("continue_run", True):
+        config["run_tag"] = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
+    return {"name": name, "trainer": "snn_ddqn", "config": config, "objective": "max:mean_return"}
+
+
+# ---- the network -------------------------------------------------------------------------------------
+class QNetwork(nn.Module):
+    def __init__(self, obs_dim: int, n_actions: int, cfg: Config):
+        super().__init__()
+        sizes = [obs_dim, *cfg.hidden_layers, n_actions]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.spiking = cfg.architecture == "snn"
+        self.t_steps = cfg.snn_tSteps
+        self.membrane_readout = cfg.readout == "membrane"
+        if self.spiking:
+            hidden = [snn.Leaky(beta=cfg.snn_beta) for _ in cfg.hidden_layers]
+            # A membrane readout integrates without reset, so Q can take any value (spike counts are 0..T).
+            output = snn.Leaky(beta=cfg.snn_beta, reset_mechanism="none" if self.membrane_readout else "subtract")
+            self.neurons = nn.ModuleList([*hidden, output])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if not self.spiking:
+            x = obs
+            for linear in self.linears[:-1]:
+                x = F.relu(linear(x))
+            return self.linears[-1](x)
+        first = self.linears[0](obs)  # a constant current: the first layer's input is the same every step
+        mems = [torch.zeros(len(obs), layer.out_features, device=obs.device) for layer in self.linears]
+        total = torch.zeros(len(obs), self.linears[-1].out_features, device=obs.device)
+        for _ in range(self.t_steps):
+            current = first
+            for i, neuron in enumerate(self.neurons):
+                spikes, mems[i] = neuron(current, mems[i])
+                if i + 1 < len(self.linears):
+                    current = self.linears[i + 1](spikes)
+            total = total + (mems[-1] if self.membrane_readout else spikes)
+        return total / self.t_steps if self.membrane_readout else total
+
+
+def td_target(online: nn.Module, target: nn.Module, rewards: torch.Tensor, next_obs: torch.Tensor,
+              terminated: torch.Tensor, gamma: float, rule: str) -> torch.Tensor:
+    """r + gamma * Q'(s', a') for non-terminal s'. Double DQN: a' = argmax of the online net, valued by the
+    target net. `dqn` (the seed's rule): max over the target net. Truncated episodes still bootstrap."""
+    with torch.no_grad():
+        next_q = target(next_obs)
+        if rule == "ddqn":
+            best = online(next_obs).argmax(dim=1, keepdim=True)
+            value = next_q.gather(1, best).squeeze(1)
+        else:
+            value = next_q.max(dim=1).values
+        return rewards + gamma * (1.0 - terminated) * value
+
+
+# ---- the replay buffer -------------------------------------------------------------------------------
+class ReplayBuffer:
+    """A ring of transitions in numpy arrays on the CPU; sampled batches go to the device."""
+
+    def __init__(self, capacity: int, obs_dim: int):
+        self.capacity, self.pos, self.size = capacity, 0, 0
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.terminated = np.zeros(capacity, dtype=np.float32)
+
+    def add(self, obs, action: int, reward: float, next_obs, terminated: bool) -> None:
+        i = self.pos
+        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
+        self.next_obs[i], self.terminated[i] = next_obs, terminated
+        self.pos, self.size = (i + 1) % self.capacity, min(self.size + 1, self.capacity)
+
+    def sample(self, batch: int, rng: np.random.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:
+        index = rng.integers(self.size, size=batch)
+        arrays = (self.obs, self.actions, self.rewards, self.next_obs, self.terminated)
+        return tuple(torch.from_numpy(a[index]).to(device) for a in arrays)
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.size
+        return {"pos": self.pos, "size": n, "obs": self.obs[:n].copy(), "actions": self.actions[:n].copy(),
+                "rewards": self.rewards[:n].copy(), "next_obs": self.next_obs[:n].copy(),
+                "terminated": self.terminated[:n].copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = state["size"]
+        if n > self.capacity:
+            raise ValueError(f"the checkpoint's replay buffer holds {n} transitions; buffer_size is {self.capacity}")
+        self.pos, self.size = state["pos"], n
+        for name in ("obs", "actions", "rewards", "next_obs", "terminated"):
+            getattr(self, name)[:n] = state[name]
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+@dataclass
+class Lane:
+    """One environment's episode in flight: enough to rebuild it anywhere (reset seed + actions)."""
+
+    episode: int
+    reset_seed: int
+    actions: list[int] = field(default_factory=list)
+    ret: float = 0.0
+    obs: Any = None
+
+
+@dataclass
+class RunState:
+    episodes_started: int = 0
+    episodes_done: int = 0
+    env_steps: int = 0
+    updates: int = 0
+    epsilon: float = 1.0
+    elapsed: float = 0.0
+    loss_sum: float = 0.0  # over the updates since the last finished episode
+    loss_count: int = 0
+    last_checkpoint: int = 0  # episodes_done at the last periodic checkpoint
+    solved_at: int | None = None
+    history: dict[str, list] = field(default_factory=lambda: {"return": [], "length": [], "win": [], "loss": [],
+                                                              "epsilon": []})
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """Each episode's env reset seed, from the job's seed and the episode's number alone."""
+    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+
+
+def make_env(cfg: Config) -> gym.Env:
+    limit = {"max_episode_steps": cfg.max_episode_steps} if cfg.max_episode_steps else {}
+    env = gym.make(cfg.env_id, **limit)
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        raise TypeError(f"{cfg.env_id}: snn_ddqn needs a flat Box observation, not {env.observation_space}")
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise TypeError(f"{cfg.env_id}: snn_ddqn needs Discrete actions, not {env.action_space}")
+    return env
+
+
+def replay(env: gym.Env, lane: Lane) -> np.ndarray:
+    """Bring a fresh env to where the lane's episode was: same reset seed, same actions."""
+    obs, _ = env.reset(seed=lane.reset_seed)
+    for action in lane.actions:
+        obs, *_ = env.step(action)
+    return obs
+
+
+def choose_actions(online: nn.Module, obs: np.ndarray, epsilon: float, n_actions: int, rng: np.random.Generator,
+                   device: torch.device) -> np.ndarray:
+    # Both draws happen every step, so the RNG stream does not depend on which branch was taken.
+    explore = rng.random(len(obs)) < epsilon
+    random_actions = rng.integers(n_actions, size=len(obs))
+    if explore.all():
+        return random_actions
+    with torch.no_grad():
+        greedy = online(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
+    return np.where(explore, random_actions, greedy)
+
+
+def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, o in zip(target.parameters(), online.parameters()):
+            t.lerp_(o, tau)  # t = (1 - tau) * t + tau * o
+
+
+def is_win(cfg: Config, final_reward: float, episode_return: float) -> bool:
+    """LunarLander: a final reward > 75 is the landing bonus (+100 plus shaping); `win_by: return` for others."""
+    return (final_reward if cfg.win_by == "final_reward" else episode_return) > cfg.win_threshold
+
+
+def _mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def train(cfg: Config, ctx) -> dict:
+    device = torch.device(ctx.device if cfg.device == "auto" else cfg.device)
+    envs = [make_env(cfg) for _ in range(cfg.agents)]
+    obs_dim, n_actions = envs[0].observation_space.shape[0], int(envs[0].action_space.n)
+    torch.manual_seed(ctx.seed)
+    online = QNetwork(obs_dim, n_actions, cfg).to(device)
+    target = copy.deepcopy(online)
+    optimizer = torch.optim.Adam(online.parameters(), lr=cfg.learning_rate)
+    buffer = ReplayBuffer(cfg.buffer_size, obs_dim)
+    rng = np.random.default_rng(ctx.seed)  # exploration and replay sampling
+
+    saved = ctx.load_checkpoint()
+    if saved is None:
+        st, lanes = RunState(epsilon=cfg.epsilon_start), [None] * cfg.agents
+    else:
+        online.load_state_dict(saved["online"])
+        target.load_state_dict(saved["target"])
+        optimizer.load_state_dict(saved["optimizer"])
+        buffer.load_state_dict(saved["buffer"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        st = RunState(**saved["run"])
+        lanes = [Lane(**lane) if lane is not None else None for lane in saved["lanes"]]
+        for env, lane in zip(envs, lanes):
+            if lane is not None:
+                obs = replay(env, lane)
+                if not np.array_equal(obs, lane.obs):  # e.g. another Box2D build: go on from the replayed state
+                    ctx.event("warning", f"episode {lane.episode}: replaying its actions gave another observation")
+                    lane.obs = obs
+    began = time.monotonic() - st.elapsed
+    limit = cfg.time_limit()
+    last_report = (time.monotonic(), st.env_steps)
+
+    def checkpoint() -> None:
+        st.elapsed = time.monotonic() - began
+        ctx.save_checkpoint({
+            "step": st.episodes_done, "run": asdict(st),
+            "lanes": [asdict(lane) if lane is not None else None for lane in lanes],
+            "online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+            "buffer": buffer.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+        })
+
+    def start_episode(i: int) -> None:
+        if st.episodes_started >= cfg.episodes or st.solved_at is not None:
+            lanes[i] = None
+            return
+        lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
+        lane.obs, _ = envs[i].reset(seed=lane.reset_seed)
+        lanes[i] = lane
+        st.episodes_started += 1
+
+    def learn() -> None:
+        obs, actions, rewards, next_obs, terminated = buffer.sample(cfg.batch, rng, device)
+        y = td_target(online, target, rewards, next_obs, terminated, cfg.gamma, cfg.target)
+        q = online(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+        loss = F.mse_loss(q, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        st.updates += 1
+        if cfg.target_update == "soft":
+            soft_update(target, online, cfg.tau)
+        elif st.updates % cfg.target_update_every == 0:
+            target.load_state_dict(online.state_dict())
+        st.loss_sum += loss.item()
+        st.loss_count += 1
+
+    def finish_episode(lane: Lane, final_reward: float) -> None:
+        nonlocal last_report
+        h = st.history
+        win = is_win(cfg, final_reward, lane.ret)
+        loss = st.loss_sum / st.loss_count if st.loss_count else float("nan")
+        for key, value in (("return", lane.ret), ("length", len(lane.actions)), ("win", win), ("loss", loss),
+                           ("epsilon", st.epsilon)):
+            h[key].append(value)
+        st.episodes_done += 1
+        st.loss_sum, st.loss_count = 0.0, 0
+        window_full = len(h["win"]) >= cfg.win_window
+        win_rate = 100.0 * _mean(h["win"][-cfg.win_window:])
+        mean_return = _mean(h["return"][-cfg.win_window:])
+        now = time.monotonic()
+        steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
+        last_report = (now, st.env_steps)
+        ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win),
+                   win_rate=win_rate, mean_return=mean_return, epsilon=st.epsilon, loss=loss,
+                   env_steps=st.env_steps, steps_per_second=steps_per_second)
+        ctx.progress(st.episodes_done, cfg.episodes)
+        st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)  # once per episode, as the seed
+        if window_full and st.solved_at is None:
+            if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
+                st.solved_at = st.episodes_done
+            if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
+                st.solved_at = st.episodes_done
+
+    if saved is None:
+        for i in range(cfg.agents):
+            start_episode(i)
+    stopped = None
+    while stopped is None and any(lane is not None for lane in lanes):
+        active = [i for i, lane in enumerate(lanes) if lane is not None]
+        obs = np.stack([lanes[i].obs for i in active]).astype(np.float32, copy=False)
+        actions = choose_actions(online, obs, st.epsilon, n_actions, rng, device)
+        for i, action in zip(active, actions.tolist()):
+            lane = lanes[i]
+            next_obs, reward, terminated, truncated, _ = envs[i].step(action)
+            buffer.add(lane.obs, action, reward, next_obs, terminated)
+            lane.actions.append(action)
+            lane.ret += float(reward)
+            lane.obs = next_obs
+            st.env_steps += 1
+            if st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch:
+                learn()
+            if terminated or truncated:
+                finish_episode(lane, float(reward))
+                start_episode(i)
+                if st.solved_at is not None:
+                    break  # learning stops here: no more steps or updates for the other lanes
+        if st.solved_at is not None:
+            stopped = "solved"
+            lanes = [None] * cfg.agents  # learning is over: the episodes in flight are dropped
+        elif limit is not None and time.monotonic() - began >= limit:
+            stopped = "time_limit"
+        elif ctx.should_stop():
+            checkpoint()
+            return {"stopped_at": st.episodes_done}
+        if stopped or st.episodes_done - st.last_checkpoint >= cfg.checkpoint_every:
+            st.last_checkpoint = st.episodes_done
+            checkpoint()
+    if st.episodes_done != st.last_checkpoint:  # the final model, for `gridfleet pull`
+        checkpoint()
+    for env in envs:
+        env.close()
+
+    h = st.history
+    returns = np.asarray(h["return"], dtype=np.float64)
+    window = min(cfg.win_window, len(returns)) or 1
+    rolling = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) else returns
+    chunk = max(1, -(-len(returns) // CURVE_POINTS))
+    curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
+             for start in range(0, len(returns), chunk)]
+    return {
+        "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
+        "stopped": "solved" if st.solved_at is not None else stopped or "episodes",
+        "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
+        "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
+        "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
+        "epsilon": st.epsilon, "seconds": round(time.monotonic() - began, 2),
+        "parameters": sum(p.numel() for p in online.parameters()), "return_curve": curve,
+    }
