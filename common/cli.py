@@ -80,8 +80,13 @@ def serve(
 
 
 # ---- submit --------------------------------------------------------------------------------------
-def load_grid_file(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML or JSON grid file; exits 2 with one line on any problem."""
+FORCE_NEW_RUN = typer.Option(False, "--forcenewrun", "--force-new-run",
+                             help="seed 002 conf.json: start a new run instead of continuing the stored one")
+
+
+def load_grid_file(path: Path, force_new_run: bool = False) -> dict[str, Any]:
+    """The mapping in a YAML or JSON grid file (or seed 002's conf.json, made a one-job snn_ddqn grid);
+    exits 2 with one line on any problem."""
     import yaml
 
     if not path.is_file():
@@ -104,6 +109,11 @@ def load_grid_file(path: Path) -> dict[str, Any]:
         fail(f"{path} is not valid YAML: {problem}{where}")
     if not isinstance(data, dict):
         fail(f"{path} must hold a mapping (name, trainer, config, axes, ...), not {type(data).__name__}")
+    if "trainer" not in data and "config" not in data:
+        from worker.trainers import snn_ddqn  # imports torch: only for a file that is no grid spec
+
+        if snn_ddqn.is_seed_conf(data):
+            return snn_ddqn.grid_from_seed_conf(data, force_new_run)
     return data
 
 
@@ -144,9 +154,11 @@ def submit(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
     server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
+    force_new_run: bool = FORCE_NEW_RUN,
 ) -> None:
-    """Submit a grid. Re-submitting the same name adds only the configs not already there."""
-    data = load_grid_file(grid_file)
+    """Submit a grid (or seed 002's conf.json). Re-submitting the same name adds only the configs not already
+    there."""
+    data = load_grid_file(grid_file, force_new_run)
     try:
         body = json.dumps(data, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -251,6 +263,7 @@ def pull(
 def run(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
     workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="local worker processes"),
+    force_new_run: bool = FORCE_NEW_RUN,
 ) -> None:
     """Train a grid on this machine (SQLite under ./.gridfleet/): live progress, then a results table, a CSV
     and a PNG. Ctrl-C preempts with checkpoints; running the same command again continues."""
@@ -261,7 +274,7 @@ def run(
     from worker import trainers
     from worker.local import run_grid
 
-    data = load_grid_file(grid_file)
+    data = load_grid_file(grid_file, force_new_run)
     try:
         spec = GridSpec.model_validate(data)
     except ValidationError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import secrets
 import signal
@@ -245,6 +246,31 @@ def test_roles(server):
         assert claimed.status_code == 200 and claimed.json()["job"] is not None
         assert a.get(f"{API}/workers").status_code == 200
         assert a.post(f"{API}/grids/e2e-roles/cancel").json()["state"] == "cancelled"
+
+
+def test_submit_a_seed_002_conf_json_continues_or_forces_a_new_run(server, tmp_path):
+    script = Path(sys.executable).with_name("gridfleet")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "common.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
+    env.update(GRIDFLEET_SERVER_URL=server.url, GRIDFLEET_TOKEN=server.tokens["submit"])
+    conf = tmp_path / "conf.json"  # seed 002's file, as its users keep it
+    conf.write_text(json.dumps({"name": "SNN_DDQN", "continue_run": True, "agents": 1, "hidden_layers": [16],
+                                "architecture": "snn", "snn_tSteps": 5, "snn_beta": 0.95,
+                                "stop_learning_at_win_percent": 80, "upload_to_cloud": False}))
+
+    def submit(*flags: str) -> str:
+        done = subprocess.run(cmd + ["submit", str(conf), *flags], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.strip()
+
+    assert submit() == "grid SNN_DDQN: 1 created, 0 already existed"
+    assert submit() == "grid SNN_DDQN: 0 created, 1 already existed"  # continue_run: the same job resumes
+    assert submit("--forcenewrun") == "grid SNN_DDQN: 1 created, 0 already existed"  # a new run beside the old
+    with server.client("submit") as c:
+        results = c.get(f"{API}/grids/SNN_DDQN/results").json()["results"]
+    assert [r["config"]["architecture"] for r in results] == ["snn", "snn"]
+    assert sum("run_tag" in r["config"] for r in results) == 1
 
 
 def test_a_worker_token_made_by_the_cli_works(server, tmp_path):
