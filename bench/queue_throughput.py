@@ -4,6 +4,7 @@
     .venv/bin/python bench/queue_throughput.py --quick              # a 2 s smoke run
     .venv/bin/python bench/queue_throughput.py --backends postgres,api --workers 1,16 --seconds 10
     .venv/bin/python bench/queue_throughput.py --backends api --uvicorn-workers 1,2   # compare server setups
+    .venv/bin/python bench/queue_throughput.py --compare HEAD,. --rounds 2   # last commit vs this checkout
 
 What it measures
 - cycles/s: N worker processes (separate OS processes, started together after warm-up) each loop
@@ -228,13 +229,51 @@ def cpu_delta(first: dict, last: dict) -> dict:
     return out
 
 
+# ---- code variants (--compare) ---------------------------------------------------------------------
+PROJECT_PACKAGES = ("api", "common", "scheduler", "worker")
+
+
+def use_code(code_dir: str | None) -> None:
+    """In a worker process: import the project from code_dir (another revision) instead of this checkout.
+    The fork server preloaded this checkout's modules; they are dropped so the imports below reload them."""
+    if code_dir is None:
+        return
+    for name in list(sys.modules):
+        if name.split(".")[0] in PROJECT_PACKAGES:
+            del sys.modules[name]
+    sys.path.insert(0, code_dir)
+
+
+def prepare_variants(specs: list[str], cleanup: "Cleanup") -> list[tuple[str, str | None]]:
+    """(name, code_dir) per --compare entry: "." is this checkout (None), a directory is used as is,
+    anything else is a git ref, exported with `git archive` into a temp dir (git state is not touched)."""
+    import io
+    import tarfile
+
+    variants: list[tuple[str, str | None]] = []
+    for spec in specs:
+        if spec == ".":
+            variants.append((".", None))
+        elif os.path.isdir(spec):
+            variants.append((os.path.basename(os.path.normpath(spec)), os.path.abspath(spec)))
+        else:
+            archive = subprocess.run(["git", "archive", "--format=tar", spec], cwd=ROOT, capture_output=True, check=True)
+            directory = tempfile.mkdtemp(prefix="gf_bench_code_")
+            cleanup.tempdirs.append(directory)
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(directory)
+            variants.append((spec, directory))
+    return variants
+
+
 # ---- processes: one cycle worker ---------------------------------------------------------------------
-def cycle_worker(kind: str, target: str, token: str, go, times, results, index: int) -> None:
+def cycle_worker(kind: str, target: str, token: str, code_dir: str | None, go, times, results, index: int) -> None:
     """One worker process: set up, warm up, wait for `go`, then claim+finish until the window closes."""
     _ignore_sigint_in_child()
     out: dict[str, Any] = {"index": index, "cycles": 0, "dry": 0, "errors": 0, "error": None,
                            "cycle": [], "claim": [], "finish": []}
     try:
+        use_code(code_dir)
         if kind == "api":
             from worker.client import ApiClient
 
@@ -547,15 +586,16 @@ def create_sqlite_database(cleanup: Cleanup) -> str:
 class JobFeeder:
     """Makes sure enough queued noop jobs exist before each window (grids of at most 100,000 jobs).
 
-    Direct backends submit with scheduler.grids.submit_grid and then refresh the planner's statistics
-    as POST /grids does (unless --no-analyze); the API backend submits through POST /grids itself.
+    Direct backends submit with scheduler.grids.submit_grid, which refreshes the planner's statistics after
+    adding many jobs (unless --no-analyze); the API backend submits through POST /grids itself.
     """
 
-    def __init__(self, url: str, analyze: bool = True):
-        from common.db import make_engine
+    def __init__(self, url: str, analyze: bool = True, vacuum: bool = True):
+        from common.db import is_sqlite, make_engine
 
         self.engine = make_engine(url)
         self.analyze = analyze
+        self.vacuum = vacuum and not is_sqlite(url)
         self.http = None
         self.grids = 0
 
@@ -575,10 +615,22 @@ class JobFeeder:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(t.jobs).where(t.jobs.c.state == "queued")).scalar_one()
 
+    def vacuum_tables(self) -> None:
+        """VACUUM the queue's tables, as autovacuum would between bursts (Postgres). Each claimed job leaves a
+        dead entry at the front of ix_jobs_claim that every later claim walks over until a vacuum; without
+        this, each window would pay for all the windows before it (and autovacuum may be off on a dev server)."""
+        if not self.vacuum:
+            return
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in ("jobs", "attempts", "workers", "events"):
+                conn.execute(text(f"VACUUM {table}"))
+
     def ensure(self, wanted: int) -> float:
         """Top up to `wanted` queued jobs; returns seconds spent."""
         from scheduler.grids import submit_grid
-        from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
         from scheduler.spec import GridSpec
         from worker.trainers import validate_config
 
@@ -595,9 +647,8 @@ class JobFeeder:
                     raise RuntimeError(f"POST /grids: {response.status_code} {response.text[:500]}")
                 created = response.json()["created"]
             else:
-                created = submit_grid(self.engine, GridSpec.model_validate(body), validate_config).created
-                if self.analyze and created >= ANALYZE_AFTER_ROWS:
-                    refresh_planner_stats(self.engine)
+                created = submit_grid(self.engine, GridSpec.model_validate(body), validate_config,
+                                      analyze=self.analyze).created
             missing -= created
         return time.perf_counter() - started
 
@@ -617,7 +668,8 @@ class Server:
     workers: int
 
 
-def start_server(cleanup: Cleanup, db_url: str, uvicorn_workers: int, workdir: str) -> Server:
+def start_server(cleanup: Cleanup, db_url: str, uvicorn_workers: int, workdir: str,
+                 code_dir: str | None = None) -> Server:
     import httpx
 
     from api.tokens import create_token
@@ -635,7 +687,7 @@ def start_server(cleanup: Cleanup, db_url: str, uvicorn_workers: int, workdir: s
         "GRIDFLEET_DATABASE_URL": db_url, "DATABASE_URL": db_url,
         "GRIDFLEET_ADMIN_TOKEN": admin_token,  # the server stores it; the bench submits grids with it
         "GRIDFLEET_HOME": workdir,
-        "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        "PYTHONPATH": (code_dir or str(ROOT)) + os.pathsep + env.get("PYTHONPATH", ""),
     })
     log_path = os.path.join(workdir, f"uvicorn-{uvicorn_workers}-{port}.log")
     command = [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
@@ -678,16 +730,19 @@ class CycleRow:
     load: str
     uvicorn_workers: int | None = None
     cpu: dict = field(default_factory=dict)  # CPU seconds in the window: client, server, pg, machine
+    variant: str = "."  # which code (--compare)
 
 
 def measure_cycles(ctx, cleanup: Cleanup, backend: str, label: str, target: str, token: str, workers: int,
                    seconds: float, feeder: JobFeeder, rate_guess: float, probe: CpuProbe,
-                   uvicorn_workers: int | None = None) -> CycleRow:
+                   uvicorn_workers: int | None = None, variant: tuple[str, str | None] = (".", None)) -> CycleRow:
     needed = int(rate_guess * (seconds + 3) * 1.5) + workers * (WARMUP_CYCLES + 5)
     feeder.ensure(min(needed, 5 * MAX_JOBS_PER_GRID))
+    feeder.vacuum_tables()
     load = load1()
     group = Group(ctx, cleanup)
-    group.start(cycle_worker, [(backend if backend == "api" else "direct", target, token) for _ in range(workers)])
+    group.start(cycle_worker, [(backend if backend == "api" else "direct", target, token, variant[1])
+                               for _ in range(workers)])
     outs, usage = group.run(seconds, probe)
     fatal = [o["error"] for o in outs if o.get("fatal")]
     if fatal:
@@ -699,7 +754,7 @@ def measure_cycles(ctx, cleanup: Cleanup, backend: str, label: str, target: str,
         cycle=[x for o in outs for x in o["cycle"]], claim=[x for o in outs for x in o["claim"]],
         finish=[x for o in outs for x in o["finish"]], errors=sum(o["errors"] for o in outs),
         dry=sum(o["dry"] for o in outs), error=next((o["error"] for o in outs if o["error"]), None), load=load,
-        uvicorn_workers=uvicorn_workers, cpu=usage,
+        uvicorn_workers=uvicorn_workers, cpu=usage, variant=variant[0],
     )
     return row
 
@@ -720,10 +775,11 @@ class HeartbeatRow:
     error: str | None
     load: str
     cpu: dict = field(default_factory=dict)
+    variant: str = "."
 
 
 def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate: float, seconds: float,
-                       label: str, probe: CpuProbe) -> HeartbeatRow:
+                       label: str, probe: CpuProbe, variant: str = ".") -> HeartbeatRow:
     from worker.client import ApiClient
 
     # Each client beats for its own running job with its own attempt id (claimed through the API).
@@ -756,7 +812,7 @@ def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate
         sent=sum(o["sent"] for o in outs), ok=sum(o["ok"] for o in outs), seconds=seconds,
         latency=[x for o in outs for x in o["latency"]], service=[x for o in outs for x in o["service"]],
         errors=sum(o["errors"] for o in outs), late=sum(o["late"] for o in outs),
-        error=next((o["error"] for o in outs if o["error"]), None), load=load, cpu=usage,
+        error=next((o["error"] for o in outs if o["error"]), None), load=load, cpu=usage, variant=variant,
     )
 
 
@@ -793,6 +849,10 @@ def _importable(name: str) -> bool:
 
 
 def pg_server_version(admin_url: str) -> str | None:
+    return pg_setting(admin_url, "server_version").split()[0]
+
+
+def pg_setting(admin_url: str, name: str) -> str:
     from sqlalchemy import create_engine, text
 
     from common.db import normalize_url
@@ -800,7 +860,7 @@ def pg_server_version(admin_url: str) -> str | None:
     engine = create_engine(normalize_url(admin_url))
     try:
         with engine.connect() as conn:
-            return conn.execute(text("SHOW server_version")).scalar_one().split()[0]
+            return conn.execute(text("SELECT current_setting(:name)"), {"name": name}).scalar_one()
     finally:
         engine.dispose()
 
@@ -813,18 +873,21 @@ def ratio_text(measured: float, target: float, higher_is_better: bool = True) ->
     return f"{ratio:5.2f}x {'PASS' if ok else 'FAIL'}"
 
 
+LABEL_WIDTH = 34
+
+
 def cycle_target(row: CycleRow) -> float | None:
     return {"postgres": TARGET_PG_CYCLES, "api": TARGET_API_CYCLES}.get(row.backend)
 
 
 def print_cycle_table(rows: list[CycleRow]) -> None:
-    header = (f"{'backend':<26} {'workers':>7} {'cycles/s':>9} {'cycle p50':>9} {'p99':>7} {'claim p50':>9} "
+    header = (f"{'backend':<{LABEL_WIDTH}} {'workers':>7} {'cycles/s':>9} {'cycle p50':>9} {'p99':>7} {'claim p50':>9} "
               f"{'finish p50':>10} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
     print(header)
     print("-" * len(header))
     for row in rows:
         target = cycle_target(row)
-        print(f"{row.label:<26} {row.workers:>7} {row.rate:>9.0f} {ms(pct(row.cycle, 50)):>9} "
+        print(f"{row.label:<{LABEL_WIDTH}} {row.workers:>7} {row.rate:>9.0f} {ms(pct(row.cycle, 50)):>9} "
               f"{ms(pct(row.cycle, 99)):>7} {ms(pct(row.claim, 50)):>9} {ms(pct(row.finish, 50)):>10} "
               f"{row.errors:>6}   {f'>= {target:.0f}' if target else '-':>8}  "
               f"{ratio_text(row.rate, target) if target else '-':<15}")
@@ -836,13 +899,13 @@ def print_cycle_table(rows: list[CycleRow]) -> None:
 
 
 def print_heartbeat_table(rows: list[HeartbeatRow]) -> None:
-    header = (f"{'server':<26} {'offered/s':>9} {'done/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+    header = (f"{'server':<{LABEL_WIDTH}} {'offered/s':>9} {'done/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
               f"{'max ms':>7} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
     print(header)
     print("-" * len(header))
     for row in rows:
         p99 = pct(row.latency, 99)
-        print(f"{row.label:<26} {row.sent / row.seconds:>9.0f} {row.ok / row.seconds:>7.0f} "
+        print(f"{row.label:<{LABEL_WIDTH}} {row.sent / row.seconds:>9.0f} {row.ok / row.seconds:>7.0f} "
               f"{ms(pct(row.latency, 50)):>7} {ms(pct(row.latency, 90)):>7} {ms(p99):>7} "
               f"{ms(max(row.latency) if row.latency else float('nan')):>7} {row.errors:>6}   "
               f"{f'p99 < {TARGET_HB_P99_MS:.0f}':>8}  {ratio_text(p99 * 1000, TARGET_HB_P99_MS, False):<15}")
@@ -861,9 +924,9 @@ def _cpu_ms(cpu: dict, part: str, ops: int) -> str:
 
 def print_cpu_table(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
     cores = os.cpu_count() or 1
-    header = (f"{'measurement':<26} {'workers':>7} {'per':<9} {'workers':>7} {'server':>7} {'postgres':>8} "
+    header = (f"{'measurement':<{LABEL_WIDTH}} {'workers':>7} {'per':<9} {'workers':>7} {'server':>7} {'postgres':>8} "
               f"{'total':>7} {'ops/s/core':>10}   {'busy cores':>10} {'not ours':>8} {'load1':>5}   {'new pg conns/s':>14}")
-    print(f"{'':<44}{'CPU ms per operation':-^40}   {'machine (' + str(cores) + ' cores)':-^26}")
+    print(f"{'':<{LABEL_WIDTH + 18}}{'CPU ms per operation':-^40}   {'machine (' + str(cores) + ' cores)':-^26}")
     print(header)
     print("-" * len(header))
     entries = [(r.label, str(r.workers), "cycle", r.cpu, r.rate * r.cpu.get("seconds", 0.0), r.load) for r in cycle_rows]
@@ -880,7 +943,7 @@ def print_cpu_table(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> 
         other = f"{max(0.0, machine - known) / seconds:.2f}" if machine is not None else "-"
         per_core = f"{1000 / total_ms:.0f}" if total_ms > 0 else "-"
         conns = f"{cpu['connections'] / seconds:.1f}" if cpu.get("connections") is not None else "-"
-        print(f"{label:<26} {workers:>7} {per:<9} {_cpu_ms(cpu, 'client', ops):>7} {_cpu_ms(cpu, 'server', ops):>7} "
+        print(f"{label:<{LABEL_WIDTH}} {workers:>7} {per:<9} {_cpu_ms(cpu, 'client', ops):>7} {_cpu_ms(cpu, 'server', ops):>7} "
               f"{_cpu_ms(cpu, 'pg', ops):>8} {total_ms:>7.2f} {per_core:>10}   {busy:>10} {other:>8} {load:>5}   "
               f"{conns:>14}")
     for line in (
@@ -896,6 +959,14 @@ def print_cpu_table(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> 
 
 def print_summary(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
     print("targets from the issue, measured in this run (best row of each kind):")
+    variants = list(dict.fromkeys([r.variant for r in cycle_rows] + [r.variant for r in hb_rows]))
+    for variant in variants:
+        if len(variants) > 1:
+            print(f" code: {variant}")
+        _print_targets([r for r in cycle_rows if r.variant == variant], [r for r in hb_rows if r.variant == variant])
+
+
+def _print_targets(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
     lines = []
     pg = [r for r in cycle_rows if r.backend == "postgres"]
     if pg:
@@ -937,9 +1008,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hb-rate", type=float, default=TARGET_HB_RATE, help="heartbeats per second offered (100)")
     parser.add_argument("--hb-clients", type=int, default=10, help="heartbeat client processes (10)")
     parser.add_argument("--no-analyze", action="store_true",
-                        help="direct backends: do not ANALYZE after submitting jobs (POST /grids does); shows the "
+                        help="direct backends: do not ANALYZE after submitting jobs (submit_grid does); shows the "
                              "stale-statistics claim plan on Postgres")
     parser.add_argument("--no-heartbeat", action="store_true", help="skip the heartbeat latency measurement")
+    parser.add_argument("--no-vacuum", action="store_true",
+                        help="Postgres: do not VACUUM the queue's tables before each window (see JobFeeder.vacuum_tables)")
+    parser.add_argument("--compare", default=".",
+                        help="comma-separated code variants measured side by side, alternating within one run: "
+                             "'.' (this checkout), a git ref (exported with git archive) or a directory holding "
+                             "another copy of the project; e.g. --compare HEAD,. (default: .)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat each measurement this many times, alternating the --compare variants (1)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("GRIDFLEET_BENCH_POSTGRES_URL", PG_ADMIN_URL_DEFAULT),
                         help="a Postgres URL allowed to CREATE/DROP DATABASE (env GRIDFLEET_BENCH_POSTGRES_URL)")
     args = parser.parse_args(argv)
@@ -950,6 +1029,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}; choose from sqlite,postgres,api")
     args.uvicorn_workers = [int(x) for x in args.uvicorn_workers.split(",") if x.strip()]
+    args.compare = [x.strip() for x in args.compare.split(",") if x.strip()] or ["."]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if min(args.workers) < 1 or min(args.uvicorn_workers) < 1 or args.hb_clients < 1:
         parser.error("worker and client counts must be at least 1")
     return args
@@ -1006,58 +1088,86 @@ def main(argv: list[str] | None = None) -> int:
                   f"warning, on {args.api_db}; jobs submitted through POST /grids")
         if {"sqlite", "postgres"} & set(args.backends):
             print("direct: jobs submitted with scheduler.grids.submit_grid" +
-                  (" (no ANALYZE: --no-analyze)" if args.no_analyze else ", then ANALYZE jobs as POST /grids does"))
+                  (" (no ANALYZE: --no-analyze)" if args.no_analyze else ", which ANALYZEs jobs after adding many"))
+        if needs_pg:
+            print("Postgres: " + ("no VACUUM between windows (--no-vacuum)" if args.no_vacuum else
+                                  "VACUUM of the queue's tables before each window") +
+                  f"; the server's autovacuum is {pg_setting(args.pg_admin_url, 'autovacuum')}")
         print()
+
+        variants = prepare_variants(args.compare, cleanup)
+        if len(variants) > 1 or args.rounds > 1:
+            print(f"code variants, alternating: {', '.join(name for name, _ in variants)}; {args.rounds} round(s)")
+            print()
+
+        def tagged(label: str, variant: tuple[str, str | None]) -> str:
+            return label if len(variants) == 1 else f"{label} [{variant[0]}]"
 
         rate_guess = {"sqlite": 1500.0, "postgres": 2000.0, "api": 800.0}
         for backend in args.backends:
             if backend in ("sqlite", "postgres"):
                 url = create_sqlite_database(cleanup) if backend == "sqlite" else create_pg_database(cleanup, "direct")
                 label = "sqlite direct (WAL)" if backend == "sqlite" else "postgres direct"
-                feeder = JobFeeder(url, analyze=not args.no_analyze)
+                feeder = JobFeeder(url, analyze=not args.no_analyze, vacuum=not args.no_vacuum)
                 probe = CpuProbe(pg_url=url if backend == "postgres" else None)
                 try:
                     for workers in args.workers:
-                        print(f"... {label}, {workers} workers", file=sys.stderr, flush=True)
-                        row = measure_cycles(ctx, cleanup, backend, label, url, "", workers, args.seconds, feeder,
-                                             rate_guess[backend], probe)
-                        rate_guess[backend] = max(rate_guess[backend], row.rate)
-                        cycle_rows.append(row)
+                        for _ in range(args.rounds):
+                            for variant in variants:
+                                print(f"... {tagged(label, variant)}, {workers} workers", file=sys.stderr, flush=True)
+                                row = measure_cycles(ctx, cleanup, backend, tagged(label, variant), url, "", workers,
+                                                     args.seconds, feeder, rate_guess[backend], probe, variant=variant)
+                                rate_guess[backend] = max(rate_guess[backend], row.rate)
+                                cycle_rows.append(row)
                 finally:
                     feeder.close()
                     probe.close()
                 if backend == "postgres":
                     cleanup.drop_database(_database_name(url))
                 continue
-            # api: one database, one server per uvicorn --workers value
+            # api: one database; one server per uvicorn --workers value and code variant, all up at once
             url = create_pg_database(cleanup, "api") if args.api_db == "postgres" else create_sqlite_database(cleanup)
-            feeder = JobFeeder(url)
+            feeder = JobFeeder(url, vacuum=not args.no_vacuum)
             try:
                 for uvicorn_workers in args.uvicorn_workers:
-                    print(f"... starting uvicorn --workers {uvicorn_workers}", file=sys.stderr, flush=True)
-                    server = start_server(cleanup, url, uvicorn_workers, workdir)
-                    feeder.via_api(server.url, server.admin_token)
-                    probe = CpuProbe(server_pid=server.process.pid, pg_url=url if args.api_db == "postgres" else None)
-                    label = f"api ({args.api_db}, uvicorn x{uvicorn_workers})"
+                    servers = []
                     try:
+                        for variant in variants:
+                            print(f"... starting uvicorn --workers {uvicorn_workers} ({variant[0]})", file=sys.stderr,
+                                  flush=True)
+                            server = start_server(cleanup, url, uvicorn_workers, workdir, variant[1])
+                            probe = CpuProbe(server_pid=server.process.pid,
+                                             pg_url=url if args.api_db == "postgres" else None)
+                            servers.append((variant, server, probe,
+                                            tagged(f"api ({args.api_db}, uvicorn x{uvicorn_workers})", variant)))
                         for workers in args.workers:
-                            print(f"... {label}, {workers} workers", file=sys.stderr, flush=True)
-                            row = measure_cycles(ctx, cleanup, "api", label, server.url, server.token, workers,
-                                                 args.seconds, feeder, rate_guess["api"], probe, uvicorn_workers)
-                            rate_guess["api"] = max(rate_guess["api"], row.rate)
-                            cycle_rows.append(row)
+                            for _ in range(args.rounds):
+                                for variant, server, probe, label in servers:
+                                    print(f"... {label}, {workers} workers", file=sys.stderr, flush=True)
+                                    feeder.via_api(server.url, server.admin_token)
+                                    row = measure_cycles(ctx, cleanup, "api", label, server.url, server.token, workers,
+                                                         args.seconds, feeder, rate_guess["api"], probe,
+                                                         uvicorn_workers, variant)
+                                    rate_guess["api"] = max(rate_guess["api"], row.rate)
+                                    cycle_rows.append(row)
                         if not args.no_heartbeat:
-                            print(f"... heartbeats through {label}", file=sys.stderr, flush=True)
-                            feeder.ensure(args.hb_clients + 10)
-                            hb_rows.append(measure_heartbeats(ctx, cleanup, server, args.hb_clients, args.hb_rate,
-                                                              max(args.seconds, 5.0), label, probe))
+                            for _ in range(args.rounds):
+                                for variant, server, probe, label in servers:
+                                    print(f"... heartbeats through {label}", file=sys.stderr, flush=True)
+                                    feeder.via_api(server.url, server.admin_token)
+                                    feeder.ensure(args.hb_clients + 10)
+                                    hb_rows.append(measure_heartbeats(ctx, cleanup, server, args.hb_clients,
+                                                                      args.hb_rate, max(args.seconds, 5.0), label,
+                                                                      probe, variant[0]))
                     finally:
-                        probe.close()
                         feeder.via_api(None, None)
-                        cleanup.stop_server(server.process)
-                        log = Path(server.log_path).read_text(errors="replace").strip()
-                        if log:
-                            print(f"uvicorn --workers {uvicorn_workers} logged:\n{log[-2000:]}", file=sys.stderr)
+                        for variant, server, probe, label in servers:
+                            probe.close()
+                            cleanup.stop_server(server.process)
+                            log = Path(server.log_path).read_text(errors="replace").strip()
+                            if log:
+                                print(f"uvicorn --workers {uvicorn_workers} ({variant[0]}) logged:\n{log[-2000:]}",
+                                      file=sys.stderr)
             finally:
                 feeder.close()
             if args.api_db == "postgres":

@@ -1,12 +1,14 @@
 """Engines, transactions and migrations for SQLite (embedded default) and Postgres (fleet)."""
 from __future__ import annotations
 
+import select
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -29,11 +31,32 @@ def make_engine(url: str, **kwargs) -> Engine:
     url = normalize_url(url)
     if is_sqlite(url):
         return _sqlite_engine(url, **kwargs)
-    kwargs.setdefault("pool_pre_ping", True)  # survive a Postgres restart
+    # Survive a Postgres restart. pool_pre_ping would cost a round trip per transaction; the checkout
+    # check below costs none (where poll() is missing, pre-ping it is).
+    check_on_checkout = "pool_pre_ping" not in kwargs and hasattr(select, "poll")
+    if not check_on_checkout:
+        kwargs.setdefault("pool_pre_ping", True)
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if check_on_checkout:
+        event.listen(engine, "checkout", _refuse_closed_connection)
+    return engine
+
+
+def _refuse_closed_connection(dbapi_conn, _record, _proxy) -> None:
+    """Pool checkout: an idle connection has nothing to read unless the server ended it (a restart or a
+    terminated backend sends an error and closes the socket). Then raise DisconnectionError: the pool
+    discards the connection and checks out a fresh one, once. Nothing was sent on the dead connection,
+    so whatever the caller does next runs exactly once. A connection that dies after this check fails
+    the statement as before (never retried: it may have committed)."""
+    if dbapi_conn.closed:
+        raise DisconnectionError("pooled connection is closed")
+    poller = select.poll()
+    poller.register(dbapi_conn.fileno(), select.POLLIN)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 def _sqlite_engine(url: str, **kwargs) -> Engine:

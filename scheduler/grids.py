@@ -1,14 +1,17 @@
 """Grid lifecycle in the database: submit (dedup by job key), cancel, pause, resume; job cancel/retry."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
 from common import schema as t
 from common.db import is_sqlite, write_tx
+from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
 from scheduler.spec import ConfigValidator, GridError, GridSpec, expand, validate_jobs
 
 
@@ -30,8 +33,14 @@ class SubmitResult:
     new_grid: bool
 
 
-def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator) -> SubmitResult:
-    """Store a grid and the jobs it expands to that are not already there. All or nothing."""
+log = logging.getLogger("gridfleet.scheduler")
+
+
+def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator, analyze: bool = True) -> SubmitResult:
+    """Store a grid and the jobs it expands to that are not already there. All or nothing.
+
+    After adding ANALYZE_AFTER_ROWS jobs or more it refreshes the planner's statistics (`analyze=False`:
+    don't; the benchmark uses it to show the slow plan)."""
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
     validate_jobs(spec, jobs, validate_config)
     now = time.time()
@@ -92,6 +101,14 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             )
             for start in range(0, len(rows), 5000):
                 created += len(conn.execute(stmt, rows[start:start + 5000]).all())
+    if analyze and created >= ANALYZE_AFTER_ROWS:
+        # Fresh statistics keep the claim on its index (see refresh_planner_stats). The jobs are stored
+        # already: a failure here only costs speed, so it is logged and the submit stays a success.
+        try:
+            refresh_planner_stats(engine)
+        except SQLAlchemyError as exc:
+            log.warning("ANALYZE jobs after adding %d jobs failed: %s", created,
+                        type(getattr(exc, "orig", None) or exc).__name__)
     return SubmitResult(grid_id=grid_id, name=spec.name, created=created, existing=len(jobs) - created,
                         total=len(jobs), new_grid=new_grid)
 

@@ -2,6 +2,8 @@
 
 Postgres claims with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING`;
 SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so nothing to skip).
+On Postgres the claim, the heartbeat and the common finishes are each one statement (data-modifying CTEs)
+run in autocommit mode: one round trip each (bench/README.md). SQLite runs the same steps in a transaction.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
 """
 from __future__ import annotations
@@ -12,14 +14,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, text, update
+from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text, update
 
 from common import schema as t
 from common.db import is_sqlite, write_tx
 from scheduler.policy import RetryPolicy
 
 OUTCOMES = ("succeeded", "error", "preempted", "cancelled")
+_ROW_FREE_OUTCOMES = ("succeeded", "cancelled")  # their next state does not depend on the job's counters
 EXPIRED_BATCH = 50
+EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
 
 # Hot-path statements, built once. Building a Core statement and its cache key costs about 70 us of CPU per
@@ -40,6 +44,27 @@ _FINISH_READ = select(
     t.jobs.c.errors, t.jobs.c.max_attempts, t.jobs.c.preemptions, t.jobs.c.cancel_requested, t.jobs.c.worker_id,
 ).where(*_CURRENT_ATTEMPT)
 _HEARTBEAT = update(t.jobs).where(*_CURRENT_ATTEMPT).returning(t.jobs.c.cancel_requested, t.jobs.c.worker_id)
+# Postgres: the whole heartbeat as one statement (fenced lease/progress update, metrics, worker last seen).
+# set_config(..., true) is SET LOCAL: this statement's transaction commits without waiting for the WAL
+# flush. A heartbeat lost in a Postgres crash only shortens a lease; claims and finishes stay synchronous.
+_PG_HEARTBEAT = text(
+    """
+    WITH job AS (
+        UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
+            progress_done = COALESCE(:progress_done, progress_done),
+            progress_total = COALESCE(:progress_total, progress_total)
+        WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND state = 'running'
+        RETURNING cancel_requested, worker_id
+    ),
+    new_metrics AS (
+        INSERT INTO metrics (job_id, attempt_id, step, "time", "values")
+        SELECT :b_job_id, :b_attempt_id, m.step, m."time", m."values"
+        FROM job, json_to_recordset(:metrics) AS m(step integer, "time" double precision, "values" json)
+    ),
+    worker AS (UPDATE workers SET last_seen_at = :now FROM job WHERE workers.id = job.worker_id)
+    SELECT cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
+    """
+).bindparams(bindparam("metrics", type_=JSON))
 
 
 @dataclass
@@ -91,14 +116,20 @@ def _stale(job_id: int, attempt_id: str) -> Reply:
 
 
 class Queue:
-    def __init__(self, engine: Engine, policy: RetryPolicy | None = None):
+    def __init__(self, engine: Engine, policy: RetryPolicy | None = None,
+                 expiry_scan_seconds: float = EXPIRY_SCAN_SECONDS):
         self.engine = engine
         self.policy = policy or RetryPolicy()
+        self.expiry_scan_seconds = expiry_scan_seconds
         self._sqlite = is_sqlite(engine)
+        self._next_expiry_scan = 0.0  # time.monotonic() after which a claim scans for expired leases again
+        # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
+        # which saves the BEGIN and COMMIT round trips.
+        self._one_statement = None if self._sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
         lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
-        self._claim_sql = text(
-            f"""
+        self._finish_writes: dict[tuple[str, ...], Any] = {}  # Postgres: one statement per set of job columns
+        claim_update = f"""
             UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
                 lease_expires_at = :lease, attempts = attempts + 1,
                 started_at = COALESCE(started_at, :now)
@@ -114,7 +145,23 @@ class Queue:
             )
             RETURNING id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
             """
-        ).bindparams(bindparam("trainers", expanding=True))
+        if not self._sqlite:
+            # One statement, one round trip: claim the job, start its attempt, mark the worker busy (or
+            # idle when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
+            claim_update = f"""
+            WITH claimed AS ({claim_update}),
+            new_attempt AS (
+                INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
+                SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
+            ),
+            worker AS (
+                UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
+                    current_job_id = (SELECT id FROM claimed)
+                WHERE id = :wid
+            )
+            SELECT id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts FROM claimed
+            """
+        self._claim_sql = text(claim_update).bindparams(bindparam("trainers", expanding=True))
         self._expired_sql = text(
             f"""
             SELECT id, attempt_id, losses, cancel_requested FROM jobs
@@ -172,40 +219,61 @@ class Queue:
         grid_id: int | None = None,
         now: float | None = None,
     ) -> ClaimedJob | None:
-        """Take the best runnable job for this worker, or None. Never blocks on other claimers."""
+        """Take the best runnable job for this worker, or None. Never blocks on other claimers.
+
+        Expired leases are handled here too: at most every `expiry_scan_seconds`, always when `now` is given
+        (tests move time that way), and before answering None (an expired job may be all that is left).
+        """
+        scan = now is not None or time.monotonic() >= self._next_expiry_scan
         now = time.time() if now is None else now
         trainer_list = sorted(set(trainers)) if trainers is not None else []
         attempt_id = new_id()
         lease = now + self.policy.lease_seconds
-        with write_tx(self.engine) as conn:
-            self._requeue_expired(conn, now)
-            row = conn.execute(
-                self._claim_sql,
-                {
-                    "aid": attempt_id, "wid": worker_id, "lease": lease, "now": now, "gpus": gpus,
-                    "any_trainer": trainers is None,
-                    # An empty list matches no trainer ("" is never a trainer name; Postgres text
-                    # cannot hold the NUL byte this used to be).
-                    "trainers": trainer_list or [""],
-                    "can_pin": can_pin_code,
-                    "any_grid": grid_id is None, "grid_id": grid_id or 0,
-                },
-            ).mappings().first()
-            if row is None:
-                self.touch_worker(conn, worker_id, now, state="idle", current_job_id=None)
-                return None
-            conn.execute(
-                _INSERT_ATTEMPT,
-                {"id": attempt_id, "job_id": row["id"], "worker_id": worker_id, "outcome": "running",
-                 "started_at": now, "code_rev": row["code_rev"] or code_rev},
-            )
-            self.touch_worker(conn, worker_id, now, state="busy", current_job_id=row["id"])
+        params = {
+            "aid": attempt_id, "wid": worker_id, "lease": lease, "now": now, "gpus": gpus,
+            "any_trainer": trainers is None,
+            # An empty list matches no trainer ("" is never a trainer name; Postgres text
+            # cannot hold the NUL byte this used to be).
+            "trainers": trainer_list or [""],
+            "can_pin": can_pin_code,
+            "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
+        }
+        claim_once = self._claim_sqlite if self._sqlite else self._claim_postgres
+        row = claim_once(params, scan)
+        if row is None and not scan:
+            row = claim_once(params, True)
+        if row is None:
+            return None
         return ClaimedJob(
             id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, trainer=row["trainer"],
             config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
             code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
             lease_expires_at=lease,
         )
+
+    def _claim_sqlite(self, params: dict[str, Any], scan: bool):
+        worker_id, now = params["wid"], params["now"]
+        with write_tx(self.engine) as conn:
+            if scan:
+                self._scan_expired(conn, now)
+            row = conn.execute(self._claim_sql, params).mappings().first()
+            if row is None:
+                self.touch_worker(conn, worker_id, now, state="idle", current_job_id=None)
+                return None
+            conn.execute(
+                _INSERT_ATTEMPT,
+                {"id": params["aid"], "job_id": row["id"], "worker_id": worker_id, "outcome": "running",
+                 "started_at": now, "code_rev": row["code_rev"] or params["code_rev"]},
+            )
+            self.touch_worker(conn, worker_id, now, state="busy", current_job_id=row["id"])
+        return row
+
+    def _claim_postgres(self, params: dict[str, Any], scan: bool):
+        if scan:
+            with write_tx(self.engine) as conn:
+                self._scan_expired(conn, params["now"])
+        with self._one_statement.connect() as conn:
+            return conn.execute(self._claim_sql, params).mappings().first()
 
     def requeue_expired(self, now: float | None = None) -> int:
         """Handle expired leases now (the claim does this too). Returns how many were handled."""
@@ -224,6 +292,10 @@ class Queue:
                 .values(lease_expires_at=now - 1.0)
             )
             return self._requeue_expired(conn, now)
+
+    def _scan_expired(self, conn: Connection, now: float) -> int:
+        self._next_expiry_scan = time.monotonic() + self.expiry_scan_seconds
+        return self._requeue_expired(conn, now)
 
     def _requeue_expired(self, conn: Connection, now: float) -> int:
         rows = conn.execute(self._expired_sql, {"now": now}).mappings().all()
@@ -263,6 +335,15 @@ class Queue:
             values["step"] = step
         if progress is not None:
             values["progress_done"], values["progress_total"] = progress
+        if not self._sqlite:
+            params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "lease": lease, "step": step,
+                      "progress_done": values.get("progress_done"), "progress_total": values.get("progress_total"),
+                      "now": now, "metrics": [{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()]}
+            with self._one_statement.connect() as conn:
+                row = conn.execute(_PG_HEARTBEAT, params).first()
+            if row is None:
+                return _stale(job_id, attempt_id)
+            return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
         with write_tx(self.engine) as conn:
             row = conn.execute(_HEARTBEAT, {"b_job_id": job_id, "b_attempt_id": attempt_id, **values}).first()
             if row is None:
@@ -327,18 +408,64 @@ class Queue:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
         now = time.time() if now is None else now
+        if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
+            values = self._next_state(None, outcome, result, error, now)
+            with self._one_statement.connect() as conn:
+                if not self._finish_postgres(conn, job_id, attempt_id, outcome, values, error, now):
+                    return _stale(job_id, attempt_id)
+            return Reply(ok=True, state=values["state"])
         with write_tx(self.engine) as conn:
             job = conn.execute(self._finish_read, {"b_job_id": job_id, "b_attempt_id": attempt_id}).first()
             if job is None:
                 return _stale(job_id, attempt_id)
             values = self._next_state(job, outcome, result, error, now)
+            if not self._sqlite:
+                self._finish_postgres(conn, job_id, attempt_id, outcome, values, error, now)
+                return Reply(ok=True, state=values["state"])
             conn.execute(_UPDATE_JOB, {"b_job_id": job_id, **values})
             self._end_attempt(conn, attempt_id, outcome, now, error)
             self._event(conn, job_id, attempt_id, outcome, _finish_message(outcome, values, error), now)
             self.touch_worker(conn, job.worker_id, now, state="idle", current_job_id=None)
         return Reply(ok=True, state=values["state"])
 
+    def _finish_postgres(self, conn: Connection, job_id: int, attempt_id: str, outcome: str,
+                         values: dict[str, Any], error: str | None, now: float) -> bool:
+        """The whole finish as one statement: fence and lock the job, set `values`, end the attempt, add the
+        event, mark the worker idle. False when the attempt is not the current one (nothing changed)."""
+        keys = tuple(values)
+        statement = self._finish_writes.get(keys)
+        if statement is None:
+            sets = ", ".join(f"{key} = :v_{key}" for key in keys)
+            statement = text(
+                f"""
+                WITH fenced AS MATERIALIZED (
+                    SELECT id, worker_id FROM jobs
+                    WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND state = 'running'
+                    FOR UPDATE
+                ),
+                job AS (UPDATE jobs SET {sets} FROM fenced WHERE jobs.id = fenced.id RETURNING fenced.worker_id),
+                ended AS (
+                    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error
+                    FROM fenced WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
+                ),
+                event AS (
+                    INSERT INTO events (job_id, attempt_id, "time", kind, message)
+                    SELECT id, :b_attempt_id, :now, :outcome, :message FROM fenced
+                ),
+                worker AS (
+                    UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
+                    FROM job WHERE workers.id = job.worker_id
+                )
+                SELECT 1 FROM job
+                """
+            ).bindparams(*[bindparam(f"v_{key}", type_=t.jobs.c[key].type) for key in keys])
+            self._finish_writes[keys] = statement
+        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "outcome": outcome, "now": now, "error": error,
+                  "message": _finish_message(outcome, values, error), **{f"v_{k}": v for k, v in values.items()}}
+        return conn.execute(statement, params).first() is not None
+
     def _next_state(self, job, outcome: str, result, error, now: float) -> dict[str, Any]:
+        """The job's new column values. `job` (the locked row) is not read for _ROW_FREE_OUTCOMES."""
         released = dict(attempt_id=None, worker_id=None, lease_expires_at=None)
         if outcome == "succeeded":
             return dict(state="succeeded", result=result or {}, finished_at=now, **released)
@@ -374,6 +501,7 @@ class Queue:
             _INSERT_EVENT, {"job_id": job_id, "attempt_id": attempt_id, "time": now, "kind": kind, "message": message}
         )
 
+    # ---- pinned code (worker/code_cache.py) ----------------------------------------------------
     def record_code_rev(self, job_id: int, attempt_id: str, sha: str, now: float | None = None) -> Reply:
         """Store the full sha the current attempt really runs (the claim stored the job's `code_rev` as
         written in the grid, which may be a tag or a short sha), with an event saying so. Fenced."""

@@ -9,7 +9,7 @@ from typing import Literal
 from fastapi import Depends, Query
 from fastapi.responses import Response
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from api import auth
 from api.deps import get_engine
@@ -19,7 +19,6 @@ from api.responses import JSONResponse
 from api.routes.common import grid_ref, router as make_router
 from scheduler import grids as g
 from scheduler import reports
-from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
 from scheduler.spec import GridError, GridSpec
 from worker import trainers
 
@@ -57,15 +56,7 @@ def _submit(engine: Engine, spec: GridSpec) -> g.SubmitResult:
 @router.post("/grids", status_code=201, dependencies=[Depends(auth.submitter)],
              summary="Submit a grid; re-posting the same name adds only configs not already there")
 def post_grid(spec: GridSpec, engine: Engine = Depends(get_engine)):
-    result = _submit(engine, spec)
-    if result.created >= ANALYZE_AFTER_ROWS:
-        # Fresh statistics keep the claim on its index (see refresh_planner_stats). The jobs are stored
-        # already: a failure here only costs speed, so it is logged and the reply stays a success.
-        try:
-            refresh_planner_stats(engine)
-        except SQLAlchemyError as exc:
-            log.warning("ANALYZE jobs after adding %d jobs failed: %s", result.created,
-                        type(getattr(exc, "orig", None) or exc).__name__)
+    result = _submit(engine, spec)  # refreshes the planner's statistics after adding many jobs
     return JSONResponse(
         {"grid_id": result.grid_id, "name": result.name, "created": result.created,
          "existing": result.existing, "total": result.total, "new_grid": result.new_grid},

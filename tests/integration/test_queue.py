@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
+from sqlalchemy.pool import NullPool
 
 from common import schema as t
+from common.db import make_engine
 from scheduler import reports
 from scheduler.grids import (
     Conflict,
@@ -23,7 +25,7 @@ from scheduler.grids import (
     submit_grid,
 )
 from scheduler.policy import RetryPolicy
-from scheduler.queue import Metric, Queue
+from scheduler.queue import ANALYZE_AFTER_ROWS, Metric, Queue
 from scheduler.spec import GridSpec
 from worker.trainers import validate_config
 
@@ -661,3 +663,152 @@ def test_worker_registration_and_state(engine, queue, t0):
     queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 1)
     [w] = reports.list_workers(engine)
     assert (w["state"], w["current_job_id"]) == ("idle", None)
+
+
+# ---- the hot path's shortcuts (bench/README.md): throttled expiry scan, one-statement Postgres writes -----
+def expire_lease(engine, job_id):
+    """The worker went silent and its lease ran out (time moved on in the database, not by sleeping)."""
+    with engine.begin() as conn:
+        conn.execute(update(t.jobs).where(t.jobs.c.id == job_id).values(lease_expires_at=time.time() - 1))
+
+
+def test_claim_without_now_handles_an_expired_lease_before_answering_none(engine, policy):
+    submit(engine, "g")
+    q = Queue(engine, policy, expiry_scan_seconds=3600.0)  # the periodic scan is never due again in this test
+    a = q.claim("a")
+    expire_lease(engine, a.id)
+    b = q.claim("b")  # nothing else is runnable: the claim scans before it says None
+    assert b is not None and (b.id, b.attempt) == (a.id, 2)
+    assert not q.finish(a.id, a.attempt_id, "succeeded").ok  # still fenced
+    assert q.finish(b.id, b.attempt_id, "succeeded").ok
+    assert {r["id"]: r["outcome"] for r in attempts(engine, a.id)} == {a.attempt_id: "lost", b.attempt_id: "succeeded"}
+    assert q.claim("b") is None
+
+
+def test_claim_without_now_scans_for_expired_leases_only_when_due(engine, policy):
+    first, second, _ = job_ids(engine, submit(engine, "g", axes={"value": [1.0, 2.0, 3.0]}).grid_id)
+    throttled = Queue(engine, policy, expiry_scan_seconds=3600.0)
+    a = throttled.claim("a")  # a Queue's first claim scans
+    assert a.id == first
+    expire_lease(engine, first)
+    # Runnable work is left, and the scan is not due: the expired lease waits, the next job goes out.
+    assert throttled.claim("b").id == second
+    assert job(engine, first)["attempt_id"] == a.attempt_id
+    due = Queue(engine, policy, expiry_scan_seconds=0.0)  # every claim is due: the scan runs first
+    c = due.claim("c")
+    assert (c.id, c.attempt) == (first, 2)  # requeued (first loss: no backoff) and older than the third job
+    assert job(engine, first)["losses"] == 1
+
+
+def test_empty_claim_marks_the_worker_idle(engine, queue, t0):
+    worker = queue.register_worker("w", "host", ["noop"])
+    assert queue.claim(worker, now=t0) is None
+    submit(engine, "g")
+    claimed = queue.claim(worker, now=t0)
+    assert queue.claim(worker, now=t0 + 1) is None  # a worker that asks again has given up its job
+    [w] = reports.list_workers(engine)
+    assert (w["state"], w["current_job_id"], w["last_seen_at"]) == ("idle", None, pytest.approx(t0 + 1))
+    assert job(engine, claimed.id)["state"] == "running"  # the job itself is untouched
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "error", "preempted", "cancelled"])
+def test_finish_ends_the_attempt_logs_an_event_and_frees_the_worker(engine, queue, t0, outcome):
+    submit(engine, "g", config={"value": 1.0})
+    worker = queue.register_worker("w", "host", ["noop"])
+    claimed = queue.claim(worker, code_rev="abc", now=t0)
+    error = None if outcome == "succeeded" else f"{outcome} here"
+    reply = queue.finish(claimed.id, claimed.attempt_id, outcome, result={"loss": 1.0}, error=error, now=t0 + 1)
+    assert reply.ok and reply.state == {"succeeded": "succeeded", "error": "queued", "preempted": "queued",
+                                        "cancelled": "cancelled"}[outcome]
+    [attempt] = attempts(engine, claimed.id)
+    assert (attempt["id"], attempt["outcome"], attempt["ended_at"], attempt["error"], attempt["worker_id"],
+            attempt["code_rev"]) == (claimed.attempt_id, outcome, t0 + 1, error, worker, "abc")
+    row = job(engine, claimed.id)
+    assert (row["state"], row["attempt_id"], row["worker_id"], row["lease_expires_at"]) == (reply.state, None, None, None)
+    assert row["result"] == ({"loss": 1.0} if outcome == "succeeded" else None)
+    events = [(e["kind"], e["attempt_id"]) for e in reports.job_events(engine, claimed.id)]
+    assert events == [(outcome, claimed.attempt_id)]
+    [w] = reports.list_workers(engine)
+    assert (w["state"], w["current_job_id"], w["last_seen_at"]) == ("idle", None, pytest.approx(t0 + 1))
+    # the attempt is over: a second finish changes nothing
+    assert not queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 2).ok
+    assert len(reports.job_events(engine, claimed.id)) == 1 and job(engine, claimed.id)["state"] == reply.state
+
+
+def test_heartbeat_without_progress_keeps_the_last_reported(engine, queue, t0):
+    submit(engine, "g")
+    claimed = queue.claim("w", now=t0)
+    assert queue.heartbeat(claimed.id, claimed.attempt_id, step=7, progress=(7, 70), now=t0 + 1).ok
+    reply = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 2)
+    assert reply.ok and reply.lease_expires_at == pytest.approx(t0 + 2 + LEASE)
+    row = job(engine, claimed.id)
+    assert (row["step"], row["progress_done"], row["progress_total"]) == (7, 7, 70)
+    assert row["lease_expires_at"] == pytest.approx(t0 + 2 + LEASE)
+    assert reports.job_metrics(engine, claimed.id) == []
+
+
+# Postgres connections: no pre-ping round trip; a connection the server closed is replaced at checkout.
+def _backend_pid(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite has no server to lose
+@pytest.mark.parametrize("operation", ["claim", "heartbeat", "finish"])
+def test_a_pooled_connection_the_server_closed_is_replaced_and_the_write_runs_once(db_url, policy, operation):
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)  # one pooled connection: the one we kill
+    try:
+        q = Queue(engine, policy)
+        first, second = job_ids(engine, submit(engine, "g", axes={"value": [1.0, 2.0]}).grid_id)
+        claimed = q.claim("w")
+        old_pid = _backend_pid(engine)
+        admin = make_engine(db_url, poolclass=NullPool)
+        with admin.connect() as conn:  # waits until the backend is gone, as after a Postgres restart
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": old_pid}).scalar_one()
+        admin.dispose()
+
+        if operation == "claim":
+            again = q.claim("w")
+            assert again is not None and again.id == second
+            assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
+        elif operation == "heartbeat":
+            assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
+            assert job(engine, first)["step"] == 3
+        else:
+            assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
+            assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
+        assert _backend_pid(engine) != old_pid
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # synchronous_commit is a Postgres setting
+def test_the_heartbeats_async_commit_does_not_outlive_the_heartbeat(db_url, policy):
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)  # every checkout gets the same connection
+    try:
+        q = Queue(engine, policy)
+        submit(engine, "g")
+        claimed = q.claim("w")
+        with engine.connect() as conn:
+            before = conn.execute(text("SHOW synchronous_commit")).scalar_one()
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=1).ok
+        with engine.connect() as conn:  # claims and finishes on this connection must stay synchronous
+            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == before
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # ANALYZE is a no-op on SQLite
+def test_a_big_submit_refreshes_the_planner_statistics_itself(db_url, engine):
+
+    def manual_analyzes():
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'jobs'")).scalar_one()
+
+    before = manual_analyzes()
+    submit(engine, "small", axes={"value": [1.0, 2.0]})
+    assert manual_analyzes() == before
+    submit(engine, "big", axes={"value": [float(i) for i in range(ANALYZE_AFTER_ROWS)]})
+    assert manual_analyzes() == before + 1
+    submit(engine, "big", axes={"value": [float(i) for i in range(ANALYZE_AFTER_ROWS)]})  # nothing new
+    assert manual_analyzes() == before + 1
