@@ -287,6 +287,20 @@ def run(
     raise typer.Exit(0 if outcome.finished else 3)
 
 
+def worker_token(settings, token: Optional[str]) -> str:
+    """--token, else GRIDFLEET_TOKEN; exits 2 saying how to make one when there is none."""
+    secret = token or (settings.token.get_secret_value() if settings.token else "")
+    if not secret:
+        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
+             "`gridfleet token create --role worker`)")
+    return secret
+
+
+def trainer_names(trainers: Optional[str]) -> Optional[list[str]]:
+    """'a, b' -> ['a', 'b']; None (every trainer this install knows) when not given."""
+    return [t.strip() for t in trainers.split(",") if t.strip()] if trainers else None
+
+
 @app.command()
 def worker(
     server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
@@ -316,12 +330,9 @@ def worker(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = _settings()
-    secret = token or (settings.token.get_secret_value() if settings.token else "")
-    if not secret:
-        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
-             "`gridfleet token create --role worker`)")
+    secret = worker_token(settings, token)
     options = AgentOptions(
-        trainers=[t.strip() for t in trainers.split(",") if t.strip()] if trainers else None,
+        trainers=trainer_names(trainers),
         gpus=gpus, max_jobs=max_jobs, max_run_time=max_run_time, grace_seconds=grace, home=settings.home,
         stores=settings.store_options(),
     )

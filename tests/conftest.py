@@ -109,3 +109,19 @@ def fleet(tmp_path):
     fleet = Fleet(tmp_path)
     yield fleet
     fleet.close()
+
+
+@pytest.fixture
+def start_hub():
+    """Start local Hub-compatible servers (tests/hub_server.py): start_hub(token, read_token=None)."""
+    from tests.hub_server import HubServer
+
+    servers = []
+
+    def start(token: str, read_token: str | None = None) -> HubServer:
+        servers.append(HubServer(token, read_token=read_token).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -52,20 +52,18 @@ def fleet(
         return
     import logging
 
+    from common.cli import trainer_names, worker_token  # late: common.cli imports this module
     from common.settings import Settings
     from worker.agent import AgentOptions
     from worker.fleet import FleetError, FleetOptions, RayFleet
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
-    secret = token or (settings.token.get_secret_value() if settings.token else "")
-    if not secret:
-        _fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
-              "`gridfleet token create --role worker`)")
+    secret = worker_token(settings, token)
     if workers != "auto" and not workers.isdigit():
         _fail(f"--workers takes a number or 'auto', got '{workers}'")
     agent = AgentOptions(
-        trainers=[t.strip() for t in trainers.split(",") if t.strip()] if trainers else None,
+        trainers=trainer_names(trainers),
         grace_seconds=grace, home=settings.home, stores=settings.store_options(),
     )
     options = FleetOptions(server_url=server or settings.server_url, token=secret,

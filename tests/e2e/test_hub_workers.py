@@ -31,10 +31,8 @@ UPLOAD_INTERVAL = 1.0
 
 
 @pytest.fixture
-def hub():
-    server = HubServer(WRITE_TOKEN, read_token=READ_TOKEN).start()
-    yield server
-    server.stop()
+def hub(start_hub):
+    return start_hub(WRITE_TOKEN, read_token=READ_TOKEN)
 
 
 def hub_env(fleet: Fleet, name: str, hub: HubServer, **values: str) -> tuple[dict[str, str], Path]:

@@ -23,10 +23,8 @@ REPO = "alice/sync-ckpts"
 
 
 @pytest.fixture
-def hub():
-    server = HubServer(TOKEN).start()
-    yield server
-    server.stop()
+def hub(start_hub):
+    return start_hub(TOKEN)
 
 
 def options(hub: HubServer, **overrides) -> StoreOptions:

@@ -9,17 +9,14 @@ import torch
 from pydantic import SecretStr
 
 from common.hub_store import HubStore, HubStoreError, parse_hf_uri
-from tests.hub_server import HubServer
 
 TOKEN = "hf_test_SECRET_token_4b1d9e"
 REPO = "hf://alice/ckpts"
 
 
 @pytest.fixture
-def hub():
-    server = HubServer(TOKEN).start()
-    yield server
-    server.stop()
+def hub(start_hub):
+    return start_hub(TOKEN)
 
 
 def make_store(hub, root, token=TOKEN, **kwargs) -> HubStore:

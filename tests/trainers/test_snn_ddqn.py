@@ -28,15 +28,6 @@ SEED_CONF = {  # seed 002's conf.json, as its README writes it
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads cost far more than they give on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Harness(harness.Harness):
     def train(self, **config) -> dict:
         return super().train(snn_ddqn, config)

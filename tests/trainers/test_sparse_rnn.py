@@ -15,14 +15,6 @@ from worker.trainers.iterativenn.data import IGNORE
 from worker.trainers.sparse_rnn import Config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Harness(harness.Harness):
     def train(self, **config) -> dict:
         return super().train(sparse_rnn, config)
