@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import select
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psycopg
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
@@ -53,10 +56,82 @@ def _refuse_closed_connection(dbapi_conn, _record, _proxy) -> None:
     the statement as before (never retried: it may have committed)."""
     if dbapi_conn.closed:
         raise DisconnectionError("pooled connection is closed")
+    if _server_closed(dbapi_conn):
+        raise DisconnectionError("the server closed this pooled connection")
+
+
+def _server_closed(dbapi_conn) -> bool:
+    """True when an idle connection's socket has something to read: the server's goodbye."""
     poller = select.poll()
     poller.register(dbapi_conn.fileno(), select.POLLIN)
-    if poller.poll(0):
-        raise DisconnectionError("the server closed this pooled connection")
+    return bool(poller.poll(0))
+
+
+class AutocommitConnections:
+    """Postgres only: raw psycopg connections in autocommit mode for statements that are their own
+    transaction, without SQLAlchemy's per-statement work (pool checkout, execution context, result set-up:
+    about half of a queue worker's CPU). psycopg prepares a statement after `prepare_threshold` runs.
+
+    Thread-safe: a connection serves one caller at a time and goes back to an idle stack afterwards (not
+    one per thread: the API server's worker threads come and go). A connection the server closed, or one
+    left mid-statement, is replaced before anything is sent on it; a statement is never re-sent.
+    All of them are closed by close() and by the engine's dispose().
+    """
+
+    def __init__(self, engine: Engine, prepare_threshold: int | None = 5, **connect_kwargs):
+        self._dialect = engine.dialect
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)  # what the engine's pool connects with
+        self._connect_args = cargs, {**cparams, **connect_kwargs, "autocommit": True,
+                                     "prepare_threshold": prepare_threshold}
+        self._idle: deque[psycopg.Connection] = deque()  # append/pop are atomic: no lock needed
+        self._open: set[psycopg.Connection] = set()
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        conn = self._checkout()
+        try:
+            yield conn
+        finally:
+            self._idle.append(conn)  # a broken one is dropped at its next checkout
+
+    def _checkout(self) -> psycopg.Connection:
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                return self._new()
+            if self._usable(conn):
+                return conn
+            self._discard(conn)
+
+    def _new(self) -> psycopg.Connection:
+        cargs, cparams = self._connect_args
+        conn = self._dialect.connect(*cargs, **cparams)
+        self._open.add(conn)
+        return conn
+
+    @staticmethod
+    def _usable(conn: psycopg.Connection) -> bool:
+        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+            return False  # closed, broken, or interrupted mid-statement
+        if hasattr(select, "poll"):
+            return not _server_closed(conn)
+        try:  # no poll(): one round trip, as pool_pre_ping
+            conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def _discard(self, conn: psycopg.Connection) -> None:
+        self._open.discard(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """Close every connection, idle or in use (one in use fails its statement). Later use opens new ones."""
+        self._idle.clear()
+        for conn in list(self._open):
+            self._discard(conn)
 
 
 def _sqlite_engine(url: str, **kwargs) -> Engine:

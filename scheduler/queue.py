@@ -3,21 +3,25 @@
 Postgres claims with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING`;
 SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so nothing to skip).
 On Postgres the claim, the heartbeat and the common finishes are each one statement (data-modifying CTEs)
-run in autocommit mode: one round trip each (bench/README.md). SQLite runs the same steps in a transaction.
+run in autocommit mode on a raw psycopg connection, as prepared statements: one round trip each, without
+SQLAlchemy's per-statement CPU (bench/README.md). SQLite runs the same steps in a transaction.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from psycopg.rows import dict_row
+from psycopg.types.json import Json
 from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text, update
 
 from common import schema as t
-from common.db import is_sqlite, write_tx
+from common.db import AutocommitConnections, is_sqlite, write_tx
 from scheduler.policy import RetryPolicy
 
 OUTCOMES = ("succeeded", "error", "preempted", "cancelled")
@@ -25,6 +29,12 @@ _ROW_FREE_OUTCOMES = ("succeeded", "cancelled")  # their next state does not dep
 EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
+
+
+def _pyformat(sql: str) -> str:
+    """SQLAlchemy text()'s `:name` parameters as psycopg's `%(name)s` (`::type` casts stay as they are)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
+
 
 # Hot-path statements, built once. Building a Core statement and its cache key costs about 70 us of CPU per
 # call; these are executed with parameters instead (the SET clause comes from the parameter names).
@@ -47,7 +57,7 @@ _HEARTBEAT = update(t.jobs).where(*_CURRENT_ATTEMPT).returning(t.jobs.c.cancel_r
 # Postgres: the whole heartbeat as one statement (fenced lease/progress update, metrics, worker last seen).
 # set_config(..., true) is SET LOCAL: this statement's transaction commits without waiting for the WAL
 # flush. A heartbeat lost in a Postgres crash only shortens a lease; claims and finishes stay synchronous.
-_PG_HEARTBEAT = text(
+_PG_HEARTBEAT = _pyformat(
     """
     WITH job AS (
         UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
@@ -64,7 +74,7 @@ _PG_HEARTBEAT = text(
     worker AS (UPDATE workers SET last_seen_at = :now FROM job WHERE workers.id = job.worker_id)
     SELECT cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
-).bindparams(bindparam("metrics", type_=JSON))
+)
 
 
 @dataclass
@@ -124,11 +134,13 @@ class Queue:
         self._sqlite = is_sqlite(engine)
         self._next_expiry_scan = 0.0  # time.monotonic() after which a claim scans for expired leases again
         # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
-        # which saves the BEGIN and COMMIT round trips.
-        self._one_statement = None if self._sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
+        # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
+        # checkout, execution context and result set-up cost as much client CPU as the statement itself.
+        self._autocommit = None if self._sqlite else AutocommitConnections(engine, row_factory=dict_row)
         lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
-        self._finish_writes: dict[tuple[str, ...], Any] = {}  # Postgres: one statement per set of job columns
+        self._finish_writes: dict[tuple[str, ...], str] = {}  # Postgres: one statement per set of job columns
+        trainer_in = "trainer IN :trainers" if self._sqlite else "trainer = ANY(:trainers)"
         claim_update = f"""
             UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
                 lease_expires_at = :lease, attempts = attempts + 1,
@@ -136,7 +148,7 @@ class Queue:
             WHERE id = (
                 SELECT id FROM jobs
                 WHERE state = 'queued' AND not_before <= :now AND gpus <= :gpus
-                  AND (:any_trainer OR trainer IN :trainers)
+                  AND (:any_trainer OR {trainer_in})
                   AND (code_rev IS NULL OR :can_pin)
                   AND (:any_grid OR grid_id = :grid_id)
                   AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
@@ -161,7 +173,9 @@ class Queue:
             )
             SELECT id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts FROM claimed
             """
-        self._claim_sql = text(claim_update).bindparams(bindparam("trainers", expanding=True))
+            self._claim_sql = _pyformat(claim_update)  # run by psycopg
+        else:
+            self._claim_sql = text(claim_update).bindparams(bindparam("trainers", expanding=True))
         self._expired_sql = text(
             f"""
             SELECT id, attempt_id, losses, cancel_requested FROM jobs
@@ -169,6 +183,11 @@ class Queue:
             ORDER BY lease_expires_at LIMIT {EXPIRED_BATCH}{lock}
             """
         )
+
+    def close(self) -> None:
+        """Close the Queue's own Postgres connections (the engine's dispose() does it too)."""
+        if self._autocommit is not None:
+            self._autocommit.close()
 
     # ---- workers -------------------------------------------------------------------------------
     def register_worker(
@@ -272,8 +291,8 @@ class Queue:
         if scan:
             with write_tx(self.engine) as conn:
                 self._scan_expired(conn, params["now"])
-        with self._one_statement.connect() as conn:
-            return conn.execute(self._claim_sql, params).mappings().first()
+        with self._autocommit.connection() as conn:
+            return conn.execute(self._claim_sql, params).fetchone()
 
     def requeue_expired(self, now: float | None = None) -> int:
         """Handle expired leases now (the claim does this too). Returns how many were handled."""
@@ -338,12 +357,13 @@ class Queue:
         if not self._sqlite:
             params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "lease": lease, "step": step,
                       "progress_done": values.get("progress_done"), "progress_total": values.get("progress_total"),
-                      "now": now, "metrics": [{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()]}
-            with self._one_statement.connect() as conn:
-                row = conn.execute(_PG_HEARTBEAT, params).first()
+                      "now": now,
+                      "metrics": Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])}
+            with self._autocommit.connection() as conn:
+                row = conn.execute(_PG_HEARTBEAT, params).fetchone()
             if row is None:
                 return _stale(job_id, attempt_id)
-            return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
+            return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
         with write_tx(self.engine) as conn:
             row = conn.execute(_HEARTBEAT, {"b_job_id": job_id, "b_attempt_id": attempt_id, **values}).first()
             if row is None:
@@ -410,8 +430,9 @@ class Queue:
         now = time.time() if now is None else now
         if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
             values = self._next_state(None, outcome, result, error, now)
-            with self._one_statement.connect() as conn:
-                if not self._finish_postgres(conn, job_id, attempt_id, outcome, values, error, now):
+            statement, params = self._finish_postgres(job_id, attempt_id, outcome, values, error, now)
+            with self._autocommit.connection() as conn:
+                if conn.execute(statement, params).fetchone() is None:
                     return _stale(job_id, attempt_id)
             return Reply(ok=True, state=values["state"])
         with write_tx(self.engine) as conn:
@@ -419,8 +440,8 @@ class Queue:
             if job is None:
                 return _stale(job_id, attempt_id)
             values = self._next_state(job, outcome, result, error, now)
-            if not self._sqlite:
-                self._finish_postgres(conn, job_id, attempt_id, outcome, values, error, now)
+            if not self._sqlite:  # the row is locked and current: the statement will find it
+                conn.exec_driver_sql(*self._finish_postgres(job_id, attempt_id, outcome, values, error, now))
                 return Reply(ok=True, state=values["state"])
             conn.execute(_UPDATE_JOB, {"b_job_id": job_id, **values})
             self._end_attempt(conn, attempt_id, outcome, now, error)
@@ -428,15 +449,16 @@ class Queue:
             self.touch_worker(conn, job.worker_id, now, state="idle", current_job_id=None)
         return Reply(ok=True, state=values["state"])
 
-    def _finish_postgres(self, conn: Connection, job_id: int, attempt_id: str, outcome: str,
-                         values: dict[str, Any], error: str | None, now: float) -> bool:
-        """The whole finish as one statement: fence and lock the job, set `values`, end the attempt, add the
-        event, mark the worker idle. False when the attempt is not the current one (nothing changed)."""
+    def _finish_postgres(self, job_id: int, attempt_id: str, outcome: str, values: dict[str, Any],
+                         error: str | None, now: float) -> tuple[str, dict[str, Any]]:
+        """The whole finish as one statement, for psycopg, and its parameters: fence and lock the job, set
+        `values`, end the attempt, add the event, mark the worker idle. It returns no row when the attempt is
+        not the current one (then nothing changed)."""
         keys = tuple(values)
         statement = self._finish_writes.get(keys)
         if statement is None:
             sets = ", ".join(f"{key} = :v_{key}" for key in keys)
-            statement = text(
+            statement = _pyformat(
                 f"""
                 WITH fenced AS MATERIALIZED (
                     SELECT id, worker_id FROM jobs
@@ -458,11 +480,13 @@ class Queue:
                 )
                 SELECT 1 FROM job
                 """
-            ).bindparams(*[bindparam(f"v_{key}", type_=t.jobs.c[key].type) for key in keys])
+            )
             self._finish_writes[keys] = statement
         params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "outcome": outcome, "now": now, "error": error,
-                  "message": _finish_message(outcome, values, error), **{f"v_{k}": v for k, v in values.items()}}
-        return conn.execute(statement, params).first() is not None
+                  "message": _finish_message(outcome, values, error)}
+        for key, value in values.items():
+            params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
+        return statement, params
 
     def _next_state(self, job, outcome: str, result, error, now: float) -> dict[str, Any]:
         """The job's new column values. `job` (the locked row) is not read for _ROW_FREE_OUTCOMES."""

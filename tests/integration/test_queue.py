@@ -782,9 +782,57 @@ def test_a_pooled_connection_the_server_closed_is_replaced_and_the_write_runs_on
         engine.dispose()
 
 
+def _other_backends(admin) -> set[int]:
+    """The pids of the server processes serving this database, except the admin connection's own."""
+    return set(admin.execute(text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )).scalars())
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite has no server to lose
+@pytest.mark.parametrize("operation", ["claim", "heartbeat", "finish"])
+def test_the_queues_raw_connection_the_server_closed_is_replaced_and_the_write_runs_once(db_url, policy, operation):
+    """The hot path runs on the Queue's own psycopg connection: a server restart ends it (and the pool's)
+    while idle; the next statement goes out on a new connection, once. dispose() closes them all."""
+    engine = make_engine(db_url)
+    admin_engine = make_engine(db_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        q = Queue(engine, policy)
+        first, second = job_ids(engine, submit(engine, "g", axes={"value": [1.0, 2.0]}).grid_id)
+        claimed = q.claim("w")  # opens the raw connection, which stays open and idle
+        with admin_engine.connect() as admin:  # as a restart: every backend of the database ends
+            old = _other_backends(admin)
+            assert len(old) == 2  # the pool's and the Queue's
+            for pid in old:
+                assert admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}).scalar_one()
+
+        if operation == "claim":
+            again = q.claim("w")
+            assert again is not None and again.id == second
+            assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
+        elif operation == "heartbeat":
+            assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
+            assert job(engine, first)["step"] == 3
+        else:
+            assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
+            assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
+            assert job(engine, first)["result"] == {"loss": 1.0}
+
+        with admin_engine.connect() as admin:
+            assert _other_backends(admin) and not _other_backends(admin) & old
+            engine.dispose()  # closes the Queue's connections too: nothing is left to block DROP DATABASE
+            deadline = time.monotonic() + 10.0
+            while _other_backends(admin) and time.monotonic() < deadline:
+                time.sleep(0.02)  # a closed connection's backend exits just after the client hangs up
+            assert _other_backends(admin) == set()
+    finally:
+        engine.dispose()
+        admin_engine.dispose()
+
+
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # synchronous_commit is a Postgres setting
 def test_the_heartbeats_async_commit_does_not_outlive_the_heartbeat(db_url, policy):
-    engine = make_engine(db_url, pool_size=1, max_overflow=0)  # every checkout gets the same connection
+    engine = make_engine(db_url)
     try:
         q = Queue(engine, policy)
         submit(engine, "g")
@@ -792,8 +840,11 @@ def test_the_heartbeats_async_commit_does_not_outlive_the_heartbeat(db_url, poli
         with engine.connect() as conn:
             before = conn.execute(text("SHOW synchronous_commit")).scalar_one()
         assert q.heartbeat(claimed.id, claimed.attempt_id, step=1).ok
-        with engine.connect() as conn:  # claims and finishes on this connection must stay synchronous
-            assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == before
+        # The heartbeat ran on the Queue's one raw connection; its claims and finishes must stay synchronous.
+        with q._autocommit.connection() as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == before
+        q.close()
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=2).ok  # a closed Queue opens a new connection
     finally:
         engine.dispose()
 
