@@ -136,7 +136,10 @@ class Queue:
         # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
         # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
         # checkout, execution context and result set-up cost as much client CPU as the statement itself.
-        self._autocommit = None if self._sqlite else AutocommitConnections(engine, row_factory=dict_row)
+        # Generic plans: the prepared hot-path statements skip planning on every run (Postgres CPU per cycle
+        # 1.0-1.4 -> 0.5-1.1 ms in a side-by-side bench run); their plans do not depend on the values.
+        self._autocommit = None if self._sqlite else AutocommitConnections(
+            engine, row_factory=dict_row, options="-c plan_cache_mode=force_generic_plan")
         lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
         self._finish_writes: dict[tuple[str, ...], str] = {}  # Postgres: one statement per set of job columns
