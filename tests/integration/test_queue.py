@@ -747,6 +747,21 @@ def test_heartbeat_without_progress_keeps_the_last_reported(engine, queue, t0):
     assert reports.job_metrics(engine, claimed.id) == []
 
 
+def _write_once_after_the_restart(q, engine, operation: str, claimed, first: int, second: int) -> None:
+    """Run `operation` once on a Queue whose connections the server has just closed; check it happened once."""
+    if operation == "claim":
+        again = q.claim("w")
+        assert again is not None and again.id == second
+        assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
+    elif operation == "heartbeat":
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
+        assert job(engine, first)["step"] == 3
+    else:
+        assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
+        assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
+        assert job(engine, first)["result"] == {"loss": 1.0}
+
+
 # Postgres connections: no pre-ping round trip; a connection the server closed is replaced at checkout.
 def _backend_pid(engine) -> int:
     with engine.connect() as conn:
@@ -767,16 +782,7 @@ def test_a_pooled_connection_the_server_closed_is_replaced_and_the_write_runs_on
             assert conn.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": old_pid}).scalar_one()
         admin.dispose()
 
-        if operation == "claim":
-            again = q.claim("w")
-            assert again is not None and again.id == second
-            assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
-        elif operation == "heartbeat":
-            assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
-            assert job(engine, first)["step"] == 3
-        else:
-            assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
-            assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
+        _write_once_after_the_restart(q, engine, operation, claimed, first, second)
         assert _backend_pid(engine) != old_pid
     finally:
         engine.dispose()
@@ -806,17 +812,7 @@ def test_the_queues_raw_connection_the_server_closed_is_replaced_and_the_write_r
             for pid in old:
                 assert admin.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}).scalar_one()
 
-        if operation == "claim":
-            again = q.claim("w")
-            assert again is not None and again.id == second
-            assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
-        elif operation == "heartbeat":
-            assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
-            assert job(engine, first)["step"] == 3
-        else:
-            assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
-            assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
-            assert job(engine, first)["result"] == {"loss": 1.0}
+        _write_once_after_the_restart(q, engine, operation, claimed, first, second)
 
         with admin_engine.connect() as admin:
             assert _other_backends(admin) and not _other_backends(admin) & old
