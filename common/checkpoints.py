@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from common.store_uri import job_folder, split_hf_pointer
+
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
 
 
@@ -39,8 +41,8 @@ def load_checkpoint(pointer: dict[str, Any], local_root: str | Path, options: St
     if uri.startswith("hf://"):
         from common.hub_store import HubStore  # huggingface_hub only where a Hub checkpoint is read
 
-        owner, repo = uri[len("hf://"):].split("/")[:2]
-        store = HubStore(f"hf://{owner}/{repo}", local_root, endpoint=options.hub_endpoint,
+        repo_id, _ = split_hf_pointer(uri)
+        store = HubStore(f"hf://{repo_id}", local_root, endpoint=options.hub_endpoint,
                          read_token=options.hub_read_token or options.hub_write_token)
         return store.load(pointer)
     return LocalStore(local_root).load(pointer)
@@ -75,7 +77,7 @@ class LocalStore:
         self.keep = max(1, keep)
 
     def job_dir(self, grid_id: int, job_id: int) -> Path:
-        return self.root / f"grid-{grid_id}" / f"job-{job_id}"
+        return self.root / job_folder(grid_id, job_id)
 
     def save(self, grid_id: int, job_id: int, step: int, state: Any) -> dict[str, Any]:
         """Write atomically and durably; return the pointer {uri, step, time}."""

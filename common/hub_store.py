@@ -27,7 +27,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from pydantic import SecretStr
 
 from common.checkpoints import LocalStore, _deserialize
-from common.store_uri import parse_hf_uri
+from common.store_uri import job_folder, normalize_hf_uri, parse_hf_uri, split_hf_pointer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,7 +53,7 @@ class HubStore:
         backoff_max: float = 60.0,
     ):
         self.repo_id, self.branch = parse_hf_uri(uri)
-        self.uri = f"hf://{self.repo_id}@{self.branch}"
+        self.uri = normalize_hf_uri(uri)
         self.local = LocalStore(local_root, keep=keep)
         self.cache_dir = self.local.root / ".hub-cache"
         self.endpoint = endpoint
@@ -69,7 +69,7 @@ class HubStore:
 
     @staticmethod
     def path_in_repo(grid_id: int, job_id: int, step: int) -> str:
-        return f"grid-{grid_id}/job-{job_id}/ckpt-{step:012d}.pt"
+        return f"{job_folder(grid_id, job_id)}/ckpt-{step:012d}.pt"
 
     def _api(self, token: SecretStr | None) -> HfApi:
         return HfApi(endpoint=self.endpoint, token=token.get_secret_value() if token else None)
@@ -100,7 +100,7 @@ class HubStore:
 
     def load(self, pointer: dict[str, Any]) -> Any:
         """The checkpoint a pointer names: the local copy when there is one, else that exact Hub revision."""
-        repo_id, path = self._split_pointer(pointer["uri"])
+        repo_id, path = split_hf_pointer(pointer["uri"])
         if repo_id != self.repo_id:
             raise ValueError(f"checkpoint {pointer['uri']} is not in this store's repo {self.repo_id}")
         local_path = self.local.root / path
@@ -129,14 +129,6 @@ class HubStore:
         self._repo_ready = True
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _split_pointer(self, uri: str) -> tuple[str, str]:
-        if not uri.startswith("hf://"):
-            raise ValueError(f"the hub store cannot read checkpoint '{uri}'")
-        parts = uri[len("hf://"):].split("/", 2)
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"a hub checkpoint URI is hf://owner/repo/path, got '{uri}'")
-        return f"{parts[0]}/{parts[1]}", parts[2]
-
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         """Run `call`, retrying 429 (after Retry-After), 5xx and network errors with bounded backoff."""
         for attempt in range(1, self.max_attempts + 1):

@@ -15,6 +15,7 @@ from typing import Any
 from common import job_files
 from common.checkpoints import StoreOptions
 from common.results import write_csv
+from common.store_uri import job_folder, parse_hf_uri, split_hf_pointer
 from scheduler.reports import results_table
 
 
@@ -59,8 +60,6 @@ def pull_grid(summary: dict[str, Any], rows: list[dict[str, Any]], dest: Path, o
 
 def _branches(summary: dict[str, Any], options: StoreOptions) -> dict[str, str]:
     """repo id -> the branch the grid writes to (its own store, else the deployment default)."""
-    from common.store_uri import parse_hf_uri
-
     branches = {}
     for uri in (options.default_store, (summary.get("spec") or {}).get("store")):
         if uri and uri.startswith("hf://"):
@@ -73,11 +72,10 @@ def _pull_from_hub(grid_id: int, job_id: int, pointer: dict[str, Any], names: li
                    options: StoreOptions, local_root: Path, branch_of: dict[str, str], job: PulledJob) -> None:
     from common.hub_store import HubStore, HubStoreError
 
-    owner, repo, path = pointer["uri"][len("hf://"):].split("/", 2)
-    repo_id = f"{owner}/{repo}"
+    repo_id, path = split_hf_pointer(pointer["uri"])
     store = HubStore(f"hf://{repo_id}@{branch_of.get(repo_id, 'main')}", local_root,
                      read_token=options.hub_read_token, endpoint=options.hub_endpoint, max_attempts=3)
-    wanted = [(path, pointer["revision"])] + [(f"grid-{grid_id}/job-{job_id}/{n}", None) for n in names]
+    wanted = [(path, pointer["revision"])] + [(f"{job_folder(grid_id, job_id)}/{n}", None) for n in names]
     for in_repo, revision in wanted:
         name = in_repo.rsplit("/", 1)[1]
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from common import job_files
 from common.checkpoints import LocalStore, StoreOptions
+from common.store_uri import job_folder, normalize_hf_uri
 
 log = logging.getLogger("gridfleet.worker")
 
@@ -37,15 +38,16 @@ class CheckpointSync:
         return self._uploader_for(uri) if uri.startswith("hf://") else None
 
     def _uploader_for(self, uri: str):
-        from common.hub_store import HubStore, Uploader  # huggingface_hub only where the Hub is used
+        key = normalize_hf_uri(uri)  # one uploader per store, whether its branch is written or not
+        if key not in self._uploaders:
+            from common.hub_store import HubStore, Uploader  # huggingface_hub only where the Hub is used
 
-        store = HubStore(uri, self.local.root, write_token=self.options.hub_write_token,
-                         read_token=self.options.hub_read_token, endpoint=self.options.hub_endpoint)
-        if store.uri not in self._uploaders:  # keyed by the normalised URI (an explicit @main or not)
-            journal = self.journals / (store.uri[len("hf://"):].replace("/", "--") + ".json")
-            self._uploaders[store.uri] = Uploader(store, interval=self.options.upload_interval,
-                                                  on_uploaded=self._record, journal=journal).start()
-        return self._uploaders[store.uri]
+            store = HubStore(uri, self.local.root, write_token=self.options.hub_write_token,
+                             read_token=self.options.hub_read_token, endpoint=self.options.hub_endpoint)
+            journal = self.journals / (key[len("hf://"):].replace("/", "--") + ".json")
+            self._uploaders[key] = Uploader(store, interval=self.options.upload_interval,
+                                            on_uploaded=self._record, journal=journal).start()
+        return self._uploaders[key]
 
     def resume_pending(self) -> int:
         """Take over the uploads an earlier agent on this machine left pending (it was killed)."""
@@ -114,4 +116,4 @@ class CheckpointSync:
         return self.local.job_dir(job["grid_id"], job["id"])
 
     def _in_repo(self, job: dict[str, Any], path: Path) -> str:
-        return f"grid-{job['grid_id']}/job-{job['id']}/{path.name}"
+        return f"{job_folder(job['grid_id'], job['id'])}/{path.name}"
