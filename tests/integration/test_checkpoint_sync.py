@@ -46,11 +46,25 @@ def recorded(queue, job_id: int):
         return conn.execute(select(t.jobs.c.checkpoint).where(t.jobs.c.id == job_id)).scalar()
 
 
-def test_local_store_records_the_local_pointer_at_once(queue, hub, tmp_path):
-    client, job = claim_one(queue, None)
-    sync = CheckpointSync(client, options(hub), tmp_path)
+def started(client, job: dict, hub: HubServer, root) -> CheckpointSync:
+    """The agent's sync for `job`, as the agent has it once the job's child starts."""
+    sync = CheckpointSync(client, options(hub), root)
     sync.worker_id = job["worker_id"]
     sync.job_started(job)
+    return sync
+
+
+def succeed(sync: CheckpointSync, client, job: dict, root, step: int, loss: float) -> None:
+    """The job saves a checkpoint at `step` and succeeds, as agent and child report it."""
+    sync.checkpoint_saved(job, LocalStore(root).save(job["grid_id"], job["id"], step, {"step": step}))
+    sync.job_finished(job, "succeeded", {"loss": loss}, step)
+    client.finish(job["worker_id"], job_id=job["id"], attempt_id=job["attempt_id"], outcome="succeeded",
+                  result={"loss": loss})
+
+
+def test_local_store_records_the_local_pointer_at_once(queue, hub, tmp_path):
+    client, job = claim_one(queue, None)
+    sync = started(client, job, hub, tmp_path)
     pointer = LocalStore(tmp_path).save(job["grid_id"], job["id"], 3, {"step": 3})
     assert sync.checkpoint_saved(job, pointer)["ok"]
     assert recorded(queue, job["id"]) == pointer
@@ -60,9 +74,7 @@ def test_local_store_records_the_local_pointer_at_once(queue, hub, tmp_path):
 
 def test_hub_store_records_only_after_the_commit_and_uploads_before_a_preempted_job_is_released(queue, hub, tmp_path):
     client, job = claim_one(queue, f"hf://{REPO}")
-    sync = CheckpointSync(client, options(hub), tmp_path / "machine-a")
-    sync.worker_id = job["worker_id"]
-    sync.job_started(job)
+    sync = started(client, job, hub, tmp_path / "machine-a")
     local = LocalStore(tmp_path / "machine-a")
     for step in (1, 2):
         assert sync.checkpoint_saved(job, local.save(job["grid_id"], job["id"], step, {"step": step}))["ok"]
@@ -82,14 +94,9 @@ def test_hub_store_records_only_after_the_commit_and_uploads_before_a_preempted_
 
 def test_final_files_go_with_the_next_batch_and_the_pointer_lands_after_success(queue, hub, tmp_path):
     client, job = claim_one(queue, f"hf://{REPO}")
-    sync = CheckpointSync(client, options(hub), tmp_path)
-    sync.worker_id = job["worker_id"]
-    sync.job_started(job)
-    sync.checkpoint_saved(job, LocalStore(tmp_path).save(job["grid_id"], job["id"], 5, {"step": 5}))
-    sync.job_finished(job, "succeeded", {"loss": 0.5}, 5)
+    sync = started(client, job, hub, tmp_path)
+    succeed(sync, client, job, tmp_path, step=5, loss=0.5)
     assert not hub.requests  # success costs no commit of its own
-    client.finish(job["worker_id"], job_id=job["id"], attempt_id=job["attempt_id"], outcome="succeeded",
-                  result={"loss": 0.5})
     sync.close()  # the worker stops: what is pending goes up in one commit
     assert len(hub.repos[REPO].commits) == 2  # the repo's initial commit, then one batch
     prefix = f"grid-{job['grid_id']}/job-{job['id']}/"
@@ -137,13 +144,8 @@ def test_checkpoints_dir_layout_matches_the_repo_layout(tmp_path):
 
 def test_uploads_left_by_a_killed_agent_go_up_at_the_next_start_on_that_machine(queue, hub, tmp_path):
     client, job = claim_one(queue, f"hf://{REPO}")
-    first = CheckpointSync(client, options(hub), tmp_path)
-    first.worker_id = job["worker_id"]
-    first.job_started(job)
-    first.checkpoint_saved(job, LocalStore(tmp_path).save(job["grid_id"], job["id"], 7, {"step": 7}))
-    first.job_finished(job, "succeeded", {"loss": 0.1}, 7)
-    client.finish(job["worker_id"], job_id=job["id"], attempt_id=job["attempt_id"], outcome="succeeded",
-                  result={"loss": 0.1})
+    first = started(client, job, hub, tmp_path)
+    succeed(first, client, job, tmp_path, step=7, loss=0.1)
     # kill -9: `first` never flushes (its thread waits an hour); only its journal and files are on disk.
     assert not hub.requests and any((tmp_path / ".uploads").iterdir())
 
