@@ -280,21 +280,28 @@ class Uploader:
         temp.write_text(json.dumps({"store": self.store.uri, "files": files}))
         os.replace(temp, self.journal)
 
-    def resume(self) -> int:
-        """Take over what the journal lists (files a killed process left); returns how many."""
-        if self.journal is None or not self.journal.exists():
-            return 0
-        try:
-            files = json.loads(self.journal.read_text())["files"]
-        except (ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable upload journal %s: %s", self.journal, exc)
-            return 0
+    def resume(self, files: dict[str, dict[str, Any]]) -> int:
+        """Take over the files of a journal (`read_journal(...)["files"]`) a killed process left; returns
+        how many are pending now."""
         with self._lock:
             for path, f in files.items():
                 if Path(f["local"]).exists() and path not in self._pending:
                     self._pending[path] = PendingFile(Path(f["local"]), f["step"], f["saved_at"], f.get("meta") or {})
             self._write_journal()
             return len(self._pending)
+
+
+def read_journal(path: Path) -> dict[str, Any] | None:
+    """An Uploader's journal, {"store": its hf:// URI, "files": {...}}; None (logged) when unreadable."""
+    try:
+        journal = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable upload journal %s: %s", path, exc)
+        return None
+    if not isinstance(journal, dict) or not {"store", "files"} <= journal.keys():
+        log.warning("ignoring upload journal %s: it holds no store and files", path)
+        return None
+    return journal
 
 
 def _retry_after(response: httpx2.Response) -> float | None:

@@ -51,16 +51,13 @@ class CheckpointSync:
 
     def resume_pending(self) -> int:
         """Take over the uploads an earlier agent on this machine left pending (it was killed)."""
-        import json
-
         resumed = 0
-        for journal in sorted(self.journals.glob("*.json")):
-            try:
-                uri = json.loads(journal.read_text())["store"]
-            except (ValueError, KeyError, OSError) as exc:
-                log.warning("ignoring unreadable upload journal %s: %s", journal, exc)
-                continue
-            resumed += self._uploader_for(uri).resume()
+        for path in sorted(self.journals.glob("*.json")):
+            from common.hub_store import read_journal  # a journal exists only where the Hub was used
+
+            journal = read_journal(path)
+            if journal is not None:
+                resumed += self._uploader_for(journal["store"]).resume(journal["files"])
         if resumed:
             log.info("%d file(s) an earlier run left pending will be uploaded with the next batch", resumed)
         return resumed
