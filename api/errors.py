@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.responses import JSONResponse
+from common.db import is_unavailable
 from scheduler.grids import Conflict, NotFound
 
 log = logging.getLogger("gridfleet.api")
@@ -19,6 +21,7 @@ STATUS_CODES = {
     409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
     429: "too_many_requests", 503: "unavailable",
 }
+RETRY_AFTER_SECONDS = 2  # a Postgres restart takes about a second; workers back off on their own too
 
 
 class ApiError(Exception):
@@ -40,6 +43,12 @@ def error_response(status: int, code: str, message: str, fields: list[dict[str, 
     if extra:
         body.update(extra)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def database_unavailable(message: str = "the database is unavailable or busy; retry in a few seconds",
+                         extra: dict[str, Any] | None = None) -> JSONResponse:
+    return error_response(503, "database_unavailable", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                          extra=extra)
 
 
 def field_path(loc: tuple | list) -> str:
@@ -122,15 +131,23 @@ def install(app: FastAPI) -> None:
     async def _conflict(_request: Request, exc: Conflict):
         return error_response(409, "conflict", str(exc))
 
-    @app.exception_handler(OperationalError)
-    async def _db_down(request: Request, exc: OperationalError):
-        log.error("database error on %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
-        return error_response(503, "database_unavailable",
-                              "the database is unavailable or busy; retry in a few seconds",
-                              headers={"Retry-After": "2"})
+    # Database errors from both paths: SQLAlchemy's, and psycopg's own from the queue's raw connections
+    # (the hot path). A more specific handler registered for one of their subclasses still wins.
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(psycopg.Error)
+    async def _db_error(request: Request, exc: Exception):
+        if not is_unavailable(exc):
+            return _unexpected_error(request, exc)
+        driver_error = getattr(exc, "orig", None) or exc  # only its type: a message may name the host
+        log.error("database unavailable on %s %s: %s", request.method, request.url.path, type(driver_error).__name__)
+        return database_unavailable()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error",
-                              "unexpected server error; it was logged on the server. Please report it.")
+        return _unexpected_error(request, exc)
+
+
+def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error",
+                          "unexpected server error; it was logged on the server. Please report it.")

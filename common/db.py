@@ -9,12 +9,35 @@ from typing import Iterator
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DisconnectionError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# libpq waits for a TCP connect without limit (minutes, for a host that drops packets); a request that
+# cannot reach the database should fail soon enough to answer 503 and free its thread.
+POSTGRES_CONNECT_TIMEOUT_S = 10
+
+# What says "the database cannot be reached, is restarting or is busy right now": worth retrying later,
+# never the caller's fault. psycopg's own (the hot path's raw connections) and SQLAlchemy's wrappers.
+# psycopg's OperationalError covers connect refused, "the database system is shutting down / starting
+# up" (CannotConnectNow), AdminShutdown, CrashShutdown, "server closed the connection unexpectedly",
+# too many connections, deadlocks and serialization failures; InterfaceError a connection already closed.
+_UNAVAILABLE = (
+    psycopg.OperationalError, psycopg.InterfaceError,
+    sa_exc.OperationalError, sa_exc.InterfaceError,  # their DBAPI errors wrapped (SQLite's "database is locked" too)
+    sa_exc.DisconnectionError,  # raised by a pool checkout check that found the connection dead
+    sa_exc.TimeoutError,  # every pooled connection is busy
+)
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """True when `error` means the database is unreachable, restarting or busy: answer 503, retry later.
+    A statement that failed so was not re-sent (it may have committed); the caller's retry is fenced."""
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True  # any driver error on a connection SQLAlchemy found closed or broken
+    return isinstance(error, _UNAVAILABLE)
 
 
 def normalize_url(url: str) -> str:
@@ -34,6 +57,7 @@ def make_engine(url: str, **kwargs) -> Engine:
     url = normalize_url(url)
     if is_sqlite(url):
         return _sqlite_engine(url, **kwargs)
+    url = _with_connect_timeout(url)
     # Survive a Postgres restart. pool_pre_ping would cost a round trip per transaction; the checkout
     # check below costs none (where poll() is missing, pre-ping it is).
     check_on_checkout = "pool_pre_ping" not in kwargs and hasattr(select, "poll")
@@ -46,6 +70,15 @@ def make_engine(url: str, **kwargs) -> Engine:
     if check_on_checkout:
         event.listen(engine, "checkout", _refuse_closed_connection)
     return engine
+
+
+def _with_connect_timeout(url: str):
+    """The URL with libpq's connect_timeout unless it names one; in the URL, so that the pool's connections
+    and AutocommitConnections (which connect with the URL's arguments) both get it."""
+    parsed = make_url(url)
+    if "connect_timeout" in parsed.query:
+        return parsed
+    return parsed.update_query_dict({"connect_timeout": str(POSTGRES_CONNECT_TIMEOUT_S)})
 
 
 def _refuse_closed_connection(dbapi_conn, _record, _proxy) -> None:
@@ -96,14 +129,15 @@ class AutocommitConnections:
             self._idle.append(conn)  # a broken one is dropped at its next checkout
 
     def _checkout(self) -> psycopg.Connection:
-        while True:
+        while self._idle:
             try:
                 conn = self._idle.pop()
-            except IndexError:
-                return self._new()
+            except IndexError:  # another thread took the last one
+                break
             if self._usable(conn):
                 return conn
             self._discard(conn)
+        return self._new()  # a connect refused raises psycopg.OperationalError: see is_unavailable
 
     def _new(self) -> psycopg.Connection:
         cargs, cparams = self._connect_args

@@ -125,3 +125,30 @@ def start_hub():
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A Postgres server of this test session's own (tests/pgcluster.py), for tests that stop, restart or
+    crash it. A test that stops it starts it again; it is removed at the end of the session."""
+    from tests.pgcluster import PgCluster, PgClusterUnavailable
+
+    try:
+        cluster = PgCluster()
+    except PgClusterUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"{exc} (CI must run the Postgres restart tests)")
+        pytest.skip(str(exc))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def private_pg_url(pg_cluster):
+    """A new empty database on the session's own Postgres server (running when the test starts)."""
+    if not pg_cluster.running():
+        pg_cluster.start()
+    return pg_cluster.create_database(f"gf_p_{uuid.uuid4().hex[:12]}")
