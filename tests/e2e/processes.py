@@ -184,7 +184,8 @@ class Fleet:
             time.sleep(POLL)
 
     # ---- the API server ------------------------------------------------------------------------
-    def start_server(self, db_url: str) -> Server:
+    def start_server(self, db_url: str, log_level: str = "warning") -> Server:
+        """`gridfleet serve` on `db_url`; log_level "info" writes uvicorn's access log (one line per reply)."""
         from api import tokens
         from common.db import make_engine
 
@@ -194,7 +195,7 @@ class Fleet:
             env = self.env(DATABASE_URL=db_url, GRIDFLEET_ADMIN_TOKEN=admin_token,
                            GRIDFLEET_HOME=str(self.tmp / "server-home"))
             proc = self.spawn(f"server-{port}", [*gridfleet_cmd(), "serve", "--host", "127.0.0.1", "--port",
-                                                 str(port), "--log-level", "warning"], env)
+                                                 str(port), "--log-level", log_level], env)
             url = f"http://127.0.0.1:{port}"
             api = httpx.Client(base_url=url + "/api/v1", timeout=30.0,
                                headers={"Authorization": f"Bearer {admin_token}"})

@@ -10,6 +10,7 @@ own database work instead of stopping at the token lookup (tested on its own wit
 """
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -200,3 +201,27 @@ def test_a_repeated_finish_after_a_lost_reply_is_refused_and_the_job_stays_succe
     assert [a["outcome"] for a in detail["attempt_history"]] == ["succeeded"], detail
     kinds = [e["kind"] for e in s.client.get(f"{API}/jobs/{job['id']}/events").json()["events"]]
     assert kinds.count("succeeded") == 1, kinds
+
+
+def test_a_database_that_accepts_but_never_answers_fails_the_request_instead_of_hanging(policy):
+    """A host that takes the TCP connection and then says nothing (a hung server, a half-open tunnel):
+    without libpq's connect_timeout both paths would wait for it forever, each holding an API thread."""
+    from common.db import POSTGRES_CONNECT_TIMEOUT_S, is_unavailable, make_engine
+    from scheduler.queue import Queue
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
+    engine = make_engine(f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/gridfleet")
+    queue = Queue(engine, policy)
+    pool = ThreadPoolExecutor(2)
+    try:
+        raw = pool.submit(queue.heartbeat, 1, "a" * 32, step=1)  # the queue's raw psycopg connection
+        pooled = pool.submit(queue.register_worker, name="w", host="h", trainers=[])  # SQLAlchemy's pool
+        for path, attempt in (("raw", raw), ("pooled", pooled)):
+            error = attempt.exception(timeout=POSTGRES_CONNECT_TIMEOUT_S * 6)
+            assert error is not None and is_unavailable(error), f"{path}: {error!r}"
+    finally:
+        silent.close()  # resets a connection still waiting, so that no thread is left hanging
+        pool.shutdown()
+        engine.dispose()
