@@ -1,4 +1,8 @@
-"""Every error is JSON: {"error": {"code", "message", "fields"?}}. No input reaches the 500 handler."""
+"""Every error is JSON: {"error": {"code", "message", "fields"?}}. No input reaches the 500 handler.
+
+A database that cannot be reached or is busy (common.db.is_unavailable) is a 503 with Retry-After, on
+every path: SQLAlchemy's and the queue's raw psycopg connections (docs/database_outages.md).
+"""
 from __future__ import annotations
 
 import logging

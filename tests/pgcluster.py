@@ -16,7 +16,6 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-PG_VERSION = "15"
 START_TIMEOUT_S = 60  # pg_ctl -t: a cold start or crash recovery on a loaded 2-core machine
 # Durability is not what these tests look at: no fsync keeps a crash restart quick. An immediate stop is
 # a crash of Postgres only, not of the machine, so what it wrote is still in the page cache.
@@ -32,10 +31,12 @@ class PgClusterUnavailable(RuntimeError):
 
 
 def bin_dir() -> Path:
-    """Where initdb and pg_ctl live: the Debian/Ubuntu versioned folder, else `pg_config --bindir`, else PATH."""
-    debian = Path(f"/usr/lib/postgresql/{PG_VERSION}/bin")
-    if (debian / "pg_ctl").exists():
-        return debian
+    """Where initdb and pg_ctl live: Debian's versioned folders (newest first), else `pg_config --bindir`,
+    else PATH."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                    key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0, reverse=True)
+    if debian:
+        return debian[0].parent
     try:
         found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -43,7 +44,7 @@ def bin_dir() -> Path:
     if found and (Path(found) / "pg_ctl").exists():
         return Path(found)
     on_path = shutil.which("pg_ctl")
-    if on_path:
+    if on_path and (Path(on_path).parent / "initdb").exists():
         return Path(on_path).parent
     raise PgClusterUnavailable("no Postgres server binaries (pg_ctl, initdb) found")
 
