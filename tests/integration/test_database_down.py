@@ -225,3 +225,29 @@ def test_a_database_that_accepts_but_never_answers_fails_the_request_instead_of_
         silent.close()  # resets a connection still waiting, so that no thread is left hanging
         pool.shutdown()
         engine.dispose()
+
+
+def test_a_locked_sqlite_database_answers_503_and_serves_once_the_lock_is_gone(tmp_path, monkeypatch):
+    """Embedded mode's equivalent: another process holds the write lock past the busy timeout. (Reads go
+    on: in WAL mode a writer does not block them.)"""
+    import sqlite3
+
+    import common.db
+
+    monkeypatch.setattr(common.db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # the wait before "database is locked"
+    database = tmp_path / "gridfleet.db"
+    app = create_app(Settings(database_url=f"sqlite:///{database}", admin_token=ADMIN_TOKEN, home=tmp_path / "home"))
+    with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+        worker_id = client.post(f"{API}/workers/register", json={"name": "w", "host": "h"}).json()["worker_id"]
+        holder = sqlite3.connect(database, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            for path, body in ((f"{API}/workers/register", {"name": "w2", "host": "h"}),
+                               (f"{API}/workers/{worker_id}/claim", {}), (f"{API}/workers/{worker_id}/heartbeat", {}),
+                               (f"{API}/grids", {"name": "locked", "trainer": "noop"})):
+                assert_unavailable(client.post(path, json=body), f"POST {path}", port=-1)
+            assert client.get(f"{API}/grids").status_code == 200
+        finally:
+            holder.close()
+        assert client.post(f"{API}/workers/register", json={"name": "w2", "host": "h"}).status_code == 201
+        assert client.get("/healthz").status_code == 200
