@@ -10,7 +10,7 @@ from typing import Iterator
 import psycopg
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Connection, Engine, create_engine, event, exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -27,14 +27,15 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 _UNAVAILABLE = (
     psycopg.OperationalError, psycopg.InterfaceError,
     sa_exc.OperationalError, sa_exc.InterfaceError,  # their DBAPI errors wrapped (SQLite's "database is locked" too)
-    sa_exc.DisconnectionError,  # raised by a pool checkout check that found the connection dead
+    DisconnectionError,  # raised by a pool checkout check that found the connection dead
     sa_exc.TimeoutError,  # every pooled connection is busy
 )
 
 
 def is_unavailable(error: BaseException) -> bool:
     """True when `error` means the database is unreachable, restarting or busy: answer 503, retry later.
-    A statement that failed so was not re-sent (it may have committed); the caller's retry is fenced."""
+    Nothing here re-sends the failed statement (it may have committed): the client retries, and the
+    attempt fence makes a repeated write harmless (docs/database_outages.md)."""
     if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
         return True  # any driver error on a connection SQLAlchemy found closed or broken
     return isinstance(error, _UNAVAILABLE)
@@ -72,7 +73,7 @@ def make_engine(url: str, **kwargs) -> Engine:
     return engine
 
 
-def _with_connect_timeout(url: str):
+def _with_connect_timeout(url: str) -> URL:
     """The URL with libpq's connect_timeout unless it names one; in the URL, so that the pool's connections
     and AutocommitConnections (which connect with the URL's arguments) both get it."""
     parsed = make_url(url)
