@@ -1,34 +1,53 @@
 """Request bodies. Bounds match the database columns (Postgres INTEGER is 32-bit, VARCHAR(n) is
-checked, text may not hold NUL), so a bad value is a 422 naming the field, never a database error."""
+checked, text may not hold NUL), so a bad value is a 422 naming the field, never a database error.
+
+What a string may hold is decided per field by common/json_checks.py: identifiers and exact JSON
+(`Short`, `ExactJson`: names, resources, pointers) refuse NUL and lone surrogates with a 422; free text
+and a trainer's numbers (`Text`, metric values, results) have them replaced by U+FFFD, and the heartbeat
+and finish say which fields they repaired (`cleaned`), so one odd value never fails a job's heartbeat.
+"""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, \
+    ValidationInfo, field_validator, model_validator
+
+from common.json_checks import BadValue, check, clean_text, cleaned, text_problem
 
 INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def _exact_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
 def _text(value: str) -> str:
-    """Free text from a worker (errors, log lines): strip NUL, keep the tail of very long text."""
-    value = value.replace("\x00", "")
+    """Free text from a worker (errors, log lines): NUL and lone surrogates replaced, the tail of very long text kept."""
+    value = clean_text(value)[0]
     if len(value) > MAX_TEXT:
         value = "...(truncated)\n" + value[-(MAX_TEXT - 16):]
     return value
 
 
+def _exact_json(value: Any, info: ValidationInfo) -> Any:
+    try:
+        return check(value, info.field_name or "")
+    except BadValue as exc:  # pydantic names the field; say where inside it
+        raise ValueError(f"{exc.message} (at {exc.field})" if exc.field != info.field_name else exc.message) from None
+
+
 def Short(max_length: int, min_length: int = 1):  # noqa: N802 - a type factory
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)]
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     AfterValidator(_exact_text)]
 
 
 Text = Annotated[str, AfterValidator(_text)]
+ExactJson = Annotated[dict[str, Any], AfterValidator(_exact_json)]
 Id = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Step = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 AttemptId = Short(64)
@@ -41,9 +60,9 @@ class Body(BaseModel):
 class RegisterWorker(Body):
     name: Short(200)
     host: Short(200)
-    gpus: list[Any] = Field(default_factory=list, max_length=256)
+    gpus: Annotated[list[Any], AfterValidator(_exact_json)] = Field(default_factory=list, max_length=256)
     trainers: list[Short(100)] = Field(default_factory=list, max_length=1000)
-    resources: dict[str, Any] = Field(default_factory=dict)
+    resources: ExactJson = Field(default_factory=dict)
     code_rev: Short(100) | None = None
 
 
@@ -78,10 +97,25 @@ class Heartbeat(Body):
     progress: tuple[float, float] | None = None
     metrics: list[MetricIn] = Field(default_factory=list, max_length=10_000)
     events: list[EventIn] = Field(default_factory=list, max_length=1_000)
+    _cleaned: list[str] = PrivateAttr(default_factory=list)  # metric fields repaired (json_checks.cleaned)
+
+    @model_validator(mode="after")
+    def _clean_metrics(self):
+        for i, metric in enumerate(self.metrics):
+            metric.values, changed = _cleaned(metric.values, f"metrics.{i}.values")
+            self._cleaned += changed
+        return self
+
+
+def _cleaned(value: Any, field: str) -> tuple[Any, list[str]]:
+    try:
+        return cleaned(value, field)
+    except BadValue as exc:
+        raise ValueError(f"{exc.message} (at {exc.field})") from None
 
 
 class Checkpoint(Fenced):
-    pointer: dict[str, Any]
+    pointer: ExactJson
 
     @field_validator("pointer")
     @classmethod
@@ -102,6 +136,13 @@ class Finish(Fenced):
     outcome: Literal["succeeded", "error", "preempted", "cancelled"]
     result: dict[str, Any] | None = None
     error: Text | None = None
+    _cleaned: list[str] = PrivateAttr(default_factory=list)  # result fields repaired (json_checks.cleaned)
+
+    @model_validator(mode="after")
+    def _clean_result(self):
+        if self.result is not None:
+            self.result, self._cleaned = _cleaned(self.result, "result")
+        return self
 
 
 class CodeRev(Fenced):
@@ -113,4 +154,4 @@ class WorkerEvent(Body):
     """Something that happened to the worker outside any job (e.g. a self-update rolled back)."""
     kind: Short(40)
     message: Text = ""
-    resources: dict[str, Any] | None = None  # replaces the registered resources when given
+    resources: ExactJson | None = None  # replaces the registered resources when given
