@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, \
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, \
     ValidationInfo, field_validator, model_validator
 
 from common.json_checks import BadValue, check, clean_text, cleaned, text_problem
@@ -19,16 +19,21 @@ INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
 
 
-def _exact_text(value: str) -> str:
-    problem = text_problem(value)
+# Before pydantic's own str check, which refuses a lone surrogate with "unable to parse raw data as a
+# unicode string" and names no reason; these say what is wrong, or repair free text first.
+def _exact_text(value: Any) -> Any:
+    problem = text_problem(value) if isinstance(value, str) else None
     if problem:
         raise ValueError(problem)
     return value
 
 
-def _text(value: str) -> str:
-    """Free text from a worker (errors, log lines): NUL and lone surrogates replaced, the tail of very long text kept."""
-    value = clean_text(value)[0]
+def _clean_text(value: Any) -> Any:
+    return clean_text(value)[0] if isinstance(value, str) else value
+
+
+def _tail(value: str) -> str:
+    """Free text from a worker (errors, log lines): keep the tail of very long text."""
     if len(value) > MAX_TEXT:
         value = "...(truncated)\n" + value[-(MAX_TEXT - 16):]
     return value
@@ -43,11 +48,11 @@ def _exact_json(value: Any, info: ValidationInfo) -> Any:
 
 def Short(max_length: int, min_length: int = 1):  # noqa: N802 - a type factory
     return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
-                     AfterValidator(_exact_text)]
+                     BeforeValidator(_exact_text)]
 
 
-Text = Annotated[str, AfterValidator(_text)]
-ExactJson = Annotated[dict[str, Any], AfterValidator(_exact_json)]
+Text = Annotated[str, BeforeValidator(_clean_text), AfterValidator(_tail)]
+ExactJson = Annotated[dict[str, Any], BeforeValidator(_exact_json)]
 Id = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Step = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 AttemptId = Short(64)
@@ -60,7 +65,7 @@ class Body(BaseModel):
 class RegisterWorker(Body):
     name: Short(200)
     host: Short(200)
-    gpus: Annotated[list[Any], AfterValidator(_exact_json)] = Field(default_factory=list, max_length=256)
+    gpus: Annotated[list[Any], BeforeValidator(_exact_json)] = Field(default_factory=list, max_length=256)
     trainers: list[Short(100)] = Field(default_factory=list, max_length=1000)
     resources: ExactJson = Field(default_factory=dict)
     code_rev: Short(100) | None = None
@@ -99,19 +104,28 @@ class Heartbeat(Body):
     events: list[EventIn] = Field(default_factory=list, max_length=1_000)
     _cleaned: list[str] = PrivateAttr(default_factory=list)  # metric fields repaired (json_checks.cleaned)
 
-    @model_validator(mode="after")
-    def _clean_metrics(self):
-        for i, metric in enumerate(self.metrics):
-            metric.values, changed = _cleaned(metric.values, f"metrics.{i}.values")
-            self._cleaned += changed
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _clean_metrics(cls, data: Any, handler):
+        repaired: list[str] = []
+        if isinstance(data, dict) and isinstance(data.get("metrics"), list):
+            data = {**data, "metrics": [_clean_member(m, "values", f"metrics.{i}", repaired)
+                                        for i, m in enumerate(data["metrics"])]}
+        body = handler(data)
+        body._cleaned = repaired
+        return body
 
 
-def _cleaned(value: Any, field: str) -> tuple[Any, list[str]]:
+def _clean_member(data: Any, key: str, field: str, repaired: list[str]) -> Any:
+    """`data` with data[key] repaired by json_checks.cleaned (the paths it changed go to `repaired`)."""
+    if not isinstance(data, dict) or key not in data:
+        return data
     try:
-        return cleaned(value, field)
+        value, changed = cleaned(data[key], f"{field}.{key}" if field else key)
     except BadValue as exc:
         raise ValueError(f"{exc.message} (at {exc.field})") from None
+    repaired += changed
+    return {**data, key: value} if changed else data
 
 
 class Checkpoint(Fenced):
@@ -138,11 +152,13 @@ class Finish(Fenced):
     error: Text | None = None
     _cleaned: list[str] = PrivateAttr(default_factory=list)  # result fields repaired (json_checks.cleaned)
 
-    @model_validator(mode="after")
-    def _clean_result(self):
-        if self.result is not None:
-            self.result, self._cleaned = _cleaned(self.result, "result")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _clean_result(cls, data: Any, handler):
+        repaired: list[str] = []
+        body = handler(_clean_member(data, "result", "", repaired))
+        body._cleaned = repaired
+        return body
 
 
 class CodeRev(Fenced):
