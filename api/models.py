@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, \
     ValidationInfo, field_validator, model_validator
 
-from common.json_checks import BadValue, check, clean_text, cleaned, text_problem
+from common.json_checks import BadValue, check, clean_text, cleaned, is_plain, text_problem
 
 INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
@@ -108,7 +108,7 @@ class Heartbeat(Body):
     @classmethod
     def _clean_metrics(cls, data: Any, handler):
         repaired: list[str] = []
-        if isinstance(data, dict) and isinstance(data.get("metrics"), list):
+        if isinstance(data, dict) and isinstance(data.get("metrics"), list) and not is_plain(data["metrics"]):
             data = {**data, "metrics": [_clean_member(m, "values", f"metrics.{i}", repaired)
                                         for i, m in enumerate(data["metrics"])]}
         body = handler(data)
