@@ -27,7 +27,7 @@ from common.db import migrate
 from common.settings import Settings
 from conftest import fresh_postgres
 
-EXAMPLES = {"postgres": 12, "sqlite": 5}  # per operation; the whole fuzz stays near a minute on 2 busy cores
+EXAMPLES = {"postgres": 30, "sqlite": 8}  # per operation; the whole fuzz stays near a minute on 2 busy cores
 FENCED = ("heartbeat", "checkpoint", "events", "finish", "code_rev")
 
 
