@@ -23,7 +23,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from common.json_checks import MAX_BODY_BYTES, MAX_DEPTH, too_deep
+from common.json_checks import MAX_BODY_BYTES, MAX_DEPTH, clean_text, too_deep
 
 
 class JSONResponse(_StarletteJSON):
@@ -32,8 +32,8 @@ class JSONResponse(_StarletteJSON):
     def render(self, content: Any) -> bytes:
         try:
             return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError:  # e.g. an int beyond 64 bits stored by an older client: fall back, never 500
-            return json.dumps(content, default=str, ensure_ascii=False).encode()
+        except TypeError:  # e.g. an int beyond 64 bits or a lone surrogate stored by an older version: never 500
+            return clean_text(json.dumps(content, default=str, ensure_ascii=False))[0].encode()
 
 
 def _too_large() -> HTTPException:

@@ -327,3 +327,14 @@ def test_grid_names_in_a_path_never_reach_the_database_with_bad_characters(env):
         reply = env.admin.get(f"/grids/{name}")
         assert reply.status_code == 404, reply.text
         assert re.search("no grid named", reply.json()["error"]["message"]), reply.text
+
+
+def test_a_lone_surrogate_stored_by_an_older_version_reads_back_repaired(env):
+    """Rows written before these checks may hold one (both databases' JSON columns keep the escape)."""
+    _, job = _running(env)
+    with env.engine.begin() as conn:
+        conn.execute(t.metrics.insert().values(job_id=job["id"], attempt_id=job["attempt_id"], step=7, time=1.0,
+                                               values={"note": SURROGATE}))
+    reply = env.admin.get(f"/jobs/{job['id']}/metrics")
+    assert reply.status_code == 200, reply.text
+    assert [m["note"] for m in reply.json()["metrics"]] == ["a\ufffdb"]
