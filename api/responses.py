@@ -16,10 +16,10 @@ import json
 from typing import Any, Callable
 
 import orjson
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as _StarletteJSON
 from fastapi.routing import APIRoute
-from fastapi import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 

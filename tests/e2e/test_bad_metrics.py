@@ -46,6 +46,16 @@ time.sleep(1.0)
 gf.result(loss=0.25)
 '''
 
+DEEP_RESULT = r'''
+import gridfleet_script_api as gf
+
+deep = 1
+for _ in range(100):
+    deep = {"a": deep}
+gf.report(1, loss=0.5)
+gf.result(loss=0.25, deep=deep)
+'''
+
 
 def _grid(name: str, script: Path) -> dict:
     return {"name": name, "trainer": "command",
@@ -60,14 +70,15 @@ def _one_clean_success(detail: dict) -> None:
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # embedded mode below covers SQLite
 def test_odd_metrics_through_a_real_worker_and_server_on_postgres(fleet, db_url, tmp_path):
-    odd, deep = tmp_path / "odd.py", tmp_path / "deep.py"
+    odd, deep, deep_result = tmp_path / "odd.py", tmp_path / "deep.py", tmp_path / "deep_result.py"
     odd.write_text(ODD_STRINGS)
     deep.write_text(TOO_DEEP)
+    deep_result.write_text(DEEP_RESULT)
     server = fleet.start_server(db_url)
     api = server.api
     ids = {}
-    for name, script in (("odd-strings", odd), ("too-deep", deep)):
-        ok(api.post("/grids", json=_grid(name, script)))
+    for name, script in (("odd-strings", odd), ("too-deep", deep), ("deep-result", deep_result)):
+        ok(api.post("/grids", json={**_grid(name, script), "max_attempts": 1}))
         ids[name] = ok(api.get(f"/grids/{name}/results"))["results"][0]["job_id"]
     fleet.start_worker(server, "w1", grace=10.0)
 
@@ -90,6 +101,11 @@ def test_odd_metrics_through_a_real_worker_and_server_on_postgres(fleet, db_url,
     assert len(dropped) == 1 and "nested deeper than 64 levels" in dropped[0], events
     steps = [m["step"] for m in ok(api.get(f"/jobs/{ids['too-deep']}/metrics"))["metrics"]]
     assert 1 not in steps and steps.count(2) == 1, steps  # only the refused batch was dropped, once
+
+    detail = job(api, ids["deep-result"])  # a result that cannot be stored ends the attempt as an error
+    assert detail["state"] == "failed" and detail["attempts"] == 1, detail
+    assert "the trainer's result was refused" in detail["last_error"], detail
+    assert "result: nested deeper than 64 levels" in detail["last_error"], detail
     fleet.assert_clean()
 
 
