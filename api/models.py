@@ -1,34 +1,58 @@
 """Request bodies. Bounds match the database columns (Postgres INTEGER is 32-bit, VARCHAR(n) is
-checked, text may not hold NUL), so a bad value is a 422 naming the field, never a database error."""
+checked, text may not hold NUL), so a bad value is a 422 naming the field, never a database error.
+
+What a string may hold is decided per field by common/json_checks.py: identifiers and exact JSON
+(`Short`, `ExactJson`: names, resources, pointers) refuse NUL and lone surrogates with a 422; free text
+and a trainer's numbers (`Text`, metric values, results) have them replaced by U+FFFD, and the heartbeat
+and finish say which fields they repaired (`cleaned`), so one odd value never fails a job's heartbeat.
+"""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StringConstraints, \
+    ValidationInfo, field_validator, model_validator
+
+from common.json_checks import BadValue, check, clean_text, cleaned, is_plain, text_problem
 
 INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+# Before pydantic's own str check, which refuses a lone surrogate with "unable to parse raw data as a
+# unicode string" and names no reason; these say what is wrong, or repair free text first.
+def _exact_text(value: Any) -> Any:
+    problem = text_problem(value) if isinstance(value, str) else None
+    if problem:
+        raise ValueError(problem)
     return value
 
 
-def _text(value: str) -> str:
-    """Free text from a worker (errors, log lines): strip NUL, keep the tail of very long text."""
-    value = value.replace("\x00", "")
+def _clean_text(value: Any) -> Any:
+    return clean_text(value)[0] if isinstance(value, str) else value
+
+
+def _tail(value: str) -> str:
+    """Free text from a worker (errors, log lines): keep the tail of very long text."""
     if len(value) > MAX_TEXT:
         value = "...(truncated)\n" + value[-(MAX_TEXT - 16):]
     return value
 
 
+def _exact_json(value: Any, info: ValidationInfo) -> Any:
+    try:
+        return check(value, info.field_name or "")
+    except BadValue as exc:  # pydantic names the field; say where inside it
+        raise ValueError(f"{exc.message} (at {exc.field})" if exc.field != info.field_name else exc.message) from None
+
+
 def Short(max_length: int, min_length: int = 1):  # noqa: N802 - a type factory
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)]
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     BeforeValidator(_exact_text)]
 
 
-Text = Annotated[str, AfterValidator(_text)]
+Text = Annotated[str, BeforeValidator(_clean_text), AfterValidator(_tail)]
+ExactJson = Annotated[dict[str, Any], BeforeValidator(_exact_json)]
 Id = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Step = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 AttemptId = Short(64)
@@ -41,9 +65,9 @@ class Body(BaseModel):
 class RegisterWorker(Body):
     name: Short(200)
     host: Short(200)
-    gpus: list[Any] = Field(default_factory=list, max_length=256)
+    gpus: Annotated[list[Any], BeforeValidator(_exact_json)] = Field(default_factory=list, max_length=256)
     trainers: list[Short(100)] = Field(default_factory=list, max_length=1000)
-    resources: dict[str, Any] = Field(default_factory=dict)
+    resources: ExactJson = Field(default_factory=dict)
     code_rev: Short(100) | None = None
 
 
@@ -78,10 +102,34 @@ class Heartbeat(Body):
     progress: tuple[float, float] | None = None
     metrics: list[MetricIn] = Field(default_factory=list, max_length=10_000)
     events: list[EventIn] = Field(default_factory=list, max_length=1_000)
+    _cleaned: list[str] = PrivateAttr(default_factory=list)  # metric fields repaired (json_checks.cleaned)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _clean_metrics(cls, data: Any, handler):
+        repaired: list[str] = []
+        if isinstance(data, dict) and isinstance(data.get("metrics"), list) and not is_plain(data["metrics"]):
+            data = {**data, "metrics": [_clean_member(m, "values", f"metrics.{i}", repaired)
+                                        for i, m in enumerate(data["metrics"])]}
+        body = handler(data)
+        body._cleaned = repaired
+        return body
+
+
+def _clean_member(data: Any, key: str, field: str, repaired: list[str]) -> Any:
+    """`data` with data[key] repaired by json_checks.cleaned (the paths it changed go to `repaired`)."""
+    if not isinstance(data, dict) or key not in data:
+        return data
+    try:
+        value, changed = cleaned(data[key], f"{field}.{key}" if field else key)
+    except BadValue as exc:
+        raise ValueError(f"{exc.message} (at {exc.field})") from None
+    repaired += changed
+    return {**data, key: value} if changed else data
 
 
 class Checkpoint(Fenced):
-    pointer: dict[str, Any]
+    pointer: ExactJson
 
     @field_validator("pointer")
     @classmethod
@@ -102,6 +150,15 @@ class Finish(Fenced):
     outcome: Literal["succeeded", "error", "preempted", "cancelled"]
     result: dict[str, Any] | None = None
     error: Text | None = None
+    _cleaned: list[str] = PrivateAttr(default_factory=list)  # result fields repaired (json_checks.cleaned)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _clean_result(cls, data: Any, handler):
+        repaired: list[str] = []
+        body = handler(_clean_member(data, "result", "", repaired))
+        body._cleaned = repaired
+        return body
 
 
 class CodeRev(Fenced):
@@ -113,4 +170,4 @@ class WorkerEvent(Body):
     """Something that happened to the worker outside any job (e.g. a self-update rolled back)."""
     kind: Short(40)
     message: Text = ""
-    resources: dict[str, Any] | None = None  # replaces the registered resources when given
+    resources: ExactJson | None = None  # replaces the registered resources when given

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from common.json_checks import BadValue, check
 from common.store_uri import check_store
 
 MAX_JOBS_PER_GRID = 100_000
@@ -154,6 +155,17 @@ class GridSpec(BaseModel):
     objective: str | None = Field(default=None, pattern=r"^(min|max):[A-Za-z0-9_./-]+$")
     # Where checkpoints and results go: "local" or "hf://owner/repo[@branch]"; unset: each worker's setting.
     store: str | None = Field(default=None, max_length=300)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_json(cls, value, info: ValidationInfo):
+        # Before anything else: expansion deep-copies configs (RecursionError when nested ~300 deep), and
+        # configs are exact user input, so NUL or a lone surrogate anywhere is an error naming the field.
+        try:
+            return check(value, info.field_name)
+        except BadValue as exc:
+            at = f" (at {exc.field})" if exc.field != info.field_name else ""
+            raise ValueError(exc.message + at) from None
 
     @field_validator("zip", mode="before")
     @classmethod

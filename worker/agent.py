@@ -23,6 +23,7 @@ from common.checkpoints import StoreOptions
 from worker import runner, self_update
 from worker.code_cache import CodeUnavailable, start_child
 from worker.checkpoint_sync import CheckpointSync
+from worker.client import Refused
 
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
@@ -292,6 +293,10 @@ class Agent:
         try:
             reply = self.client.heartbeat(self.worker_id, job_id=run.job["id"], attempt_id=run.job["attempt_id"],
                                           step=step, progress=progress, metrics=metrics, events=events)
+        except Refused as exc:  # this batch can never be stored: drop it, say so on the job, keep the lease
+            reply = self._drop_batch(run, metrics, events, str(exc))
+            if reply is None:
+                return
         except Exception as exc:  # noqa: BLE001 - keep the data and try again next beat
             log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
             with run.lock:
@@ -302,6 +307,20 @@ class Agent:
             run.stale = reply.get("reason") or "heartbeat refused"
         elif reply.get("cancel"):
             run.request_stop("cancelled")
+
+    def _drop_batch(self, run: JobRun, metrics: list, events: list, reason: str) -> dict[str, Any] | None:
+        """Send the heartbeat again without the refused batch, with an event saying what was dropped and why.
+        None when that fails too (the next beat tries again, without the batch)."""
+        log.warning("job %s: dropped %d metrics and %d events the server cannot store: %s",
+                    run.job["id"], len(metrics), len(events), reason)
+        note = {"kind": "metrics_dropped",
+                "message": f"dropped {len(metrics)} metrics and {len(events)} events: {reason[:2000]}"}
+        try:
+            return self.client.heartbeat(self.worker_id, job_id=run.job["id"], attempt_id=run.job["attempt_id"],
+                                         step=run.step, progress=run.progress, metrics=[], events=[note])
+        except Exception as exc:  # noqa: BLE001 - the lease is extended by the next beat
+            log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
+            return None
 
     def _finish(self, run: JobRun, exitcode: int | None, workdir: Path) -> None:
         job = run.job
@@ -324,8 +343,14 @@ class Agent:
             if run.stale:
                 return
         self.sync.job_finished(job, outcome, run.result, run.step)
-        reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome=outcome,
-                                   result=run.result if outcome == "succeeded" else None, error=error)
+        try:
+            reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
+                                       outcome=outcome, result=run.result if outcome == "succeeded" else None,
+                                       error=error)
+        except Refused as exc:  # e.g. a result nested too deep: the attempt ends as an error that says why
+            outcome = "error"
+            reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
+                                       outcome=outcome, error=f"the trainer's result was refused: {exc}")
         log.info("job %s finished: %s -> %s", job["id"], outcome, reply.get("state"))
 
     # ---- stopping ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Both return plain dicts: claim -> job dict or None; fenced writes -> {"ok", "sto
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -11,11 +12,21 @@ from typing import Any
 
 import httpx
 
+from common.json_checks import BadValue, clean_text, cleaned, cleaned_note
+
 log = logging.getLogger("gridfleet.worker")
 
 
 class ServerUnavailable(RuntimeError):
     pass
+
+
+class Refused(RuntimeError):
+    """The server refused a body (a 4xx other than 409), or it cannot be sent at all (e.g. nested too deep,
+    NaN inside a list): sending the same body again cannot succeed, so the caller drops it."""
+
+
+_JSON = {"Content-Type": "application/json"}
 
 
 class ApiClient:
@@ -37,11 +48,15 @@ class ApiClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
+        try:  # ensure_ascii: a lone surrogate travels as an escape, and the server repairs or names it
+            content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise Refused(f"cannot send POST {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
         deadline = time.monotonic() + self.retry_for
         delay = 0.5
         while True:
             try:
-                response = self._http.post(url, json=body)
+                response = self._http.post(url, content=content, headers=_JSON)
             except httpx.TransportError as exc:
                 problem = f"cannot reach the server: {type(exc).__name__}"
             else:
@@ -51,7 +66,7 @@ class ApiClient:
                 if response.status_code < 500:
                     if response.status_code >= 400:
                         message = response.json().get("error", {}).get("message", response.text)
-                        raise RuntimeError(f"server refused POST {path}: {response.status_code} {message}")
+                        raise Refused(f"server refused POST {path}: {response.status_code} {message}")
                     return response.json()
                 problem = f"server error {response.status_code}"
             if time.monotonic() > deadline:
@@ -120,21 +135,35 @@ class DirectClient:
 
         if job_id is None:
             return {"ok": self.queue.worker_seen(worker_id)}
-        if events:
-            self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events])
-        reply = self.queue.heartbeat(
-            job_id, attempt_id, step=step, progress=tuple(progress) if progress else None,
-            metrics=[Metric(step=m["step"], values=m["values"], time=m["time"]) for m in metrics],
-        )
+        # The API's rules for what a string may hold (common/json_checks.py), here without the API.
+        repaired: list[str] = []
+        batch = []
+        for i, m in enumerate(metrics):
+            values, changed = _cleaned(m["values"], f"metrics.{i}.values")
+            repaired += changed
+            batch.append(Metric(step=m["step"], values=values, time=m["time"]))
+        events = [(e["kind"], clean_text(e["message"])[0]) for e in events]
+        if repaired:
+            events.append(("input_cleaned", cleaned_note(repaired)))
+        reply = self.queue.heartbeat(job_id, attempt_id, step=step, progress=tuple(progress) if progress else None,
+                                     metrics=batch)
+        if reply.ok and events:
+            self.queue.add_events(job_id, attempt_id, events)
         return self._reply(reply)
 
     def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
         return self._reply(self.queue.set_checkpoint(job_id, attempt_id, pointer))
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
-        return self._reply(self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events]))
+        events = [(e["kind"], clean_text(e["message"])[0]) for e in events]
+        return self._reply(self.queue.add_events(job_id, attempt_id, events))
 
     def finish(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None) -> dict:
+        if result is not None:
+            result, repaired = _cleaned(result, "result")
+            if repaired:
+                self.queue.add_events(job_id, attempt_id, [("input_cleaned", cleaned_note(repaired))])
+        error = None if error is None else clean_text(error)[0]
         return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error))
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
@@ -143,3 +172,11 @@ class DirectClient:
     def worker_event(self, worker_id: str, kind: str, message: str,
                      resources: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"ok": self.queue.worker_event(worker_id, kind, message, resources)}
+
+
+def _cleaned(value: Any, field: str) -> tuple[Any, list[str]]:
+    """json_checks.cleaned, with a refusal as the ApiClient would get it from the server."""
+    try:
+        return cleaned(value, field)
+    except BadValue as exc:
+        raise Refused(f"refused {exc.field}: {exc.message}") from None

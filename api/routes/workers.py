@@ -20,6 +20,7 @@ from api.responses import JSONResponse
 from api.routes.common import router as make_router
 from common import schema as t
 from common.db import read_tx
+from common.json_checks import cleaned_note
 from scheduler import reports
 from scheduler.queue import Metric, Queue, Reply
 
@@ -82,12 +83,17 @@ def heartbeat(worker_id: WorkerId, body: Heartbeat, queue: Queue = Depends(get_q
                             metrics=metrics, now=now)
     if not reply.ok:
         return _stale(reply)
-    if body.events:
-        events_reply = queue.add_events(body.job_id, body.attempt_id, [(e.kind, e.message) for e in body.events])
+    events = [(e.kind, e.message) for e in body.events]
+    if body._cleaned:  # the job's events say which metrics were repaired (never on the usual path)
+        events.append(("input_cleaned", cleaned_note(body._cleaned)))
+    if events:
+        events_reply = queue.add_events(body.job_id, body.attempt_id, events)
         if not events_reply.ok:
             return _stale(events_reply)
-    return JSONResponse({"ok": True, "cancel": reply.cancel, "stop": False,
-                         "lease_expires_at": reply.lease_expires_at})
+    answer = {"ok": True, "cancel": reply.cancel, "stop": False, "lease_expires_at": reply.lease_expires_at}
+    if body._cleaned:
+        answer["cleaned"] = {"fields": body._cleaned[:100], "message": cleaned_note(body._cleaned)}
+    return JSONResponse(answer)
 
 
 @router.post("/workers/{worker_id}/checkpoint", dependencies=[Depends(auth.worker)],
@@ -106,6 +112,10 @@ def events(worker_id: WorkerId, body: Events, queue: Queue = Depends(get_queue))
 @router.post("/workers/{worker_id}/finish", dependencies=[Depends(auth.worker)],
              summary="End the attempt: succeeded, error (retried with backoff), preempted or cancelled")
 def finish(worker_id: WorkerId, body: Finish, queue: Queue = Depends(get_queue)):
+    if body._cleaned:  # said on the job before the attempt ends (the fence refuses a stale attempt here too)
+        noted = queue.add_events(body.job_id, body.attempt_id, [("input_cleaned", cleaned_note(body._cleaned))])
+        if not noted.ok:
+            return _stale(noted)
     reply = queue.finish(body.job_id, body.attempt_id, body.outcome, result=body.result, error=body.error)
     return JSONResponse({"ok": True, "state": reply.state}) if reply.ok else _stale(reply)
 
