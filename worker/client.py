@@ -1,6 +1,8 @@
 """How an agent talks to the queue: over HTTP (`ApiClient`) or, in embedded mode, directly (`DirectClient`).
 
 Both return plain dicts: claim -> job dict or None; fenced writes -> {"ok", "stop", "cancel", "reason"}.
+An ApiClient speaks for the worker it registered last: it sends that registration's worker secret with
+every call (api/worker_secrets.py), and keeps it only in memory.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 
 log = logging.getLogger("gridfleet.worker")
+WORKER_SECRET_HEADER = "X-Gridfleet-Worker-Secret"  # api/worker_secrets.HEADER (the worker does not import api/)
 
 
 class ServerUnavailable(RuntimeError):
@@ -22,9 +25,12 @@ class ApiClient:
     """HTTP client for /api/v1/workers. Retries connection errors and 5xx for `retry_for` seconds, so an
     API restart pauses workers instead of failing their jobs."""
 
-    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0):
+    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0,
+                 worker_secret: str | None = None):
         self._base_url = server_url.rstrip("/") + "/api/v1"
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        if worker_secret:  # a client for a worker registered elsewhere (benches, tests)
+            self._http.headers[WORKER_SECRET_HEADER] = worker_secret
         # Parsed once per path: httpx parses and merges a str URL on every request (a fifth of this
         # client's CPU per request in bench/queue_throughput.py).
         self._urls: dict[str, httpx.URL] = {}
@@ -33,7 +39,7 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
@@ -41,7 +47,7 @@ class ApiClient:
         delay = 0.5
         while True:
             try:
-                response = self._http.post(url, json=body)
+                response = self._http.post(url, json=body, headers=headers)
             except httpx.TransportError as exc:
                 problem = f"cannot reach the server: {type(exc).__name__}"
             else:
@@ -61,7 +67,12 @@ class ApiClient:
             delay = min(delay * 2, 10.0)
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/workers/register", info)
+        """Register a new worker; from now on this client sends its secret (a default header: no per-call
+        cost). The reply's worker_secret is the only copy: never log it."""
+        reply = self._post("/workers/register", info)
+        if reply.get("worker_secret"):  # a server from before worker secrets sends none and needs none
+            self._http.headers[WORKER_SECRET_HEADER] = reply["worker_secret"]
+        return reply
 
     def claim(self, worker_id: str, **filters: Any) -> dict[str, Any] | None:
         return self._post(f"/workers/{worker_id}/claim", filters)["job"]
@@ -69,9 +80,12 @@ class ApiClient:
     def heartbeat(self, worker_id: str, **body: Any) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/heartbeat", body)
 
-    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
+    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
+                       worker_secret: str | None = None) -> dict[str, Any]:
+        """`worker_secret`: for a worker other than this client's (an earlier agent's upload, recorded late)."""
         return self._post(f"/workers/{worker_id}/checkpoint",
-                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer})
+                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer},
+                          headers={WORKER_SECRET_HEADER: worker_secret} if worker_secret else None)
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/events",
@@ -121,24 +135,29 @@ class DirectClient:
         if job_id is None:
             return {"ok": self.queue.worker_seen(worker_id)}
         if events:
-            self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events])
+            self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events],
+                                  worker_id=worker_id)
         reply = self.queue.heartbeat(
             job_id, attempt_id, step=step, progress=tuple(progress) if progress else None,
             metrics=[Metric(step=m["step"], values=m["values"], time=m["time"]) for m in metrics],
+            worker_id=worker_id,
         )
         return self._reply(reply)
 
-    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
-        return self._reply(self.queue.set_checkpoint(job_id, attempt_id, pointer))
+    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
+                       worker_secret: str | None = None) -> dict[str, Any]:
+        return self._reply(self.queue.set_checkpoint(job_id, attempt_id, pointer, worker_id=worker_id))
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
-        return self._reply(self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events]))
+        return self._reply(self.queue.add_events(job_id, attempt_id, [(e["kind"], e["message"]) for e in events],
+                                                 worker_id=worker_id))
 
     def finish(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None) -> dict:
-        return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error))
+        return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error,
+                                             worker_id=worker_id))
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
-        return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha))
+        return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha, worker_id=worker_id))
 
     def worker_event(self, worker_id: str, kind: str, message: str,
                      resources: dict[str, Any] | None = None) -> dict[str, Any]:
