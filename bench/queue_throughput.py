@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import math
 import multiprocessing as mp
 import os
@@ -299,13 +300,15 @@ def cycle_worker(kind: str, target: str, token: str, code_dir: str | None, go, t
             engine = make_engine(target)
             job_queue = Queue(engine, RetryPolicy())
             worker_id = job_queue.register_worker(name=f"bench-{index}", host="bench", trainers=["noop"])
+            # Fenced writes name the worker; code from before that (--compare) takes no worker_id.
+            fence = {"worker_id": worker_id} if "worker_id" in inspect.signature(Queue.finish).parameters else {}
 
             def claim():
                 job = job_queue.claim(worker_id, trainers=["noop"])
                 return None if job is None else {"id": job.id, "attempt_id": job.attempt_id}
 
             def finish(job):
-                reply = job_queue.finish(job["id"], job["attempt_id"], "succeeded", {"loss": 0.0}, worker_id=worker_id)
+                reply = job_queue.finish(job["id"], job["attempt_id"], "succeeded", {"loss": 0.0}, **fence)
                 if not reply.ok:
                     raise RuntimeError(f"finish refused: {reply.reason}")
 

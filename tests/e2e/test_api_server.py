@@ -205,7 +205,8 @@ def test_healthz_needs_no_token(server):
 def test_missing_or_bad_tokens_are_401_json(server):
     with server.client() as anonymous:
         for method, path in (("GET", f"{API}/grids"), ("GET", f"{API}/workers"), ("POST", f"{API}/grids"),
-                             ("POST", f"{API}/workers/register"), ("GET", f"{API}/jobs/1")):
+                             ("POST", f"{API}/workers/register"), ("GET", f"{API}/jobs/1"),
+                             ("POST", f"{API}/workers/not!an-id/heartbeat")):  # the token before the path
             body = _error(anonymous.request(method, path), 401)
             assert body["error"]["code"] == "unauthorized"
             assert "bearer token" in body["error"]["message"].lower()
@@ -559,6 +560,7 @@ def test_a_worker_acts_only_for_its_own_registration(server, tmp_path):
             _error(wb.post(f"{API}/workers/{a}/{path}", headers=as_b, json=body), 403)
         # The secret check comes first: a bad body on A's path without A's secret is a 403, not a 422.
         _error(wb.post(f"{API}/workers/{a}/finish", headers=as_b, json={"job_id": "x"}), 403)
+        assert _fields(_error(wb.post(f"{API}/workers/{'x' * 33}/claim", headers=as_b, json={}), 422)) == ["worker_id"]
         assert _job_rows(server, job["id"]) == before
 
         # A fresh API process (as after a restart: nothing cached) takes A's secret from the database.
