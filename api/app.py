@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.queue = Queue(engine, RetryPolicy.from_settings(settings))
     app.state.token_cache = tokens.TokenCache(ttl=TOKEN_CACHE_SECONDS)
-    app.state.known_workers = set()
+    app.state.worker_secrets = {}  # worker id -> secret hash (api/worker_secrets.py)
     errors.install(app)
     app.include_router(health.router)
     for module in (grids, jobs, workers):

@@ -19,7 +19,7 @@ ANY_ROLE = ("admin", "submit", "worker")
 SUBMIT = ("admin", "submit")
 WORKER = ("admin", "worker")
 
-_bearer = HTTPBearer(auto_error=False, description="a gridfleet token: `gridfleet token create --role ROLE`")
+bearer = HTTPBearer(auto_error=False, description="a gridfleet token: `gridfleet token create --role ROLE`")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 MAX_TOKEN_LENGTH = 512
 
@@ -53,7 +53,7 @@ def require(*roles: str) -> Callable:
     needed = " or ".join(roles)
 
     async def dependency(
-        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> TokenInfo:
         info = await authenticate(request, credentials)
         if info.role not in allowed:

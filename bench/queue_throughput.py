@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import inspect
 import math
 import multiprocessing as mp
 import os
@@ -299,13 +300,15 @@ def cycle_worker(kind: str, target: str, token: str, code_dir: str | None, go, t
             engine = make_engine(target)
             job_queue = Queue(engine, RetryPolicy())
             worker_id = job_queue.register_worker(name=f"bench-{index}", host="bench", trainers=["noop"])
+            # Fenced writes name the worker; code from before that (--compare) takes no worker_id.
+            fence = {"worker_id": worker_id} if "worker_id" in inspect.signature(Queue.finish).parameters else {}
 
             def claim():
                 job = job_queue.claim(worker_id, trainers=["noop"])
                 return None if job is None else {"id": job.id, "attempt_id": job.attempt_id}
 
             def finish(job):
-                reply = job_queue.finish(job["id"], job["attempt_id"], "succeeded", {"loss": 0.0})
+                reply = job_queue.finish(job["id"], job["attempt_id"], "succeeded", {"loss": 0.0}, **fence)
                 if not reply.ok:
                     raise RuntimeError(f"finish refused: {reply.reason}")
 
@@ -355,8 +358,8 @@ def cycle_worker(kind: str, target: str, token: str, code_dir: str | None, go, t
 
 
 # ---- processes: one heartbeat client ---------------------------------------------------------------
-def heartbeat_client(base_url: str, token: str, worker_id: str, job_id: int, attempt_id: str, rate: float,
-                     offset: float, go, times, results, index: int) -> None:
+def heartbeat_client(base_url: str, token: str, worker_id: str, worker_secret: str, job_id: int, attempt_id: str,
+                     rate: float, offset: float, go, times, results, index: int) -> None:
     """Open loop: send at start + offset + k/rate regardless of how long earlier replies took."""
     _ignore_sigint_in_child()
     out: dict[str, Any] = {"index": index, "sent": 0, "ok": 0, "errors": 0, "error": None, "latency": [],
@@ -364,7 +367,10 @@ def heartbeat_client(base_url: str, token: str, worker_id: str, job_id: int, att
     try:
         import httpx
 
-        http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", headers={"Authorization": f"Bearer {token}"},
+        from worker.client import WORKER_SECRET_HEADER
+
+        http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1",
+                            headers={"Authorization": f"Bearer {token}", WORKER_SECRET_HEADER: worker_secret},
                             timeout=10.0)
         path = f"/workers/{worker_id}/heartbeat"
         step = 0
@@ -787,11 +793,12 @@ def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate
     jobs = []
     try:
         for i in range(clients):
-            worker_id = setup.register({"name": f"bench-hb-{i}", "host": "bench", "trainers": ["noop"]})["worker_id"]
-            job = setup.claim(worker_id, trainers=["noop"])
+            registered = setup.register({"name": f"bench-hb-{i}", "host": "bench", "trainers": ["noop"]})
+            worker_id = registered["worker_id"]
+            job = setup.claim(worker_id, trainers=["noop"])  # the client speaks for the worker it registered last
             if job is None:
                 raise RuntimeError("no queued job left for the heartbeat clients")
-            jobs.append((worker_id, job["id"], job["attempt_id"]))
+            jobs.append((worker_id, registered.get("worker_secret", ""), job["id"], job["attempt_id"]))
     finally:
         setup.close()
     per_client = rate / clients
@@ -799,8 +806,8 @@ def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate
     group = Group(ctx, cleanup)
     # Stagger the clients evenly over one interval so the offered load is smooth, not 10 at once.
     group.start(heartbeat_client, [
-        (server.url, server.token, worker_id, job_id, attempt_id, per_client, i / rate)
-        for i, (worker_id, job_id, attempt_id) in enumerate(jobs)
+        (server.url, server.token, worker_id, secret, job_id, attempt_id, per_client, i / rate)
+        for i, (worker_id, secret, job_id, attempt_id) in enumerate(jobs)
     ])
     outs, usage = group.run(seconds, probe)
     fatal = [o["error"] for o in outs if o.get("fatal")]

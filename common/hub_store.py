@@ -277,7 +277,10 @@ class Uploader:
                  for p, f in self._pending.items()}
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         temp = self.journal.with_name(f".{self.journal.name}.tmp")
-        temp.write_text(json.dumps({"store": self.store.uri, "files": files}))
+        # Owner only: a pending checkpoint's meta holds the secret of the worker that will record it.
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"store": self.store.uri, "files": files}))
         os.replace(temp, self.journal)
 
     def resume(self, files: dict[str, dict[str, Any]]) -> int:

@@ -106,6 +106,9 @@ workers = Table(
     Column("current_job_id", Integer),
     Column("registered_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),
+    # sha256 hex of the secret POST /workers/register returned; the secret itself is never stored.
+    # NULL for workers registered before migration 0004: they must register again.
+    Column("secret_hash", String(64)),
 )
 
 # What happened to a worker outside any job: a self-update, a rollback, a refused dirty tree.

@@ -1,4 +1,5 @@
-"""The job queue: register, claim, heartbeat, finish. Every write after a claim is fenced by attempt id.
+"""The job queue: register, claim, heartbeat, finish. Every write after a claim is fenced by attempt id
+and by the worker holding the job: an attempt's writes come only from the registration that claimed it.
 
 Postgres claims with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING`;
 SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so nothing to skip).
@@ -49,7 +50,7 @@ _END_ATTEMPT = (
 )
 _UPDATE_JOB = update(t.jobs).where(t.jobs.c.id == bindparam("b_job_id"))
 _CURRENT_ATTEMPT = (t.jobs.c.id == bindparam("b_job_id"), t.jobs.c.attempt_id == bindparam("b_attempt_id"),
-                    t.jobs.c.state == "running")  # the fence
+                    t.jobs.c.worker_id == bindparam("b_worker_id"), t.jobs.c.state == "running")  # the fence
 _FINISH_READ = select(
     t.jobs.c.errors, t.jobs.c.max_attempts, t.jobs.c.preemptions, t.jobs.c.cancel_requested, t.jobs.c.worker_id,
 ).where(*_CURRENT_ATTEMPT)
@@ -63,7 +64,7 @@ _PG_HEARTBEAT = _pyformat(
         UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
             progress_done = COALESCE(:progress_done, progress_done),
             progress_total = COALESCE(:progress_total, progress_total)
-        WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND state = 'running'
+        WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'
         RETURNING cancel_requested, worker_id
     ),
     new_metrics AS (
@@ -82,6 +83,7 @@ class ClaimedJob:
     id: int
     grid_id: int
     attempt_id: str
+    worker_id: str  # the registration holding the job: every fenced write must name it
     trainer: str
     config: dict[str, Any]
     seed: int
@@ -116,12 +118,13 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _stale(job_id: int, attempt_id: str) -> Reply:
+def _stale(job_id: int, attempt_id: str, worker_id: str) -> Reply:
     return Reply(
         ok=False,
         stop=True,
-        reason=f"attempt {attempt_id} is no longer the current attempt of job {job_id} "
-        "(its lease expired and the job was re-claimed, or the job was cancelled); stop working on it",
+        reason=f"attempt {attempt_id} is not the current attempt of job {job_id} held by worker {worker_id} "
+        "(its lease expired and the job was re-claimed, the job was cancelled, or another worker holds it); "
+        "stop working on it",
     )
 
 
@@ -202,7 +205,10 @@ class Queue:
         resources: dict[str, Any] | None = None,
         code_rev: str | None = None,
         worker_id: str | None = None,
+        secret_hash: str | None = None,
     ) -> str:
+        """A new worker row; returns its id. `secret_hash`: sha256 hex of the secret the API hands the
+        worker (embedded mode has none: its one process is the only caller)."""
         now = time.time()
         worker_id = worker_id or new_id()
         with write_tx(self.engine) as conn:
@@ -210,7 +216,7 @@ class Queue:
                 insert(t.workers).values(
                     id=worker_id, name=name, host=host, gpus=gpus or [], trainers=trainers,
                     resources=resources or {}, code_rev=code_rev, state="idle",
-                    registered_at=now, last_seen_at=now,
+                    registered_at=now, last_seen_at=now, secret_hash=secret_hash,
                 )
             )
         return worker_id
@@ -267,7 +273,7 @@ class Queue:
         if row is None:
             return None
         return ClaimedJob(
-            id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, trainer=row["trainer"],
+            id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, worker_id=worker_id, trainer=row["trainer"],
             config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
             code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
             lease_expires_at=lease,
@@ -348,8 +354,10 @@ class Queue:
         progress: tuple[float, float] | None = None,
         metrics: list[Metric] | None = None,
         now: float | None = None,
+        *,
+        worker_id: str,
     ) -> Reply:
-        """Extend the lease and store progress and metrics, if `attempt_id` still owns the job."""
+        """Extend the lease and store progress and metrics, if `attempt_id` of `worker_id` still owns the job."""
         now = time.time() if now is None else now
         lease = now + self.policy.lease_seconds
         values: dict[str, Any] = {"lease_expires_at": lease}
@@ -358,19 +366,21 @@ class Queue:
         if progress is not None:
             values["progress_done"], values["progress_total"] = progress
         if not self._sqlite:
-            params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "lease": lease, "step": step,
+            params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "lease": lease,
+                      "step": step,
                       "progress_done": values.get("progress_done"), "progress_total": values.get("progress_total"),
                       "now": now,
                       "metrics": Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])}
             with self._autocommit.connection() as conn:
                 row = conn.execute(_PG_HEARTBEAT, params).fetchone()
             if row is None:
-                return _stale(job_id, attempt_id)
+                return _stale(job_id, attempt_id, worker_id)
             return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
         with write_tx(self.engine) as conn:
-            row = conn.execute(_HEARTBEAT, {"b_job_id": job_id, "b_attempt_id": attempt_id, **values}).first()
+            row = conn.execute(_HEARTBEAT, {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id,
+                                            **values}).first()
             if row is None:
-                return _stale(job_id, attempt_id)
+                return _stale(job_id, attempt_id, worker_id)
             if metrics:
                 conn.execute(
                     _INSERT_METRICS,
@@ -382,20 +392,23 @@ class Queue:
             self.touch_worker(conn, row.worker_id, now)
         return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
 
-    def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any]) -> Reply:
+    def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], *, worker_id: str) -> Reply:
         """Record the last durable checkpoint (call only once the file it points to is durable).
 
         Accepted from the attempt that runs the job, and from the attempt that made it succeed: a Hub upload
         of the final checkpoint may land after the job finished, and no other attempt can follow that one.
+        Either way only from `worker_id`, the worker that ran that attempt.
         """
         values = dict(checkpoint=pointer, step=pointer.get("step"))
         succeeded_by_this_attempt = select(t.attempts.c.id).where(
-            t.attempts.c.id == attempt_id, t.attempts.c.job_id == job_id, t.attempts.c.outcome == "succeeded"
+            t.attempts.c.id == attempt_id, t.attempts.c.job_id == job_id, t.attempts.c.worker_id == worker_id,
+            t.attempts.c.outcome == "succeeded",
         ).exists()
         with write_tx(self.engine) as conn:
             row = conn.execute(
                 update(t.jobs)
-                .where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running")
+                .where(t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.worker_id == worker_id,
+                       t.jobs.c.state == "running")
                 .values(**values)
                 .returning(t.jobs.c.id)
             ).first()
@@ -406,13 +419,14 @@ class Queue:
                     .values(checkpoint=pointer)  # `step` stays the last reported one
                     .returning(t.jobs.c.id)
                 ).first()
-        return Reply(ok=True) if row else _stale(job_id, attempt_id)
+        return Reply(ok=True) if row else _stale(job_id, attempt_id, worker_id)
 
-    def add_events(self, job_id: int, attempt_id: str, events: list[tuple[str, str]], now: float | None = None) -> Reply:
+    def add_events(self, job_id: int, attempt_id: str, events: list[tuple[str, str]], now: float | None = None, *,
+                   worker_id: str) -> Reply:
         now = time.time() if now is None else now
         with write_tx(self.engine) as conn:
-            if not self._owns(conn, job_id, attempt_id):
-                return _stale(job_id, attempt_id)
+            if not self._owns(conn, job_id, attempt_id, worker_id):
+                return _stale(job_id, attempt_id, worker_id)
             for kind, message in events:
                 self._event(conn, job_id, attempt_id, kind, message, now)
         return Reply(ok=True)
@@ -425,26 +439,29 @@ class Queue:
         result: dict[str, Any] | None = None,
         error: str | None = None,
         now: float | None = None,
+        *,
+        worker_id: str,
     ) -> Reply:
-        """End the attempt: succeeded, error (retry with backoff until the budget is spent),
+        """End the attempt of `worker_id`: succeeded, error (retry with backoff until the budget is spent),
         preempted (requeue at once, no error budget) or cancelled."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
         now = time.time() if now is None else now
         if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
             values = self._next_state(None, outcome, result, error, now)
-            statement, params = self._finish_postgres(job_id, attempt_id, outcome, values, error, now)
+            statement, params = self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now)
             with self._autocommit.connection() as conn:
                 if conn.execute(statement, params).fetchone() is None:
-                    return _stale(job_id, attempt_id)
+                    return _stale(job_id, attempt_id, worker_id)
             return Reply(ok=True, state=values["state"])
         with write_tx(self.engine) as conn:
-            job = conn.execute(self._finish_read, {"b_job_id": job_id, "b_attempt_id": attempt_id}).first()
+            job = conn.execute(self._finish_read,
+                               {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}).first()
             if job is None:
-                return _stale(job_id, attempt_id)
+                return _stale(job_id, attempt_id, worker_id)
             values = self._next_state(job, outcome, result, error, now)
             if not self._sqlite:  # the row is locked and current: the statement will find it
-                conn.exec_driver_sql(*self._finish_postgres(job_id, attempt_id, outcome, values, error, now))
+                conn.exec_driver_sql(*self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now))
                 return Reply(ok=True, state=values["state"])
             conn.execute(_UPDATE_JOB, {"b_job_id": job_id, **values})
             self._end_attempt(conn, attempt_id, outcome, now, error)
@@ -452,7 +469,7 @@ class Queue:
             self.touch_worker(conn, job.worker_id, now, state="idle", current_job_id=None)
         return Reply(ok=True, state=values["state"])
 
-    def _finish_postgres(self, job_id: int, attempt_id: str, outcome: str, values: dict[str, Any],
+    def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
                          error: str | None, now: float) -> tuple[str, dict[str, Any]]:
         """The whole finish as one statement, for psycopg, and its parameters: fence and lock the job, set
         `values`, end the attempt, add the event, mark the worker idle. It returns no row when the attempt is
@@ -465,7 +482,8 @@ class Queue:
                 f"""
                 WITH fenced AS MATERIALIZED (
                     SELECT id, worker_id FROM jobs
-                    WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND state = 'running'
+                    WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id
+                      AND state = 'running'
                     FOR UPDATE
                 ),
                 job AS (UPDATE jobs SET {sets} FROM fenced WHERE jobs.id = fenced.id RETURNING fenced.worker_id),
@@ -485,7 +503,8 @@ class Queue:
                 """
             )
             self._finish_writes[keys] = statement
-        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "outcome": outcome, "now": now, "error": error,
+        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "outcome": outcome,
+                  "now": now, "error": error,
                   "message": _finish_message(outcome, values, error)}
         for key, value in values.items():
             params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
@@ -511,10 +530,11 @@ class Queue:
                     not_before=now + self.policy.backoff("error", errors), **released)
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _owns(self, conn: Connection, job_id: int, attempt_id: str) -> bool:
+    def _owns(self, conn: Connection, job_id: int, attempt_id: str, worker_id: str) -> bool:
         return conn.execute(
             select(t.jobs.c.id).where(
-                t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.state == "running"
+                t.jobs.c.id == job_id, t.jobs.c.attempt_id == attempt_id, t.jobs.c.worker_id == worker_id,
+                t.jobs.c.state == "running",
             )
         ).first() is not None
 
@@ -529,13 +549,14 @@ class Queue:
         )
 
     # ---- pinned code (worker/code_cache.py) ----------------------------------------------------
-    def record_code_rev(self, job_id: int, attempt_id: str, sha: str, now: float | None = None) -> Reply:
+    def record_code_rev(self, job_id: int, attempt_id: str, sha: str, now: float | None = None, *,
+                        worker_id: str) -> Reply:
         """Store the full sha the current attempt really runs (the claim stored the job's `code_rev` as
         written in the grid, which may be a tag or a short sha), with an event saying so. Fenced."""
         now = time.time() if now is None else now
         with write_tx(self.engine) as conn:
-            if not self._owns(conn, job_id, attempt_id):
-                return _stale(job_id, attempt_id)
+            if not self._owns(conn, job_id, attempt_id, worker_id):
+                return _stale(job_id, attempt_id, worker_id)
             conn.execute(update(t.attempts).where(t.attempts.c.id == attempt_id).values(code_rev=sha))
             self._event(conn, job_id, attempt_id, "code_rev", f"running commit {sha}", now)
         return Reply(ok=True)

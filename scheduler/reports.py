@@ -165,8 +165,9 @@ def job_events(engine: Engine, job_id: int, limit: int = 1000) -> list[dict]:
 
 def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
     now = time.time()
+    shown = [c for c in t.workers.c if c.name != "secret_hash"]  # the hash is no one's business
     with read_tx(engine) as conn:
-        rows = conn.execute(select(t.workers).order_by(t.workers.c.registered_at)).mappings().all()
+        rows = conn.execute(select(*shown).order_by(t.workers.c.registered_at)).mappings().all()
     return [
         {**{k: _loads(v) if k in ("gpus", "trainers", "resources") else v for k, v in r.items()},
          "alive": now - r["last_seen_at"] < stale_after}

@@ -116,6 +116,7 @@ class Agent:
         self.code_rev = code_revision()
         reply = self.client.register(self._registration())
         self.worker_id = self.sync.worker_id = reply["worker_id"]
+        self.sync.worker_secret = reply.get("worker_secret")  # kept in memory (and pending uploads' journals)
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
         if self.update_report:  # re-exec'd on a new commit: say so on the new registration too
             self._report_update()

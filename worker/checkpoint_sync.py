@@ -6,7 +6,9 @@ that pointer at once. For an `hf://` store the file joins the store's Uploader, 
 commit sha, is recorded once the commit exists. When a job is preempted or fails, its pending files are
 uploaded before the job is released, so the next attempt (on any machine) resumes from the newest state.
 Each uploader keeps a journal of what is pending under `<local root>/.uploads/`: an agent killed with
-kill -9 uploads the rest at its next start on the same machine (`resume_pending`).
+kill -9 uploads the rest at its next start on the same machine (`resume_pending`). A pending checkpoint
+keeps the worker id and secret of the registration that wrote it (so the journal is readable by its owner
+only): a later agent registers anew, and only the writer's registration may record the pointer.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class CheckpointSync:
         self.options = options
         self.local = LocalStore(local_root)
         self.worker_id: str | None = None  # set by the agent once registered
+        self.worker_secret: str | None = None  # its secret (None in embedded mode)
         self._uploaders: dict[str, Any] = {}  # hf:// store URI -> running Uploader
 
     def _uploader(self, job: dict[str, Any]):
@@ -63,8 +66,9 @@ class CheckpointSync:
         return resumed
 
     def _record(self, pointer: dict[str, Any], meta: dict[str, Any]) -> None:
-        """An uploaded checkpoint's pointer goes on its job (fenced by the attempt that wrote it)."""
-        reply = self.client.set_checkpoint(self.worker_id, meta["job_id"], meta["attempt_id"], pointer)
+        """An uploaded checkpoint's pointer goes on its job (fenced by the attempt and worker that wrote it)."""
+        reply = self.client.set_checkpoint(meta.get("worker_id", self.worker_id), meta["job_id"], meta["attempt_id"],
+                                           pointer, worker_secret=meta.get("worker_secret"))
         if not reply["ok"]:  # the attempt ended and was not the one that succeeded: nothing to record
             log.info("job %s: uploaded step %s, not recorded: %s", meta["job_id"], pointer["step"], reply.get("reason"))
 
@@ -79,7 +83,8 @@ class CheckpointSync:
         if uploader is None:
             return self.client.set_checkpoint(self.worker_id, job["id"], job["attempt_id"], local_pointer)
         uploader.add_checkpoint(job["grid_id"], job["id"], local_pointer,
-                                meta={"job_id": job["id"], "attempt_id": job["attempt_id"]})
+                                meta={"job_id": job["id"], "attempt_id": job["attempt_id"],
+                                      "worker_id": self.worker_id, "worker_secret": self.worker_secret})
         return {"ok": True}
 
     def job_finished(self, job: dict[str, Any], outcome: str, result: dict[str, Any] | None,

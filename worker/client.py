@@ -1,6 +1,8 @@
 """How an agent talks to the queue: over HTTP (`ApiClient`) or, in embedded mode, directly (`DirectClient`).
 
 Both return plain dicts: claim -> job dict or None; fenced writes -> {"ok", "stop", "cancel", "reason"}.
+An ApiClient speaks for the worker it registered last: it sends that registration's worker secret with
+every call (api/worker_secrets.py), and keeps it only in memory.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import httpx
 from common.json_checks import BadValue, clean_text, cleaned, cleaned_note
 
 log = logging.getLogger("gridfleet.worker")
+WORKER_SECRET_HEADER = "X-Gridfleet-Worker-Secret"  # api/worker_secrets.HEADER (the worker does not import api/)
 
 
 class ServerUnavailable(RuntimeError):
@@ -33,9 +36,12 @@ class ApiClient:
     """HTTP client for /api/v1/workers. Retries connection errors and 5xx for `retry_for` seconds, so an
     API restart pauses workers instead of failing their jobs."""
 
-    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0):
+    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0,
+                 worker_secret: str | None = None):
         self._base_url = server_url.rstrip("/") + "/api/v1"
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        if worker_secret:  # a client for a worker registered elsewhere (benches, tests)
+            self._http.headers[WORKER_SECRET_HEADER] = worker_secret
         # Parsed once per path: httpx parses and merges a str URL on every request (a fifth of this
         # client's CPU per request in bench/queue_throughput.py).
         self._urls: dict[str, httpx.URL] = {}
@@ -44,7 +50,7 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
@@ -56,7 +62,7 @@ class ApiClient:
         delay = 0.5
         while True:
             try:
-                response = self._http.post(url, content=content, headers=_JSON)
+                response = self._http.post(url, content=content, headers={**_JSON, **headers} if headers else _JSON)
             except httpx.TransportError as exc:
                 problem = f"cannot reach the server: {type(exc).__name__}"
             else:
@@ -76,7 +82,12 @@ class ApiClient:
             delay = min(delay * 2, 10.0)
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/workers/register", info)
+        """Register a new worker; from now on this client sends its secret (a default header: no per-call
+        cost). The reply's worker_secret is the only copy: never log it."""
+        reply = self._post("/workers/register", info)
+        if reply.get("worker_secret"):  # a server from before worker secrets sends none and needs none
+            self._http.headers[WORKER_SECRET_HEADER] = reply["worker_secret"]
+        return reply
 
     def claim(self, worker_id: str, **filters: Any) -> dict[str, Any] | None:
         return self._post(f"/workers/{worker_id}/claim", filters)["job"]
@@ -84,9 +95,12 @@ class ApiClient:
     def heartbeat(self, worker_id: str, **body: Any) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/heartbeat", body)
 
-    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
+    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
+                       worker_secret: str | None = None) -> dict[str, Any]:
+        """`worker_secret`: for a worker other than this client's (an earlier agent's upload, recorded late)."""
         return self._post(f"/workers/{worker_id}/checkpoint",
-                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer})
+                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer},
+                          headers={WORKER_SECRET_HEADER: worker_secret} if worker_secret else None)
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/events",
@@ -146,28 +160,31 @@ class DirectClient:
         if repaired:
             events.append(("input_cleaned", cleaned_note(repaired)))
         reply = self.queue.heartbeat(job_id, attempt_id, step=step, progress=tuple(progress) if progress else None,
-                                     metrics=batch)
+                                     metrics=batch, worker_id=worker_id)
         if reply.ok and events:
-            self.queue.add_events(job_id, attempt_id, events)
+            self.queue.add_events(job_id, attempt_id, events, worker_id=worker_id)
         return self._reply(reply)
 
-    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
-        return self._reply(self.queue.set_checkpoint(job_id, attempt_id, pointer))
+    def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
+                       worker_secret: str | None = None) -> dict[str, Any]:
+        return self._reply(self.queue.set_checkpoint(job_id, attempt_id, pointer, worker_id=worker_id))
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
         events = [(e["kind"], clean_text(e["message"])[0]) for e in events]
-        return self._reply(self.queue.add_events(job_id, attempt_id, events))
+        return self._reply(self.queue.add_events(job_id, attempt_id, events, worker_id=worker_id))
 
     def finish(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None) -> dict:
         if result is not None:
             result, repaired = _cleaned(result, "result")
             if repaired:
-                self.queue.add_events(job_id, attempt_id, [("input_cleaned", cleaned_note(repaired))])
+                self.queue.add_events(job_id, attempt_id, [("input_cleaned", cleaned_note(repaired))],
+                                      worker_id=worker_id)
         error = None if error is None else clean_text(error)[0]
-        return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error))
+        return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error,
+                                             worker_id=worker_id))
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
-        return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha))
+        return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha, worker_id=worker_id))
 
     def worker_event(self, worker_id: str, kind: str, message: str,
                      resources: dict[str, Any] | None = None) -> dict[str, Any]:

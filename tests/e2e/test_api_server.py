@@ -10,6 +10,7 @@ a header. Waits poll with generous deadlines, never fixed sleeps.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -183,6 +184,16 @@ def _post_grid(c: httpx.Client, spec: dict) -> httpx.Response:
     return c.post(f"{API}/grids", json=spec)
 
 
+SECRET_HEADER = "X-Gridfleet-Worker-Secret"
+
+
+def _register(c: httpx.Client, name: str, **fields) -> tuple[str, dict[str, str]]:
+    """Register a worker; returns its id and the headers its calls need (its own worker secret)."""
+    reply = c.post(f"{API}/workers/register", json={"name": name, "host": "e2e", **fields})
+    assert reply.status_code == 201, reply.text
+    return reply.json()["worker_id"], {SECRET_HEADER: reply.json()["worker_secret"]}
+
+
 # ---- tests ---------------------------------------------------------------------------------------------
 def test_healthz_needs_no_token(server):
     with server.client() as c:
@@ -194,7 +205,8 @@ def test_healthz_needs_no_token(server):
 def test_missing_or_bad_tokens_are_401_json(server):
     with server.client() as anonymous:
         for method, path in (("GET", f"{API}/grids"), ("GET", f"{API}/workers"), ("POST", f"{API}/grids"),
-                             ("POST", f"{API}/workers/register"), ("GET", f"{API}/jobs/1")):
+                             ("POST", f"{API}/workers/register"), ("GET", f"{API}/jobs/1"),
+                             ("POST", f"{API}/workers/not!an-id/heartbeat")):  # the token before the path
             body = _error(anonymous.request(method, path), 401)
             assert body["error"]["code"] == "unauthorized"
             assert "bearer token" in body["error"]["message"].lower()
@@ -238,10 +250,8 @@ def test_roles(server):
         assert a.post(f"{API}/grids/e2e-roles/resume").json()["state"] == "active"
         more = _post_grid(a, {**spec, "axes": {"value": [1.0, 2.0, 3.0]}})
         assert more.status_code == 200 and more.json()["created"] == 1
-        registered = a.post(f"{API}/workers/register", json={"name": "a", "host": "h"})
-        assert registered.status_code == 201
-        worker_id = registered.json()["worker_id"]
-        claimed = a.post(f"{API}/workers/{worker_id}/claim",
+        worker_id, as_a = _register(a, "a")
+        claimed = a.post(f"{API}/workers/{worker_id}/claim", headers=as_a,
                          json={"grid_id": more.json()["grid_id"]})
         assert claimed.status_code == 200 and claimed.json()["job"] is not None
         assert a.get(f"{API}/workers").status_code == 200
@@ -391,6 +401,7 @@ def test_worker_protocol_over_http(server):
         assert reg.status_code == 201, reg.text
         worker_id = reg.json()["worker_id"]
         assert reg.json()["lease_seconds"] > 0 and reg.json()["heartbeat_seconds"] > 0
+        w.headers[SECRET_HEADER] = reg.json()["worker_secret"]  # this client speaks for this worker from now on
         base = f"{API}/workers/{worker_id}"
         assert w.post(f"{base}/heartbeat", json={}).json() == {"ok": True}  # idle: "I am alive"
         _error(w.post(f"{API}/workers/nosuchworker/claim", json={}), 404)
@@ -455,33 +466,34 @@ def test_an_expired_lease_makes_the_old_attempt_stale(server):
         assert made.status_code == 201
         grid_id = made.json()["grid_id"]
     with server.client("worker") as w:
-        a = w.post(f"{API}/workers/register", json={"name": "a", "host": "e2e"}).json()["worker_id"]
-        b = w.post(f"{API}/workers/register", json={"name": "b", "host": "e2e"}).json()["worker_id"]
-        job_a = w.post(f"{API}/workers/{a}/claim", json={"grid_id": grid_id}).json()["job"]
+        a, as_a = _register(w, "a")
+        b, as_b = _register(w, "b")
+        job_a = w.post(f"{API}/workers/{a}/claim", headers=as_a, json={"grid_id": grid_id}).json()["job"]
         assert job_a is not None
-        assert w.post(f"{API}/workers/{b}/claim", json={"grid_id": grid_id}).json()["job"] is None
-        assert w.post(f"{API}/workers/{a}/heartbeat",
+        assert w.post(f"{API}/workers/{b}/claim", headers=as_b, json={"grid_id": grid_id}).json()["job"] is None
+        assert w.post(f"{API}/workers/{a}/heartbeat", headers=as_a,
                       json={"job_id": job_a["id"], "attempt_id": job_a["attempt_id"]}).status_code == 200
 
         # Worker A goes silent and its lease runs out (time moved on in the database, not by sleeping).
         with server.engine.begin() as conn:
             conn.execute(update(t.jobs).where(t.jobs.c.id == job_a["id"]).values(lease_expires_at=time.time() - 1))
-        job_b = w.post(f"{API}/workers/{b}/claim", json={"grid_id": grid_id}).json()["job"]
+        job_b = w.post(f"{API}/workers/{b}/claim", headers=as_b, json={"grid_id": grid_id}).json()["job"]
         assert job_b is not None and job_b["id"] == job_a["id"]
         assert job_b["attempt_id"] != job_a["attempt_id"] and job_b["attempt"] == 2
 
         stale = {"job_id": job_a["id"], "attempt_id": job_a["attempt_id"]}
         for path, extra in (("heartbeat", {"step": 3}), ("finish", {"outcome": "succeeded", "result": {"loss": 7.0}}),
                             ("checkpoint", {"pointer": {"step": 3}})):
-            body = _error(w.post(f"{API}/workers/{a}/{path}", json={**stale, **extra}), 409)
+            body = _error(w.post(f"{API}/workers/{a}/{path}", headers=as_a, json={**stale, **extra}), 409)
             assert body["stop"] is True and body["error"]["code"] == "stale_attempt"
             assert job_a["attempt_id"] in body["error"]["message"]
 
         fresh = {"job_id": job_b["id"], "attempt_id": job_b["attempt_id"]}
-        assert w.post(f"{API}/workers/{b}/heartbeat", json=fresh).json()["ok"] is True
-        done = w.post(f"{API}/workers/{b}/finish", json={**fresh, "outcome": "succeeded", "result": {"loss": 0.5}})
+        assert w.post(f"{API}/workers/{b}/heartbeat", headers=as_b, json=fresh).json()["ok"] is True
+        done = w.post(f"{API}/workers/{b}/finish", headers=as_b,
+                      json={**fresh, "outcome": "succeeded", "result": {"loss": 0.5}})
         assert done.status_code == 200 and done.json()["state"] == "succeeded"
-        _error(w.post(f"{API}/workers/{a}/finish", json={**stale, "outcome": "succeeded"}), 409)
+        _error(w.post(f"{API}/workers/{a}/finish", headers=as_a, json={**stale, "outcome": "succeeded"}), 409)
 
         detail = w.get(f"{API}/jobs/{job_a['id']}").json()
         assert detail["state"] == "succeeded" and detail["result"] == {"loss": 0.5}
@@ -489,6 +501,101 @@ def test_an_expired_lease_makes_the_old_attempt_stale(server):
             (job_a["attempt_id"], "lost"), (job_b["attempt_id"], "succeeded")]
         events = [e["kind"] for e in w.get(f"{API}/jobs/{job_a['id']}/events").json()["events"]]
         assert events.count("succeeded") == 1 and events.count("lost") == 1
+
+
+def _job_rows(srv: Server, job_id: int) -> dict[str, list]:
+    """Everything a write for the job could touch: its row, attempts, metrics and events, and every worker."""
+    with srv.engine.connect() as conn:
+        return {
+            "job": [dict(r) for r in conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).mappings()],
+            **{name: [dict(r) for r in conn.execute(select(table).where(table.c.job_id == job_id)
+                                                    .order_by(table.c.id)).mappings()]
+               for name, table in (("attempts", t.attempts), ("metrics", t.metrics), ("events", t.events))},
+            "workers": [dict(r) for r in conn.execute(select(t.workers).order_by(t.workers.c.id)).mappings()],
+        }
+
+
+def test_a_worker_acts_only_for_its_own_registration(server, tmp_path):
+    """Worker B, with its own worker token and registration, knows A's worker id and attempt id (GET /jobs
+    shows both) and tries every fenced write: 409 on its own path (the job is not B's), 403 on A's path
+    without A's secret (whatever the token, admin included). Nothing is written; A finishes the job once."""
+    with server.client("submit") as s:
+        made = _post_grid(s, {"name": "e2e-own", "trainer": "noop", "config": {"value": 0.5}, "code_rev": "exp-1"})
+        assert made.status_code == 201
+        grid_id = made.json()["grid_id"]
+    server.tokens["worker-b"] = create_token(server.engine, "worker", "e2e worker b")[1]  # checked on every reply
+    with server.client("worker") as wa, server.client("worker-b") as wb, server.client("admin") as admin:
+        a, as_a = _register(wa, "own-a")
+        b, as_b = _register(wb, "own-b")
+        job = wa.post(f"{API}/workers/{a}/claim", headers=as_a,
+                      json={"grid_id": grid_id, "can_pin_code": True}).json()["job"]
+        assert job is not None and job["worker_id"] == a
+        fenced = {"job_id": job["id"], "attempt_id": job["attempt_id"]}
+        beat = wa.post(f"{API}/workers/{a}/heartbeat", headers=as_a,
+                       json={**fenced, "step": 1, "metrics": [{"step": 1, "values": {"loss": 2.0}}]})
+        assert beat.status_code == 200, beat.text
+        shown = wb.get(f"{API}/jobs/{job['id']}").json()
+        assert (shown["worker_id"], shown["attempt_id"]) == (a, job["attempt_id"])  # what B can learn
+        before = _job_rows(server, job["id"])
+
+        writes = [("heartbeat", {"step": 9, "progress": [9, 10], "metrics": [{"step": 9, "values": {"loss": 0.0}}],
+                                 "events": [{"kind": "log", "message": "not mine"}]}),
+                  ("checkpoint", {"pointer": {"uri": "local:/elsewhere", "step": 9}}),
+                  ("events", {"events": [{"kind": "log", "message": "not mine"}]}),
+                  ("code_rev", {"code_rev": "b" * 40})]
+        writes += [("finish", {"outcome": outcome, "result": {"loss": 0.0}, "error": "x"})
+                   for outcome in ("succeeded", "error", "preempted", "cancelled")]
+        made_up = {SECRET_HEADER: "gfw_" + secrets.token_urlsafe(32)}
+        for path, extra in writes:
+            body = {**fenced, **extra}
+            refused = _error(wb.post(f"{API}/workers/{b}/{path}", headers=as_b, json=body), 409)
+            assert refused["error"]["code"] == "stale_attempt" and refused["stop"] is True, (path, refused)
+            for caller, who, headers in ((wb, "B's secret", as_b), (wb, "no secret", {}), (wb, "made up", made_up),
+                                         (admin, "admin, no secret", {}), (admin, "admin, B's secret", as_b)):
+                refused = _error(caller.post(f"{API}/workers/{a}/{path}", headers=headers, json=body), 403)
+                assert refused["error"]["code"] == "wrong_worker_secret", (path, who, refused)
+                assert SECRET_HEADER in refused["error"]["message"] and a in refused["error"]["message"], (path, who)
+        # Nor can B act as A outside the job: claim, say A is alive, or record A's events.
+        for path, body in (("claim", {}), ("heartbeat", {}), ("worker_events", {"kind": "x", "message": "y"})):
+            _error(wb.post(f"{API}/workers/{a}/{path}", headers=as_b, json=body), 403)
+        # The secret check comes first: a bad body on A's path without A's secret is a 403, not a 422.
+        _error(wb.post(f"{API}/workers/{a}/finish", headers=as_b, json={"job_id": "x"}), 403)
+        assert _fields(_error(wb.post(f"{API}/workers/{'x' * 33}/claim", headers=as_b, json={}), 422)) == ["worker_id"]
+        assert _job_rows(server, job["id"]) == before
+
+        # A fresh API process (as after a restart: nothing cached) takes A's secret from the database.
+        proc, url, _ = _start_server(server.db_url, server.tokens["admin"], tmp_path)
+        try:
+            with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT, event_hooks={"response": [server._record]},
+                              headers={"Authorization": f"Bearer {server.tokens['worker']}"}) as fresh:
+                _error(fresh.post(f"{API}/workers/{a}/heartbeat", headers=as_b, json=fenced), 403)
+                assert fresh.post(f"{API}/workers/{a}/heartbeat", headers=as_a, json=fenced).json()["ok"] is True
+        finally:
+            _stop(proc)
+
+        done = wa.post(f"{API}/workers/{a}/finish", headers=as_a,
+                       json={**fenced, "outcome": "succeeded", "result": {"loss": 0.5}})
+        assert done.status_code == 200 and done.json() == {"ok": True, "state": "succeeded"}, done.text
+        _error(wa.post(f"{API}/workers/{a}/finish", headers=as_a, json={**fenced, "outcome": "succeeded"}), 409)
+        detail = wa.get(f"{API}/jobs/{job['id']}").json()
+        assert (detail["state"], detail["result"], detail["checkpoint"]) == ("succeeded", {"loss": 0.5}, None)
+        assert [(x["worker_id"], x["outcome"], x["code_rev"]) for x in detail["attempt_history"]] == [
+            (a, "succeeded", "exp-1")]
+        kinds = [e["kind"] for e in wa.get(f"{API}/jobs/{job['id']}/events").json()["events"]]
+        assert kinds == ["succeeded"]
+        metrics = wa.get(f"{API}/jobs/{job['id']}/metrics").json()["metrics"]
+        assert [(m["step"], m["loss"]) for m in metrics] == [(1, 2.0)]
+
+        # The secrets went out once each, in register's reply: never in another reply, the database or the log.
+        shown = [admin.get(f"{API}/workers").text, admin.get(f"{API}/jobs/{job['id']}").text,
+                 admin.get(f"{API}/workers/{a}/events").text]
+        stored = repr(_job_rows(server, job["id"]))
+        for secret in (as_a[SECRET_HEADER], as_b[SECRET_HEADER]):
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            assert digest in stored and secret not in stored  # only the hash is kept...
+            assert all(secret not in text and digest not in text for text in shown)  # ...and shown to no one
+            assert secret not in server.log_path.read_text(errors="replace")
+            assert secret not in (tmp_path / "server.log").read_text(errors="replace")
 
 
 def test_no_token_in_the_server_log(server):

@@ -158,3 +158,38 @@ def test_uploads_left_by_a_killed_agent_go_up_at_the_next_start_on_that_machine(
     assert {prefix + n for n in ("config.json", "ckpt-000000000007.pt", "result.json", "README.md")} <= set(files)
     assert recorded(queue, job["id"])["uri"].endswith(prefix + "ckpt-000000000007.pt")  # the final model
     assert CheckpointSync(client, options(hub), tmp_path).resume_pending() == 0  # nothing is uploaded twice
+
+
+def test_a_killed_agents_uploads_are_recorded_through_the_api_by_the_registration_that_wrote_them(
+        queue, fleet, hub, tmp_path):
+    """With a real API: the agent that finds the journal has registered anew (another worker id and secret),
+    yet the final pointer is recorded, by the registration that ran the attempt, whose secret the journal
+    keeps (readable by its owner only)."""
+    from worker.client import ApiClient
+
+    server = fleet.start_server(queue.engine.url.render_as_string(hide_password=False))
+    submit_grid(queue.engine, GridSpec.model_validate({"name": "g", "trainer": "sleep", "store": f"hf://{REPO}"}),
+                validate_config)
+    info = {"name": "w", "host": "h", "trainers": ["sleep"]}
+
+    def agent() -> tuple[ApiClient, CheckpointSync]:
+        client = ApiClient(server.url, server.worker_token, retry_for=5.0)
+        reply = client.register(info)
+        sync = CheckpointSync(client, options(hub), tmp_path)
+        sync.worker_id, sync.worker_secret = reply["worker_id"], reply["worker_secret"]
+        return client, sync
+
+    client, first = agent()
+    job = client.claim(first.worker_id, trainers=["sleep"])
+    first.job_started(job)
+    succeed(first, client, job, tmp_path, step=7, loss=0.1)
+    [journal] = (tmp_path / ".uploads").rglob("*.json")
+    assert journal.stat().st_mode & 0o777 == 0o600
+    client.close()  # kill -9: the registration's secret is gone from memory
+
+    client, second = agent()
+    assert second.worker_id != first.worker_id
+    assert second.resume_pending() == 4
+    second.close()
+    client.close()
+    assert recorded(queue, job["id"])["uri"].endswith(f"job-{job['id']}/ckpt-000000000007.pt")

@@ -50,7 +50,8 @@ def _race_worker(db_url: str, name: str, barrier, results) -> None:
         barrier.wait(timeout=START_TIMEOUT)
         while (job := q.claim(name)) is not None:
             claims.append((job.id, job.attempt_id))
-            reply = q.finish(job.id, job.attempt_id, "succeeded", result={"loss": job.config.get("value")})
+            reply = q.finish(job.id, job.attempt_id, "succeeded", result={"loss": job.config.get("value")},
+                             worker_id=name)
             finishes.append((job.id, reply.ok, reply.state))
         engine.dispose()
         results.put({"name": name, "claims": claims, "finishes": finishes, "error": None})
@@ -67,7 +68,7 @@ def _doomed_claimer(db_url: str, lease_seconds: float, out) -> None:
         out.put({"job_id": job.id if job else None, "attempt_id": job.attempt_id if job else None,
                  "pid": os.getpid(), "error": None})
         while True:  # alive and heartbeating, until SIGKILL stops it mid-stride
-            q.heartbeat(job.id, job.attempt_id)
+            q.heartbeat(job.id, job.attempt_id, worker_id="worker-a")
             time.sleep(0.2)
     except BaseException:  # noqa: BLE001
         out.put({"job_id": None, "attempt_id": None, "pid": os.getpid(), "error": traceback.format_exc()})
@@ -92,8 +93,8 @@ def _successor(db_url: str, lease_seconds: float, deadline: float, out, go) -> N
         if not go.wait(timeout=RUN_TIMEOUT):
             out.put({"stage": "finished", "error": "never told to finish"})
             return
-        beat = q.heartbeat(job.id, job.attempt_id)
-        done = q.finish(job.id, job.attempt_id, "succeeded", result={"loss": 0.5})
+        beat = q.heartbeat(job.id, job.attempt_id, worker_id="worker-b")
+        done = q.finish(job.id, job.attempt_id, "succeeded", result={"loss": 0.5}, worker_id="worker-b")
         out.put({"stage": "finished", "heartbeat_ok": beat.ok, "finish_ok": done.ok, "state": done.state,
                  "error": None})
         engine.dispose()
@@ -243,12 +244,13 @@ def test_killed_claimers_lease_expires_then_another_process_finishes_the_job_onc
 
         # A's attempt is fenced out while B runs the job...
         local = Queue(engine, RetryPolicy(lease_seconds=60.0))
-        beat = local.heartbeat(job_id, stale_attempt, step=7)
+        beat = local.heartbeat(job_id, stale_attempt, step=7, worker_id="worker-a")
         assert (beat.ok, beat.stop) == (False, True)
         assert beat.reason and stale_attempt in beat.reason
-        done = local.finish(job_id, stale_attempt, "succeeded", result={"loss": 99.0})
+        done = local.finish(job_id, stale_attempt, "succeeded", result={"loss": 99.0}, worker_id="worker-a")
         assert (done.ok, done.stop) == (False, True)
-        assert local.set_checkpoint(job_id, stale_attempt, {"uri": "local:x", "step": 7}).ok is False
+        stale_pointer = local.set_checkpoint(job_id, stale_attempt, {"uri": "local:x", "step": 7}, worker_id="worker-a")
+        assert stale_pointer.ok is False
         with engine.connect() as conn:
             row = conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).mappings().one()
         assert row["state"] == "running" and row["attempt_id"] == claimed_b["attempt_id"]
@@ -265,9 +267,9 @@ def test_killed_claimers_lease_expires_then_another_process_finishes_the_job_onc
         _stop([p for p in (a, b) if p is not None])
 
     # ...and after B finished it, too: the job completed exactly once, with B's result.
-    done = local.finish(job_id, stale_attempt, "succeeded", result={"loss": 99.0})
+    done = local.finish(job_id, stale_attempt, "succeeded", result={"loss": 99.0}, worker_id="worker-a")
     assert (done.ok, done.stop) == (False, True)
-    assert local.heartbeat(job_id, stale_attempt).ok is False
+    assert local.heartbeat(job_id, stale_attempt, worker_id="worker-a").ok is False
     with engine.connect() as conn:
         row = conn.execute(select(t.jobs).where(t.jobs.c.id == job_id)).mappings().one()
         history = conn.execute(

@@ -104,7 +104,7 @@ def test_claim_returns_the_full_job(engine, queue, t0):
 def test_not_before_backoff_is_honoured(engine, queue, t0):
     submit(engine, "g", max_attempts=5)
     first = queue.claim("w", now=t0)
-    reply = queue.finish(first.id, first.attempt_id, "error", error="boom", now=t0)
+    reply = queue.finish(first.id, first.attempt_id, "error", error="boom", now=t0, worker_id=first.worker_id)
     assert reply.ok and reply.state == "queued"
     assert job(engine, first.id)["not_before"] == pytest.approx(t0 + 5.0)
     assert queue.claim("w", now=t0) is None
@@ -118,7 +118,7 @@ def test_backoff_does_not_block_other_jobs(engine, queue, t0):
     first_id, second_id = job_ids(engine, grid.grid_id)
     first = queue.claim("w", now=t0)
     assert first.id == first_id
-    queue.finish(first.id, first.attempt_id, "error", error="boom", now=t0)
+    queue.finish(first.id, first.attempt_id, "error", error="boom", now=t0, worker_id=first.worker_id)
     other = queue.claim("w", now=t0 + 1)
     assert other.id == second_id
 
@@ -179,8 +179,9 @@ def test_paused_grid_is_not_claimed_until_resumed(engine, queue, t0):
     assert got.grid_id == other.grid_id
     assert queue.claim("w", now=t0) is None
     # the running job of a paused grid keeps running
-    assert queue.heartbeat(running.id, running.attempt_id, now=t0 + 1).ok
-    assert queue.finish(running.id, running.attempt_id, "succeeded", now=t0 + 2).state == "succeeded"
+    assert queue.heartbeat(running.id, running.attempt_id, now=t0 + 1, worker_id=running.worker_id).ok
+    assert queue.finish(running.id, running.attempt_id, "succeeded", now=t0 + 2,
+                        worker_id=running.worker_id).state == "succeeded"
     assert reports.grid_summary(engine, "paused")["state"] == "paused"
     assert resume_grid(engine, paused.grid_id) == "active"
     got = queue.claim("w", now=t0 + 3)
@@ -205,7 +206,7 @@ def test_heartbeat_extends_lease_and_stores_progress(engine, queue, t0):
     reply = queue.heartbeat(
         claimed.id, claimed.attempt_id, step=10, progress=(10, 40),
         metrics=[Metric(step=5, values={"loss": 0.5}, time=t0 + 1), Metric(step=10, values={"loss": 0.25}, time=t0 + 2)],
-        now=t0 + 20,
+        now=t0 + 20, worker_id=claimed.worker_id,
     )
     assert reply.ok and not reply.stop and not reply.cancel
     assert reply.lease_expires_at == pytest.approx(t0 + 20 + LEASE)
@@ -229,7 +230,7 @@ def test_set_checkpoint_is_handed_to_the_next_attempt(engine, queue, t0):
     submit(engine, "g")
     a = queue.claim("a", now=t0)
     pointer = {"uri": "local:/ckpt/1/step-7", "step": 7, "time": t0 + 1}
-    assert queue.set_checkpoint(a.id, a.attempt_id, pointer).ok
+    assert queue.set_checkpoint(a.id, a.attempt_id, pointer, worker_id=a.worker_id).ok
     assert job(engine, a.id)["step"] == 7
     b = queue.claim("b", now=t0 + LEASE + 1)
     assert b.id == a.id and b.attempt_id != a.attempt_id
@@ -246,14 +247,14 @@ def test_grid_store_rides_on_the_claimed_job(engine, queue, t0):
 def test_final_checkpoint_may_land_after_success_but_only_from_the_succeeding_attempt(engine, queue, t0):
     submit(engine, "g")
     a = queue.claim("a", now=t0)
-    assert queue.finish(a.id, a.attempt_id, "preempted", now=t0 + 1).ok
+    assert queue.finish(a.id, a.attempt_id, "preempted", now=t0 + 1, worker_id=a.worker_id).ok
     b = queue.claim("b", now=t0 + 2)
-    assert queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 1.0}, now=t0 + 3).ok
+    assert queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 1.0}, now=t0 + 3, worker_id=b.worker_id).ok
     late = {"uri": "hf://alice/ckpts/grid-1/job-1/ckpt-000000000009.pt", "revision": "abc", "step": 9, "time": t0}
     # The preempted attempt's upload arrives late: refused, the job keeps what it had.
-    assert not queue.set_checkpoint(a.id, a.attempt_id, late).ok
+    assert not queue.set_checkpoint(a.id, a.attempt_id, late, worker_id=a.worker_id).ok
     assert job(engine, a.id)["checkpoint"] is None
-    assert queue.set_checkpoint(b.id, b.attempt_id, late).ok
+    assert queue.set_checkpoint(b.id, b.attempt_id, late, worker_id=b.worker_id).ok
     row = job(engine, b.id)
     assert row["checkpoint"] == late and row["state"] == "succeeded" and row["result"] == {"loss": 1.0}
 
@@ -267,14 +268,17 @@ def test_lease_expiry_reclaims_with_a_new_attempt_and_fences_the_old_one(engine,
     assert b.attempt_id != a.attempt_id
     assert b.attempt == 2
 
-    stale = queue.heartbeat(a.id, a.attempt_id, step=3, metrics=[Metric(3, {"loss": 9.0})], now=t0 + LEASE + 2)
+    stale = queue.heartbeat(a.id, a.attempt_id, step=3, metrics=[Metric(3, {"loss": 9.0})], now=t0 + LEASE + 2,
+                            worker_id=a.worker_id)
     assert (stale.ok, stale.stop) == (False, True)
     assert a.attempt_id in stale.reason
-    stale = queue.set_checkpoint(a.id, a.attempt_id, {"uri": "local:/stale", "step": 3})
+    stale = queue.set_checkpoint(a.id, a.attempt_id, {"uri": "local:/stale", "step": 3}, worker_id=a.worker_id)
     assert (stale.ok, stale.stop) == (False, True)
-    stale = queue.add_events(a.id, a.attempt_id, [("log", "from a stale attempt")], now=t0 + LEASE + 2)
+    stale = queue.add_events(a.id, a.attempt_id, [("log", "from a stale attempt")], now=t0 + LEASE + 2,
+                             worker_id=a.worker_id)
     assert (stale.ok, stale.stop) == (False, True)
-    stale = queue.finish(a.id, a.attempt_id, "succeeded", result={"loss": 9.0}, now=t0 + LEASE + 3)
+    stale = queue.finish(a.id, a.attempt_id, "succeeded", result={"loss": 9.0}, now=t0 + LEASE + 3,
+                         worker_id=a.worker_id)
     assert (stale.ok, stale.stop) == (False, True)
 
     row = job(engine, a.id)
@@ -283,12 +287,14 @@ def test_lease_expiry_reclaims_with_a_new_attempt_and_fences_the_old_one(engine,
     assert count(engine, t.metrics, t.metrics.c.attempt_id == a.attempt_id) == 0
     assert count(engine, t.events, t.events.c.attempt_id == a.attempt_id, t.events.c.kind == "log") == 0
 
-    assert queue.heartbeat(b.id, b.attempt_id, now=t0 + LEASE + 4).ok
-    assert queue.add_events(b.id, b.attempt_id, [("log", "hello")], now=t0 + LEASE + 4).ok
-    done = queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 1.0}, now=t0 + LEASE + 5)
+    assert queue.heartbeat(b.id, b.attempt_id, now=t0 + LEASE + 4, worker_id=b.worker_id).ok
+    assert queue.add_events(b.id, b.attempt_id, [("log", "hello")], now=t0 + LEASE + 4, worker_id=b.worker_id).ok
+    done = queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 1.0}, now=t0 + LEASE + 5,
+                        worker_id=b.worker_id)
     assert done.ok and done.state == "succeeded"
     # a late finish from A after B's success changes nothing
-    assert not queue.finish(a.id, a.attempt_id, "succeeded", result={"loss": 9.0}, now=t0 + LEASE + 6).ok
+    assert not queue.finish(a.id, a.attempt_id, "succeeded", result={"loss": 9.0}, now=t0 + LEASE + 6,
+                            worker_id=a.worker_id).ok
 
     row = job(engine, a.id)
     assert row["state"] == "succeeded" and row["result"] == {"loss": 1.0}
@@ -347,7 +353,8 @@ def test_error_retries_with_exponential_backoff_then_fails(engine, queue, policy
     for n in range(1, 5):
         claimed = queue.claim("w", now=now)
         assert claimed is not None and claimed.attempt == n
-        reply = queue.finish(claimed.id, claimed.attempt_id, "error", error=f"boom {n}", now=now + 1)
+        reply = queue.finish(claimed.id, claimed.attempt_id, "error", error=f"boom {n}", now=now + 1,
+                             worker_id=claimed.worker_id)
         row = job(engine, claimed.id)
         assert row["errors"] == n and row["last_error"] == f"boom {n}"
         if n < 4:
@@ -370,15 +377,17 @@ def test_preemption_never_uses_the_error_budget(engine, queue, t0):
     for n in range(1, 7):  # more preemptions than max_attempts
         claimed = queue.claim("w", now=t0)  # requeued at once: claimable at the same instant
         assert claimed is not None and claimed.attempt == n
-        reply = queue.finish(claimed.id, claimed.attempt_id, "preempted", now=t0)
+        reply = queue.finish(claimed.id, claimed.attempt_id, "preempted", now=t0, worker_id=claimed.worker_id)
         assert reply.ok and reply.state == "queued"
     row = job(engine, claimed.id)
     assert row["preemptions"] == 6 and row["errors"] == 0
     # the full error budget is still there: one error is retried
     claimed = queue.claim("w", now=t0)
-    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="x", now=t0).state == "queued"
+    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="x", now=t0,
+                        worker_id=claimed.worker_id).state == "queued"
     claimed = queue.claim("w", now=t0 + 1000)
-    assert queue.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 0.0}, now=t0 + 1000).state \
+    assert queue.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 0.0}, now=t0 + 1000,
+                        worker_id=claimed.worker_id).state \
         == "succeeded"
     outcomes = [a["outcome"] for a in attempts(engine, claimed.id)]
     assert outcomes == ["preempted"] * 6 + ["error", "succeeded"]
@@ -390,7 +399,8 @@ def test_preemption_loop_ends_at_max_preemptions(engine, t0):
     states = []
     for _ in range(3):
         claimed = queue.claim("w", now=t0)
-        states.append(queue.finish(claimed.id, claimed.attempt_id, "preempted", now=t0).state)
+        states.append(queue.finish(claimed.id, claimed.attempt_id, "preempted", now=t0,
+                                   worker_id=claimed.worker_id).state)
     assert states == ["queued", "queued", "failed"]
     assert "preempted 3 times" in job(engine, claimed.id)["last_error"]
 
@@ -400,13 +410,13 @@ def test_invalid_finish_outcome_is_a_value_error_and_changes_nothing(engine, que
     claimed = queue.claim("w", now=t0)
     for outcome in ("success", "lost", "failed", ""):
         with pytest.raises(ValueError, match="outcome must be one of"):
-            queue.finish(claimed.id, claimed.attempt_id, outcome, now=t0)
+            queue.finish(claimed.id, claimed.attempt_id, outcome, now=t0, worker_id=claimed.worker_id)
     row = job(engine, claimed.id)
     assert row["state"] == "running" and row["attempt_id"] == claimed.attempt_id
 
 
 def test_finish_unknown_job_is_refused(engine, queue):
-    reply = queue.finish(12345, "0" * 32, "succeeded")
+    reply = queue.finish(12345, "0" * 32, "succeeded", worker_id="w")
     assert not reply.ok and reply.stop
 
 
@@ -426,13 +436,13 @@ def test_cancel_queued_job(engine, queue, t0):
 def test_cancel_running_job_reaches_the_worker_through_its_heartbeat(engine, queue, t0):
     submit(engine, "g")
     claimed = queue.claim("w", now=t0)
-    before = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 1)
+    before = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 1, worker_id=claimed.worker_id)
     assert before.ok and not before.cancel
     assert cancel_job(engine, claimed.id) == "cancel_requested"
     assert job(engine, claimed.id)["state"] == "running"
-    reply = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 2)
+    reply = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 2, worker_id=claimed.worker_id)
     assert reply.ok and reply.cancel
-    done = queue.finish(claimed.id, claimed.attempt_id, "cancelled", now=t0 + 3)
+    done = queue.finish(claimed.id, claimed.attempt_id, "cancelled", now=t0 + 3, worker_id=claimed.worker_id)
     assert done.ok and done.state == "cancelled"
     assert job(engine, claimed.id)["state"] == "cancelled"
     assert [a["outcome"] for a in attempts(engine, claimed.id)] == ["cancelled"]
@@ -442,7 +452,8 @@ def test_cancel_requested_job_that_errors_is_cancelled_not_retried(engine, queue
     submit(engine, "g", max_attempts=5)
     claimed = queue.claim("w", now=t0)
     cancel_job(engine, claimed.id)
-    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="stopped", now=t0 + 1).state == "cancelled"
+    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="stopped", now=t0 + 1,
+                        worker_id=claimed.worker_id).state == "cancelled"
     assert queue.claim("w", now=t0 + 10_000) is None
 
 
@@ -454,7 +465,7 @@ def test_cancel_requested_job_whose_lease_expires_is_cancelled(engine, queue, t0
     row = job(engine, claimed.id)
     assert row["state"] == "cancelled" and row["attempt_id"] is None
     assert [a["outcome"] for a in attempts(engine, claimed.id)] == ["lost"]
-    stale = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + LEASE + 2)
+    stale = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + LEASE + 2, worker_id=claimed.worker_id)
     assert not stale.ok and stale.stop
 
 
@@ -466,11 +477,12 @@ def test_cancel_grid(engine, queue, t0):
     assert cancel_grid(engine, "g") == "cancelled"
     ids = job_ids(engine, grid.grid_id)
     assert [job(engine, i)["state"] for i in ids] == ["running", "cancelled", "cancelled"]
-    assert queue.heartbeat(running.id, running.attempt_id, now=t0 + 1).cancel
+    assert queue.heartbeat(running.id, running.attempt_id, now=t0 + 1, worker_id=running.worker_id).cancel
     got = queue.claim("w", now=t0 + 1)
     assert got.grid_id == other.grid_id
     assert queue.claim("w", now=t0 + 1) is None
-    assert queue.finish(running.id, running.attempt_id, "cancelled", now=t0 + 2).state == "cancelled"
+    assert queue.finish(running.id, running.attempt_id, "cancelled", now=t0 + 2,
+                        worker_id=running.worker_id).state == "cancelled"
     summary = reports.grid_summary(engine, "g")
     assert summary["state"] == "cancelled"
     assert summary["counts"]["cancelled"] == 3 and summary["progress"] == 1.0
@@ -482,7 +494,7 @@ def test_retry_failed_job_gets_fresh_budgets(engine, queue, t0):
     now = t0
     for _ in range(2):
         claimed = queue.claim("w", now=now)
-        queue.finish(claimed.id, claimed.attempt_id, "error", error="boom", now=now)
+        queue.finish(claimed.id, claimed.attempt_id, "error", error="boom", now=now, worker_id=claimed.worker_id)
         now += 1000
     assert job(engine, claimed.id)["state"] == "failed"
     assert queue.claim("w", now=now) is None
@@ -492,9 +504,11 @@ def test_retry_failed_job_gets_fresh_budgets(engine, queue, t0):
     # the whole error budget again: the first error is retried, the second fails
     claimed = queue.claim("w", now=now)
     assert claimed is not None and claimed.attempt == 3
-    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="boom", now=now).state == "queued"
+    assert queue.finish(claimed.id, claimed.attempt_id, "error", error="boom", now=now,
+                        worker_id=claimed.worker_id).state == "queued"
     claimed = queue.claim("w", now=now + 1000)
-    assert queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=now + 1000).state == "succeeded"
+    assert queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=now + 1000,
+                        worker_id=claimed.worker_id).state == "succeeded"
     assert "retry" in [e["kind"] for e in reports.job_events(engine, claimed.id)]
 
 
@@ -505,9 +519,9 @@ def test_retry_resets_the_loss_and_preemption_budgets(engine, t0):
     a = queue.claim("w", now=t0)
     assert a.id == lost_id
     b = queue.claim("w", now=t0)
-    queue.finish(b.id, b.attempt_id, "preempted", now=t0)
+    queue.finish(b.id, b.attempt_id, "preempted", now=t0, worker_id=b.worker_id)
     b = queue.claim("w", now=t0)
-    assert queue.finish(b.id, b.attempt_id, "preempted", now=t0).state == "failed"
+    assert queue.finish(b.id, b.attempt_id, "preempted", now=t0, worker_id=b.worker_id).state == "failed"
     queue.requeue_expired(now=t0 + LEASE + 1)
     assert job(engine, lost_id)["state"] == "failed"
     for job_id in (lost_id, preempted_id):
@@ -518,7 +532,7 @@ def test_retry_resets_the_loss_and_preemption_budgets(engine, t0):
     b = queue.claim("w", now=t0 + 100)
     b = b if b.id == preempted_id else queue.claim("w", now=t0 + 100)
     assert b.id == preempted_id
-    assert queue.finish(b.id, b.attempt_id, "preempted", now=t0 + 100).state == "queued"
+    assert queue.finish(b.id, b.attempt_id, "preempted", now=t0 + 100, worker_id=b.worker_id).state == "queued"
 
 
 def test_retry_rejects_jobs_that_have_not_ended(engine, queue, t0):
@@ -529,7 +543,7 @@ def test_retry_rejects_jobs_that_have_not_ended(engine, queue, t0):
         retry_job(engine, running.id)
     with pytest.raises(Conflict):
         retry_job(engine, queued_id)
-    queue.finish(running.id, running.attempt_id, "succeeded", now=t0)
+    queue.finish(running.id, running.attempt_id, "succeeded", now=t0, worker_id=running.worker_id)
     with pytest.raises(Conflict):
         retry_job(engine, running.id)
     with pytest.raises(NotFound):
@@ -556,11 +570,12 @@ def _run_all(queue, now, results):
     while (claimed := queue.claim("w", now=now)) is not None:
         outcome = results.get(claimed.config.get("value"))
         if outcome is None:
-            queue.heartbeat(claimed.id, claimed.attempt_id, progress=(1, 4), now=now)
+            queue.heartbeat(claimed.id, claimed.attempt_id, progress=(1, 4), now=now, worker_id=claimed.worker_id)
         elif outcome == "error":
-            queue.finish(claimed.id, claimed.attempt_id, "error", error="bad", now=now)
+            queue.finish(claimed.id, claimed.attempt_id, "error", error="bad", now=now, worker_id=claimed.worker_id)
         else:
-            queue.finish(claimed.id, claimed.attempt_id, "succeeded", result=outcome, now=now)
+            queue.finish(claimed.id, claimed.attempt_id, "succeeded", result=outcome, now=now,
+                         worker_id=claimed.worker_id)
 
 
 def test_grid_summary_counts_progress_and_best_min(engine, queue, t0):
@@ -618,7 +633,7 @@ def test_results_table_flattens_config_and_result(engine, queue, t0):
     done = 0
     while (claimed := queue.claim("w", now=t0)) is not None:
         result = {"loss": float(done), "curve": [1, 2], "extra": {"acc": 0.5}} if done % 2 == 0 else {"loss": 9.0}
-        queue.finish(claimed.id, claimed.attempt_id, "succeeded", result=result, now=t0)
+        queue.finish(claimed.id, claimed.attempt_id, "succeeded", result=result, now=t0, worker_id=claimed.worker_id)
         done += 1
     columns, rows = reports.results_table(reports.grid_results(engine, "g"))
     assert columns[:4] == ["job_id", "state", "seed", "attempts"]
@@ -644,7 +659,7 @@ def test_job_detail_lists_attempts(engine, queue, t0):
     submit(engine, "g")
     a = queue.claim("a", now=t0)
     b = queue.claim("b", now=t0 + LEASE + 1)
-    queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 0.5}, now=t0 + LEASE + 2)
+    queue.finish(b.id, b.attempt_id, "succeeded", result={"loss": 0.5}, now=t0 + LEASE + 2, worker_id=b.worker_id)
     detail = reports.job_detail(engine, a.id)
     assert detail["grid"] == "g" and detail["state"] == "succeeded" and detail["result"] == {"loss": 0.5}
     assert [(x["id"], x["outcome"]) for x in detail["attempt_history"]] == [(a.attempt_id, "lost"), (b.attempt_id, "succeeded")]
@@ -660,7 +675,7 @@ def test_worker_registration_and_state(engine, queue, t0):
     claimed = queue.claim(worker, now=t0)
     [w] = reports.list_workers(engine)
     assert (w["state"], w["current_job_id"], w["trainers"], w["gpus"]) == ("busy", claimed.id, ["noop"], [{"name": "H100"}])
-    queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 1)
+    queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 1, worker_id=claimed.worker_id)
     [w] = reports.list_workers(engine)
     assert (w["state"], w["current_job_id"]) == ("idle", None)
 
@@ -679,8 +694,8 @@ def test_claim_without_now_handles_an_expired_lease_before_answering_none(engine
     expire_lease(engine, a.id)
     b = q.claim("b")  # nothing else is runnable: the claim scans before it says None
     assert b is not None and (b.id, b.attempt) == (a.id, 2)
-    assert not q.finish(a.id, a.attempt_id, "succeeded").ok  # still fenced
-    assert q.finish(b.id, b.attempt_id, "succeeded").ok
+    assert not q.finish(a.id, a.attempt_id, "succeeded", worker_id=a.worker_id).ok  # still fenced
+    assert q.finish(b.id, b.attempt_id, "succeeded", worker_id=b.worker_id).ok
     assert {r["id"]: r["outcome"] for r in attempts(engine, a.id)} == {a.attempt_id: "lost", b.attempt_id: "succeeded"}
     assert q.claim("b") is None
 
@@ -717,7 +732,8 @@ def test_finish_ends_the_attempt_logs_an_event_and_frees_the_worker(engine, queu
     worker = queue.register_worker("w", "host", ["noop"])
     claimed = queue.claim(worker, code_rev="abc", now=t0)
     error = None if outcome == "succeeded" else f"{outcome} here"
-    reply = queue.finish(claimed.id, claimed.attempt_id, outcome, result={"loss": 1.0}, error=error, now=t0 + 1)
+    reply = queue.finish(claimed.id, claimed.attempt_id, outcome, result={"loss": 1.0}, error=error, now=t0 + 1,
+                         worker_id=claimed.worker_id)
     assert reply.ok and reply.state == {"succeeded": "succeeded", "error": "queued", "preempted": "queued",
                                         "cancelled": "cancelled"}[outcome]
     [attempt] = attempts(engine, claimed.id)
@@ -731,15 +747,16 @@ def test_finish_ends_the_attempt_logs_an_event_and_frees_the_worker(engine, queu
     [w] = reports.list_workers(engine)
     assert (w["state"], w["current_job_id"], w["last_seen_at"]) == ("idle", None, pytest.approx(t0 + 1))
     # the attempt is over: a second finish changes nothing
-    assert not queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 2).ok
+    assert not queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 2, worker_id=claimed.worker_id).ok
     assert len(reports.job_events(engine, claimed.id)) == 1 and job(engine, claimed.id)["state"] == reply.state
 
 
 def test_heartbeat_without_progress_keeps_the_last_reported(engine, queue, t0):
     submit(engine, "g")
     claimed = queue.claim("w", now=t0)
-    assert queue.heartbeat(claimed.id, claimed.attempt_id, step=7, progress=(7, 70), now=t0 + 1).ok
-    reply = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 2)
+    assert queue.heartbeat(claimed.id, claimed.attempt_id, step=7, progress=(7, 70), now=t0 + 1,
+                           worker_id=claimed.worker_id).ok
+    reply = queue.heartbeat(claimed.id, claimed.attempt_id, now=t0 + 2, worker_id=claimed.worker_id)
     assert reply.ok and reply.lease_expires_at == pytest.approx(t0 + 2 + LEASE)
     row = job(engine, claimed.id)
     assert (row["step"], row["progress_done"], row["progress_total"]) == (7, 7, 70)
@@ -754,10 +771,11 @@ def _write_once_after_the_restart(q, engine, operation: str, claimed, first: int
         assert again is not None and again.id == second
         assert [(a["id"], a["outcome"]) for a in attempts(engine, second)] == [(again.attempt_id, "running")]
     elif operation == "heartbeat":
-        assert q.heartbeat(claimed.id, claimed.attempt_id, step=3).ok
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=3, worker_id=claimed.worker_id).ok
         assert job(engine, first)["step"] == 3
     else:
-        assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0}).ok
+        assert q.finish(claimed.id, claimed.attempt_id, "succeeded", result={"loss": 1.0},
+                        worker_id=claimed.worker_id).ok
         assert [e["kind"] for e in reports.job_events(engine, first)] == ["succeeded"]
         assert job(engine, first)["result"] == {"loss": 1.0}
 
@@ -835,12 +853,13 @@ def test_the_heartbeats_async_commit_does_not_outlive_the_heartbeat(db_url, poli
         claimed = q.claim("w")
         with engine.connect() as conn:
             before = conn.execute(text("SHOW synchronous_commit")).scalar_one()
-        assert q.heartbeat(claimed.id, claimed.attempt_id, step=1).ok
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=1, worker_id=claimed.worker_id).ok
         # The heartbeat ran on the Queue's one raw connection; its claims and finishes must stay synchronous.
         with q._autocommit.connection() as conn:
             assert conn.execute("SHOW synchronous_commit").fetchone()["synchronous_commit"] == before
         q.close()
-        assert q.heartbeat(claimed.id, claimed.attempt_id, step=2).ok  # a closed Queue opens a new connection
+        assert q.heartbeat(claimed.id, claimed.attempt_id, step=2,
+                           worker_id=claimed.worker_id).ok  # a closed Queue opens a new connection
     finally:
         engine.dispose()
 

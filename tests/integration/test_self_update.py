@@ -230,13 +230,13 @@ def test_record_code_rev_is_fenced(engine, queue):
             return conn.execute(select(t.attempts.c.code_rev).where(t.attempts.c.id == job.attempt_id)).scalar_one()
 
     assert attempt_rev() == "exp-1"  # as the grid wrote it, until the worker resolves it
-    assert queue.record_code_rev(job.id, job.attempt_id, sha).ok
+    assert queue.record_code_rev(job.id, job.attempt_id, sha, worker_id=worker).ok
     assert attempt_rev() == sha
     with engine.connect() as conn:
         events = conn.execute(select(t.events.c.kind, t.events.c.message).where(t.events.c.job_id == job.id)).all()
     assert ("code_rev", f"running commit {sha}") in [tuple(e) for e in events]
 
-    assert not queue.record_code_rev(job.id, "not-the-attempt", "b" * 40).ok
-    assert queue.finish(job.id, job.attempt_id, "succeeded", result={}).ok
-    assert not queue.record_code_rev(job.id, job.attempt_id, "b" * 40).ok  # no longer running
+    assert not queue.record_code_rev(job.id, "not-the-attempt", "b" * 40, worker_id=worker).ok
+    assert queue.finish(job.id, job.attempt_id, "succeeded", result={}, worker_id=worker).ok
+    assert not queue.record_code_rev(job.id, job.attempt_id, "b" * 40, worker_id=worker).ok  # no longer running
     assert attempt_rev() == sha

@@ -58,6 +58,7 @@ class ApiServer:
                                   headers={"Authorization": f"Bearer {self.admin_token}"})
         self.as_worker = httpx.Client(base_url=self.url + "/api/v1", timeout=30,
                                       headers={"Authorization": f"Bearer {self.worker_token}"})
+        self.secrets: dict[str, str] = {}  # worker id -> the worker_secret its registration returned
 
     def call(self, client: httpx.Client, method: str, path: str, **kwargs) -> dict:
         response = client.request(method, path, **kwargs)
@@ -69,15 +70,21 @@ class ApiServer:
                                                       "axes": {"steps": list(range(1, jobs + 1))}})
 
     def register(self, name: str) -> str:
-        return self.call(self.as_worker, "POST", "/workers/register",
-                         json={"name": name, "host": f"{name}-host", "trainers": ["sleep"]})["worker_id"]
+        reply = self.call(self.as_worker, "POST", "/workers/register",
+                          json={"name": name, "host": f"{name}-host", "trainers": ["sleep"]})
+        self.secrets[reply["worker_id"]] = reply["worker_secret"]
+        return reply["worker_id"]
+
+    def as_(self, worker_id: str) -> dict[str, str]:
+        """The headers of a call under /workers/{worker_id}/: that registration's secret."""
+        return {"X-Gridfleet-Worker-Secret": self.secrets[worker_id]}
 
     def run_all(self, worker_id: str) -> int:
         """Claim and finish every queued job as `worker_id`; returns how many."""
         done = 0
-        while (job := self.call(self.as_worker, "POST", f"/workers/{worker_id}/claim",
+        while (job := self.call(self.as_worker, "POST", f"/workers/{worker_id}/claim", headers=self.as_(worker_id),
                                 json={"trainers": ["sleep"]})["job"]) is not None:
-            self.call(self.as_worker, "POST", f"/workers/{worker_id}/finish",
+            self.call(self.as_worker, "POST", f"/workers/{worker_id}/finish", headers=self.as_(worker_id),
                       json={"job_id": job["id"], "attempt_id": job["attempt_id"], "outcome": "succeeded",
                             "result": {"loss": 1.0}})
             done += 1
@@ -224,11 +231,13 @@ def test_running_jobs_keep_studios_up_until_they_finish(api_server):
     claimed: dict = {}
 
     def claim():  # the job runs from t=20 ...
-        claimed.update(api_server.call(api_server.as_worker, "POST", f"/workers/{client.worker_ids['s1']}/claim",
-                                       json={"trainers": ["sleep"]})["job"])
+        worker_id = client.worker_ids["s1"]
+        claimed.update(api_server.call(api_server.as_worker, "POST", f"/workers/{worker_id}/claim",
+                                       headers=api_server.as_(worker_id), json={"trainers": ["sleep"]})["job"])
 
     def finish():  # ... to t=500
-        api_server.call(api_server.as_worker, "POST", f"/workers/{client.worker_ids['s1']}/finish",
+        worker_id = client.worker_ids["s1"]
+        api_server.call(api_server.as_worker, "POST", f"/workers/{worker_id}/finish", headers=api_server.as_(worker_id),
                         json={"job_id": claimed["id"], "attempt_id": claimed["attempt_id"], "outcome": "succeeded",
                               "result": {"loss": 0.5}})
 
