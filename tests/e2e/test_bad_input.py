@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from common import schema as t
+from api.worker_secrets import HEADER as WORKER_SECRET_HEADER
 from common.db import make_engine
 from conftest import fresh_postgres
 from tests.e2e.processes import Fleet, Server
@@ -99,7 +100,9 @@ def _running(env: Env) -> tuple[str, dict]:
     name = f"bad-{uuid.uuid4().hex[:8]}"
     grid = env.admin.post("/grids", json={"name": name, "trainer": "sleep", "config": {"seconds": 0.01}})
     assert grid.status_code == 201, grid.text
-    worker_id = env.worker.post("/workers/register", json={"name": name, "host": "h"}).json()["worker_id"]
+    registered = env.worker.post("/workers/register", json={"name": name, "host": "h"}).json()
+    worker_id = registered["worker_id"]
+    env.worker.headers[WORKER_SECRET_HEADER] = registered["worker_secret"]  # this worker's calls from now on
     job = env.worker.post(f"/workers/{worker_id}/claim", json={"grid_id": grid.json()["grid_id"]}).json()["job"]
     assert job is not None
     return worker_id, job

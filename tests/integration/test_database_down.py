@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from api import tokens
 from api.app import create_app
+from api.worker_secrets import HEADER as WORKER_SECRET_HEADER
 from common.settings import Settings
 
 API = "/api/v1"
@@ -40,6 +41,13 @@ class Setup:
     unused_token: str  # valid, never sent before the outage: not in the token cache
 
 
+def _register(client) -> str:
+    """Register a worker; the client then sends its secret (X-Gridfleet-Worker-Secret) on every call."""
+    registered = client.post(f"{API}/workers/register", json={"name": "w", "host": "h"}).json()
+    client.headers[WORKER_SECRET_HEADER] = registered["worker_secret"]
+    return registered["worker_id"]
+
+
 @pytest.fixture
 def setup(private_pg_url, tmp_path):
     app = create_app(Settings(database_url=private_pg_url, admin_token=ADMIN_TOKEN, home=tmp_path / "home"))
@@ -49,7 +57,7 @@ def setup(private_pg_url, tmp_path):
         posted = client.post(f"{API}/grids", json={"name": "down", "trainer": "sleep", "config": {"seconds": 0},
                                                    "axes": {"steps": [1, 2, 3, 4]}})
         assert posted.status_code == 201, posted.text
-        worker_id = client.post(f"{API}/workers/register", json={"name": "w", "host": "h"}).json()["worker_id"]
+        worker_id = _register(client)
         job = client.post(f"{API}/workers/{worker_id}/claim", json={"trainers": ["sleep"]}).json()["job"]
         fenced = {"job_id": job["id"], "attempt_id": job["attempt_id"]}
         # Both paths hold open connections when the server goes away: the pool's and the queue's raw one.
@@ -216,7 +224,7 @@ def test_a_database_that_accepts_but_never_answers_fails_the_request_instead_of_
     queue = Queue(engine, policy)
     pool = ThreadPoolExecutor(2)
     try:
-        raw = pool.submit(queue.heartbeat, 1, "a" * 32, step=1)  # the queue's raw psycopg connection
+        raw = pool.submit(queue.heartbeat, 1, "a" * 32, step=1, worker_id="w")  # the queue's raw psycopg connection
         pooled = pool.submit(queue.register_worker, name="w", host="h", trainers=[])  # SQLAlchemy's pool
         for path, attempt in (("raw", raw), ("pooled", pooled)):
             error = attempt.exception(timeout=POSTGRES_CONNECT_TIMEOUT_S * 6)
@@ -238,7 +246,7 @@ def test_a_locked_sqlite_database_answers_503_and_serves_once_the_lock_is_gone(t
     database = tmp_path / "gridfleet.db"
     app = create_app(Settings(database_url=f"sqlite:///{database}", admin_token=ADMIN_TOKEN, home=tmp_path / "home"))
     with TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
-        worker_id = client.post(f"{API}/workers/register", json={"name": "w", "host": "h"}).json()["worker_id"]
+        worker_id = _register(client)
         holder = sqlite3.connect(database, isolation_level=None)
         try:
             holder.execute("BEGIN EXCLUSIVE")

@@ -22,6 +22,7 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import select
 
 from api.app import create_app
+from api.worker_secrets import HEADER as WORKER_SECRET_HEADER
 from common import schema as t
 from common.db import migrate
 from common.settings import Settings
@@ -45,7 +46,9 @@ class World:
         self.work_grid = grid["grid_id"]
         self.grid = "fuzz-target"
         self.job_id = ok(client.get("/api/v1/grids/fuzz-target/results"))["results"][0]["job_id"]
-        self.worker_id = ok(client.post("/api/v1/workers/register", json={"name": "fuzz", "host": "h"}))["worker_id"]
+        registered = ok(client.post("/api/v1/workers/register", json={"name": "fuzz", "host": "h"}))
+        self.worker_id, self.worker_secret = registered["worker_id"], registered["worker_secret"]
+        client.headers[WORKER_SECRET_HEADER] = self.worker_secret  # World's own claims
         self.running = None
         self.claims = 0
 
@@ -75,6 +78,10 @@ class World:
             if name in real:
                 case.path_parameters[name] = real[name]
         operation = case.operation.path.rsplit("/", 1)[-1]
+        if "worker_id" in real and "{worker_id}" in case.operation.path and next(self.calls) % 4:
+            # The real secret on most calls, so the bodies get past the registration check; the rest keep
+            # what was generated (a wrong or missing secret must be a 403, never a 500).
+            case.headers = {**(case.headers or {}), WORKER_SECRET_HEADER: self.worker_secret}
         if operation in FENCED and isinstance(case.body, dict) and next(self.calls) % 2 == 0:
             running = self.attempt()
             if running is not None:
