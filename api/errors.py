@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.responses import JSONResponse
+from common.json_checks import MAX_DEPTH
 from common.db import is_unavailable
 from scheduler.grids import Conflict, NotFound
 
@@ -80,6 +81,8 @@ def _json_problem(err: dict[str, Any], doc: Any) -> str:
         doc = doc.encode()
     if isinstance(doc, bytes) and isinstance(pos, int) and doc[pos:pos + 9].startswith(_NON_FINITE):
         message += " (NaN and Infinity are not JSON; send null or a string instead)"
+    elif "depth limit" in str(detail):  # orjson stops parsing at 1024 levels, before our depth check can look
+        message += f" (a body may nest at most {MAX_DEPTH} levels of objects and arrays)"
     elif "infinity" in str(detail):
         message += " (a number too large for a double; send it as a string)"
     return message

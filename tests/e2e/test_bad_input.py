@@ -209,6 +209,14 @@ def test_deep_nesting_is_a_422_naming_the_field_and_the_limit(env, case, depth):
     assert _snapshot(env) == before
 
 
+def test_nesting_beyond_the_parsers_own_limit_is_a_422_that_says_the_limit(env):
+    """orjson stops at 1024 levels, before our walk can name the field: the reply still says what is wrong."""
+    before = _snapshot(env)
+    reply = _post(env.admin, "/grids", _text(_grid(config={"x": "@DEEP@"}), depth=5000))
+    _refused(reply, 422, "body", "nest at most 64 levels")
+    assert _snapshot(env) == before
+
+
 def test_a_config_nested_just_within_the_limit_is_stored_and_read_back(env):
     spec = {**_grid(), "trainer": "command", "config": {"command": ["true"], "config": {"x": "@DEEP@"}}}
     reply = _post(env.admin, "/grids", _text(spec, depth=60))  # 63 levels from the body's root
