@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Clients (CLI, workers)
     server_url: str = "http://127.0.0.1:8000"
     token: SecretStr | None = None
+    # How long a worker keeps retrying a finished job's outcome while the API is unreachable; None: until
+    # it answers (the worker holds the result: giving up would lose the work).
+    finish_retry_for: float | None = Field(default=None, ge=0.0)
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
 

@@ -3,6 +3,9 @@
 Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job. Heartbeats go from a side thread
 (`_heartbeat_loop`), never from the training loop. SIGTERM/SIGINT ask the running job to checkpoint and
 stop; after `grace_seconds` the child is killed, and the job is released as `preempted` either way.
+While the API cannot be reached the job trains on: heartbeats keep their metrics and retry every beat,
+checkpoint pointers are recorded later (worker/pointers.py), a finish waits for the server. On reconnect
+the server either gives the job back to this attempt or answers 409, and the child is killed at once.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from worker.checkpoint_sync import CheckpointSync
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
 MAX_BUFFERED_METRICS = 10_000
+MAX_BUFFERED_EVENTS = 1_000
+OUTAGE_LOG_SECONDS = 30.0  # while the server is away, say so at most this often
 
 
 @dataclass
@@ -60,6 +65,8 @@ class JobRun:
     error: str | None = None
     stop_reason: str | None = None  # "cancelled" | "preempted"
     stale: str | None = None  # set when the server says this attempt is no longer ours
+    unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
+    outage_logged_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
 
     def request_stop(self, reason: str) -> None:
@@ -106,6 +113,7 @@ class Agent:
         self.reexec_pending = False
         self.gpus: list[str] = []
         self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
+        self.sync.pointers.on_stale = self._pointer_refused
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -280,11 +288,19 @@ class Agent:
         elif kind == "error":
             run.error = message[1]
 
+    def _pointer_refused(self, job_id: int, attempt_id: str, reason: str) -> None:
+        run = self.current
+        if run is not None and (run.job["id"], run.job["attempt_id"]) == (job_id, attempt_id):
+            run.stale = reason
+        else:  # an upload that landed after its attempt ended, and not the one that succeeded
+            log.info("job %s: checkpoint of attempt %s not recorded: %s", job_id, attempt_id, reason)
+
     def _heartbeat_loop(self, run: JobRun) -> None:
         while not run.done.wait(self.heartbeat_seconds):
             self._send_heartbeat(run)
 
-    def _send_heartbeat(self, run: JobRun) -> None:
+    def _send_heartbeat(self, run: JobRun) -> bool:
+        """One try. False when the server could not be reached: the data stays buffered for the next try."""
         with run.lock:
             metrics, run.metrics = run.metrics, []
             events, run.events = run.events, []
@@ -293,20 +309,35 @@ class Agent:
             reply = self.client.heartbeat(self.worker_id, job_id=run.job["id"], attempt_id=run.job["attempt_id"],
                                           step=step, progress=progress, metrics=metrics, events=events)
         except Exception as exc:  # noqa: BLE001 - keep the data and try again next beat
-            log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
+            self._server_away(run, exc)
             with run.lock:
                 run.metrics[:0] = metrics[: MAX_BUFFERED_METRICS - len(run.metrics)]
-                run.events[:0] = events
-            return
+                run.events[:0] = events[: MAX_BUFFERED_EVENTS - len(run.events)]
+            return False
+        if run.unreachable_since is not None:
+            log.info("job %s: the server answers again after %.0f s; training went on meanwhile",
+                     run.job["id"], time.monotonic() - run.unreachable_since)
+            run.unreachable_since = None
         if not reply["ok"]:
             run.stale = reply.get("reason") or "heartbeat refused"
         elif reply.get("cancel"):
             run.request_stop("cancelled")
+        return True
+
+    def _server_away(self, run: JobRun, exc: Exception) -> None:
+        now = time.monotonic()
+        if run.unreachable_since is None:
+            run.unreachable_since = now
+        if now - run.outage_logged_at >= OUTAGE_LOG_SECONDS:
+            run.outage_logged_at = now
+            log.warning("heartbeat for job %s failed (%s); training goes on, metrics are kept and sent when the "
+                        "server answers (%.0f s so far)", run.job["id"], exc, now - run.unreachable_since)
 
     def _finish(self, run: JobRun, exitcode: int | None, workdir: Path) -> None:
         job = run.job
         if run.stale:
             log.warning("job %s: attempt %s is stale (%s); not finishing it", job["id"], job["attempt_id"], run.stale)
+            self.sync.job_stale(job)
             return
         if run.stop_reason:
             outcome, error = run.stop_reason, None
@@ -319,11 +350,16 @@ class Agent:
         if tail:
             with run.lock:
                 run.events.append({"kind": "output", "message": tail})
-        if run.metrics or run.events:
-            self._send_heartbeat(run)  # flush what is left, fenced like any heartbeat
-            if run.stale:
-                return
+        delay = 0.5
+        while (run.metrics or run.events) and not self._send_heartbeat(run):  # flush what is left, fenced
+            time.sleep(delay)  # the server is away: the outcome waits for it
+            delay = min(delay * 2, 10.0)
+        if run.stale:
+            self.sync.job_stale(job)
+            return
         self.sync.job_finished(job, outcome, run.result, run.step)
+        if run.stale:  # a pointer of this attempt was refused meanwhile
+            return
         reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"], outcome=outcome,
                                    result=run.result if outcome == "succeeded" else None, error=error)
         log.info("job %s finished: %s -> %s", job["id"], outcome, reply.get("state"))

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 log = logging.getLogger("gridfleet.worker")
+_CLIENT_DEFAULT: Any = object()  # _post's retry_for: the client's own retry_for
 
 
 class ServerUnavailable(RuntimeError):
@@ -20,24 +21,31 @@ class ServerUnavailable(RuntimeError):
 
 class ApiClient:
     """HTTP client for /api/v1/workers. Retries connection errors and 5xx for `retry_for` seconds, so an
-    API restart pauses workers instead of failing their jobs."""
+    API restart pauses workers instead of failing their jobs. A running job's heartbeat and checkpoint
+    pointer are tried once: their callers keep the data and try again, training goes on meanwhile. A
+    finish waits for the server for `finish_retry_for` seconds (None: as long as it takes), since the
+    agent holds the job's outcome."""
 
-    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0):
+    def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0,
+                 finish_retry_for: float | None = None):
         self._base_url = server_url.rstrip("/") + "/api/v1"
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
         # Parsed once per path: httpx parses and merges a str URL on every request (a fifth of this
         # client's CPU per request in bench/queue_throughput.py).
         self._urls: dict[str, httpx.URL] = {}
         self.retry_for = retry_for
+        self.finish_retry_for = finish_retry_for
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], retry_for: float | None = _CLIENT_DEFAULT) -> dict[str, Any]:
+        """`retry_for`: seconds to keep retrying (0: one try; None: until the server answers)."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
-        deadline = time.monotonic() + self.retry_for
+        retry_for = self.retry_for if retry_for is _CLIENT_DEFAULT else retry_for
+        deadline = None if retry_for is None else time.monotonic() + retry_for
         delay = 0.5
         while True:
             try:
@@ -54,8 +62,8 @@ class ApiClient:
                         raise RuntimeError(f"server refused POST {path}: {response.status_code} {message}")
                     return response.json()
                 problem = f"server error {response.status_code}"
-            if time.monotonic() > deadline:
-                raise ServerUnavailable(f"POST {path}: {problem}; gave up after {self.retry_for:.0f} s")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServerUnavailable(f"POST {path}: {problem}; gave up after {retry_for:.0f} s")
             log.warning("POST %s: %s; retrying in %.1f s", path, problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -67,18 +75,20 @@ class ApiClient:
         return self._post(f"/workers/{worker_id}/claim", filters)["job"]
 
     def heartbeat(self, worker_id: str, **body: Any) -> dict[str, Any]:
-        return self._post(f"/workers/{worker_id}/heartbeat", body)
+        running = body.get("job_id") is not None  # the heartbeat thread retries with fresh data next beat
+        return self._post(f"/workers/{worker_id}/heartbeat", body, retry_for=0.0 if running else _CLIENT_DEFAULT)
 
     def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict) -> dict[str, Any]:
+        # worker/pointers.py retries, with the newest pointer by then
         return self._post(f"/workers/{worker_id}/checkpoint",
-                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer})
+                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer}, retry_for=0.0)
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/events",
                           {"job_id": job_id, "attempt_id": attempt_id, "events": events})
 
     def finish(self, worker_id: str, **body: Any) -> dict[str, Any]:
-        return self._post(f"/workers/{worker_id}/finish", body)
+        return self._post(f"/workers/{worker_id}/finish", body, retry_for=self.finish_retry_for)
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/code_rev",
