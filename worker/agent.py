@@ -26,6 +26,7 @@ from common.checkpoints import StoreOptions
 from worker import runner, self_update
 from worker.code_cache import CodeUnavailable, start_child
 from worker.checkpoint_sync import CheckpointSync
+from worker.client import ServerUnavailable
 
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
@@ -139,11 +140,16 @@ class Agent:
                 break
             if self.updater is not None and self._self_update():
                 break  # re-exec on the new commit once the loop has closed up
-            job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
-                                    can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
-                                    **self.claim_filters)
+            try:
+                job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
+                                        can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
+                                        **self.claim_filters)
+                if job is None:
+                    self.client.heartbeat(self.worker_id)  # idle, but alive
+            except ServerUnavailable as exc:  # a long API outage: an idle worker waits it out
+                log.warning("%s; still trying", exc)
+                job = None
             if job is None:
-                self.client.heartbeat(self.worker_id)  # idle, but alive
                 self._sleep(idle)
                 idle = min(idle * 2, self.options.idle_sleep_max)
                 continue
@@ -300,7 +306,7 @@ class Agent:
             self._send_heartbeat(run)
 
     def _send_heartbeat(self, run: JobRun) -> bool:
-        """One try. False when the server could not be reached: the data stays buffered for the next try."""
+        """One try. False when the server could not be reached (the data stays buffered for the next try)."""
         with run.lock:
             metrics, run.metrics = run.metrics, []
             events, run.events = run.events, []
@@ -309,11 +315,15 @@ class Agent:
             reply = self.client.heartbeat(self.worker_id, job_id=run.job["id"], attempt_id=run.job["attempt_id"],
                                           step=step, progress=progress, metrics=metrics, events=events)
         except Exception as exc:  # noqa: BLE001 - keep the data and try again next beat
-            self._server_away(run, exc)
+            unreachable = isinstance(exc, ServerUnavailable)
+            if unreachable:
+                self._server_away(run, exc)
+            else:
+                log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
             with run.lock:
                 run.metrics[:0] = metrics[: MAX_BUFFERED_METRICS - len(run.metrics)]
                 run.events[:0] = events[: MAX_BUFFERED_EVENTS - len(run.events)]
-            return False
+            return not unreachable
         if run.unreachable_since is not None:
             log.info("job %s: the server answers again after %.0f s; training went on meanwhile",
                      run.job["id"], time.monotonic() - run.unreachable_since)
