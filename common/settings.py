@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     max_preemptions: int = 1000
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
-    # After the API starts, claims requeue no expired lease for this long, so workers that could not reach
-    # it keep their jobs if they heartbeat again (docs/reliability.md). None: one lease.
+    # For this long after the API starts, claims do not requeue leases that expired before it started, so
+    # workers that could not reach it keep their jobs if they heartbeat again (docs/reliability.md).
+    # None: one lease.
     expiry_grace_after_start: float | None = Field(default=None, ge=0.0)
 
     # API

@@ -128,15 +128,17 @@ def _stale(job_id: int, attempt_id: str) -> Reply:
 class Queue:
     def __init__(self, engine: Engine, policy: RetryPolicy | None = None,
                  expiry_scan_seconds: float = EXPIRY_SCAN_SECONDS, expiry_grace_seconds: float = 0.0):
-        """`expiry_grace_seconds`: claims requeue no expired lease for this long after the Queue is made.
-        The API passes one lease: workers its outage cut off get a lease's time to heartbeat again before
-        an idle worker's claim takes their jobs (docs/reliability.md)."""
+        """`expiry_grace_seconds`: for this long after the Queue is made, leases that expired before it was
+        made are not requeued. The API passes one lease: workers that could not reach it while it was down
+        get that long to heartbeat again before an idle worker's claim takes their jobs
+        (docs/reliability.md). Leases that expire while it runs are requeued as usual."""
         self.engine = engine
         self.policy = policy or RetryPolicy()
         self.expiry_scan_seconds = expiry_scan_seconds
         self._sqlite = is_sqlite(engine)
-        # time.monotonic() after which a claim scans for expired leases (again)
-        self._next_expiry_scan = self._first_expiry_scan = time.monotonic() + expiry_grace_seconds
+        self._next_expiry_scan = 0.0  # time.monotonic() after which a claim scans for expired leases again
+        self._started = time.time()
+        self._grace_ends = self._started + expiry_grace_seconds if expiry_grace_seconds > 0 else None
         # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
         # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
         # checkout, execution context and result set-up cost as much client CPU as the statement itself.
@@ -186,7 +188,7 @@ class Queue:
         self._expired_sql = text(
             f"""
             SELECT id, attempt_id, losses, cancel_requested FROM jobs
-            WHERE state = 'running' AND lease_expires_at < :now
+            WHERE state = 'running' AND lease_expires_at < :now AND lease_expires_at >= :expired_since
             ORDER BY lease_expires_at LIMIT {EXPIRED_BATCH}{lock}
             """
         )
@@ -266,7 +268,7 @@ class Queue:
         }
         claim_once = self._claim_sqlite if self._sqlite else self._claim_postgres
         row = claim_once(params, scan)
-        if row is None and not scan and time.monotonic() >= self._first_expiry_scan:
+        if row is None and not scan:
             row = claim_once(params, True)
         if row is None:
             return None
@@ -324,7 +326,9 @@ class Queue:
         return self._requeue_expired(conn, now)
 
     def _requeue_expired(self, conn: Connection, now: float) -> int:
-        rows = conn.execute(self._expired_sql, {"now": now}).mappings().all()
+        in_grace = self._grace_ends is not None and now < self._grace_ends
+        expired_since = self._started if in_grace else 0.0  # in the grace after start: only leases ended since
+        rows = conn.execute(self._expired_sql, {"now": now, "expired_since": expired_since}).mappings().all()
         for row in rows:
             losses = row["losses"] + 1
             message = f"lease expired (loss {losses} of at most {self.policy.max_lost})"

@@ -7,6 +7,7 @@ Time moves through the `now=` parameters, never by sleeping.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -20,8 +21,6 @@ from tests.integration.test_queue import LEASE, attempts, count, job, submit
 
 @pytest.fixture
 def t0():
-    import time
-
     return time.time()
 
 
@@ -200,17 +199,20 @@ def test_regains_and_claims_racing_for_the_same_jobs_never_both_win(engine, poli
             assert row["attempt_id"] != a.attempt_id and row["losses"] == 1
 
 
-def test_claims_requeue_no_expired_lease_during_the_grace_after_start(engine, policy, t0):
-    submit(engine, "g")
-    a = Queue(engine, policy).claim("a", now=t0 - 2 * LEASE)  # its lease ended a lease ago
+def test_leases_that_expired_before_the_api_started_wait_out_its_grace(engine, policy, t0):
+    submit(engine, "g", axes={"value": [1.0, 2.0]})
+    a = Queue(engine, policy).claim("a", now=t0 - 2 * LEASE)  # its lease ended a lease ago: the API was down
     restarted = Queue(engine, policy, expiry_grace_seconds=3600.0)  # an API that just started
-    assert restarted.claim("b") is None
+    assert restarted.claim("b", trainers=["sleep"]) is None  # a claim that scans for expired leases
     assert queue_state(engine, a.id) == ("running", a.attempt_id)
     assert restarted.heartbeat(a.id, a.attempt_id).ok  # the cut-off worker comes back and keeps its job
-    assert Queue(engine, policy).claim("c", now=t0 + LEASE - 1) is None  # its lease is fresh again
-    later = Queue(engine, policy, expiry_grace_seconds=0.0)
-    b = later.claim("b", now=t0 + 3 * LEASE)  # once the lease expires again, claims take it as usual
-    assert b is not None and b.id == a.id
+    assert Queue(engine, policy).claim("c", trainers=["sleep"], now=t0 + LEASE - 1) is None  # fresh again
+
+    # leases that expire while this API runs (a's renewed one, x's) are requeued as usual, grace or not
+    other = restarted.claim("x", now=time.time())
+    assert other is not None and other.id != a.id
+    assert restarted.requeue_expired(now=other.lease_expires_at + 1) == 2
+    assert queue_state(engine, a.id) == queue_state(engine, other.id) == ("queued", None)
 
 
 def queue_state(engine, job_id):
