@@ -208,6 +208,10 @@ class Agent:
             self._unrunnable(job, str(exc))
             self.current = None
             return
+        except ServerUnavailable as exc:  # nothing ran yet: the lease runs out and the job is claimed again
+            log.warning("job %s: left before it started: %s", job["id"], exc)
+            self.current = None
+            return
         workdir = self.options.home / "work" / f"job-{job['id']}"
         stop_event = self._mp.Event()
         receiver, sender = self._mp.Pipe(duplex=False)
