@@ -120,3 +120,36 @@ def test_after_an_api_outage_a_worker_whose_job_was_claimed_stops_at_once(db_url
         proc.send(signal.SIGTERM)
         assert proc.wait(60) == 0, fleet.explain()
     fleet.assert_clean()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_that_ends_during_the_outage_is_finished_once_the_api_is_back(db_url, fleet):
+    server = fleet.start_server(db_url)
+    api = server.api
+    steps = 12
+    job_id = submit(api, "outage-finish", {"seconds": 4.8, "steps": steps, "checkpoint_every": 2})
+    worker = fleet.start_worker(server, "a")
+    before = fleet.wait_for(lambda: running_with(api, job_id, 2, checkpointed=True), "the job to checkpoint step 2")
+    server.proc.send(signal.SIGKILL)
+    assert server.proc.wait(30) == -signal.SIGKILL
+    engine = make_engine(db_url)
+    queue = Queue(engine, RetryPolicy(lease_seconds=LEASE_SECONDS))
+    try:
+        fleet.wait_for(lambda: queue.requeue_expired() == 1, "the lease to expire and the job to be requeued")
+    finally:
+        queue.close()
+        engine.dispose()
+    # the trainer has returned by now (4.8 s of training); the agent holds its result until the API is back
+    fleet.wait_for(lambda: not worker.job_children(), "the job's child to end during the outage")
+    server = fleet.restart_server(server)
+
+    done = fleet.wait_for(lambda: finished(api, job_id), "the job to finish")
+    context = f"\njob: {done}\n{fleet.explain()}"
+    assert done["state"] == "succeeded" and done["result"] == {"loss": 1.0 / steps, "steps": steps}, context
+    assert [(a["id"], a["outcome"]) for a in done["attempt_history"]] == [(before["attempt_id"], "succeeded")], context
+    assert (done["losses"], done["checkpoint"]["step"]) == (0, steps), context
+    assert [m["step"] for m in metrics_of(api, job_id, before["attempt_id"])] == list(range(1, steps + 1)), context
+    kinds = [e["kind"] for e in ok(api.get(f"/jobs/{job_id}/events"))["events"]]
+    assert kinds.count("regained") == 1 and kinds.count("succeeded") == 1, kinds
+    assert worker.alive(), context
+    fleet.assert_clean()
