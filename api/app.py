@@ -62,7 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.queue = Queue(engine, RetryPolicy.from_settings(settings))
+    grace = settings.lease_seconds if settings.expiry_grace_after_start is None else settings.expiry_grace_after_start
+    app.state.queue = Queue(engine, RetryPolicy.from_settings(settings), expiry_grace_seconds=grace)
     app.state.token_cache = tokens.TokenCache(ttl=TOKEN_CACHE_SECONDS)
     app.state.worker_secrets = {}  # worker id -> secret hash (api/worker_secrets.py)
     errors.install(app)

@@ -1,12 +1,18 @@
-"""Start a real API server and real `gridfleet worker` processes for the benchmarks (no test code)."""
+"""Start a real API server and real `gridfleet worker` processes for the benchmarks (no test code).
+
+`Fleet(home, root=...)` runs the code of another copy of the project (`export_rev` makes one from a git
+commit), so a bench can measure the old behaviour beside the new one in one run.
+"""
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -22,16 +28,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Fleet:
-    """`gridfleet serve` on a SQLite file under `home`, plus worker processes, each in its own home."""
+def export_rev(rev: str, dest: Path) -> Path:
+    """The project's files at git commit `rev`, written under `dest` (git state is not touched)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True, check=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
-    def __init__(self, home: Path, **settings: str):
+
+def job_children(pid: int) -> list[int]:
+    """The job processes an agent spawned (not multiprocessing's resource tracker), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] not in ("Z", "X") and int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+class Fleet:
+    """`gridfleet serve` on a SQLite file under `home`, plus worker processes, each in its own home;
+    all run the code under `root` (default: this checkout)."""
+
+    def __init__(self, home: Path, root: Path = ROOT, **settings: str):
         self.home = home
+        self.root = root
         self.token = "gf_bench_" + secrets.token_urlsafe(24)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
-            **os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": f"sqlite:///{home / 'gridfleet.db'}",
+            **os.environ, "PYTHONPATH": str(root), "DATABASE_URL": f"sqlite:///{home / 'gridfleet.db'}",
             "GRIDFLEET_ADMIN_TOKEN": self.token, "GRIDFLEET_TOKEN": self.token, "GRIDFLEET_SERVER_URL": self.url,
             **{f"GRIDFLEET_{k.upper()}": str(v) for k, v in settings.items()},
         }
@@ -40,12 +74,20 @@ class Fleet:
 
     def __enter__(self) -> "Fleet":
         self.home.mkdir(parents=True, exist_ok=True)
-        log = open(self.home / "server.log", "wb")
-        self.server = subprocess.Popen([*GRIDFLEET, "serve", "--port", str(self.port), "--log-level", "warning"],
-                                       cwd=ROOT, env=self.env, stdout=log, stderr=log)
-        self.procs.append(self.server)
         self.http = httpx.Client(base_url=self.url + "/api/v1", headers={"Authorization": f"Bearer {self.token}"},
                                  timeout=30)
+        return self.start_server()
+
+    def kill_server(self) -> None:
+        """SIGKILL the API server (an outage); `start_server` brings it back on the same port and database."""
+        self.server.kill()
+        self.server.wait()
+
+    def start_server(self) -> "Fleet":
+        log = open(self.home / "server.log", "ab")
+        self.server = subprocess.Popen([*GRIDFLEET, "serve", "--port", str(self.port), "--log-level", "warning"],
+                                       cwd=self.root, env=self.env, stdout=log, stderr=log)
+        self.procs.append(self.server)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -60,7 +102,7 @@ class Fleet:
         home = self.home / name
         home.mkdir(parents=True, exist_ok=True)
         log = open(home / "worker.log", "wb")
-        proc = subprocess.Popen([*GRIDFLEET, "worker", "--name", name, *args], cwd=ROOT,
+        proc = subprocess.Popen([*GRIDFLEET, "worker", "--name", name, *args], cwd=self.root,
                                 env={**self.env, "GRIDFLEET_HOME": str(home)}, stdout=log, stderr=log,
                                 start_new_session=True)  # its own process group: kill -9 takes the job too
         self.procs.append(proc)

@@ -18,6 +18,10 @@ from pydantic import SecretStr
 from common.store_uri import job_folder, split_hf_pointer
 
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
+# In a job's folder: the checkpoints the agent recorded on the job or is recording now, one name a line.
+# Pruning keeps them even when newer ones are more than `keep`: while the API is away the child goes on
+# saving, and the recorded one is what another worker resumes from.
+PINNED = ".pinned"
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,10 @@ class LocalStore:
 
     def _prune(self, directory: Path) -> None:
         files = sorted(p for p in directory.iterdir() if CHECKPOINT_RE.match(p.name))
+        pinned = _pinned(directory)
         for old in files[: -self.keep]:
-            old.unlink(missing_ok=True)
+            if old.name not in pinned:
+                old.unlink(missing_ok=True)
 
     def load(self, pointer: dict[str, Any]) -> Any:
         uri = pointer["uri"]
@@ -109,3 +115,21 @@ class LocalStore:
                 f"checkpoint {path} is gone (was it written on another machine? use a shared or hf:// store)"
             )
         return _deserialize(path.read_bytes())
+
+
+def pin_checkpoints(pointers: list[dict[str, Any]]) -> None:
+    """Keep these local checkpoints (of one job) from pruning, and no others beyond the newest `keep`."""
+    paths = [Path(p["uri"][len("local:"):]) for p in pointers if p["uri"].startswith("local:")]
+    if not paths:
+        return
+    directory = paths[0].parent
+    temp = directory / f"{PINNED}.{os.getpid()}.tmp"
+    temp.write_text("".join(f"{path.name}\n" for path in paths))
+    os.replace(temp, directory / PINNED)
+
+
+def _pinned(directory: Path) -> set[str]:
+    try:
+        return set((directory / PINNED).read_text().split())
+    except FileNotFoundError:
+        return set()

@@ -351,7 +351,7 @@ def worker(
     except updates.UpdateFailed as exc:
         fail(str(exc))
     options.can_pin_code = code_cache is not None
-    client = ApiClient(server or settings.server_url, secret)
+    client = ApiClient(server or settings.server_url, secret, finish_retry_for=settings.finish_retry_for)
     raise typer.Exit(Agent(client, options, updater=updater, code_cache=code_cache).run())
 
 

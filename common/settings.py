@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     max_preemptions: int = 1000
     backoff_base_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
+    # For this long after the API starts, claims do not requeue leases that expired before it started, so
+    # workers that could not reach it keep their jobs if they heartbeat again (docs/reliability.md).
+    # None: one lease.
+    expiry_grace_after_start: float | None = Field(default=None, ge=0.0)
 
     # API
     host: str = "127.0.0.1"
@@ -40,6 +44,9 @@ class Settings(BaseSettings):
     # Clients (CLI, workers)
     server_url: str = "http://127.0.0.1:8000"
     token: SecretStr | None = None
+    # How long a worker keeps retrying a finished job's outcome while the API is unreachable; None: until
+    # it answers (the worker holds the result: giving up would lose the work).
+    finish_retry_for: float | None = Field(default=None, ge=0.0)
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
 

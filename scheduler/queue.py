@@ -130,12 +130,18 @@ def _stale(job_id: int, attempt_id: str, worker_id: str) -> Reply:
 
 class Queue:
     def __init__(self, engine: Engine, policy: RetryPolicy | None = None,
-                 expiry_scan_seconds: float = EXPIRY_SCAN_SECONDS):
+                 expiry_scan_seconds: float = EXPIRY_SCAN_SECONDS, expiry_grace_seconds: float = 0.0):
+        """`expiry_grace_seconds`: for this long after the Queue is made, leases that expired before it was
+        made are not requeued. The API passes one lease: workers that could not reach it while it was down
+        get that long to heartbeat again before an idle worker's claim takes their jobs
+        (docs/reliability.md). Leases that expire while it runs are requeued as usual."""
         self.engine = engine
         self.policy = policy or RetryPolicy()
         self.expiry_scan_seconds = expiry_scan_seconds
         self._sqlite = is_sqlite(engine)
         self._next_expiry_scan = 0.0  # time.monotonic() after which a claim scans for expired leases again
+        self._started = time.time()
+        self._grace_ends = self._started + expiry_grace_seconds if expiry_grace_seconds > 0 else None
         # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
         # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
         # checkout, execution context and result set-up cost as much client CPU as the statement itself.
@@ -185,7 +191,7 @@ class Queue:
         self._expired_sql = text(
             f"""
             SELECT id, attempt_id, losses, cancel_requested FROM jobs
-            WHERE state = 'running' AND lease_expires_at < :now
+            WHERE state = 'running' AND lease_expires_at < :now AND lease_expires_at >= :expired_since
             ORDER BY lease_expires_at LIMIT {EXPIRED_BATCH}{lock}
             """
         )
@@ -326,7 +332,9 @@ class Queue:
         return self._requeue_expired(conn, now)
 
     def _requeue_expired(self, conn: Connection, now: float) -> int:
-        rows = conn.execute(self._expired_sql, {"now": now}).mappings().all()
+        in_grace = self._grace_ends is not None and now < self._grace_ends
+        expired_since = self._started if in_grace else 0.0  # in the grace after start: only leases ended since
+        rows = conn.execute(self._expired_sql, {"now": now, "expired_since": expired_since}).mappings().all()
         for row in rows:
             losses = row["losses"] + 1
             message = f"lease expired (loss {losses} of at most {self.policy.max_lost})"
@@ -357,8 +365,16 @@ class Queue:
         *,
         worker_id: str,
     ) -> Reply:
-        """Extend the lease and store progress and metrics, if `attempt_id` of `worker_id` still owns the job."""
+        """Extend the lease and store progress and metrics, if `attempt_id` of `worker_id` still owns the job
+        (or regains it)."""
         now = time.time() if now is None else now
+        reply = self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now)
+        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
+            reply = self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now)
+        return reply
+
+    def _heartbeat(self, job_id: int, attempt_id: str, worker_id: str, step: int | None, progress: tuple[float, float] | None,
+                   metrics: list[Metric] | None, now: float) -> Reply:
         lease = now + self.policy.lease_seconds
         values: dict[str, Any] = {"lease_expires_at": lease}
         if step is not None:
@@ -399,6 +415,12 @@ class Queue:
         of the final checkpoint may land after the job finished, and no other attempt can follow that one.
         Either way only from `worker_id`, the worker that ran that attempt.
         """
+        reply = self._set_checkpoint(job_id, attempt_id, pointer, worker_id)
+        if not reply.ok and self.regain(job_id, attempt_id, worker_id=worker_id):
+            reply = self._set_checkpoint(job_id, attempt_id, pointer, worker_id)
+        return reply
+
+    def _set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], worker_id: str) -> Reply:
         values = dict(checkpoint=pointer, step=pointer.get("step"))
         succeeded_by_this_attempt = select(t.attempts.c.id).where(
             t.attempts.c.id == attempt_id, t.attempts.c.job_id == job_id, t.attempts.c.worker_id == worker_id,
@@ -447,6 +469,13 @@ class Queue:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
         now = time.time() if now is None else now
+        reply = self._finish(job_id, attempt_id, worker_id, outcome, result, error, now)
+        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
+            reply = self._finish(job_id, attempt_id, worker_id, outcome, result, error, now)
+        return reply
+
+    def _finish(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, result: dict[str, Any] | None,
+                error: str | None, now: float) -> Reply:
         if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
             values = self._next_state(None, outcome, result, error, now)
             statement, params = self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now)
@@ -528,6 +557,54 @@ class Queue:
             return dict(state="failed", errors=errors, finished_at=now, last_error=error, **released)
         return dict(state="queued", errors=errors, last_error=error,
                     not_before=now + self.policy.backoff("error", errors), **released)
+
+    # ---- regain: a lost attempt takes its job back ---------------------------------------------
+    def regain(self, job_id: int, attempt_id: str, now: float | None = None, *, worker_id: str) -> bool:
+        """Give the job back to `attempt_id` of `worker_id` if its lease expired and nobody has claimed the job
+        since (another worker's refused write never regains a job for its owner).
+
+        The fenced writes try this only when their fence found nothing, so the hot path is unchanged. The
+        expiry scan of any claim requeues an expired job as `lost` even when no other worker wants it; a
+        worker that was only cut off (an API outage) and kept training then continues where it is: the job
+        runs again under the same attempt with a fresh lease, the loss is not counted, and an event says so.
+        Regainable: the job is queued without an attempt, this attempt is its newest one and ended as lost,
+        and the grid is not cancelled. The job row is locked (Postgres) or the database is (SQLite), so a
+        claim and a regain of the same job never both win.
+        """
+        now = time.time() if now is None else now
+        jobs, attempts, workers = t.jobs, t.attempts, t.workers
+        other = attempts.alias("other")
+        newer_attempt = select(other.c.id).where(
+            other.c.job_id == jobs.c.id, other.c.id != attempts.c.id, other.c.started_at >= attempts.c.started_at
+        ).exists()
+        query = (
+            select(attempts.c.worker_id, workers.c.last_seen_at)
+            .select_from(jobs.join(attempts, attempts.c.job_id == jobs.c.id)
+                         .outerjoin(workers, workers.c.id == attempts.c.worker_id))
+            .where(jobs.c.id == job_id, jobs.c.state == "queued", jobs.c.attempt_id.is_(None), jobs.c.losses > 0,
+                   attempts.c.id == attempt_id, attempts.c.worker_id == worker_id, attempts.c.outcome == "lost",
+                   ~newer_attempt,
+                   jobs.c.grid_id.in_(select(t.grids.c.id).where(t.grids.c.state != "cancelled")))
+        )
+        if not self._sqlite:
+            query = query.with_for_update(of=jobs)
+        with write_tx(self.engine) as conn:
+            row = conn.execute(query).first()
+            if row is None:
+                return False
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == "queued", jobs.c.attempt_id.is_(None))
+                .values(state="running", attempt_id=attempt_id, worker_id=row.worker_id,
+                        lease_expires_at=now + self.policy.lease_seconds, losses=jobs.c.losses - 1)
+            )
+            conn.execute(update(attempts).where(attempts.c.id == attempt_id)
+                         .values(outcome="running", ended_at=None, error=None))
+            silent = "" if row.last_seen_at is None else f" after {max(0.0, now - row.last_seen_at):.0f} s"
+            self._event(conn, job_id, attempt_id, "regained",
+                        f"lease regained{silent} without heartbeats: nobody had claimed the job since its lease "
+                        "expired, so the same attempt goes on and the loss is not counted", now)
+            self.touch_worker(conn, row.worker_id, now, state="busy", current_job_id=job_id)
+        return True
 
     # ---- helpers -------------------------------------------------------------------------------
     def _owns(self, conn: Connection, job_id: int, attempt_id: str, worker_id: str) -> bool:

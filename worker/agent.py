@@ -3,6 +3,9 @@
 Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job. Heartbeats go from a side thread
 (`_heartbeat_loop`), never from the training loop. SIGTERM/SIGINT ask the running job to checkpoint and
 stop; after `grace_seconds` the child is killed, and the job is released as `preempted` either way.
+While the API cannot be reached the job trains on: heartbeats keep their metrics and retry every beat,
+checkpoint pointers are recorded later (worker/pointers.py), a finish waits for the server. On reconnect
+the server either gives the job back to this attempt or answers 409, and the child is killed at once.
 """
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ from common.checkpoints import StoreOptions
 from worker import runner, self_update
 from worker.code_cache import CodeUnavailable, start_child
 from worker.checkpoint_sync import CheckpointSync
-from worker.client import Refused
+from worker.client import Refused, ServerUnavailable
 
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
 MAX_BUFFERED_METRICS = 10_000
+MAX_BUFFERED_EVENTS = 1_000
+OUTAGE_LOG_SECONDS = 30.0  # while the server is away, say so at most this often
 
 
 @dataclass
@@ -61,6 +66,8 @@ class JobRun:
     error: str | None = None
     stop_reason: str | None = None  # "cancelled" | "preempted"
     stale: str | None = None  # set when the server says this attempt is no longer ours
+    unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
+    outage_logged_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
 
     def request_stop(self, reason: str) -> None:
@@ -107,6 +114,7 @@ class Agent:
         self.reexec_pending = False
         self.gpus: list[str] = []
         self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
+        self.sync.pointers.on_stale = self._pointer_refused
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -133,11 +141,16 @@ class Agent:
                 break
             if self.updater is not None and self._self_update():
                 break  # re-exec on the new commit once the loop has closed up
-            job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
-                                    can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
-                                    **self.claim_filters)
+            try:
+                job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
+                                        can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
+                                        **self.claim_filters)
+                if job is None:
+                    self.client.heartbeat(self.worker_id)  # idle, but alive
+            except ServerUnavailable as exc:  # a long API outage: an idle worker waits it out
+                log.warning("%s; still trying", exc)
+                job = None
             if job is None:
-                self.client.heartbeat(self.worker_id)  # idle, but alive
                 self._sleep(idle)
                 idle = min(idle * 2, self.options.idle_sleep_max)
                 continue
@@ -194,6 +207,10 @@ class Agent:
             code_root = self._pinned_code(job)  # None: this checkout's own code
         except CodeUnavailable as exc:
             self._unrunnable(job, str(exc))
+            self.current = None
+            return
+        except ServerUnavailable as exc:  # nothing ran yet: the lease runs out and the job is claimed again
+            log.warning("job %s: left before it started: %s", job["id"], exc)
             self.current = None
             return
         workdir = self.options.home / "work" / f"job-{job['id']}"
@@ -282,11 +299,19 @@ class Agent:
         elif kind == "error":
             run.error = message[1]
 
+    def _pointer_refused(self, job_id: int, attempt_id: str, reason: str) -> None:
+        run = self.current
+        if run is not None and (run.job["id"], run.job["attempt_id"]) == (job_id, attempt_id):
+            run.stale = reason
+        else:  # an upload that landed after its attempt ended, and not the one that succeeded
+            log.info("job %s: checkpoint of attempt %s not recorded: %s", job_id, attempt_id, reason)
+
     def _heartbeat_loop(self, run: JobRun) -> None:
         while not run.done.wait(self.heartbeat_seconds):
             self._send_heartbeat(run)
 
-    def _send_heartbeat(self, run: JobRun) -> None:
+    def _send_heartbeat(self, run: JobRun) -> bool:
+        """One try. False when the server could not be reached (the data stays buffered for the next try)."""
         with run.lock:
             metrics, run.metrics = run.metrics, []
             events, run.events = run.events, []
@@ -297,17 +322,35 @@ class Agent:
         except Refused as exc:  # this batch can never be stored: drop it, say so on the job, keep the lease
             reply = self._drop_batch(run, metrics, events, str(exc))
             if reply is None:
-                return
+                return True  # nothing is left to resend: the next beat extends the lease
         except Exception as exc:  # noqa: BLE001 - keep the data and try again next beat
-            log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
+            unreachable = isinstance(exc, ServerUnavailable)
+            if unreachable:
+                self._server_away(run, exc)
+            else:
+                log.warning("heartbeat for job %s failed: %s", run.job["id"], exc)
             with run.lock:
                 run.metrics[:0] = metrics[: MAX_BUFFERED_METRICS - len(run.metrics)]
-                run.events[:0] = events
-            return
+                run.events[:0] = events[: MAX_BUFFERED_EVENTS - len(run.events)]
+            return not unreachable
+        if run.unreachable_since is not None:
+            log.info("job %s: the server answers again after %.0f s; training went on meanwhile",
+                     run.job["id"], time.monotonic() - run.unreachable_since)
+            run.unreachable_since = None
         if not reply["ok"]:
             run.stale = reply.get("reason") or "heartbeat refused"
         elif reply.get("cancel"):
             run.request_stop("cancelled")
+        return True
+
+    def _server_away(self, run: JobRun, exc: Exception) -> None:
+        now = time.monotonic()
+        if run.unreachable_since is None:
+            run.unreachable_since = now
+        if now - run.outage_logged_at >= OUTAGE_LOG_SECONDS:
+            run.outage_logged_at = now
+            log.warning("heartbeat for job %s failed (%s); training goes on, metrics are kept and sent when the "
+                        "server answers (%.0f s so far)", run.job["id"], exc, now - run.unreachable_since)
 
     def _drop_batch(self, run: JobRun, metrics: list, events: list, reason: str) -> dict[str, Any] | None:
         """Send the heartbeat again without the refused batch, with an event saying what was dropped and why.
@@ -327,6 +370,7 @@ class Agent:
         job = run.job
         if run.stale:
             log.warning("job %s: attempt %s is stale (%s); not finishing it", job["id"], job["attempt_id"], run.stale)
+            self.sync.job_stale(job)
             return
         if run.stop_reason:
             outcome, error = run.stop_reason, None
@@ -339,11 +383,16 @@ class Agent:
         if tail:
             with run.lock:
                 run.events.append({"kind": "output", "message": tail})
-        if run.metrics or run.events:
-            self._send_heartbeat(run)  # flush what is left, fenced like any heartbeat
-            if run.stale:
-                return
+        delay = 0.5
+        while (run.metrics or run.events) and not self._send_heartbeat(run):  # flush what is left, fenced
+            time.sleep(delay)  # the server is away: the outcome waits for it
+            delay = min(delay * 2, 10.0)
+        if run.stale:
+            self.sync.job_stale(job)
+            return
         self.sync.job_finished(job, outcome, run.result, run.step)
+        if run.stale:  # a pointer of this attempt was refused meanwhile
+            return
         try:
             reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
                                        outcome=outcome, result=run.result if outcome == "succeeded" else None,

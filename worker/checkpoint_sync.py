@@ -1,7 +1,8 @@
 """The agent's side of checkpoint stores: record pointers, and for hf:// stores upload in the background.
 
 The job's child always writes checkpoints to the local store first. For a `local` store the agent records
-that pointer at once. For an `hf://` store the file joins the store's Uploader, which commits every
+that pointer (worker/pointers.py: from a thread of its own, newest first, retried through API outages).
+For an `hf://` store the file joins the store's Uploader, which commits every
 `upload_interval` seconds from its own thread (training never waits on the Hub); the Hub pointer, with its
 commit sha, is recorded once the commit exists. When a job is preempted or fails, its pending files are
 uploaded before the job is released, so the next attempt (on any machine) resumes from the newest state.
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from common import job_files
-from common.checkpoints import LocalStore, StoreOptions
+from common.checkpoints import LocalStore, StoreOptions, pin_checkpoints
 from common.store_uri import job_folder, normalize_hf_uri
+from worker.pointers import PointerRecorder
 
 log = logging.getLogger("gridfleet.worker")
+CLOSE_WAIT_SECONDS = 300.0  # an exiting agent waits this long for the server to take its last pointers
 
 
 class CheckpointSync:
@@ -31,9 +34,33 @@ class CheckpointSync:
         self.journals = local_root / ".uploads" / re.sub(r"[^A-Za-z0-9._-]", "_", name)
         self.options = options
         self.local = LocalStore(local_root)
-        self.worker_id: str | None = None  # set by the agent once registered
-        self.worker_secret: str | None = None  # its secret (None in embedded mode)
+        self.worker_secret: str | None = None  # set by the agent once registered (None in embedded mode)
+        self.pointers = PointerRecorder(client)  # the agent sets its on_stale
+        self.pointers.on_sending, self.pointers.on_recorded = self._pin_sending, self._pin_recorded
+        self._recorded: dict[int, dict[str, Any]] = {}  # job id -> the local pointer last recorded on it
         self._uploaders: dict[str, Any] = {}  # hf:// store URI -> running Uploader
+
+    @property
+    def worker_id(self) -> str | None:
+        return self.pointers.worker_id
+
+    @worker_id.setter
+    def worker_id(self, value: str | None) -> None:  # set by the agent once registered
+        self.pointers.worker_id = value
+
+    def _pin_sending(self, job_id: int, pointer: dict[str, Any]) -> bool:
+        """The child prunes old checkpoints: keep the recorded one and the one on its way (worker/pointers.py).
+        False when the child pruned this one already (it saved newer ones since: those follow)."""
+        if not pointer["uri"].startswith("local:"):
+            return True
+        recorded = self._recorded.get(job_id)
+        pin_checkpoints([pointer] + ([recorded] if recorded else []))
+        return Path(pointer["uri"][len("local:"):]).exists()
+
+    def _pin_recorded(self, job_id: int, pointer: dict[str, Any]) -> None:
+        if pointer["uri"].startswith("local:"):
+            self._recorded[job_id] = pointer
+            pin_checkpoints([pointer])
 
     def _uploader(self, job: dict[str, Any]):
         """The Uploader of the job's hf:// store, or None for a local store."""
@@ -66,11 +93,10 @@ class CheckpointSync:
         return resumed
 
     def _record(self, pointer: dict[str, Any], meta: dict[str, Any]) -> None:
-        """An uploaded checkpoint's pointer goes on its job (fenced by the attempt and worker that wrote it)."""
-        reply = self.client.set_checkpoint(meta.get("worker_id", self.worker_id), meta["job_id"], meta["attempt_id"],
-                                           pointer, worker_secret=meta.get("worker_secret"))
-        if not reply["ok"]:  # the attempt ended and was not the one that succeeded: nothing to record
-            log.info("job %s: uploaded step %s, not recorded: %s", meta["job_id"], pointer["step"], reply.get("reason"))
+        """An uploaded checkpoint's pointer goes on its job (fenced by the attempt and worker that wrote it: an
+        earlier agent's, for an upload it left pending when it was killed)."""
+        self.pointers.record(meta["job_id"], meta["attempt_id"], pointer,
+                             worker_id=meta.get("worker_id"), worker_secret=meta.get("worker_secret"))
 
     def job_started(self, job: dict[str, Any]) -> None:
         path = job_files.write_config(self._job_dir(job), job)
@@ -78,10 +104,12 @@ class CheckpointSync:
             uploader.add_file(self._in_repo(job, path), path)
 
     def checkpoint_saved(self, job: dict[str, Any], local_pointer: dict[str, Any]) -> dict[str, Any]:
-        """Called when the child wrote a checkpoint. Returns the fenced reply ({"ok": False} when stale)."""
+        """Called when the child wrote a checkpoint; never waits on the server. A refusal (the attempt is
+        stale) reaches `pointers.on_stale` later."""
         uploader = self._uploader(job)
         if uploader is None:
-            return self.client.set_checkpoint(self.worker_id, job["id"], job["attempt_id"], local_pointer)
+            self.pointers.record(job["id"], job["attempt_id"], local_pointer)
+            return {"ok": True}
         uploader.add_checkpoint(job["grid_id"], job["id"], local_pointer,
                                 meta={"job_id": job["id"], "attempt_id": job["attempt_id"],
                                       "worker_id": self.worker_id, "worker_secret": self.worker_secret})
@@ -90,7 +118,8 @@ class CheckpointSync:
     def job_finished(self, job: dict[str, Any], outcome: str, result: dict[str, Any] | None,
                      step: int | None) -> None:
         """Before the agent reports the outcome: write the result files; upload now when the job goes back
-        to the queue (so its next attempt finds the newest checkpoint)."""
+        to the queue (so its next attempt finds the newest checkpoint); then wait until the attempt's newest
+        pointer is recorded (through an API outage too: the agent holds the outcome until then)."""
         uploader = self._uploader(job)
         if outcome == "succeeded":
             paths = job_files.write_result(self._job_dir(job), job, result or {}, step)
@@ -99,12 +128,21 @@ class CheckpointSync:
                     uploader.add_file(self._in_repo(job, path), path)
         elif outcome in ("preempted", "error") and uploader is not None and uploader.pending():
             self._flush(uploader)
+        self.wait_recorded(job)
+
+    def wait_recorded(self, job: dict[str, Any]) -> None:
+        self.pointers.wait(job["id"], job["attempt_id"])
+
+    def job_stale(self, job: dict[str, Any]) -> None:
+        """Someone else owns the job now: record none of this attempt's pending pointers."""
+        self.pointers.drop(job["id"], job["attempt_id"])
 
     def close(self) -> None:
         """Upload what is pending (results of finished jobs) before the agent exits."""
         for uploader in self._uploaders.values():
             uploader.stop(flush=False)
             self._flush(uploader)
+        self.pointers.close(timeout=CLOSE_WAIT_SECONDS)
 
     def _flush(self, uploader) -> None:
         from common.hub_store import HubStoreError

@@ -18,6 +18,7 @@ from common.json_checks import BadValue, clean_text, cleaned, cleaned_note
 
 log = logging.getLogger("gridfleet.worker")
 WORKER_SECRET_HEADER = "X-Gridfleet-Worker-Secret"  # api/worker_secrets.HEADER (the worker does not import api/)
+_CLIENT_DEFAULT: Any = object()  # _post's retry_for: the client's own retry_for
 
 
 class ServerUnavailable(RuntimeError):
@@ -34,10 +35,13 @@ _JSON = {"Content-Type": "application/json"}
 
 class ApiClient:
     """HTTP client for /api/v1/workers. Retries connection errors and 5xx for `retry_for` seconds, so an
-    API restart pauses workers instead of failing their jobs."""
+    API restart pauses workers instead of failing their jobs. A running job's heartbeat and checkpoint
+    pointer are tried once: their callers keep the data and try again, training goes on meanwhile. A
+    finish waits for the server for `finish_retry_for` seconds (None: as long as it takes), since the
+    agent holds the job's outcome."""
 
     def __init__(self, server_url: str, token: str, retry_for: float = 300.0, timeout: float = 30.0,
-                 worker_secret: str | None = None):
+                 finish_retry_for: float | None = None, worker_secret: str | None = None):
         self._base_url = server_url.rstrip("/") + "/api/v1"
         self._http = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
         if worker_secret:  # a client for a worker registered elsewhere (benches, tests)
@@ -46,11 +50,14 @@ class ApiClient:
         # client's CPU per request in bench/queue_throughput.py).
         self._urls: dict[str, httpx.URL] = {}
         self.retry_for = retry_for
+        self.finish_retry_for = finish_retry_for
 
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any], retry_for: float | None = _CLIENT_DEFAULT,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """`retry_for`: seconds to keep retrying (0: one try; None: until the server answers)."""
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(self._base_url + path)
@@ -58,7 +65,8 @@ class ApiClient:
             content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         except (ValueError, TypeError, RecursionError) as exc:
             raise Refused(f"cannot send POST {path}: {type(exc).__name__}: {str(exc)[:200]}") from None
-        deadline = time.monotonic() + self.retry_for
+        retry_for = self.retry_for if retry_for is _CLIENT_DEFAULT else retry_for
+        deadline = None if retry_for is None else time.monotonic() + retry_for
         delay = 0.5
         while True:
             try:
@@ -75,8 +83,8 @@ class ApiClient:
                         raise Refused(f"server refused POST {path}: {response.status_code} {message}")
                     return response.json()
                 problem = f"server error {response.status_code}"
-            if time.monotonic() > deadline:
-                raise ServerUnavailable(f"POST {path}: {problem}; gave up after {self.retry_for:.0f} s")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServerUnavailable(f"POST {path}: {problem}; gave up after {retry_for:.0f} s")
             log.warning("POST %s: %s; retrying in %.1f s", path, problem, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -93,13 +101,15 @@ class ApiClient:
         return self._post(f"/workers/{worker_id}/claim", filters)["job"]
 
     def heartbeat(self, worker_id: str, **body: Any) -> dict[str, Any]:
-        return self._post(f"/workers/{worker_id}/heartbeat", body)
+        running = body.get("job_id") is not None  # the heartbeat thread retries with fresh data next beat
+        return self._post(f"/workers/{worker_id}/heartbeat", body, retry_for=0.0 if running else _CLIENT_DEFAULT)
 
     def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
                        worker_secret: str | None = None) -> dict[str, Any]:
-        """`worker_secret`: for a worker other than this client's (an earlier agent's upload, recorded late)."""
+        """`worker_secret`: for a worker other than this client's (an earlier agent's upload, recorded late).
+        Tried once: worker/pointers.py retries, with the newest pointer by then."""
         return self._post(f"/workers/{worker_id}/checkpoint",
-                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer},
+                          {"job_id": job_id, "attempt_id": attempt_id, "pointer": pointer}, retry_for=0.0,
                           headers={WORKER_SECRET_HEADER: worker_secret} if worker_secret else None)
 
     def add_events(self, worker_id: str, job_id: int, attempt_id: str, events: list[dict]) -> dict[str, Any]:
@@ -107,7 +117,7 @@ class ApiClient:
                           {"job_id": job_id, "attempt_id": attempt_id, "events": events})
 
     def finish(self, worker_id: str, **body: Any) -> dict[str, Any]:
-        return self._post(f"/workers/{worker_id}/finish", body)
+        return self._post(f"/workers/{worker_id}/finish", body, retry_for=self.finish_retry_for)
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
         return self._post(f"/workers/{worker_id}/code_rev",

@@ -69,6 +69,7 @@ class Proc:
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path, log_dir: Path):
         self.name = name
+        self.args, self.env, self.cwd = args, env, cwd  # to start it again (Fleet.restart_server)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._log,
@@ -217,6 +218,17 @@ class Fleet:
         finally:
             engine.dispose()
         return Server(url=url, admin_token=admin_token, worker_token=worker_token, proc=proc, api=api)
+
+    def restart_server(self, server: Server) -> Server:
+        """Start a server the test killed again, on the same port and database, with the same tokens."""
+        old = server.proc
+        assert not old.alive(), f"{old.name} is still running"
+        proc = self.spawn(f"{old.name}-again", old.args, old.env, old.cwd)
+        self.wait_for(lambda: not proc.alive() or server.api.get("/workers").status_code == 200,
+                      "the API server to answer again")
+        assert proc.alive(), f"the API server did not start again\n{self.explain()}"
+        return Server(url=server.url, admin_token=server.admin_token, worker_token=server.worker_token,
+                      proc=proc, api=server.api)
 
     def start_worker(self, server: Server, name: str, grace: float = 30.0) -> Proc:
         env = self.env(GRIDFLEET_HOME=str(self.tmp / f"{name}-home"), GRIDFLEET_TOKEN=server.worker_token)

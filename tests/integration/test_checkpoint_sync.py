@@ -67,6 +67,7 @@ def test_local_store_records_the_local_pointer_at_once(queue, hub, tmp_path):
     sync = started(client, job, hub, tmp_path)
     pointer = LocalStore(tmp_path).save(job["grid_id"], job["id"], 3, {"step": 3})
     assert sync.checkpoint_saved(job, pointer)["ok"]
+    sync.wait_recorded(job)  # recorded from the sync's own thread, so the child never waits on the server
     assert recorded(queue, job["id"]) == pointer
     assert (tmp_path / f"grid-{job['grid_id']}" / f"job-{job['id']}" / "config.json").exists()
     assert not hub.requests  # a local store never talks to the Hub
