@@ -195,8 +195,11 @@ class Agent:
 
     def _report_update(self) -> None:
         report = self.update_report or {}
-        self.client.worker_event(self.worker_id, f"self_update_{report.get('state', 'unknown')}",
-                                 report.get("message", ""), resources=self._registration()["resources"])
+        try:
+            self.client.worker_event(self.worker_id, f"self_update_{report.get('state', 'unknown')}",
+                                     report.get("message", ""), resources=self._registration()["resources"])
+        except ServerUnavailable as exc:  # an API outage must not end the agent; the next registration says it
+            log.warning("self-update %s not reported: %s", report.get("state", "unknown"), exc)
 
     # ---- one job -------------------------------------------------------------------------------
     def run_job(self, job: dict[str, Any]) -> None:
