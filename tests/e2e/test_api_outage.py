@@ -20,6 +20,13 @@ CONFIG = {"seconds": 24.0, "steps": STEPS, "checkpoint_every": 2}  # 0.4 s a ste
 OUTAGE = 2 * LEASE_SECONDS
 
 
+def kill_api(server) -> float:
+    """SIGKILL the API process (no goodbye to anyone); returns when it went down."""
+    server.proc.send(signal.SIGKILL)
+    assert server.proc.wait(30) == -signal.SIGKILL
+    return time.time()
+
+
 def metrics_of(api, job_id: int, attempt_id: str) -> list[dict]:
     return [m for m in ok(api.get(f"/jobs/{job_id}/metrics"))["metrics"] if m["attempt_id"] == attempt_id]
 
@@ -37,9 +44,7 @@ def test_a_job_trains_through_an_api_outage_and_keeps_its_attempt(db_url, fleet)
     before = fleet.wait_for(lambda: running_with(api, job_id, 4, checkpointed=True), "the job to checkpoint step 4")
     attempt = before["attempt_id"]
 
-    server.proc.send(signal.SIGKILL)
-    assert server.proc.wait(30) == -signal.SIGKILL
-    down_at = time.time()
+    down_at = kill_api(server)
     # Any claim's expiry scan requeues the expired job as lost (here no other worker claims one): do what
     # that scan does, on the real database, once the lease is over.
     engine = make_engine(db_url)
@@ -86,9 +91,7 @@ def test_after_an_api_outage_a_worker_whose_job_was_claimed_stops_at_once(db_url
     second = fleet.start_worker(server, "b")
     fleet.wait_for(lambda: "b" in worker_names(api).values(), "worker b to register")
 
-    server.proc.send(signal.SIGKILL)
-    assert server.proc.wait(30) == -signal.SIGKILL
-    down_at = time.time()
+    down_at = kill_api(server)
     # Worker a stays cut off after the API is back (its agent is frozen; its job child trains on), so
     # worker b's claim gets the job once the lease and the API's grace after its start have passed.
     first.send(signal.SIGSTOP)
@@ -130,8 +133,7 @@ def test_a_job_that_ends_during_the_outage_is_finished_once_the_api_is_back(db_u
     job_id = submit(api, "outage-finish", {"seconds": 4.8, "steps": steps, "checkpoint_every": 2})
     worker = fleet.start_worker(server, "a")
     before = fleet.wait_for(lambda: running_with(api, job_id, 2, checkpointed=True), "the job to checkpoint step 2")
-    server.proc.send(signal.SIGKILL)
-    assert server.proc.wait(30) == -signal.SIGKILL
+    kill_api(server)
     engine = make_engine(db_url)
     queue = Queue(engine, RetryPolicy(lease_seconds=LEASE_SECONDS))
     try:
