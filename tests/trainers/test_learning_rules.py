@@ -314,3 +314,24 @@ def test_config_rejects_bad_values_naming_the_field(config, field):
 def test_config_rejects_contradictions_with_a_message(config, message):
     with pytest.raises(ValidationError, match=message):
         Config.model_validate(config)
+
+
+# ---- the example grid ------------------------------------------------------------------------------------
+def test_example_grid_is_rule_by_variance_by_seed_on_cdi_2():
+    from pathlib import Path
+
+    import yaml
+
+    from scheduler.spec import GridSpec, expand, validate_jobs
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "seed004_grid.yaml"
+    spec = GridSpec.model_validate(yaml.safe_load(path.read_text()))
+    jobs = expand(spec)
+    validate_jobs(spec, jobs, trainers.validate_config)
+    cells = {(Config.model_validate(j.config).rule, Config.model_validate(j.config).variance, j.seed) for j in jobs}
+    assert cells == {(r, v, s) for r in ("bptt", "ga", "ff") for v in (0.1, 0.5, 1.0) for s in (0, 1)}
+    assert len(jobs) == 18
+    for j in jobs:
+        cfg = Config.model_validate(j.config)
+        assert (cfg.task, cfg.contexts, cfg.hidden_size) == ("cdi", 2, 50)
+        assert cfg.trial_length < 750 and cfg.max_steps is not None  # the short-trial setting

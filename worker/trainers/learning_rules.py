@@ -193,26 +193,30 @@ def init_network(cfg: Config, gen: torch.Generator, members: int = 1) -> populat
 
 
 def run(params: population.Params, inputs: Tensor, h0: Tensor, dt: float, dynamics: str = "tanh",
-        keep_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        keep_states: bool = False, all_outputs: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """All P members over a batch of trials in one batched matmul per step.
 
     params: J_in [P,H,I], J_rec [P,H,H], J_out [P,1,H], b [P,H]; inputs [T,B,I] (all members see the
-    same trials) or [T,P,B,I]; h0 [B,H] or [P,B,H]. Returns outputs [T,P,B] (and states [T,P,B,H])."""
+    same trials) or [T,P,B,I]; h0 [B,H] or [P,B,H]. Returns outputs [T,P,B] (only steps 0 and T-1, as
+    [2,P,B], with all_outputs=False: all the loss and the accuracy read) and, with keep_states, [T,P,B,H]."""
     members = population.size(params)
-    weight = dt * torch.cat([params["J_in"], params["J_rec"]], dim=2).transpose(1, 2)  # [P, I+H, H]
-    bias = dt * params["b"]
-    readout = params["J_out"].transpose(1, 2)  # [P, H, 1]
+    # [u, 1, phi(h)] @ [J_in, b, J_rec]^T: input, bias and recurrence in one baddbmm per step
+    weight = torch.cat([params["J_in"], params["b"].unsqueeze(-1), params["J_rec"]], dim=2).transpose(1, 2)
+    readout = params["J_out"]  # [P, 1, H]: broadcast-multiply and sum beats a bmm with one output column
     h = h0 if h0.dim() == 3 else h0.unsqueeze(0).expand(members, *h0.shape)
-    offset = 1.0 if dynamics == "seed" else 0.0
+    ones = h.new_ones(members, h.shape[1], 1)
+    seed = dynamics == "seed"
+    phi = torch.tanh(h) + 1.0 if seed else torch.tanh(h)  # one tanh per step, shared by readout and recurrence
+    last = len(inputs) - 1
     outputs, states = [], []
-    for u in inputs:
+    for t, u in enumerate(inputs):
         u = u if u.dim() == 3 else u.unsqueeze(0).expand(members, *u.shape)
-        h = (1.0 - dt) * h + population.linear(torch.cat([u, torch.tanh(h) + offset], dim=-1), weight, bias)
-        if dynamics == "seed":
-            y = population.linear(h, readout)
-        else:
-            y = torch.tanh(population.linear(torch.tanh(h), readout))
-        outputs.append(y.squeeze(-1))
+        h = torch.baddbmm(h, torch.cat([u, ones, phi], dim=-1), weight, beta=1.0 - dt, alpha=dt)
+        phi = torch.tanh(h)
+        if all_outputs or t == 0 or t == last:
+            outputs.append((h * readout).sum(-1) if seed else torch.tanh((phi * readout).sum(-1)))
+        if seed:
+            phi = phi + 1.0
         if keep_states:
             states.append(h)
     out = torch.stack(outputs)
@@ -230,7 +234,8 @@ def validate(cfg: Config, params: population.Params, valid: tuple[Tensor, Tensor
     """Validation accuracy of every member [P] on the fixed validation set."""
     inputs, targets = valid
     with torch.no_grad():
-        out = run(params, inputs, initial_states(cfg, inputs.shape[1], gen, dtype=inputs.dtype), cfg.dt, cfg.dynamics)
+        out = run(params, inputs, initial_states(cfg, inputs.shape[1], gen, dtype=inputs.dtype), cfg.dt, cfg.dynamics,
+                  all_outputs=False)
     return accuracy(out[-1], targets)
 
 
@@ -274,7 +279,7 @@ def train_bptt(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> di
 
     def one_step() -> float:
         inputs, targets = make_trials(cfg, cfg.batch_size, gen)
-        out = run(params, inputs, initial_states(cfg, cfg.batch_size, gen), cfg.dt, cfg.dynamics)[:, 0]
+        out = run(params, inputs, initial_states(cfg, cfg.batch_size, gen), cfg.dt, cfg.dynamics, all_outputs=False)[:, 0]
         loss = trial_loss(out, targets).sum()  # the seed sums over the batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -292,7 +297,7 @@ def train_bptt(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> di
 def fitness(cfg: Config, pop: population.Params, inputs: Tensor, targets: Tensor, h0: Tensor) -> Tensor:
     """Mean loss over the batch of each member [P] (lower is fitter), one batched forward for all of them."""
     with torch.no_grad():
-        out = run(pop, inputs, h0, cfg.dt, cfg.dynamics)
+        out = run(pop, inputs, h0, cfg.dt, cfg.dynamics, all_outputs=False)
     return trial_loss(out, targets).mean(dim=-1)
 
 
@@ -402,7 +407,7 @@ def train_ff(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict
         inputs, targets = make_trials(cfg, cfg.validation_trials, gen, dtype=f64)
         h0 = initial_states(cfg, cfg.validation_trials, gen, scale=cfg.ff_init_scale, dtype=f64)
         with torch.no_grad():
-            out = run(population.expand(learner, 1), inputs, h0, dt, "tanh")
+            out = run(population.expand(learner, 1), inputs, h0, dt, "tanh", all_outputs=False)
         return accuracy(out[-1, 0], targets).item()
 
     return _loop(cfg, ctx, gen, run_state, one_step, validate_fresh,
