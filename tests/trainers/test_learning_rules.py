@@ -154,6 +154,22 @@ def test_batched_fitness_equals_a_per_member_loop():
     assert batched.std() > 0  # the members really differ
 
 
+def test_one_batched_forward_serves_members_with_their_own_trials():
+    """Configs of a grid that differ in variance (or seed) share one forward: inputs [T, P, B, I]."""
+    gen = torch.Generator().manual_seed(7)
+    nets, trials = [], []
+    for variance in (0.1, 0.5, 1.0):
+        cfg = Config(rule="bptt", variance=variance, trial_length=20, hidden_size=10)
+        nets.append(population.member(learning_rules.init_network(cfg, gen), 0))
+        trials.append(learning_rules.make_trials(cfg, 16, gen)[0])
+    h0 = torch.randn(3, 16, 10, generator=gen)
+    together = learning_rules.run(population.stack(nets), torch.stack(trials, dim=1), h0, 0.1)
+    for p in range(3):
+        alone = learning_rules.run(population.expand(nets[p], 1), trials[p], h0[p], 0.1)
+        assert torch.allclose(together[:, p], alone[:, 0], atol=1e-6)
+    assert not torch.allclose(together[:, 0], together[:, 1])
+
+
 def test_next_generation_keeps_the_best_and_mutates_children_of_the_five_best():
     cfg = Config(rule="ga", population=12, hidden_size=6, mutation=0.005)
     gen = torch.Generator().manual_seed(6)
@@ -281,6 +297,14 @@ def test_result_points_at_the_trained_matrices(tmp_path):
     final = h.final_state()
     assert np.array_equal(saved["J_rec"], final["params"]["J_rec"].numpy())
     assert np.array_equal(saved["J_rec"], final["population"]["J_rec"][0].numpy())  # the kept best
+
+
+def test_the_seeds_bptt_dynamics_train_and_are_saved_with_the_matrices(tmp_path):
+    h = Harness(tmp_path)
+    result = h.train(**tiny(rule="bptt", dynamics="seed", max_steps=3))
+    saved = learning_rules.load_matrices(result["matrices"])
+    assert saved["dynamics"] == "seed" and result["steps"] == 3
+    assert all(math.isfinite(values["loss"]) for _step, values in h.reports)
 
 
 # ---- the config: the seed's command-line options --------------------------------------------------------
