@@ -82,6 +82,7 @@ class Config(BaseModel):
     # bookkeeping
     log_every: int = Field(default=10, ge=1)
     checkpoint_every: int = Field(default=100, ge=1)
+    num_threads: int | None = Field(default=None, ge=1, le=256, description="torch CPU threads; None: torch's default")
 
     @model_validator(mode="after")
     def _resolve(self):
@@ -478,6 +479,8 @@ RULES = {"bptt": train_bptt, "ga": train_ga, "ff": train_ff}
 
 
 def train(cfg: Config, ctx) -> dict:
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)  # 50-unit nets: more threads than cores free cost far more than they give
     device = torch.device(ctx.device)
     gen = torch.Generator(device=device).manual_seed(ctx.seed)
     state = ctx.load_checkpoint()
