@@ -80,7 +80,8 @@ def main() -> None:
     device = args.device
     print(f"device {device}, {torch.get_num_threads()} thread(s), CDI N=2, 50 units, T {args.trial_length}; "
           f"seconds per generation (best of {args.repeats}, methods taking turns)")
-    print(f"{'P':>4} {'batch':>6} {'batched':>9} {'loop':>9} {'block*':>9} {'loop/batched':>13} {'block/batched':>14}  same fitness")
+    print(f"{'P':>4} {'batch':>6} {'batched':>9} {'loop':>9} {'block*':>9} {'loop/batched':>13} "
+          f"{'block/batched':>14}  same fitness")
     for batch in (int(b) for b in args.batches.split(",")):
         for P in (int(p) for p in args.populations.split(",")):
             cfg = lr.Config(rule="ga", population=P, trial_length=args.trial_length, batch_size=batch)

@@ -43,10 +43,12 @@ class Config(BaseModel):
     model_name: str | None = Field(default=None, description="the seed's positional name; its prefix picks the rule")
     variance: float = Field(default=0.5, ge=0.0, le=100.0,
                             validation_alias=_names("variance", "v", "-v", "--variance", "taskVar"))
-    mean: float = Field(default=SIGNAL_MEAN, gt=0.0, le=100.0, validation_alias=_names("mean", "m", "-m", "--mean", "taskMean"))
+    mean: float = Field(default=SIGNAL_MEAN, gt=0.0, le=100.0,
+                        validation_alias=_names("mean", "m", "-m", "--mean", "taskMean"))
     contexts: int | None = Field(default=None, ge=1, le=64, validation_alias=_names("contexts", "N", "--N"))
     rdm: bool = Field(default=False, validation_alias=_names("rdm", "--rdm"))
-    context: bool = Field(default=False, validation_alias=_names("context", "--context"), description="the seed's 2-context task")
+    context: bool = Field(default=False, validation_alias=_names("context", "--context"),
+                          description="the seed's 2-context task")
     # The network, as rnn.py's hyperParams.
     hidden_size: int = Field(default=50, ge=1, le=4096, validation_alias=_names("hidden_size", "hiddenSize", "network_size"))
     g: float = Field(default=1.0, gt=0.0, le=100.0)
@@ -56,8 +58,10 @@ class Config(BaseModel):
     # The task and validation.
     trial_length: int = Field(default=750, ge=2, le=100_000, validation_alias=_names("trial_length", "T", "trial_steps"))
     batch_size: int = Field(default=500, ge=1, le=100_000, validation_alias=_names("batch_size", "batchSize"))
-    validation_trials: int = Field(default=2000, ge=1, le=1_000_000, validation_alias=_names("validation_trials", "test_trials"))
-    stop_accuracy: float = Field(default=0.9, ge=0.0, le=1.0, validation_alias=_names("stop_accuracy", "termination_accuracy"))
+    validation_trials: int = Field(default=2000, ge=1, le=1_000_000,
+                                   validation_alias=_names("validation_trials", "test_trials"))
+    stop_accuracy: float = Field(default=0.9, ge=0.0, le=1.0,
+                                 validation_alias=_names("stop_accuracy", "termination_accuracy"))
     stop_window: int = Field(default=10, ge=1, le=10_000)
     max_steps: int | None = Field(default=None, ge=1, validation_alias=_names(
         "max_steps", "max_epochs", "max_generations", "max_trials", "num_epochs", "numGenerations"),
@@ -67,7 +71,8 @@ class Config(BaseModel):
                              description="None: 5e-4, or 1e-4 for CDI with more than 2 contexts")
     trainable: list[Literal["J_in", "J_rec", "J_out", "b"]] = Field(default=["J_rec"], min_length=1)
     # ga
-    population: int | None = Field(default=None, ge=2, le=100_000, validation_alias=_names("population", "numPop", "num_pop"),
+    population: int | None = Field(default=None, ge=2, le=100_000,
+                                   validation_alias=_names("population", "numPop", "num_pop"),
                                    description="None: 20 for CDI, 50 for RDM")
     parents: int = Field(default=5, ge=1, validation_alias=_names("parents", "numParents"))
     mutation: float = Field(default=0.005, ge=0.0, le=100.0)
@@ -89,7 +94,8 @@ class Config(BaseModel):
         if self.model_name is not None:
             prefix_rule = RULE_PREFIXES.get(self.model_name.lower()[:2])
             if prefix_rule is None:
-                raise ValueError(f"model_name '{self.model_name}' must start with bptt, ga or ff (the seed picks the rule by it)")
+                raise ValueError(f"model_name '{self.model_name}' must start with bptt, ga or ff "
+                                 "(the seed picks the rule by it)")
             if self.rule is not None and self.rule != prefix_rule:
                 raise ValueError(f"rule '{self.rule}' contradicts model_name '{self.model_name}' ({prefix_rule})")
             self.rule = prefix_rule
