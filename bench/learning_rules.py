@@ -1,0 +1,107 @@
+"""Time per GA generation of seed 004's learning_rules trainer: the batched population against a per-member
+loop and against the seed's block-diagonal super-network, side by side in one run.
+
+One generation = the fitness of all P members on one batch of trials (T steps) + selection and mutation.
+  batched: one [P, N, N] population, one baddbmm per step for all members (worker/trainers/population.py)
+  loop:    the same forward run P times, one member at a time
+  block:   the seed's genetic.py: one (P*N) x (P*N) block-diagonal matrix, P x the FLOPs of the others
+The block-diagonal network is slow enough on a CPU that it is timed on `--block-steps` steps and scaled to
+T (its per-step cost is constant; the printout says so). Fitness of the three is checked equal first.
+
+  .venv/bin/python bench/learning_rules.py                         # P = 20 and 50, T = 750, batch 500 and 50
+  .venv/bin/python bench/learning_rules.py --batches 8 --threads 2    # the seed's batch is 500 trials
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from worker.trainers import learning_rules as lr
+from worker.trainers import population
+
+
+def block_fitness(cfg: lr.Config, pop: dict, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The seed's super-model: the P networks as one block-diagonal network of P*N units."""
+    P, H = population.size(pop), cfg.hidden_size
+    J_in = pop["J_in"].reshape(P * H, -1)
+    J_rec = torch.block_diag(*pop["J_rec"])
+    J_out = torch.block_diag(*pop["J_out"])  # [P, P*H]
+    b = pop["b"].reshape(P * H)
+    h = h0.repeat(1, P)  # [B, P*H]: every member starts from the same state
+    outputs = []
+    with torch.no_grad():
+        for u in inputs:
+            h = (1 - cfg.dt) * h + cfg.dt * (u @ J_in.T + torch.tanh(h) @ J_rec.T + b)
+            outputs.append(torch.tanh(torch.tanh(h) @ J_out.T).T)  # [P, B]
+    return lr.trial_loss(torch.stack(outputs), targets).mean(-1)
+
+
+def loop_fitness(cfg, pop, inputs, targets, h0) -> torch.Tensor:
+    return torch.stack([lr.fitness(cfg, population.expand(population.member(pop, p), 1), inputs, targets, h0)[0]
+                        for p in range(population.size(pop))])
+
+
+METHODS = {"batched": lr.fitness, "loop": loop_fitness, "block": block_fitness}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_generations(methods: dict, cfg, pop, inputs, targets, h0, gen, repeats: int, device: str) -> dict[str, float]:
+    """Best of `repeats` wall times of one generation per method (fitness, then selection and mutation on
+    the device). The methods take turns within each repeat, so a change in the machine's load hits all."""
+    best = dict.fromkeys(methods, float("inf"))
+    for _ in range(repeats):
+        for name, (method, steps) in methods.items():
+            sync(device)
+            start = time.perf_counter()
+            losses = method(cfg, pop, inputs[:steps], targets, h0)
+            lr.next_generation(cfg, pop, losses, gen)
+            sync(device)
+            best[name] = min(best[name], (time.perf_counter() - start) * len(inputs) / steps)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--populations", default="20,50")
+    parser.add_argument("--trial-length", type=int, default=750)
+    parser.add_argument("--batches", default="500,50", help="trials per generation (the seed: 500)")
+    parser.add_argument("--block-steps", type=int, default=25, help="steps the block-diagonal network is timed on")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = args.device
+    print(f"device {device}, {torch.get_num_threads()} thread(s), CDI N=2, 50 units, T {args.trial_length}; "
+          f"seconds per generation (best of {args.repeats}, methods taking turns)")
+    print(f"{'P':>4} {'batch':>6} {'batched':>9} {'loop':>9} {'block*':>9} {'loop/batched':>13} "
+          f"{'block/batched':>14}  same fitness")
+    for batch in (int(b) for b in args.batches.split(",")):
+        for P in (int(p) for p in args.populations.split(",")):
+            cfg = lr.Config(rule="ga", population=P, trial_length=args.trial_length, batch_size=batch)
+            gen = torch.Generator(device=device).manual_seed(0)
+            pop = lr.init_network(cfg, gen, members=P)
+            inputs, targets = lr.make_trials(cfg, batch, gen)
+            h0 = lr.initial_states(cfg, 1, gen).expand(batch, cfg.hidden_size)
+            short = inputs[:8]  # the three agree on the fitness (checked on a few steps: the block network is slow)
+            reference = lr.fitness(cfg, pop, short, targets, h0)
+            same = all(torch.allclose(reference, METHODS[m](cfg, pop, short, targets, h0), rtol=1e-4, atol=1e-5)
+                       for m in ("loop", "block"))
+            steps = min(args.block_steps, args.trial_length)
+            methods = {"batched": (lr.fitness, args.trial_length), "loop": (loop_fitness, args.trial_length),
+                       "block": (block_fitness, steps)}
+            t = time_generations(methods, cfg, pop, inputs, targets, h0, gen, args.repeats, device)
+            print(f"{P:>4} {batch:>6} {t['batched']:>9.3f} {t['loop']:>9.3f} {t['block']:>9.3f} "
+                  f"{t['loop'] / t['batched']:>12.1f}x {t['block'] / t['batched']:>13.1f}x  {same}", flush=True)
+    print(f"* block: timed on {min(args.block_steps, args.trial_length)} steps, scaled to {args.trial_length}. "
+          "Targets (issue 10): loop/batched >= 10x, block/batched >= 3x on CPU.")
+
+
+if __name__ == "__main__":
+    main()
