@@ -17,6 +17,7 @@ TRAINERS: dict[str, str] = {
     "command": "worker.trainers.command",
     "sparse_rnn": "worker.trainers.sparse_rnn",
     "snn_ddqn": "worker.trainers.snn_ddqn",
+    "perturbation": "worker.trainers.perturbation",
 }
 
 
