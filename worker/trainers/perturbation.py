@@ -68,6 +68,8 @@ class TrainingSection(BaseModel):
     log_every: int = Field(default=1, ge=1, description="epochs between reports")
     checkpoint_every: int = Field(default=200, ge=1, description="epochs")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Tiny matmuls: extra intra-op threads cost more than they give, and jobs side by side oversubscribe.
+    num_threads: int | None = Field(default=1, ge=1, le=256, description="torch CPU threads; None: torch's")
 
     @model_validator(mode="after")
     def _clip_range(self):
@@ -175,13 +177,14 @@ def elman_forward(params: Params, inputs: Tensor, noise: list[Tensor | None] | N
     `noise`, one per layer plus the output, is added to that layer's pre-activations ([M, B, T, units]).
     Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H]."""
     members = population.size(params)
+    params = {key: value.contiguous() for key, value in params.items()}  # else bmm copies W at every step
     if inputs.dim() == 3:
         inputs = inputs.unsqueeze(0).expand(members, *inputs.shape)
     _, batch, steps, _ = inputs.shape
     layers = layers_of(params)
     noise = noise or [None] * (len(layers) + 1)
     states: list[Tensor] = []
-    sequence = inputs.transpose(1, 2)  # [M, T, B, units]: each time step's slice is contiguous
+    sequence = inputs.transpose(1, 2)  # [M, T, B, units]
     for (wxh, whh, bh), extra in zip(layers, noise):
         hidden = params[whh].shape[-1]
         # The input projection of all time steps is one batched matmul; only h @ Whh is sequential.
@@ -189,10 +192,11 @@ def elman_forward(params: Params, inputs: Tensor, noise: list[Tensor | None] | N
         drive = drive.view(members, steps, batch, hidden)
         if extra is not None:
             drive = drive + extra.transpose(1, 2)
+        drive = drive.transpose(0, 1).contiguous()  # [T, M, B, H]: a step's slice is contiguous, bmm copies none
         h = torch.zeros(members, batch, hidden, dtype=inputs.dtype, device=inputs.device)
         outputs = []
         for t in range(steps):
-            h = torch.tanh(torch.baddbmm(drive[:, t], h, params[whh]))
+            h = torch.baddbmm(drive[t], h, params[whh]).tanh_()  # in place: one tensor per step, not two
             outputs.append(h)
         sequence = torch.stack(outputs, dim=1)
         states.append(sequence.transpose(1, 2))
@@ -374,6 +378,8 @@ def plot_rollout(target: Tensor, generated: Tensor, path: Path, title: str) -> P
 # ---- the run -----------------------------------------------------------------------------------------------
 def train(cfg: Config, ctx) -> dict:
     tc = cfg.training
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
     device = torch.device(ctx.device if tc.device == "auto" else tc.device)
     dtype = torch.float64 if tc.dtype == "float64" else torch.float32
     seed = tc.seed if tc.seed is not None else ctx.seed
