@@ -372,7 +372,7 @@ def plot_rollout(target: Tensor, generated: Tensor, path: Path, title: str) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
+    return path.resolve()
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
@@ -440,7 +440,7 @@ def train(cfg: Config, ctx) -> dict:
         "train_mse": final["train"] / points, "val_mse": final["val"] / points,
         "epochs": state["epoch"], "forwards": state["forwards"], "weights": n_weights,
         "gradient_computation": tc.gradient_computation, "seconds": round(time.monotonic() - began, 3),
-        "weights_file": str(weights_path), "checkpoint": pointer["uri"],
+        "weights_file": str(weights_path.resolve()), "checkpoint": pointer["uri"],
         "loss_curve": state["curve"][-200:],
     }
     if "test" in final:
