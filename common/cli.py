@@ -85,8 +85,8 @@ FORCE_NEW_RUN = typer.Option(False, "--forcenewrun", "--force-new-run",
 
 
 def load_grid_file(path: Path, force_new_run: bool = False) -> dict[str, Any]:
-    """The mapping in a YAML or JSON grid file (or seed 002's conf.json, made a one-job snn_ddqn grid);
-    exits 2 with one line on any problem."""
+    """The mapping in a YAML or JSON grid file (or seed 002's conf.json or seed 003's config.yml, each made a
+    one-job grid); exits 2 with one line on any problem."""
     import yaml
 
     if not path.is_file():
@@ -110,10 +110,12 @@ def load_grid_file(path: Path, force_new_run: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict):
         fail(f"{path} must hold a mapping (name, trainer, config, axes, ...), not {type(data).__name__}")
     if "trainer" not in data and "config" not in data:
-        from worker.trainers import snn_ddqn  # imports torch: only for a file that is no grid spec
+        from worker.trainers import perturbation, snn_ddqn  # imports torch: only for a file that is no grid spec
 
         if snn_ddqn.is_seed_conf(data):
             return snn_ddqn.grid_from_seed_conf(data, force_new_run)
+        if perturbation.is_seed_conf(data):  # seed 003's config.yml
+            return perturbation.grid_from_seed_conf(data)
     return data
 
 

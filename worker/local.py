@@ -146,20 +146,46 @@ def _running_table(engine, grid_id: int, keys: list[str] | None) -> Table:
     return table
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys ("training.lr"), as grid axes name them, so a table shows the leaf that differs."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _short_config(config: dict[str, Any], width: int = 70, keys: list[str] | None = None) -> str:
     """`k=v` pairs; only `keys` (what the grid sweeps) when given, so rows differ where the configs do."""
-    text = " ".join(f"{k}={v}" for k, v in config.items() if keys is None or k in keys)
+    flat = _flat(config)
+    if keys is not None:
+        keys = [_present(key, flat) for key in keys]
+    shown = {k: v for k, v in flat.items() if keys is None or k in keys}
+    leaves = [k.rsplit(".", 1)[-1] for k in shown]
+    # a section's name is noise in a narrow column when the leaf alone is unambiguous
+    labels = [leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(shown, leaves)]
+    text = " ".join(f"{label}={v}" for label, v in zip(labels, shown.values()))
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _present(key: str, flat: dict[str, Any]) -> str:
+    """An axis into a list ("block_types.1.0") shows as the list's key: lists are not flattened."""
+    while key not in flat and "." in key:
+        key = key.rsplit(".", 1)[0]
+    return key
 
 
 def _spec_keys(spec: GridSpec) -> list[str] | None:
     keys = [*spec.axes, *(k for group in spec.zip for k in group)]
-    return [k.split(".")[0] for k in keys] or None
+    return keys or None
 
 
 def _swept_keys(configs: list[dict[str, Any]]) -> list[str] | None:
-    keys = sorted({k for c in configs for k in c})
-    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    flat = [_flat(c) for c in configs]
+    keys = sorted({k for c in flat for k in c})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in flat}) > 1]
     return varying or None
 
 

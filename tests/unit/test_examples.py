@@ -65,3 +65,14 @@ def test_demo_grid_validates():
     jobs = expand(spec)
     assert jobs
     validate_jobs(spec, jobs, trainers.validate_config)
+
+
+def test_seed003_grid_compares_wp_spsa_and_bptt():
+    spec = load("seed003_grid.yaml")
+    jobs = expand(spec)
+    methods = collections.Counter(j.config["training"]["gradient_computation"] for j in jobs)
+    assert methods == {"wp": 8, "spsa": 8, "bptt": 4}
+    assert {j.seed for j in jobs} == {0, 1}
+    assert all(j.config["training"]["perturbation"] == 0.001 for j in jobs
+               if j.config["training"]["gradient_computation"] == "bptt")
+    validate_jobs(spec, jobs, trainers.validate_config)

@@ -18,6 +18,7 @@ TRAINERS: dict[str, str] = {
     "sparse_rnn": "worker.trainers.sparse_rnn",
     "snn_ddqn": "worker.trainers.snn_ddqn",
     "learning_rules": "worker.trainers.learning_rules",
+    "perturbation": "worker.trainers.perturbation",
 }
 
 

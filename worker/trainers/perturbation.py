@@ -1,0 +1,459 @@
+"""perturbation: seed 003's RNNs trained by weight perturbation (Rohit01-zoey/ChemoTaxis-using-Perturbation-
+Techniques), every perturbation of a step in one batched forward.
+
+How to read it: `Config` takes the seed's config.yml as written (sections model / training / data / log);
+`elman_losses` is the one stacked forward (M members' weights on a leading dimension, built on
+worker/trainers/population.py), serving P perturbations of one config and K configs of one shape alike;
+`gradient` turns a step's member losses into a gradient for each `gradient_computation`; `train` is the
+epoch loop (one step on the whole training set per epoch, as the seed).
+
+Model (the seed's rnn_1hl): h = tanh(x Wxh + h Whh + bh), y = h Why + by, weights drawn as the seed does
+(numpy randn under `training.seed`, zero biases), so `seed: 12` starts from the seed's own weights. `rnn_xhl`
+stacks `num_layers` such layers. Task: next-step prediction of amplitude * sin(2 pi f t + phase) on `length`
+points of t in [0, 1]; the loss is the seed's: squared error summed over time, averaged over sequences.
+
+Gradients: `wp` the seed's forward difference on every weight, (L(w + sigma e_i) - L(w)) / sigma; `spsa`
+central differences along `num_directions` random +-1 directions; `np` node perturbation (Gaussian noise
+of std sigma on every unit's input at every step, num_directions draws); `bptt` autograd, the baseline the
+seed left as a stub. Every method steps w += clip(-lr * grad, min_clip_value, max_clip_value).
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from worker.trainers import population
+
+Params = dict[str, Tensor]
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Literal["rnn_1hl", "rnn_xhl"] = "rnn_1hl"
+    input_size: int = Field(default=1, ge=1, le=4096)
+    hidden_size: int = Field(default=20, ge=1, le=4096)
+    output_size: int = Field(default=1, ge=1, le=4096)
+    num_layers: int = Field(default=1, ge=1, le=16, validation_alias=AliasChoices("num_layers", "hidden_layers"))
+
+    @model_validator(mode="after")
+    def _one_layer_for_rnn_1hl(self):
+        if self.name == "rnn_1hl" and self.num_layers != 1:
+            raise ValueError(f"rnn_1hl has one hidden layer; use name: rnn_xhl for num_layers={self.num_layers}")
+        return self
+
+
+class TrainingSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    gradient_computation: Literal["wp", "np", "spsa", "bptt"] = "wp"
+    epochs: int = Field(default=2000, ge=1, le=10_000_000)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1e3, validation_alias=AliasChoices("learning_rate", "lr"))
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="None: the job's seed")
+    perturbation: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("perturbation", "sigma"))
+    num_directions: int = Field(default=16, ge=1, le=100_000, description="spsa and np draws per step")
+    clip: bool = True
+    max_clip_value: float = 3.0
+    min_clip_value: float = -3.0
+    dtype: Literal["float64", "float32"] = "float64"  # the seed's numpy float64; wp's L(w + sigma) - L(w) needs it
+    members_per_forward: int = Field(default=4096, ge=1, description="caps the memory of one stacked forward")
+    log_every: int = Field(default=1, ge=1, description="epochs between reports")
+    checkpoint_every: int = Field(default=200, ge=1, description="epochs")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Tiny matmuls: extra intra-op threads cost more than they give, and jobs side by side oversubscribe.
+    num_threads: int | None = Field(default=1, ge=1, le=256, description="torch CPU threads; None: torch's")
+
+    @model_validator(mode="after")
+    def _clip_range(self):
+        if self.clip and self.min_clip_value > self.max_clip_value:
+            raise ValueError(f"min_clip_value ({self.min_clip_value}) is above max_clip_value ({self.max_clip_value})")
+        return self
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Literal["sine"] = "sine"
+    amplitude: float = 10.0
+    frequency: float = 1.0
+    phase: float | Literal["random"] = 0.0  # "random": each sequence its own phase in [0, 2 pi)
+    length: int = Field(default=100, ge=3, le=1_000_000, validation_alias=AliasChoices("length", "time_stamps"))
+    n_samples: int = Field(default=1, ge=1, le=1_000_000)
+    noise: float = Field(default=0.0, ge=0.0, description="std of Gaussian noise added to every point")
+    train_split: float = Field(default=0.6, gt=0.0, le=1.0)
+    validation_split: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.train_split + self.validation_split > 1.0 + 1e-9:
+            raise ValueError(f"train_split + validation_split = {self.train_split + self.validation_split} > 1")
+        return self
+
+
+class LogSection(BaseModel):
+    """The seed's log section; gridfleet keeps the metrics, so log_file is accepted and not written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    log_file: str | None = None
+    experiment_name: str | None = None
+
+
+class Config(BaseModel):
+    """Seed 003's config.yml as written: model, training, log sections (plus data and fsm, ours)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    data: DataSection = Field(default_factory=DataSection)
+    log: LogSection = Field(default_factory=LogSection)
+    fsm: bool = False  # after training, generate the whole sequence from its first sample (the seed's FSM)
+    fsm_steps: int | None = Field(default=None, ge=1, le=1_000_000, description="None: data.length - 1")
+
+    @model_validator(mode="after")
+    def _fits_the_data(self):
+        if self.model.input_size != 1 or self.model.output_size != 1:
+            raise ValueError(f"the sine task has one feature: model.input_size and model.output_size must be 1 "
+                             f"(got {self.model.input_size} and {self.model.output_size})")
+        return self
+
+
+# ---- seed 003's config.yml as a grid -------------------------------------------------------------------
+def is_seed_conf(data: dict[str, Any]) -> bool:
+    """A seed-003 config.yml rather than a grid spec: model and training sections, no trainer/config keys."""
+    return ("trainer" not in data and "config" not in data and isinstance(data.get("model"), dict)
+            and isinstance(data.get("training"), dict) and "gradient_computation" in data["training"])
+
+
+def grid_from_seed_conf(conf: dict[str, Any]) -> dict[str, Any]:
+    """A one-job grid for a seed-003 config.yml; its training.seed becomes the job's seed."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in conf.items()}
+    seed = config["training"].pop("seed", None)
+    experiment = (config.get("log") or {}).get("experiment_name") or "perturbation"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(experiment)).strip("-._")[:100] or "perturbation"
+    return {"name": name, "trainer": "perturbation", "config": config, "seeds": [int(seed or 0)],
+            "objective": "min:val_loss"}
+
+
+# ---- the model: stacked Elman RNN ---------------------------------------------------------------------
+def layer_names(num_layers: int) -> list[tuple[str, str, str]]:
+    """(input weight, recurrent weight, bias) per layer: the seed's Wxh, Whh, bh, then Wxh2, Whh2, bh2..."""
+    return [(f"Wxh{s}", f"Whh{s}", f"bh{s}") for s in [""] + [str(i) for i in range(2, num_layers + 1)]]
+
+
+def layers_of(params: Params) -> list[tuple[str, str, str]]:
+    """The layers a parameter dict holds: three tensors per layer, then Why and by."""
+    return layer_names((len(params) - 2) // 3)
+
+
+def init_params(model: ModelSection, seed: int, dtype: torch.dtype) -> Params:
+    """As the seed's RNN.initialize: np.random.seed(seed), randn weights in the order Wxh, Whh, Why, zero biases."""
+    rng = np.random.RandomState(seed)
+    params: Params = {}
+    size = model.input_size
+    for index, (wxh, whh, bh) in enumerate(layer_names(model.num_layers)):
+        params[wxh] = torch.from_numpy(rng.randn(size, model.hidden_size))
+        params[whh] = torch.from_numpy(rng.randn(model.hidden_size, model.hidden_size))
+        if index == 0:  # the seed draws Why right after layer one's weights
+            params["Why"] = torch.from_numpy(rng.randn(model.hidden_size, model.output_size))
+        params[bh] = torch.zeros(model.hidden_size, dtype=torch.float64)
+        size = model.hidden_size
+    params["by"] = torch.zeros(model.output_size, dtype=torch.float64)
+    return {key: value.to(dtype) for key, value in params.items()}
+
+
+def elman_forward(params: Params, inputs: Tensor, noise: list[Tensor | None] | None = None,
+                  keep_states: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """M members at once: params are stacked [M, ...]; inputs [B, T, I] (shared) or [M, B, T, I].
+    `noise`, one per layer plus the output, is added to that layer's pre-activations ([M, B, T, units]).
+    Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H]."""
+    members = population.size(params)
+    params = {key: value.contiguous() for key, value in params.items()}  # else bmm copies W at every step
+    if inputs.dim() == 3:
+        inputs = inputs.unsqueeze(0).expand(members, *inputs.shape)
+    _, batch, steps, _ = inputs.shape
+    layers = layers_of(params)
+    noise = noise or [None] * (len(layers) + 1)
+    states: list[Tensor] = []
+    sequence = inputs.transpose(1, 2)  # [M, T, B, units]
+    for (wxh, whh, bh), extra in zip(layers, noise):
+        hidden = params[whh].shape[-1]
+        # The input projection of all time steps is one batched matmul; only h @ Whh is sequential.
+        drive = population.linear(sequence.reshape(members, steps * batch, -1), params[wxh], params[bh])
+        drive = drive.view(members, steps, batch, hidden)
+        if extra is not None:
+            drive = drive + extra.transpose(1, 2)
+        drive = drive.transpose(0, 1).contiguous()  # [T, M, B, H]: a step's slice is contiguous, bmm copies none
+        h = torch.zeros(members, batch, hidden, dtype=inputs.dtype, device=inputs.device)
+        outputs = []
+        for t in range(steps):
+            h = torch.baddbmm(drive[t], h, params[whh]).tanh_()  # in place: one tensor per step, not two
+            outputs.append(h)
+        sequence = torch.stack(outputs, dim=1)
+        states.append(sequence.transpose(1, 2))
+    y = population.linear(sequence.reshape(members, steps * batch, -1), params["Why"], params["by"])
+    y = y.view(members, steps, batch, -1).transpose(1, 2)
+    if noise[-1] is not None:
+        y = y + noise[-1]
+    return y, states if keep_states else []
+
+
+def sequence_loss(y: Tensor, targets: Tensor) -> Tensor:
+    """The seed's mse_loss_seq: squared error summed over time and features, averaged over sequences -> [M]."""
+    return (y - targets).square().sum(dim=(-1, -2)).mean(dim=-1)
+
+
+def elman_losses(params: Params, inputs: Tensor, targets: Tensor, noise: list[Tensor | None] | None = None) -> Tensor:
+    """The loss of every member [M], one stacked forward."""
+    y, _ = elman_forward(params, inputs, noise)
+    return sequence_loss(y, targets)
+
+
+# ---- flat weight vectors: a perturbation is a direction in the space of all weights ---------------------
+def flatten(params: Params) -> Tensor:
+    return torch.cat([value.reshape(-1) for value in params.values()])
+
+
+def unflatten(vectors: Tensor, like: Params) -> Params:
+    """[M, n] weight vectors -> stacked params [M, ...] shaped as `like` (one member's params)."""
+    out, start = {}, 0
+    for key, value in like.items():
+        out[key] = vectors[:, start:start + value.numel()].view(vectors.shape[0], *value.shape)
+        start += value.numel()
+    return out
+
+
+def member_losses(vectors: Tensor, like: Params, inputs: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    """Losses of M weight vectors, in stacked forwards of at most `chunk` members (a memory cap)."""
+    return torch.cat([elman_losses(unflatten(part, like), inputs, targets) for part in vectors.split(chunk)])
+
+
+# ---- gradients ------------------------------------------------------------------------------------------
+def wp_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, chunk: int) -> tuple[Tensor, Tensor, int]:
+    """The seed's weight perturbation: every weight moved by sigma alone, the base net as member 0."""
+    w = flatten(params)
+    n = w.numel()
+    vectors = torch.cat([w.unsqueeze(0), w + sigma * torch.eye(n, dtype=w.dtype, device=w.device)])
+    losses = member_losses(vectors, params, inputs, targets, chunk)
+    return (losses[1:] - losses[0]) / sigma, losses[0], n + 1
+
+
+def spsa_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, directions: int,
+                  generator: torch.Generator, chunk: int) -> tuple[Tensor, Tensor, int]:
+    """Central differences along random +-1 directions d: mean of (L(w + sigma d) - L(w - sigma d)) / (2 sigma) d."""
+    w = flatten(params)
+    d = (torch.randint(0, 2, (directions, w.numel()), generator=generator) * 2 - 1).to(w)
+    vectors = torch.cat([w.unsqueeze(0), w + sigma * d, w - sigma * d])
+    losses = member_losses(vectors, params, inputs, targets, chunk)
+    plus, minus = losses[1:1 + directions], losses[1 + directions:]
+    return ((plus - minus) / (2 * sigma)) @ d / directions, losses[0], 2 * directions + 1
+
+
+def np_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, directions: int,
+                generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """Node perturbation: noise xi ~ N(0, sigma^2) on every unit's input at every step; dL/dnet ~ dL xi / sigma^2,
+    and each weight's gradient is that times its presynaptic activity in the clean run."""
+    batch, steps, _ = inputs.shape
+    layers = layers_of(params)
+    widths = [params[whh].shape[-1] for _, whh, _ in layers] + [params["Why"].shape[-1]]
+    draws = [torch.randn(directions, batch, steps, width, generator=generator, dtype=torch.float64).to(inputs)
+             for width in widths]
+    # member 0 is the clean run: zero noise
+    noise = [torch.cat([torch.zeros_like(z[:1]), sigma * z]) for z in draws]
+    stacked = population.expand(params, directions + 1)
+    y, states = elman_forward(stacked, inputs, noise, keep_states=True)
+    losses = sequence_loss(y, targets)
+    scale = (losses[1:] - losses[0]) / sigma  # dL / sigma^2 times xi = dL / sigma times z
+    grads: Params = {}
+    previous = inputs
+    for (wxh, whh, bh), z, hidden in zip(layers, draws, states):
+        dnet = torch.einsum("k,kbth->bth", scale, z) / directions
+        clean = hidden[0]
+        before = torch.cat([torch.zeros_like(clean[:, :1]), clean[:, :-1]], dim=1)  # h(t - 1)
+        grads[wxh] = torch.einsum("bti,bth->ih", previous, dnet)
+        grads[whh] = torch.einsum("bti,bth->ih", before, dnet)
+        grads[bh] = dnet.sum(dim=(0, 1))
+        previous = clean
+    dout = torch.einsum("k,kbto->bto", scale, draws[-1]) / directions
+    grads["Why"] = torch.einsum("bth,bto->ho", previous, dout)
+    grads["by"] = dout.sum(dim=(0, 1))
+    return flatten({key: grads[key] for key in params}), losses[0], directions + 1
+
+
+def bptt_gradient(params: Params, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Autograd through the same forward, the net as a population of one."""
+    leaves = {key: value.detach().clone().requires_grad_(True) for key, value in params.items()}
+    with torch.enable_grad():  # the training loop runs under no_grad
+        loss = elman_losses(population.expand(leaves, 1), inputs, targets)[0]
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return torch.cat([g.reshape(-1) for g in grads]), loss.detach(), 1
+
+
+def gradient(cfg: TrainingSection, params: Params, inputs: Tensor, targets: Tensor,
+             generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """(flat gradient, the unperturbed training loss, forwards evaluated) for one step."""
+    method, sigma = cfg.gradient_computation, cfg.perturbation
+    if method == "wp":
+        return wp_gradient(params, inputs, targets, sigma, cfg.members_per_forward)
+    if method == "spsa":
+        return spsa_gradient(params, inputs, targets, sigma, cfg.num_directions, generator, cfg.members_per_forward)
+    if method == "np":
+        return np_gradient(params, inputs, targets, sigma, cfg.num_directions, generator)
+    return bptt_gradient(params, inputs, targets)
+
+
+def update(cfg: TrainingSection, params: Params, grad: Tensor) -> Params:
+    """The seed's step: w += -lr * grad, each element clipped to [min_clip_value, max_clip_value]."""
+    step = -cfg.learning_rate * grad
+    if cfg.clip:
+        step = step.clamp(cfg.min_clip_value, cfg.max_clip_value)
+    return population.member(unflatten((flatten(params) + step).unsqueeze(0), params), 0)
+
+
+# ---- the data ----------------------------------------------------------------------------------------------
+def sine_data(cfg: DataSection, seed: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """As the seed's SineWaveLoader: amplitude * sin(2 pi f t + phase), t = linspace(0, 1, length), [n, length, 1].
+    One sequence trains and validates itself (the seed's run); more are split train / validation / test."""
+    rng = np.random.RandomState(seed)
+    t = np.linspace(0.0, 1.0, cfg.length)
+    phases = rng.rand(cfg.n_samples) * 2 * np.pi if cfg.phase == "random" else np.full(cfg.n_samples, cfg.phase)
+    waves = cfg.amplitude * np.sin(2 * np.pi * cfg.frequency * t[None, :] + phases[:, None])
+    if cfg.noise > 0:
+        waves = waves + rng.normal(0.0, cfg.noise, waves.shape)
+    waves = torch.from_numpy(waves[:, :, None]).to(dtype)
+    if cfg.n_samples == 1:
+        return {"train": waves, "val": waves}
+    order = torch.from_numpy(rng.permutation(cfg.n_samples))
+    n_train = max(1, int(cfg.train_split * cfg.n_samples))
+    n_val = int(cfg.validation_split * cfg.n_samples)
+    split = {"train": waves[order[:n_train]], "val": waves[order[n_train:n_train + n_val]],
+             "test": waves[order[n_train + n_val:]]}
+    return {key: value for key, value in split.items() if len(value)}
+
+
+def fsm_rollout(params: Params, first: Tensor, steps: int) -> Tensor:
+    """The seed's FSM: from one sample, feed each output back as the next input for `steps` steps -> [steps + 1]."""
+    layers = layers_of(params)
+    hs = [torch.zeros(params[whh].shape[-1], dtype=first.dtype) for _, whh, _ in layers]
+    x, out = first.reshape(1), [first.reshape(1)]
+    for _ in range(steps):
+        signal = x
+        for i, (wxh, whh, bh) in enumerate(layers):
+            hs[i] = torch.tanh(signal @ params[wxh] + hs[i] @ params[whh] + params[bh])
+            signal = hs[i]
+        x = signal @ params["Why"] + params["by"]
+        out.append(x)
+    return torch.cat(out)
+
+
+def plot_rollout(target: Tensor, generated: Tensor, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(target.numpy(), "r", label="target")
+    ax.plot(generated.numpy(), "b--", label="generated (FSM)")
+    ax.set_xlabel("time step")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.resolve()
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+def train(cfg: Config, ctx) -> dict:
+    tc = cfg.training
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = torch.device(ctx.device if tc.device == "auto" else tc.device)
+    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+    seed = tc.seed if tc.seed is not None else ctx.seed
+    data = {key: value.to(device) for key, value in sine_data(cfg.data, seed, dtype).items()}
+    # next-step prediction: y[t] is scored against x[t + 1]; the last point is only a target
+    pairs = {key: (value[:, :-1], value[:, 1:]) for key, value in data.items()}
+    generator = torch.Generator().manual_seed(seed)  # spsa directions and np noise, drawn on the CPU
+
+    saved = ctx.load_checkpoint()
+    if saved is None:
+        params = {key: value.to(device) for key, value in init_params(cfg.model, seed, dtype).items()}
+        state = {"epoch": 0, "forwards": 0, "elapsed": 0.0, "curve": [], "best_val": math.inf}
+    else:
+        params = {key: value.to(device) for key, value in saved["params"].items()}
+        generator.set_state(saved["generator"])
+        state = saved["run"]
+    began = time.monotonic() - state["elapsed"]
+    n_weights = sum(value.numel() for value in params.values())
+
+    def checkpoint() -> dict:
+        state["elapsed"] = time.monotonic() - began
+        return ctx.save_checkpoint({"step": state["epoch"], "run": dict(state), "generator": generator.get_state(),
+                                    "params": {key: value.cpu() for key, value in params.items()}})
+
+    with torch.no_grad():
+        train_loss = val_loss = math.nan
+        while state["epoch"] < tc.epochs:
+            started = time.monotonic()
+            grad, train_loss_t, forwards = gradient(tc, params, *pairs["train"], generator)
+            val_loss = float(elman_losses(population.expand(params, 1), *pairs["val"])[0])
+            train_loss = float(train_loss_t)
+            params = update(tc, params, grad)
+            state["epoch"] += 1
+            state["forwards"] += forwards + 1
+            state["best_val"] = min(state["best_val"], val_loss)
+            epoch = state["epoch"]
+            if epoch % tc.log_every == 0 or epoch == tc.epochs:
+                points = (cfg.data.length - 1) * cfg.model.output_size
+                state["curve"].append([epoch, train_loss, val_loss])
+                ctx.report(epoch, train_loss=train_loss, val_loss=val_loss, loss=train_loss,
+                           train_mse=train_loss / points, val_mse=val_loss / points,
+                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"])
+                ctx.progress(epoch, tc.epochs)
+            if ctx.should_stop():
+                checkpoint()
+                return {"stopped_at": epoch}
+            if epoch % tc.checkpoint_every == 0:
+                checkpoint()
+        pointer = checkpoint()
+        final = {key: float(elman_losses(population.expand(params, 1), *pair)[0]) for key, pair in pairs.items()}
+
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    weights_path = ctx.workdir / "weights.pt"
+    torch.save({key: value.cpu() for key, value in params.items()}, weights_path)
+    points = (cfg.data.length - 1) * cfg.model.output_size
+    result = {
+        "train_loss": final["train"], "val_loss": final["val"], "best_val_loss": min(state["best_val"], final["val"]),
+        "train_mse": final["train"] / points, "val_mse": final["val"] / points,
+        "epochs": state["epoch"], "forwards": state["forwards"], "weights": n_weights,
+        "gradient_computation": tc.gradient_computation, "seconds": round(time.monotonic() - began, 3),
+        "weights_file": str(weights_path.resolve()), "checkpoint": pointer["uri"],
+        "loss_curve": state["curve"][-200:],
+    }
+    if "test" in final:
+        result["test_loss"] = final["test"]
+    if cfg.fsm:
+        target = data["val"][0, :, 0].cpu()
+        steps = cfg.fsm_steps or cfg.data.length - 1
+        cpu_params = {key: value.cpu() for key, value in params.items()}
+        with torch.no_grad():
+            generated = fsm_rollout(cpu_params, target[0], steps)
+        overlap = min(len(target), len(generated))
+        result["fsm_mse"] = float((generated[:overlap] - target[:overlap]).square().mean())
+        result["fsm_steps"] = steps
+        result["fsm_plot"] = str(plot_rollout(target, generated, ctx.workdir / "fsm.png",
+                                              f"FSM rollout ({tc.gradient_computation}), mse {result['fsm_mse']:.3g}"))
+    return result
