@@ -42,8 +42,8 @@ def _tail(value: str) -> str:
 def _exact_json(value: Any, info: ValidationInfo) -> Any:
     try:
         return check(value, info.field_name or "")
-    except BadValue as exc:  # pydantic names the field; say where inside it
-        raise ValueError(f"{exc.message} (at {exc.field})" if exc.field != info.field_name else exc.message) from None
+    except BadValue as exc:
+        raise ValueError(exc.under(info.field_name)) from None
 
 
 def Short(max_length: int, min_length: int = 1):  # noqa: N802 - a type factory
@@ -123,7 +123,7 @@ def _clean_member(data: Any, key: str, field: str, repaired: list[str]) -> Any:
     try:
         value, changed = cleaned(data[key], f"{field}.{key}" if field else key)
     except BadValue as exc:
-        raise ValueError(f"{exc.message} (at {exc.field})") from None
+        raise ValueError(exc.under()) from None
     repaired += changed
     return {**data, key: value} if changed else data
 

@@ -34,6 +34,10 @@ class BadValue(ValueError):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
 
+    def under(self, field_name: str | None = None) -> str:
+        """The message as a validator of `field_name` says it (pydantic names the field; this says where in it)."""
+        return self.message if self.field == field_name else f"{self.message} (at {self.field})"
+
 
 def path(*parts: Any) -> str:
     """A field path as messages show it ('metrics.0.values.loss'), at most _PATH_PARTS levels."""

@@ -164,8 +164,7 @@ class GridSpec(BaseModel):
         try:
             return check(value, info.field_name)
         except BadValue as exc:
-            at = f" (at {exc.field})" if exc.field != info.field_name else ""
-            raise ValueError(exc.message + at) from None
+            raise ValueError(exc.under(info.field_name)) from None
 
     @field_validator("zip", mode="before")
     @classmethod
