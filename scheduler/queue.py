@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
@@ -368,10 +368,8 @@ class Queue:
         """Extend the lease and store progress and metrics, if `attempt_id` of `worker_id` still owns the job
         (or regains it)."""
         now = time.time() if now is None else now
-        reply = self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now)
-        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
-            reply = self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now)
-        return reply
+        return self._or_regain(lambda: self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now),
+                               job_id, attempt_id, worker_id, now)
 
     def _heartbeat(self, job_id: int, attempt_id: str, worker_id: str, step: int | None, progress: tuple[float, float] | None,
                    metrics: list[Metric] | None, now: float) -> Reply:
@@ -415,10 +413,8 @@ class Queue:
         of the final checkpoint may land after the job finished, and no other attempt can follow that one.
         Either way only from `worker_id`, the worker that ran that attempt.
         """
-        reply = self._set_checkpoint(job_id, attempt_id, pointer, worker_id)
-        if not reply.ok and self.regain(job_id, attempt_id, worker_id=worker_id):
-            reply = self._set_checkpoint(job_id, attempt_id, pointer, worker_id)
-        return reply
+        return self._or_regain(lambda: self._set_checkpoint(job_id, attempt_id, pointer, worker_id),
+                               job_id, attempt_id, worker_id)
 
     def _set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], worker_id: str) -> Reply:
         values = dict(checkpoint=pointer, step=pointer.get("step"))
@@ -469,10 +465,8 @@ class Queue:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
         now = time.time() if now is None else now
-        reply = self._finish(job_id, attempt_id, worker_id, outcome, result, error, now)
-        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
-            reply = self._finish(job_id, attempt_id, worker_id, outcome, result, error, now)
-        return reply
+        return self._or_regain(lambda: self._finish(job_id, attempt_id, worker_id, outcome, result, error, now),
+                               job_id, attempt_id, worker_id, now)
 
     def _finish(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, result: dict[str, Any] | None,
                 error: str | None, now: float) -> Reply:
@@ -559,6 +553,14 @@ class Queue:
                     not_before=now + self.policy.backoff("error", errors), **released)
 
     # ---- regain: a lost attempt takes its job back ---------------------------------------------
+    def _or_regain(self, write: Callable[[], Reply], job_id: int, attempt_id: str, worker_id: str,
+                   now: float | None = None) -> Reply:
+        """Run a fenced write; only when its fence found nothing, try to regain the job and run it once more."""
+        reply = write()
+        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
+            reply = write()
+        return reply
+
     def regain(self, job_id: int, attempt_id: str, now: float | None = None, *, worker_id: str) -> bool:
         """Give the job back to `attempt_id` of `worker_id` if its lease expired and nobody has claimed the job
         since (another worker's refused write never regains a job for its owner).
