@@ -292,9 +292,7 @@ class Agent:
             with run.lock:
                 run.events.append({"kind": message[1], "message": message[2]})
         elif kind == "checkpoint":
-            reply = self.sync.checkpoint_saved(run.job, message[1])
-            if not reply["ok"]:
-                run.stale = reply.get("reason") or "checkpoint refused"
+            self.sync.checkpoint_saved(run.job, message[1])  # never waits: a refusal comes via _pointer_refused
         elif kind == "stopped":  # the child was signalled and stopped early: not a success
             run.request_stop(message[1])
         elif kind == "result":
