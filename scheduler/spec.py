@@ -155,6 +155,8 @@ class GridSpec(BaseModel):
     objective: str | None = Field(default=None, pattern=r"^(min|max):[A-Za-z0-9_./-]+$")
     # Where checkpoints and results go: "local" or "hf://owner/repo[@branch]"; unset: each worker's setting.
     store: str | None = Field(default=None, max_length=300)
+    # The grid this one refines (`gridfleet refine`): a grid name; stored as grids.parent_id when created.
+    parent: str | None = Field(default=None, pattern=NAME_PATTERN)
 
     @field_validator("*", mode="before")
     @classmethod
