@@ -130,7 +130,7 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                 "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
                 "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
                 "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
-                "external_id": external.get(job.key), **_done_values(done_by_key.get(job.key)),
+                "external_id": external.get(job.key),
             }
             for job in jobs
             if job.key not in existing_keys
@@ -142,16 +142,14 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             stmt = (
                 dialect_insert(t.jobs)
                 .on_conflict_do_nothing(index_elements=["grid_id", "key"])
-                .returning(t.jobs.c.id, t.jobs.c.key)
+                .returning(t.jobs.c.id)
             )
             for start in range(0, len(rows), 5000):
-                inserted = conn.execute(stmt, rows[start:start + 5000]).all()
-                created += len(inserted)
-                imported_ids += [row.id for row in inserted if row.key in done_by_key]
+                created += len(conn.execute(stmt, rows[start:start + 5000]).all())
         skipped = []
-        if done_by_key and existing_keys:
-            more, skipped = _import_existing(conn, grid_id, {k: v for k, v in done_by_key.items() if k in existing_keys})
-            imported_ids += more
+        if done_by_key:
+            # Still inside this transaction: no worker sees the new jobs as queued before they are done.
+            imported_ids, skipped = _import_done(conn, grid_id, done_by_key)
         if imported_ids:
             conn.execute(insert(t.events), [{"job_id": job_id, "time": now, "kind": "imported",
                                              "message": "result imported; the job was not trained here"}
@@ -168,20 +166,20 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                         total=len(jobs), new_grid=new_grid, imported=len(imported_ids), skipped=skipped)
 
 
-def _done_values(item: DoneJob | None) -> dict[str, Any]:
-    if item is None:
-        return {}
+def _done_values(item: DoneJob) -> dict[str, Any]:
     return {"state": "succeeded", "result": item.result, "started_at": item.started_at,
             "finished_at": item.finished_at, "progress_done": 1.0, "progress_total": 1.0}
 
 
-def _import_existing(conn, grid_id: int, done: dict[str, DoneJob]) -> tuple[list[int], list[dict[str, Any]]]:
-    """Import results into jobs already stored: only into one that never ran. A job that ran here keeps its
+def _import_done(conn, grid_id: int, done: dict[str, DoneJob]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Import results into the grid's stored jobs: only into one that never ran. A job that ran here keeps its
     own result (skipped, with the reason); importing the same result twice changes nothing."""
     imported, skipped = [], []
-    found = conn.execute(select(t.jobs.c.id, t.jobs.c.key, t.jobs.c.state, t.jobs.c.attempts, t.jobs.c.result)
-                         .where(t.jobs.c.grid_id == grid_id, t.jobs.c.key.in_(list(done)))).all()
-    for row in found:
+    keys, found = list(done), []
+    for start in range(0, len(keys), 1000):  # bounded IN lists (SQLite caps bound parameters)
+        found += conn.execute(select(t.jobs.c.id, t.jobs.c.key, t.jobs.c.state, t.jobs.c.attempts, t.jobs.c.result)
+                              .where(t.jobs.c.grid_id == grid_id, t.jobs.c.key.in_(keys[start:start + 1000]))).all()
+    for row in sorted(found, key=lambda r: r.id):
         item = done[row.key]
         if row.state == "succeeded" and row.attempts == 0 and _loads(row.result) == item.result:
             continue  # imported before: nothing to do
