@@ -292,6 +292,9 @@ def _set_path(config: dict[str, Any], path: str, value: Any) -> None:
         raise GridError(f"axes.{path}", f"'{parts[-1]}' is not an index of the list in the base config")
 
 
+set_path = _set_path  # for scheduler/refine.py: the same dotted keys as axes
+
+
 def _get_path(config: dict[str, Any], path: str) -> Any:
     node: Any = config
     for part in path.split("."):
