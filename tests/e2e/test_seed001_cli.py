@@ -70,6 +70,8 @@ def test_import_then_find_then_refine(db_url, fleet: Fleet):
     assert all((r["config"]["state_size"], r["config"]["n_layers"], r["config"]["steps"]) == (512, 3, 50000)
                for r in rows)
     assert ok(server.api.get("/grids/seed-e2e"))["children"] == [{"id": view["id"], "name": "seed-e2e-big"}]
+    shown = cli("status", "seed-e2e-big")
+    assert "refined from" in shown.stdout and "seed-e2e (grid" in shown.stdout, shown.stdout
 
     typo = cli("refine", "seed-e2e", "--top", "2", "--set", "state_sise=512")
     assert typo.returncode == 1 and "422" in typo.stderr and "config.state_sise" in typo.stderr, typo.stderr
@@ -85,3 +87,37 @@ def test_import_then_find_then_refine(db_url, fleet: Fleet):
     mismatch = cli("import", str(grid_file), "rnn_configs.json", "other")
     assert mismatch.returncode == 2 and "'batch size' is 128" in mismatch.stderr and configs[7]["id"] in mismatch.stderr
     fleet.assert_clean()
+
+
+def test_import_local_writes_the_database_gridfleet_run_uses(db_url, fleet: Fleet):
+    tmp = fleet.tmp
+    env = fleet.env(DATABASE_URL=db_url)
+    grid_file = tmp / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({**GRID, "name": "seed-local"}))
+    configs = seed_configs()
+    write_configs(tmp, configs)
+    write_result(tmp / "results_01_all", configs[0], 1.7)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*gridfleet_cmd(), *args], env=env, cwd=tmp, capture_output=True, text=True,
+                              timeout=180)
+
+    args = ("import", "--local", str(grid_file), "rnn_configs.json", "results_01_all")
+    first = cli(*args)
+    assert "432 jobs (432 created, 0 already there); 1 imported as done" in first.stdout, first.stdout + first.stderr
+    assert "0 created, 432 already there); 0 imported as done, 0 skipped" in cli(*args).stdout
+
+    from sqlalchemy import func, select
+
+    from common import schema as t
+    from common.db import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            states = dict(conn.execute(select(t.jobs.c.state, func.count()).group_by(t.jobs.c.state)).all())
+            done = conn.execute(select(t.jobs.c.external_id, t.jobs.c.result).where(t.jobs.c.state == "succeeded")).one()
+    finally:
+        engine.dispose()
+    assert states == {"queued": 431, "succeeded": 1}
+    assert done.external_id == configs[0]["id"]

@@ -125,3 +125,16 @@ def test_import_refuses_what_would_not_be_the_seeds_run(tmp_path):
     with pytest.raises(slmfun.SeedFileError, match="not in the configs file"):
         body({**GRID, "axes": {}}, rnn, unknown)
     assert json.dumps(body({**GRID, "axes": {}}, rnn, finished))  # plain JSON for the API
+
+
+def test_the_example_grid_is_the_seeds_432_configs_by_their_ids_and_run_length():
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "seed001_grid.yaml").read_text())
+    jobs = expand(GridSpec.model_validate(data))
+    ids = [trainers.external_id("gated_rnn", j.config) for j in jobs]
+    assert sorted(ids) == sorted(c["id"] for c in seed_configs())
+    cfg = parse(jobs[0].config)
+    assert (cfg.steps_mode, cfg.end_step, cfg.end_step // cfg.log_every) == ("finish_window", 10_989, 219)
