@@ -305,7 +305,8 @@ def import_results(
         typer.echo(f"  skipped job {skip['job_id']}: {skip['reason']}")
     if claims:
         typer.echo(f"{len(claims)} result file(s) hold only the seed's claim (a run that never finished); "
-                   "those configs will run: " + ", ".join(p.name for p in claims[:5]) + (" ..." if len(claims) > 5 else ""))
+                   "those configs will run: " + ", ".join(p.name for p in claims[:5])
+                   + (" ..." if len(claims) > 5 else ""))
 
 
 def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
@@ -374,9 +375,12 @@ def refine(
         rows = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
         try:
             chosen = r.choose(rows, objective, amount)
+        except r.RefineError as exc:  # the grid has nothing to refine (yet)
+            fail(f"grid {summary['name']}: {exc}", EXIT_FAILED)
+        try:
             spec = r.refined_spec(summary, chosen, changes, name)
         except r.RefineError as exc:
-            fail(f"grid {summary['name']}: {exc}", EXIT_FAILED if "no finished job" in str(exc) else EXIT_USAGE)
+            fail(f"grid {summary['name']}: {exc}")
         if dry_run:
             typer.echo(json.dumps(spec, indent=2, sort_keys=True))
             return
