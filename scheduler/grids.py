@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import schema as t
 from common.db import is_sqlite, write_tx
 from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
-from scheduler.spec import ConfigValidator, GridError, GridSpec, expand, job_key, validate_jobs
+from scheduler.spec import ConfigValidator, GridError, GridSpec, canonical_json, expand, job_key, validate_jobs
 
 ExternalId = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> the id its users know
 
@@ -66,6 +66,17 @@ def _done_by_key(spec: GridSpec, keys: set[str], done: list[DoneJob]) -> dict[st
     return out
 
 
+def _external_ids(trainer: str, jobs, external_id: ExternalId) -> dict[str, str | None]:
+    by_config: dict[str, str | None] = {}  # once per distinct config: seeds share one
+    out = {}
+    for job in jobs:
+        marker = canonical_json(job.config)
+        if marker not in by_config:
+            by_config[marker] = external_id(trainer, job.config)
+        out[job.key] = by_config[marker]
+    return out
+
+
 def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator, analyze: bool = True,
                 external_id: ExternalId | None = None, done: list[DoneJob] | None = None) -> SubmitResult:
     """Store a grid and the jobs it expands to that are not already there. All or nothing.
@@ -78,7 +89,7 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
     validate_jobs(spec, jobs, validate_config)
     done_by_key = _done_by_key(spec, {job.key for job in jobs}, done or [])
-    external = {job.key: external_id(spec.trainer, job.config) for job in jobs} if external_id else {}
+    external = _external_ids(spec.trainer, jobs, external_id) if external_id else {}
     now = time.time()
     spec_json = spec.model_dump(mode="json")
     dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
