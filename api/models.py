@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
     ValidationInfo, field_validator, model_validator
 
 from common.json_checks import BadValue, check, clean_text, cleaned, is_plain, text_problem
+from scheduler.spec import GridSpec
 
 INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
@@ -171,3 +172,19 @@ class WorkerEvent(Body):
     kind: Short(40)
     message: Text = ""
     resources: ExactJson | None = None  # replaces the registered resources when given
+
+
+class DoneJob(Body):
+    """A job of the grid that already ran elsewhere: its config and seed (as the grid expands them), its
+    result and, when known, when it started and ended (unix seconds)."""
+    config: ExactJson
+    seed: Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+    result: ExactJson
+    started_at: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    finished_at: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+class ImportGrid(Body):
+    """POST /grids/import (`gridfleet import`): the grid, and those of its jobs that need no training."""
+    grid: GridSpec
+    done: list[DoneJob] = Field(default_factory=list, max_length=100_000)

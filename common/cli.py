@@ -1,4 +1,4 @@
-"""The `gridfleet` command: serve, submit, status, token.
+"""The `gridfleet` command: serve, submit, status, import, refine, token.
 
 Heavy modules (FastAPI, uvicorn, SQLAlchemy, rich) are imported inside the commands that use them.
 Bad input (a missing file, YAML that does not parse) is one line on stderr and exit code 2; a request
@@ -190,8 +190,11 @@ def status(
     grid: Optional[str] = typer.Argument(None, help="a grid name or id; all grids when left out"),
     server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
     token: Optional[str] = typer.Option(None, help="any valid token (default: GRIDFLEET_TOKEN)"),
+    external_id: Optional[str] = typer.Option(
+        None, "--external-id", "--seed-config-id",
+        help="list the jobs (of GRID, or of every grid) with this external id, e.g. seed 001's config id"),
 ) -> None:
-    """Progress of all grids, or one grid's summary and its top 10 results."""
+    """Progress of all grids, or one grid's summary and its top 10 results; or the jobs with an external id."""
     from rich.console import Console
     from rich.table import Table
 
@@ -200,6 +203,19 @@ def status(
     console = Console(width=max(120, Console().width))
     client, url = _client(server, token)
     with client:
+        if external_id is not None:
+            params = {"external_id": external_id, **({"grid": grid} if grid else {})}
+            jobs = _request(client, url, "GET", "/jobs", params=params).json()["jobs"]
+            if not jobs:
+                fail(f"no job with external id {external_id}" + (f" in grid {grid}" if grid else ""), EXIT_FAILED)
+            table = Table(title=f"jobs with external id {external_id}")
+            for column in ("job", "grid", "state", "seed", "config", "result"):
+                table.add_column(column)
+            for job in jobs:
+                table.add_row(str(job["job_id"]), job["grid"], job["state"], str(job["seed"]),
+                              json.dumps(job["config"], sort_keys=True), _short_result(job["result"]))
+            console.print(table)
+            return
         if grid is None:
             grids = _request(client, url, "GET", "/grids").json()["grids"]
             table = Table(title="grids")
@@ -223,14 +239,154 @@ def status(
     head.add_row("jobs", f"{summary['total']} total: " + ", ".join(f"{summary['counts'][s]} {s}" for s in JOB_STATES))
     head.add_row("progress", f"{100 * summary['progress']:.1f}%")
     head.add_row("best", _best(summary["best"]))
+    if summary.get("parent"):
+        head.add_row("refined from", f"{summary['parent']['name']} (grid {summary['parent']['id']})")
+    if summary.get("children"):
+        head.add_row("refined into", ", ".join(c["name"] for c in summary["children"]))
     console.print(head)
     top = Table(title="top 10 results" + (f" by {summary['objective']}" if summary["objective"] else ""))
-    for column in ("job", "state", "seed", "config", "result"):
+    with_ids = any(row.get("external_id") for row in results[:10])  # e.g. seed 001's config id
+    for column in ("job", "state", "seed", *(["external id"] if with_ids else []), "config", "result"):
         top.add_column(column)
     for row in results[:10]:
-        top.add_row(str(row["job_id"]), row["state"], str(row["seed"]), json.dumps(row["config"], sort_keys=True),
+        top.add_row(str(row["job_id"]), row["state"], str(row["seed"]),
+                    *([row.get("external_id") or "-"] if with_ids else []), json.dumps(row["config"], sort_keys=True),
                     json.dumps(row["result"], sort_keys=True) if row["result"] is not None else "-")
     console.print(top)
+
+
+def _short_result(result: Optional[dict]) -> str:
+    """A result without its long lists (loss curves), for a table cell."""
+    if result is None:
+        return "-"
+    return json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, sort_keys=True)
+
+
+# ---- import and refine (seed 001's own files and its next stage) ------------------------------------------
+@app.command("import")
+def import_results(
+    grid_file: Path = typer.Argument(..., metavar="GRID.yaml", help="the grid: trainer gated_rnn, its training "
+                                     "config (batch, history, steps, corpus) and name"),
+    configs: Path = typer.Argument(..., metavar="rnn_configs.json", help="the seed's config list"),
+    results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="result files or folders "
+                                         "(results_01_all/)"),
+    log_every: int = typer.Option(50, min=1, help="the seed's log_frequency when its files were written"),
+    local: bool = typer.Option(False, "--local", help="write into this machine's database (settings.database_url, "
+                               "the one `gridfleet run` uses) instead of through the API"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Import seed 001's rnn_configs.json and result files into a grid: its configs become the grid's jobs,
+    the finished ones are stored as succeeded with their results (no training), only the rest will run.
+    Importing again changes nothing; a job that already ran here keeps its own result (skipped)."""
+    from worker import trainers
+    from worker.trainers import gated_rnn, slmfun
+
+    data = load_grid_file(grid_file)
+    if data.get("trainer") != "gated_rnn":
+        fail(f"{grid_file}: import reads seed 001's files; the grid's trainer must be gated_rnn, "
+             f"not {data.get('trainer')!r}")
+    try:
+        rnn = slmfun.read_configs(configs)
+        finished, claims = slmfun.read_results(results)
+        body = slmfun.import_body(data, rnn, finished, lambda c: trainers.parse_config("gated_rnn", c),
+                                  gated_rnn.dataset_name, log_every)
+    except (slmfun.SeedFileError, trainers.InvalidConfig) as exc:
+        fail(str(exc))
+    if local:
+        reply = _import_locally(body, grid_file)
+    else:
+        client, url = _client(server, token)
+        with client:
+            reply = _request(client, url, "POST", "/grids/import", json=body).json()
+    typer.echo(f"grid {reply['name']}: {reply['total']} jobs ({reply['created']} created, {reply['existing']} "
+               f"already there); {reply['imported']} imported as done, {len(reply['skipped'])} skipped")
+    for skip in reply["skipped"]:
+        typer.echo(f"  skipped job {skip['job_id']}: {skip['reason']}")
+    if claims:
+        typer.echo(f"{len(claims)} result file(s) hold only the seed's claim (a run that never finished); "
+                   "those configs will run: " + ", ".join(p.name for p in claims[:5])
+                   + (" ..." if len(claims) > 5 else ""))
+
+
+def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from common.db import make_engine, migrate
+    from scheduler.grids import DoneJob, submit_grid
+    from scheduler.spec import GridError, GridSpec
+    from worker import trainers
+
+    try:
+        spec = GridSpec.model_validate(body["grid"])
+    except ValidationError as exc:
+        fail(f"{grid_file}: " + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
+    settings = _settings()
+    try:
+        migrate(settings.database_url)
+        engine = make_engine(settings.database_url)
+        try:
+            out = submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id,
+                              done=[DoneJob(**d) for d in body["done"]])
+        finally:
+            engine.dispose()
+    except (GridError, trainers.InvalidConfig) as exc:
+        fail(f"{grid_file}: {exc}")
+    except SQLAlchemyError as exc:
+        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+    return {"name": out.name, "total": out.total, "created": out.created, "existing": out.existing,
+            "imported": out.imported, "skipped": out.skipped}
+
+
+@app.command()
+def refine(
+    grid: str = typer.Argument(..., help="the finished (or partly finished) grid, by name or id"),
+    more_sets: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help="more changes"),
+    top: str = typer.Option("10%", help="the best N% (rounded down, at least 1) or N of the succeeded jobs"),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE to change in every chosen config "
+                                             "(VALUE as YAML: 512, true, [1, 2]); repeat, or list several after it"),
+    by: Optional[str] = typer.Option(None, help="rank by min:METRIC or max:METRIC (default: the grid's objective)"),
+    name: Optional[str] = typer.Option(None, help="the new grid's name (default: made from the parent and changes)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the new grid spec as JSON, submit nothing"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Submit the top of GRID by its objective again with changed keys, as a new grid linked to GRID
+    (seed 001's next stage: `gridfleet refine seed-001 --top 10% --set state_size=512 n_layers=3 steps=50000`).
+    A bad key or value is the trainer's 422, naming the field."""
+    from urllib.parse import quote
+
+    from scheduler import refine as r
+
+    try:
+        amount = r.parse_top(top)
+        changes = r.parse_sets([*(sets or []), *(more_sets or [])])
+    except r.RefineError as exc:
+        fail(str(exc))
+    if not changes:
+        fail("nothing to change: give --set KEY=VALUE (e.g. --set state_size=512 n_layers=3)")
+    client, url = _client(server, token)
+    with client:
+        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
+        objective = by or summary["objective"]
+        if not objective:
+            fail(f"grid {summary['name']} has no objective; pass --by min:METRIC or --by max:METRIC")
+        rows = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
+        try:
+            chosen = r.choose(rows, objective, amount)
+        except r.RefineError as exc:  # the grid has nothing to refine (yet)
+            fail(f"grid {summary['name']}: {exc}", EXIT_FAILED)
+        try:
+            spec = r.refined_spec(summary, chosen, changes, name)
+        except r.RefineError as exc:
+            fail(f"grid {summary['name']}: {exc}")
+        if dry_run:
+            typer.echo(json.dumps(spec, indent=2, sort_keys=True))
+            return
+        reply = _request(client, url, "POST", "/grids", json=spec).json()
+    typer.echo(f"grid {reply['name']} (refined from {summary['name']}: top {len(chosen)} by {objective}): "
+               f"{reply['created']} created, {reply['existing']} already existed")
 
 
 # ---- run (embedded) and worker -----------------------------------------------------------------

@@ -34,6 +34,9 @@ grids = Table(
     Column("state", String(20), nullable=False, default="active"),  # active | paused | cancelled
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # The grid this one was refined from (`gridfleet refine`); NULL for a grid of its own. No foreign key
+    # (see migration 0005); submit_grid checks the parent exists.
+    Column("parent_id", Integer),
 )
 
 jobs = Table(
@@ -70,7 +73,11 @@ jobs = Table(
     Column("created_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", Float),
+    # The id the trainer's users know the config by outside gridfleet (trainer.external_id; seed 001's config
+    # id), so their old result files can be joined with ours; NULL when the trainer offers none.
+    Column("external_id", String(200)),
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
+    Index("ix_jobs_external_id", "external_id"),
     Index("ix_jobs_lease", "state", "lease_expires_at"),
     Index("ix_jobs_grid_state", "grid_id", "state"),
 )

@@ -1,9 +1,11 @@
 """Grid lifecycle in the database: submit (dedup by job key), cancel, pause, resume; job cancel/retry."""
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -12,7 +14,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import schema as t
 from common.db import is_sqlite, write_tx
 from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
-from scheduler.spec import ConfigValidator, GridError, GridSpec, expand, validate_jobs
+from scheduler.spec import ConfigValidator, GridError, GridSpec, canonical_json, expand, job_key, validate_jobs
+
+ExternalId = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> the id its users know
 
 
 class NotFound(LookupError):
@@ -31,18 +35,61 @@ class SubmitResult:
     existing: int
     total: int
     new_grid: bool
+    imported: int = 0  # done jobs stored as succeeded with their result (`gridfleet import`)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # done jobs left alone, and why
+
+
+@dataclass
+class DoneJob:
+    """A job of the grid that already ran elsewhere (the seed's own result files): stored as succeeded with
+    its result, so it is never trained here. Identity as submit's: {trainer, config, seed}."""
+    config: dict[str, Any]
+    seed: int
+    result: dict[str, Any]
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 log = logging.getLogger("gridfleet.scheduler")
 
 
-def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator, analyze: bool = True) -> SubmitResult:
+def _done_by_key(spec: GridSpec, keys: set[str], done: list[DoneJob]) -> dict[str, DoneJob]:
+    out = {}
+    for i, item in enumerate(done):
+        try:
+            key = job_key(spec.trainer, item.config, item.seed)
+        except (TypeError, ValueError) as exc:
+            raise GridError(f"done.{i}", f"values must be plain JSON (no NaN/inf): {exc}") from exc
+        if key not in keys:
+            raise GridError(f"done.{i}", f"its config and seed {item.seed} are not one of grid '{spec.name}''s jobs")
+        out[key] = item
+    return out
+
+
+def _external_ids(trainer: str, jobs, external_id: ExternalId) -> dict[str, str | None]:
+    by_config: dict[str, str | None] = {}  # once per distinct config: seeds share one
+    out = {}
+    for job in jobs:
+        marker = canonical_json(job.config)
+        if marker not in by_config:
+            by_config[marker] = external_id(trainer, job.config)
+        out[job.key] = by_config[marker]
+    return out
+
+
+def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator, analyze: bool = True,
+                external_id: ExternalId | None = None, done: list[DoneJob] | None = None) -> SubmitResult:
     """Store a grid and the jobs it expands to that are not already there. All or nothing.
 
     After adding ANALYZE_AFTER_ROWS jobs or more it refreshes the planner's statistics (`analyze=False`:
-    don't; the benchmark uses it to show the slow plan)."""
+    don't; the benchmark uses it to show the slow plan). `external_id` gives each new job its
+    jobs.external_id. `done` (import): those jobs are stored as succeeded with their result in the same
+    transaction, so no worker can claim them first; a done job that is already there is imported only if it
+    never ran (queued, no attempt), and otherwise skipped and listed in `skipped`."""
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
     validate_jobs(spec, jobs, validate_config)
+    done_by_key = _done_by_key(spec, {job.key for job in jobs}, done or [])
+    external = _external_ids(spec.trainer, jobs, external_id) if external_id else {}
     now = time.time()
     spec_json = spec.model_dump(mode="json")
     dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
@@ -50,6 +97,14 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
     with write_tx(engine) as conn:
         grid = conn.execute(find_grid).first()
         grid_id = None
+        parent_id = None
+        if spec.parent is not None:
+            if spec.parent == spec.name:
+                raise GridError("parent", f"grid '{spec.name}' cannot be its own parent")
+            try:
+                parent_id = grid_id_by_name(conn, spec.parent)
+            except NotFound:
+                raise GridError("parent", f"no grid named '{spec.parent}' to refine") from None
         if grid is None:
             # ON CONFLICT: a concurrent POST of the same new grid (Postgres) makes this wait for it and
             # insert nothing, instead of failing on the unique name; then the grid is read back.
@@ -57,7 +112,7 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                 dialect_insert(t.grids)
                 .values(name=spec.name, trainer=spec.trainer, spec=spec_json, objective=spec.objective,
                         priority=spec.priority, max_attempts=spec.max_attempts, state="active",
-                        created_at=now, updated_at=now)
+                        created_at=now, updated_at=now, parent_id=parent_id)
                 .on_conflict_do_nothing(index_elements=["name"])
                 .returning(t.grids.c.id)
             ).scalar()
@@ -86,11 +141,12 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                 "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
                 "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
                 "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
+                "external_id": external.get(job.key),
             }
             for job in jobs
             if job.key not in existing_keys
         ]
-        created = 0
+        created, imported_ids = 0, []
         if rows:
             # A concurrent POST of the same grid may have inserted some keys: skip them, never duplicate,
             # and count only the rows this call really inserted.
@@ -101,6 +157,14 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             )
             for start in range(0, len(rows), 5000):
                 created += len(conn.execute(stmt, rows[start:start + 5000]).all())
+        skipped = []
+        if done_by_key:
+            # Still inside this transaction: no worker sees the new jobs as queued before they are done.
+            imported_ids, skipped = _import_done(conn, grid_id, done_by_key)
+        if imported_ids:
+            conn.execute(insert(t.events), [{"job_id": job_id, "time": now, "kind": "imported",
+                                             "message": "result imported; the job was not trained here"}
+                                            for job_id in imported_ids])
     if analyze and created >= ANALYZE_AFTER_ROWS:
         # Fresh statistics keep the claim on its index (see refresh_planner_stats). The jobs are stored
         # already: a failure here only costs speed, so it is logged and the submit stays a success.
@@ -110,7 +174,44 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             log.warning("ANALYZE jobs after adding %d jobs failed: %s", created,
                         type(getattr(exc, "orig", None) or exc).__name__)
     return SubmitResult(grid_id=grid_id, name=spec.name, created=created, existing=len(jobs) - created,
-                        total=len(jobs), new_grid=new_grid)
+                        total=len(jobs), new_grid=new_grid, imported=len(imported_ids), skipped=skipped)
+
+
+def _done_values(item: DoneJob) -> dict[str, Any]:
+    return {"state": "succeeded", "result": item.result, "started_at": item.started_at,
+            "finished_at": item.finished_at, "progress_done": 1.0, "progress_total": 1.0}
+
+
+def _import_done(conn, grid_id: int, done: dict[str, DoneJob]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Import results into the grid's stored jobs: only into one that never ran. A job that ran here keeps its
+    own result (skipped, with the reason); importing the same result twice changes nothing."""
+    imported, skipped = [], []
+    keys, found = list(done), []
+    for start in range(0, len(keys), 1000):  # bounded IN lists (SQLite caps bound parameters)
+        found += conn.execute(select(t.jobs.c.id, t.jobs.c.key, t.jobs.c.state, t.jobs.c.attempts, t.jobs.c.result)
+                              .where(t.jobs.c.grid_id == grid_id, t.jobs.c.key.in_(keys[start:start + 1000]))).all()
+    for row in sorted(found, key=lambda r: r.id):
+        item = done[row.key]
+        if row.state == "succeeded" and row.attempts == 0 and _loads(row.result) == item.result:
+            continue  # imported before: nothing to do
+        if row.state == "queued" and row.attempts == 0:
+            # The claim cannot take it in between: the WHERE repeats the check inside this transaction.
+            changed = conn.execute(
+                update(t.jobs).where(t.jobs.c.id == row.id, t.jobs.c.state == "queued", t.jobs.c.attempts == 0)
+                .values(**_done_values(item))
+            ).rowcount
+            if changed:
+                imported.append(row.id)
+                continue
+        reason = ("imported before with another result; that one is kept" if row.attempts == 0 and
+                  row.state == "succeeded" else f"it is {row.state} after {row.attempts} attempt(s) here; "
+                  "its own state and result are kept")
+        skipped.append({"job_id": row.id, "state": row.state, "attempts": row.attempts, "reason": reason})
+    return imported, skipped
+
+
+def _loads(value):
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def grid_id_by_name(conn, name_or_id: str | int) -> int:

@@ -55,6 +55,10 @@ def grid_summary(engine: Engine, grid: str | int) -> dict[str, Any]:
             select(t.jobs.c.id, t.jobs.c.result, t.jobs.c.config, t.jobs.c.seed)
             .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "succeeded")
         ).all()
+        parent = conn.execute(select(t.grids.c.id, t.grids.c.name).where(t.grids.c.id == g["parent_id"])).first() \
+            if g["parent_id"] is not None else None
+        children = conn.execute(select(t.grids.c.id, t.grids.c.name).where(t.grids.c.parent_id == grid_id)
+                                .order_by(t.grids.c.id)).all()
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
     partial = sum(min(1.0, (d or 0) / tot) for d, tot in running if tot)
@@ -64,6 +68,9 @@ def grid_summary(engine: Engine, grid: str | int) -> dict[str, Any]:
         "total": total, "counts": {s: counts.get(s, 0) for s in JOB_STATES},
         "progress": (done + partial) / total if total else 1.0,
         "best": _best(finished, g["objective"]),
+        # `gridfleet refine` links a follow-up grid to the grid it took its best configs from.
+        "parent": {"id": parent.id, "name": parent.name} if parent else None,
+        "children": [{"id": c.id, "name": c.name} for c in children],
         "spec": _loads(g["spec"]),
     }
 
@@ -82,11 +89,12 @@ def grid_results(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
         objective = conn.execute(select(t.grids.c.objective).where(t.grids.c.id == grid_id)).scalar()
         rows = conn.execute(
             select(t.jobs.c.id, t.jobs.c.state, t.jobs.c.seed, t.jobs.c.config, t.jobs.c.result,
-                   t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.checkpoint)
+                   t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.checkpoint, t.jobs.c.external_id)
             .where(t.jobs.c.grid_id == grid_id).order_by(t.jobs.c.id)
         ).all()
     results = [
         {"job_id": r.id, "state": r.state, "seed": r.seed, "attempts": r.attempts, "step": r.step,
+         "external_id": r.external_id,
          "config": _loads(r.config), "result": _loads(r.result), "checkpoint": _loads(r.checkpoint)}
         for r in rows
     ]
@@ -114,10 +122,13 @@ def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
 
 
 def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Flat rows for CSV: job_id, state, seed, config.*, result.* (list values as JSON)."""
+    """Flat rows for CSV: job_id, state, seed, attempts, external_id (when there is one), config.*, result.*
+    (list values as JSON)."""
     flat = []
     for row in rows:
         out = {"job_id": row["job_id"], "state": row["state"], "seed": row["seed"], "attempts": row["attempts"]}
+        if row.get("external_id") is not None:  # a column only for trainers that have one (seed 001's id)
+            out["external_id"] = row["external_id"]
         flatten("config", row["config"], out)
         flatten("result", row["result"] or {}, out)
         flat.append(out)
@@ -140,6 +151,24 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any]:
     out["grid"] = grid_name
     out["attempt_history"] = [dict(a) for a in attempts]
     return out
+
+
+def list_jobs(engine: Engine, external_id: str | None = None, grid: str | int | None = None,
+              state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """Jobs by external id (seed 001's config id: on its index), grid and/or state, newest last."""
+    with read_tx(engine) as conn:
+        query = (select(t.jobs.c.id, t.jobs.c.grid_id, t.grids.c.name.label("grid"), t.jobs.c.state,
+                        t.jobs.c.seed, t.jobs.c.external_id, t.jobs.c.attempts, t.jobs.c.config, t.jobs.c.result)
+                 .join(t.grids, t.grids.c.id == t.jobs.c.grid_id))
+        if external_id is not None:
+            query = query.where(t.jobs.c.external_id == external_id)
+        if grid is not None:
+            query = query.where(t.jobs.c.grid_id == grid_id_by_name(conn, grid))
+        if state is not None:
+            query = query.where(t.jobs.c.state == state)
+        rows = conn.execute(query.order_by(t.jobs.c.id).limit(limit)).mappings().all()
+    return [{**{k: v for k, v in r.items() if k not in ("id", "config", "result")}, "job_id": r["id"],
+             "config": _loads(r["config"]), "result": _loads(r["result"])} for r in rows]
 
 
 def job_metrics(engine: Engine, job_id: int, after_step: int | None = None, limit: int = 10_000) -> list[dict]:

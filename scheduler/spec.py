@@ -155,6 +155,8 @@ class GridSpec(BaseModel):
     objective: str | None = Field(default=None, pattern=r"^(min|max):[A-Za-z0-9_./-]+$")
     # Where checkpoints and results go: "local" or "hf://owner/repo[@branch]"; unset: each worker's setting.
     store: str | None = Field(default=None, max_length=300)
+    # The grid this one refines (`gridfleet refine`): a grid name; stored as grids.parent_id when created.
+    parent: str | None = Field(default=None, pattern=NAME_PATTERN)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -288,6 +290,9 @@ def _set_path(config: dict[str, Any], path: str, value: Any) -> None:
         node[parts[-1]] = value
     else:
         raise GridError(f"axes.{path}", f"'{parts[-1]}' is not an index of the list in the base config")
+
+
+set_path = _set_path  # for scheduler/refine.py: the same dotted keys as axes
 
 
 def _get_path(config: dict[str, Any], path: str) -> Any:

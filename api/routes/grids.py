@@ -1,4 +1,5 @@
-"""Grids: submit (dedup by job key), list, get, cancel/pause/resume, results as JSON or CSV."""
+"""Grids: submit (dedup by job key), import (submit with done jobs), list, get, cancel/pause/resume, results
+as JSON or CSV."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from api import auth
 from api.deps import get_engine
 from api.errors import ApiError
-from api.models import INT32_MAX
+from api.models import INT32_MAX, ImportGrid
 from api.responses import JSONResponse
 from api.routes.common import grid_ref, router as make_router
 from scheduler import grids as g
@@ -36,13 +37,13 @@ def _check_storable(spec: GridSpec) -> None:
         raise GridError("objective", f"at most {OBJECTIVE_MAX} characters")
 
 
-def _submit(engine: Engine, spec: GridSpec) -> g.SubmitResult:
+def _submit(engine: Engine, spec: GridSpec, done: list[g.DoneJob] | None = None) -> g.SubmitResult:
     try:
         _check_storable(spec)
         try:
-            return g.submit_grid(engine, spec, trainers.validate_config)
+            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done)
         except IntegrityError:  # a concurrent POST created the same grid first: add to it instead
-            return g.submit_grid(engine, spec, trainers.validate_config)
+            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done)
     except trainers.UnknownTrainer as exc:
         raise ApiError(422, "unknown_trainer", str(exc), [{"field": "trainer", "message": str(exc)}],
                        extra={"known_trainers": trainers.known_trainers()}) from None
@@ -60,6 +61,20 @@ def post_grid(spec: GridSpec, engine: Engine = Depends(get_engine)):
     return JSONResponse(
         {"grid_id": result.grid_id, "name": result.name, "created": result.created,
          "existing": result.existing, "total": result.total, "new_grid": result.new_grid},
+        status_code=201 if result.new_grid else 200,
+    )
+
+
+@router.post("/grids/import", status_code=201, dependencies=[Depends(auth.submitter)],
+             summary="Submit a grid with some of its jobs already done elsewhere (their results, no training)")
+def import_grid(body: ImportGrid, engine: Engine = Depends(get_engine)):
+    done = [g.DoneJob(config=d.config, seed=d.seed, result=d.result, started_at=d.started_at,
+                      finished_at=d.finished_at) for d in body.done]
+    result = _submit(engine, body.grid, done)
+    return JSONResponse(
+        {"grid_id": result.grid_id, "name": result.name, "created": result.created,
+         "existing": result.existing, "total": result.total, "new_grid": result.new_grid,
+         "imported": result.imported, "skipped": result.skipped},
         status_code=201 if result.new_grid else 200,
     )
 

@@ -1,7 +1,7 @@
-"""Jobs: detail, metrics, events, cancel, retry."""
+"""Jobs: find (by external id, grid, state), detail, metrics, events, cancel, retry."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Path, Query
 from sqlalchemy import Engine
@@ -10,12 +10,33 @@ from api import auth
 from api.deps import get_engine
 from api.models import INT32_MAX
 from api.responses import JSONResponse
-from api.routes.common import router as make_router
+from api.errors import ApiError
+from api.routes.common import grid_ref, router as make_router
 from scheduler import grids as g
 from scheduler import reports
+from scheduler.policy import JOB_STATES
 
 router = make_router("jobs")
 JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="the job's id")]
+
+
+@router.get("/jobs", dependencies=[Depends(auth.any_role)],
+            summary="Find jobs by external id (e.g. seed 001's config id), grid and/or state")
+def list_jobs(
+    external_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+                                             description="the id the trainer's users know a config by")] = None,
+    seed_config_id: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+                                                description="seed 001's name for external_id")] = None,
+    grid: Annotated[str | None, Query(min_length=1, max_length=100, description="a grid name or id")] = None,
+    state: Annotated[Literal[JOB_STATES] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    engine: Engine = Depends(get_engine),
+):
+    if external_id is not None and seed_config_id is not None and external_id != seed_config_id:
+        raise ApiError(422, "invalid_request", "external_id and seed_config_id name the same thing; give one",
+                       [{"field": "seed_config_id", "message": "differs from external_id"}])
+    rows = reports.list_jobs(engine, external_id or seed_config_id, grid_ref(grid) if grid else None, state, limit)
+    return JSONResponse({"jobs": rows})
 
 
 @router.get("/jobs/{job_id}", dependencies=[Depends(auth.any_role)])

@@ -29,3 +29,31 @@ def test_migrate_is_idempotent_and_keeps_data(db_url, engine):
     assert {"grids", "jobs", "attempts", "workers", "metrics", "events", "tokens", "alembic_version"} <= set(
         inspect(engine).get_table_names()
     )
+
+
+def test_0005_keeps_grids_and_jobs_made_before_it(db_url):
+    """external_id and parent_id arrive empty on a database with jobs in it; the grid keeps its jobs."""
+    from alembic import command
+    from sqlalchemy import select, text
+
+    from common.db import alembic_config, make_engine
+
+    command.downgrade(alembic_config(db_url), "0004")  # the fixture's database is at head already
+    assert "external_id" not in {c["name"] for c in inspect(make_engine(db_url)).get_columns("jobs")}
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO grids (name, trainer, spec, priority, max_attempts, state, created_at, "
+                              "updated_at) VALUES ('old', 'noop', '{}', 0, 3, 'active', 1, 1)"))
+            conn.execute(text("INSERT INTO jobs (grid_id, key, trainer, config, seed, priority, gpus, resources, "
+                              "state, not_before, cancel_requested, max_attempts, attempts, errors, losses, "
+                              "preemptions, created_at) SELECT id, 'k', 'noop', '{}', 0, 0, 0, '{}', 'queued', 0, "
+                              "false, 3, 0, 0, 0, 0, 1 FROM grids"))
+        migrate(db_url)
+        from common import schema as t
+
+        with engine.connect() as conn:
+            assert conn.execute(select(t.grids.c.name, t.grids.c.parent_id)).all() == [("old", None)]
+            assert conn.execute(select(t.jobs.c.key, t.jobs.c.external_id)).all() == [("k", None)]
+    finally:
+        engine.dispose()

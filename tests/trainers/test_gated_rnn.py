@@ -188,3 +188,70 @@ def test_forget_gate_scales_the_next_state():
             layer.forget_gate.bias.fill_(-100.0)
         _, (state,) = model(torch.tensor([1, 2]), [torch.ones(2, 8)])
         assert torch.allclose(state, torch.zeros_like(state)), state_gate
+
+
+# ---- (e) steps_mode, the result's seed fields, the seed's config id ----------------------------------
+def test_the_seeds_run_length_is_the_end_of_the_window_past_the_asked_steps():
+    seed = Config(steps=10_000, history=1000, steps_mode="finish_window")
+    assert seed.end_step == 10_989  # 11 windows of 999 predictions
+    assert seed.end_step // seed.log_every == 219  # the points in the seed's result files
+    assert Config(steps=10_000, history=1000).end_step == 10_000
+    assert Config(steps=999, history=1000, steps_mode="finish_window").end_step == 999  # a full window: no more
+
+
+def test_finish_window_runs_to_the_end_of_the_window_and_logs_as_the_seed(tmp_path, corpus):
+    h = Harness(tmp_path)
+    # windows of 4 bytes = 3 steps: 10 asked end at 12; the curve has the points at 5 and 10 only
+    result = h.train(**small(corpus, steps=10, history=4, log_every=5, steps_mode="finish_window"))
+    assert result["steps"] == 12 and result["steps_asked"] == 10 and result["steps_mode"] == "finish_window"
+    assert [s for s, _ in h.reports] == [5, 10, 12]  # the end is still reported, for progress
+    assert [s for s, _ in result["loss_curve"]] == [5, 10]
+    assert result["min_loss"] == min(v for _, v in result["loss_curve"])
+    assert result["final_loss"] == h.reports[-1][1]["loss"]
+    assert h.of("progress")[-1][:2] == (12, 12)
+
+
+def test_finish_window_with_fewer_steps_than_log_every_still_has_a_curve(tmp_path, corpus):
+    result = Harness(tmp_path).train(**small(corpus, steps=2, history=4, log_every=50, steps_mode="finish_window"))
+    assert result["steps"] == 3 and [s for s, _ in result["loss_curve"]] == [3]
+
+
+def test_stop_and_resume_is_exact_in_finish_window_mode(tmp_path, corpus):
+    # 40 asked, windows of 19: the run ends at 57; it checkpoints there, and the stop at 45 falls past the
+    # asked steps, inside the last window
+    config = small(corpus, steps=40, history=20, log_every=5, checkpoint_every=57, steps_mode="finish_window")
+    straight = Harness(tmp_path / "a", seed=5)
+    full = straight.train(**config)
+    assert full["steps"] == 57
+    first = Harness(tmp_path / "b", seed=5, stop_at=45)
+    assert first.train(**config) == {"stopped_at": 45}
+    began = first.store.load(first.checkpoints[-1])["start_time"]
+    second = Harness(tmp_path / "b", seed=5, checkpoint=first.checkpoints[-1])
+    resumed = second.train(**config)
+    assert second.reports[0][0] == 50
+    for key in ("min_loss", "final_loss", "steps", "steps_asked", "loss_curve", "parameters"):
+        assert full[key] == resumed[key], key
+    a, b = _final_state(straight), _final_state(second)
+    assert a["step"] == b["step"] == 57
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert [r for r in straight.reports if r[0] > 45] == second.reports
+    assert resumed["start_time"] == began <= resumed["end_time"]  # the first attempt's start, as the seed's
+
+
+def test_the_result_carries_what_the_seeds_did(tmp_path, corpus):
+    result = Harness(tmp_path).train(**small(corpus, steps=6, history=4, batch_size=3, log_every=3))
+    assert (result["batch_size"], result["history_size"], result["dataset"]) == (3, 4, "corpus")
+    assert result["start_time"] <= result["end_time"]
+    assert gated_rnn.dataset_name("../../datasets/enwik8.txt") == "enwik8"
+    assert gated_rnn.dataset_name("stdlib") == "stdlib"
+
+
+def test_external_id_is_the_seeds_config_id():
+    # results_01_all/00fff5ea...json in ASFaust/SLMfun holds this config under this id
+    config = Config(**{**dict.fromkeys(FLAGS, False), "use_new_state": True, "use_old_state": True}, n_layers=2,
+                    state_size=256, steps=50, batch_size=4, lr=0.5)  # training keys are not part of it
+    assert gated_rnn.external_id(config) == "00fff5ea2993a3d7c03ddf1e8356fe917578d7eedce95b5b04260f659b411b55"
+    assert trainers.external_id("gated_rnn", {**config.model_dump(), "steps": 7}) == gated_rnn.external_id(config)
+    assert trainers.external_id("gated_rnn", {"state_size": 32}) != gated_rnn.external_id(config)
+    assert trainers.external_id("noop", {}) is None  # a trainer without one

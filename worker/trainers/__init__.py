@@ -1,4 +1,5 @@
-"""Trainers: one file each, with a pydantic `Config` and `train(config, ctx) -> dict`.
+"""Trainers: one file each, with a pydantic `Config` and `train(config, ctx) -> dict` (and, optionally,
+`external_id(config)`: the id its users know a config by).
 
 Modules are imported lazily so validating a `noop` grid never imports torch.
 """
@@ -64,3 +65,13 @@ def parse_config(name: str, config: dict[str, Any]) -> BaseModel:
 
 def validate_config(name: str, config: dict[str, Any]) -> None:
     parse_config(name, config)
+
+
+def external_id(name: str, config: dict[str, Any]) -> str | None:
+    """The id a trainer's users know a config by outside gridfleet (seed 001's config id), or None.
+
+    A trainer offers it as `external_id(cfg: Config) -> str`; the scheduler stores it with each job
+    (jobs.external_id, searchable with GET /jobs?external_id=...)."""
+    module = load(name)
+    make = getattr(module, "external_id", None)
+    return None if make is None else make(parse_config(name, config))

@@ -5,17 +5,25 @@ GatedLayer -> Linear(state -> 256). No BPTT: the recurrent state is detached aft
 optimizer steps once per time step. `batch_size` streams read windows of `history` bytes at random
 offsets; the state resets at each window. The logged loss is the seed's moving average
 (0.95 * avg + 0.05 * loss, starting from 3.0), reported every `log_every` steps.
+
+`steps_mode`: "exact" stops at `steps`; "finish_window" ends where the seed's loop does, at the end of the
+window that passes `steps` (10,000 asked, windows of 999 steps: 11 windows = 10,989 steps, and a curve of
+10,989 // 50 = 219 points, as in the seed's result files). `external_id` is the seed's config id, stored
+with each job so old result files can be joined with ours (worker/trainers/slmfun.py reads those files).
 """
 from __future__ import annotations
 
 import sysconfig
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from worker.trainers import slmfun
 
 VOCAB = 256
 STDLIB_CORPUS = "stdlib"
@@ -38,6 +46,7 @@ class Config(BaseModel):
     batch_size: int = Field(default=256, ge=1, le=65_536, validation_alias=AliasChoices("batch_size", "batch"))
     history: int = Field(default=1000, ge=2, validation_alias=AliasChoices("history", "history_size", "history_len", "window"))
     steps: int = Field(default=10_000, ge=1, validation_alias=AliasChoices("steps", "n_steps", "training_steps"))
+    steps_mode: Literal["exact", "finish_window"] = "exact"
     lr: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("lr", "learning_rate"))
     # "stdlib" (the Python standard library's sources: on every machine) or a path, e.g. to enwik8.
     corpus: str = STDLIB_CORPUS
@@ -50,6 +59,24 @@ class Config(BaseModel):
         if not (self.use_new_state or self.use_old_state):
             raise ValueError("use_new_state and use_old_state are both false: the output would see no state")
         return self
+
+    @property
+    def end_step(self) -> int:
+        """The step training ends at: `steps`, or the end of the window that reaches it (the seed's)."""
+        if self.steps_mode == "exact":
+            return self.steps
+        per_window = self.history - 1
+        return -(-self.steps // per_window) * per_window
+
+
+def external_id(cfg: Config) -> str:
+    """The seed's config id (init_experiments.py): sha256 of its sorted-keys JSON of the nine RNN keys."""
+    return slmfun.seed_config_id(cfg.model_dump(include=set(slmfun.RNN_KEYS)))
+
+
+def dataset_name(corpus: str) -> str:
+    """What the seed's results call the dataset ("enwik8" for ../../datasets/enwik8.txt)."""
+    return STDLIB_CORPUS if corpus == STDLIB_CORPUS else Path(corpus).stem
 
 
 class GatedLayer(nn.Module):
@@ -140,7 +167,7 @@ def train(cfg: Config, ctx) -> dict:
     state = ctx.load_checkpoint()
     if state is None:
         state = {"step": 0, "window_pos": 0, "starts": None, "hidden": None, "avg": 3.0,
-                 "min_loss": float("inf"), "curve": [], "elapsed": 0.0}
+                 "min_loss": float("inf"), "curve": [], "elapsed": 0.0, "start_time": time.time()}
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -151,16 +178,19 @@ def train(cfg: Config, ctx) -> dict:
     min_loss, curve = state["min_loss"], state["curve"]
     hidden = [h.to(device) for h in hidden] if hidden is not None else None
     began = time.monotonic() - state["elapsed"]
+    start_time = state.get("start_time", time.time())  # wall clock of the first attempt's start, as the seed's
+    end = cfg.end_step
 
     def checkpoint() -> None:
         ctx.save_checkpoint({
             "step": step, "window_pos": pos, "starts": starts, "hidden": [h.cpu() for h in hidden],
             "avg": float(avg), "min_loss": min_loss, "curve": curve, "elapsed": time.monotonic() - began,
+            "start_time": start_time,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "sampler": sampler.get_state(), "torch_rng": torch.get_rng_state(),
         })
 
-    while step < cfg.steps:
+    while step < end:
         if pos == 0:  # a new window: fresh offsets, state reset
             starts = torch.randint(0, len(data) - cfg.history + 1, (cfg.batch_size,), generator=sampler)
             hidden = [torch.zeros(cfg.batch_size, cfg.state_size, device=device) for _ in range(cfg.n_layers)]
@@ -174,18 +204,24 @@ def train(cfg: Config, ctx) -> dict:
         avg = 0.95 * avg + 0.05 * loss.detach()
         step += 1
         pos = (pos + 1) % (cfg.history - 1)  # a window of `history` bytes holds history - 1 predictions
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        on_log = step % cfg.log_every == 0
+        if on_log or step == end:
             value = float(avg)
-            min_loss = min(min_loss, value)
-            curve.append([step, value])
+            # The seed's curve holds only the every-log_every points (and a run shorter than that, its end).
+            if on_log or cfg.steps_mode == "exact" or not curve:
+                min_loss = min(min_loss, value)
+                curve.append([step, value])
             ctx.report(step, loss=value, raw_loss=loss.item())
-            ctx.progress(step, cfg.steps)
+            ctx.progress(step, end)
         if step % cfg.checkpoint_every == 0 or ctx.should_stop():
             checkpoint()
             if ctx.should_stop():
                 return {"stopped_at": step}
+    # What the seed's result file holds, in our names: times, batch size, history size, dataset.
     return {
-        "min_loss": min_loss, "final_loss": float(avg), "steps": step, "loss_curve": curve,
-        "seconds": round(time.monotonic() - began, 2),
+        "min_loss": min_loss, "final_loss": float(avg), "steps": step, "steps_asked": cfg.steps,
+        "steps_mode": cfg.steps_mode, "loss_curve": curve, "seconds": round(time.monotonic() - began, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "start_time": start_time, "end_time": time.time(), "batch_size": cfg.batch_size,
+        "history_size": cfg.history, "dataset": dataset_name(cfg.corpus),
     }
