@@ -302,3 +302,19 @@ def test_config_rejects_inverted_clip_and_layers_for_rnn_1hl():
     with pytest.raises(ValidationError, match="rnn_xhl"):
         Config.model_validate({"model": {"num_layers": 2}})
     assert Config.model_validate({"model": {"name": "rnn_xhl", "num_layers": 2}}).model.num_layers == 2
+
+
+def test_batched_losses_equal_the_loop_for_several_sequences_and_two_layers():
+    """B > 1 sequences and a second layer take the time-major paths that one sequence does not."""
+    params, _, _ = small_net(hidden=3, layers=2, seed=4)
+    waves = perturbation.sine_data(perturbation.DataSection(length=9, amplitude=1.0, n_samples=3, phase="random",
+                                                            train_split=1.0, validation_split=0.0), 4,
+                                   torch.float64)["train"]
+    inputs, targets = waves[:, :-1], waves[:, 1:]
+    w = perturbation.flatten(params)
+    vectors = w + 1e-2 * torch.randn(5, w.numel(), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    batched = perturbation.member_losses(vectors, params, inputs, targets, chunk=5)
+    looped = [reference_loss({k: t[0] for k, t in perturbation.unflatten(v.unsqueeze(0), params).items()},
+                             inputs, targets) for v in vectors]
+    assert inputs.shape[0] == 3
+    assert torch.allclose(batched, torch.tensor(looped, dtype=torch.float64), rtol=1e-12, atol=0)

@@ -175,36 +175,65 @@ def elman_forward(params: Params, inputs: Tensor, noise: list[Tensor | None] | N
                   keep_states: bool = False) -> tuple[Tensor, list[Tensor]]:
     """M members at once: params are stacked [M, ...]; inputs [B, T, I] (shared) or [M, B, T, I].
     `noise`, one per layer plus the output, is added to that layer's pre-activations ([M, B, T, units]).
-    Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H]."""
+    Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H] (views)."""
     members = population.size(params)
     params = {key: value.contiguous() for key, value in params.items()}  # else bmm copies W at every step
-    if inputs.dim() == 3:
-        inputs = inputs.unsqueeze(0).expand(members, *inputs.shape)
-    _, batch, steps, _ = inputs.shape
+    batch, steps = inputs.shape[-3], inputs.shape[-2]
     layers = layers_of(params)
     noise = noise or [None] * (len(layers) + 1)
     states: list[Tensor] = []
-    sequence = inputs.transpose(1, 2)  # [M, T, B, units]
-    for (wxh, whh, bh), extra in zip(layers, noise):
-        hidden = params[whh].shape[-1]
-        # The input projection of all time steps is one batched matmul; only h @ Whh is sequential.
-        drive = population.linear(sequence.reshape(members, steps * batch, -1), params[wxh], params[bh])
-        drive = drive.view(members, steps, batch, hidden)
+    sequence = inputs  # the layer's input: [B, T, I] or [M, B, T, I], then [T, M, B, H]
+    for index, ((wxh, whh, bh), extra) in enumerate(zip(layers, noise)):
+        drive = input_drive(sequence, params[wxh], params[bh], members, time_major=index > 0)
         if extra is not None:
-            drive = drive + extra.transpose(1, 2)
-        drive = drive.transpose(0, 1).contiguous()  # [T, M, B, H]: a step's slice is contiguous, bmm copies none
-        h = torch.zeros(members, batch, hidden, dtype=inputs.dtype, device=inputs.device)
-        outputs = []
-        for t in range(steps):
-            h = torch.baddbmm(drive[t], h, params[whh]).tanh_()  # in place: one tensor per step, not two
-            outputs.append(h)
-        sequence = torch.stack(outputs, dim=1)
-        states.append(sequence.transpose(1, 2))
-    y = population.linear(sequence.reshape(members, steps * batch, -1), params["Why"], params["by"])
-    y = y.view(members, steps, batch, -1).transpose(1, 2)
+            drive += extra.permute(2, 0, 1, 3)
+        sequence = recurrence(drive, params[whh])
+        states.append(sequence.permute(1, 2, 0, 3))
+    # [M, T * B, H] is a view of the time-major states when B = 1 (bmm reads its strides as they are)
+    hidden = sequence.transpose(0, 1).reshape(members, steps * batch, -1)
+    y = population.linear(hidden, params["Why"], params["by"]).view(members, steps, batch, -1).transpose(1, 2)
     if noise[-1] is not None:
         y = y + noise[-1]
     return y, states if keep_states else []
+
+
+def input_drive(x: Tensor, wxh: Tensor, bh: Tensor, members: int, time_major: bool) -> Tensor:
+    """x Wxh + bh for every step, before the recurrence, as a new time-major [T, M, B, H] tensor.
+    x: shared [B, T, I], each member's own [M, B, T, I], or a lower layer's states [T, M, B, I] (time_major)."""
+    hidden = wxh.shape[-1]
+    if time_major:
+        steps, _, batch, _ = x.shape
+        drive = population.linear(x.transpose(0, 1).reshape(members, steps * batch, -1), wxh, bh)
+        return drive.view(members, steps, batch, hidden).transpose(0, 1).contiguous()
+    batch, steps = x.shape[-3], x.shape[-2]
+    if x.dim() == 3 and x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
+        drive = x.new_empty(steps, members, batch, hidden)  # out=: broadcasting alone may pick another layout
+        return torch.addcmul(bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1),
+                             wxh.view(1, members, 1, hidden), out=drive)
+    if x.dim() == 3:  # shared inputs: one matmul for all members, [T * B, I] @ [I, M * H], already time-major
+        rows = x.transpose(0, 1).reshape(steps * batch, -1)
+        flat = torch.addmm(bh.reshape(1, -1), rows, wxh.transpose(0, 1).reshape(wxh.shape[1], -1))
+        return flat.view(steps, batch, members, hidden).transpose(1, 2).contiguous()  # a view when B = 1
+    rows = x.transpose(1, 2).reshape(members, steps * batch, -1)
+    drive = population.linear(rows, wxh, bh).view(members, steps, batch, hidden)
+    return drive.transpose(0, 1).contiguous()
+
+
+def recurrence(drive: Tensor, whh: Tensor) -> Tensor:
+    """h[t] = tanh(drive[t] + h[t - 1] Whh), h[-1] = 0, over a time-major drive [T, M, B, H] -> the states.
+    Under no_grad in place on the drive: two kernels a step, whatever M, and no allocation. With autograd
+    (bptt) the same sums out of place: in-place steps on views of one tensor would defeat its version checks."""
+    drive = drive.contiguous()  # a strided step would be copied by every baddbmm_
+    rows = drive.unbind(0)
+    if torch.is_grad_enabled() and (drive.requires_grad or whh.requires_grad):
+        out = [rows[0].tanh()]
+        for row in rows[1:]:
+            out.append(torch.baddbmm(row, out[-1], whh).tanh())
+        return torch.stack(out)
+    rows[0].tanh_()
+    for previous, row in zip(rows[:-1], rows[1:]):
+        row.baddbmm_(previous, whh).tanh_()
+    return drive
 
 
 def sequence_loss(y: Tensor, targets: Tensor) -> Tensor:
