@@ -207,9 +207,11 @@ def input_drive(x: Tensor, wxh: Tensor, bh: Tensor, members: int, time_major: bo
         return drive.view(members, steps, batch, hidden).transpose(0, 1).contiguous()
     batch, steps = x.shape[-3], x.shape[-2]
     if x.dim() == 3 and x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
-        drive = x.new_empty(steps, members, batch, hidden)  # out=: broadcasting alone may pick another layout
-        return torch.addcmul(bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1),
-                             wxh.view(1, members, 1, hidden), out=drive)
+        args = (bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1), wxh.view(1, members, 1, hidden))
+        if torch.is_grad_enabled() and (wxh.requires_grad or bh.requires_grad):
+            return torch.addcmul(*args)  # autograd refuses out=; recurrence() makes the layout contiguous
+        # out=: broadcasting alone picks another layout than [T, M, B, H], and the copy costs as much again
+        return torch.addcmul(*args, out=x.new_empty(steps, members, batch, hidden))
     if x.dim() == 3:  # shared inputs: one matmul for all members, [T * B, I] @ [I, M * H], already time-major
         rows = x.transpose(0, 1).reshape(steps * batch, -1)
         flat = torch.addmm(bh.reshape(1, -1), rows, wxh.transpose(0, 1).reshape(wxh.shape[1], -1))
