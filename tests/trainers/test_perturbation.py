@@ -318,3 +318,49 @@ def test_batched_losses_equal_the_loop_for_several_sequences_and_two_layers():
                              inputs, targets) for v in vectors]
     assert inputs.shape[0] == 3
     assert torch.allclose(batched, torch.tensor(looped, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+# ---- (g) the seed's learning-rate schedules (its LearnerRateScheduler, `learning_rate: 'linear'`) -----------
+def test_linear_and_step_schedules_follow_the_seeds_formulas():
+    linear = perturbation.TrainingSection(learning_rate="linear", base_learning_rate=0.1, final_learning_rate=0.0,
+                                          epochs=110)
+    # warm-up 0 -> 0.1 over the seed's 10 epochs, then down to 0 at epoch 110, held there after
+    assert [perturbation.learning_rate(linear, e) for e in (0, 5, 10, 60, 110, 200)] == pytest.approx(
+        [0.0, 0.05, 0.1, 0.05, 0.0, 0.0])
+    step = perturbation.TrainingSection(learning_rate="step", base_learning_rate=1.0, warmup_epochs=5,
+                                        decay_rate=0.7, decay_steps=10)
+    # base * 0.7 ** (epoch // 10) after the warm-up, as the seed's int(step / decay_steps)
+    assert [perturbation.learning_rate(step, e) for e in (0, 4, 5, 9, 10, 25)] == pytest.approx(
+        [0.0, 0.8, 1.0, 1.0, 0.7, 0.49])
+    constant = perturbation.TrainingSection(learning_rate="constant", base_learning_rate=0.01, warmup_epochs=0)
+    assert perturbation.learning_rate(constant, 0) == perturbation.learning_rate(constant, 99) == 0.01
+    assert perturbation.learning_rate(perturbation.TrainingSection(learning_rate=3e-4), 7) == 3e-4
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"learning_rate": "linear", "base_learning_rate": 0.1}, "needs final_learning_rate"),
+    ({"learning_rate": "step", "base_learning_rate": 0.1, "decay_rate": 0.7}, "needs decay_steps"),
+    ({"learning_rate": "step"}, "needs base_learning_rate, decay_rate, decay_steps"),
+    ({"learning_rate": 1e-4, "decay_rate": 0.7}, "decay_rate belong to a learning_rate schedule"),
+    ({"learning_rate": "linear", "base_learning_rate": 0.1, "final_learning_rate": 0.0, "epochs": 10}, "must exceed"),
+])
+def test_schedule_keys_are_demanded_and_refused_by_name(training, message):
+    with pytest.raises(ValidationError, match=message):
+        Config.model_validate({"training": training})
+    config = yaml.safe_load(SEED_CONFIG_YML)
+    config["training"]["learning_rate"] = "cosine"
+    with pytest.raises(trainers.InvalidConfig) as info:
+        trainers.validate_config("perturbation", config)
+    assert any(name.startswith("config.training.learning_rate") for name, _ in info.value.errors), info.value.errors
+
+
+def test_training_steps_with_the_scheduled_rate_and_reports_it(tmp_path):
+    config = tiny("bptt", epochs=12, log_every=1, learning_rate="step", base_learning_rate=1e-4, warmup_epochs=2,
+                  decay_rate=0.5, decay_steps=4)
+    h = Harness(tmp_path, seed=2)
+    h.train(**config)
+    rates = [values["learning_rate"] for _, values in h.reports]
+    assert rates == pytest.approx([0.0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 5e-5, 5e-5, 2.5e-5, 2.5e-5, 2.5e-5, 2.5e-5])
+    # epoch 0 stepped with rate 0: the weights after it are the initial ones, so its loss repeats at epoch 1
+    losses = [values["train_loss"] for _, values in h.reports]
+    assert losses[0] == losses[1] and losses[2] != losses[1] and losses[-1] < losses[0]

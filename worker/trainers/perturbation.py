@@ -23,7 +23,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -56,7 +56,16 @@ class TrainingSection(BaseModel):
 
     gradient_computation: Literal["wp", "np", "spsa", "bptt"] = "wp"
     epochs: int = Field(default=2000, ge=1, le=10_000_000)
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1e3, validation_alias=AliasChoices("learning_rate", "lr"))
+    # A number, or the seed's later LearnerRateScheduler type written in its place (`learning_rate: 'linear'`).
+    learning_rate: Annotated[float, Field(gt=0.0, le=1e3)] | Literal["constant", "linear", "step"] = Field(
+        default=1e-4, validation_alias=AliasChoices("learning_rate", "lr"))
+    base_learning_rate: float | None = Field(default=None, gt=0.0, le=1e3, description="a schedule's rate after warm-up")
+    warmup_epochs: int = Field(default=10, ge=0, description="a schedule's linear warm-up from lr_init (the seed's 10)")
+    lr_init: float = Field(default=0.0, ge=0.0, le=1e3)
+    final_learning_rate: float | None = Field(default=None, ge=0.0, le=1e3, description="linear: the rate it ends at")
+    total_epochs: int | None = Field(default=None, ge=1, description="linear: the epoch it ends at; None: epochs")
+    decay_rate: float | None = Field(default=None, gt=0.0, le=1e3, description="step: the factor every decay_steps")
+    decay_steps: int | None = Field(default=None, ge=1, description="step: epochs between decays")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="None: the job's seed")
     perturbation: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("perturbation", "sigma"))
     num_directions: int = Field(default=16, ge=1, le=100_000, description="spsa and np draws per step")
@@ -75,6 +84,26 @@ class TrainingSection(BaseModel):
     def _clip_range(self):
         if self.clip and self.min_clip_value > self.max_clip_value:
             raise ValueError(f"min_clip_value ({self.min_clip_value}) is above max_clip_value ({self.max_clip_value})")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_keys(self):
+        """The keys the seed's LearnerRateScheduler demands of each type, refused by name when missing."""
+        schedule_keys = ("base_learning_rate", "final_learning_rate", "total_epochs", "decay_rate", "decay_steps")
+        if not isinstance(self.learning_rate, str):
+            given = [key for key in schedule_keys if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} belong to a learning_rate schedule ('constant', 'linear', "
+                                 f"'step'); learning_rate is the number {self.learning_rate}")
+            return self
+        needed = {"constant": ["base_learning_rate"], "linear": ["base_learning_rate", "final_learning_rate"],
+                  "step": ["base_learning_rate", "decay_rate", "decay_steps"]}[self.learning_rate]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"learning_rate '{self.learning_rate}' needs {', '.join(missing)}")
+        if self.learning_rate == "linear" and (self.total_epochs or self.epochs) <= self.warmup_epochs:
+            raise ValueError(f"linear: total_epochs ({self.total_epochs or self.epochs}) must exceed "
+                             f"warmup_epochs ({self.warmup_epochs})")
         return self
 
 
@@ -342,9 +371,28 @@ def gradient(cfg: TrainingSection, params: Params, inputs: Tensor, targets: Tens
     return bptt_gradient(params, inputs, targets)
 
 
-def update(cfg: TrainingSection, params: Params, grad: Tensor) -> Params:
+def learning_rate(cfg: TrainingSection, epoch: int) -> float:
+    """The rate of epoch `epoch` (from 0), as the seed's LearnerRateScheduler: a number is constant; a schedule
+    warms up linearly from lr_init to base_learning_rate over warmup_epochs, then 'constant' holds it, 'linear'
+    goes to final_learning_rate at total_epochs (held there after; the seed's formula would go on below it) and
+    'step' multiplies it by decay_rate every decay_steps epochs (counted from 0, warm-up included)."""
+    if not isinstance(cfg.learning_rate, str):
+        return cfg.learning_rate
+    base = cfg.base_learning_rate
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr_init + (base - cfg.lr_init) * epoch / cfg.warmup_epochs
+    if cfg.learning_rate == "linear":
+        total = cfg.total_epochs or cfg.epochs
+        done = min(epoch, total) - cfg.warmup_epochs
+        return base - (base - cfg.final_learning_rate) * done / (total - cfg.warmup_epochs)
+    if cfg.learning_rate == "step":
+        return base * cfg.decay_rate ** (epoch // cfg.decay_steps)
+    return base
+
+
+def update(cfg: TrainingSection, params: Params, grad: Tensor, lr: float) -> Params:
     """The seed's step: w += -lr * grad, each element clipped to [min_clip_value, max_clip_value]."""
-    step = -cfg.learning_rate * grad
+    step = -lr * grad
     if cfg.clip:
         step = step.clamp(cfg.min_clip_value, cfg.max_clip_value)
     return population.member(unflatten((flatten(params) + step).unsqueeze(0), params), 0)
@@ -442,7 +490,8 @@ def train(cfg: Config, ctx) -> dict:
             grad, train_loss_t, forwards = gradient(tc, params, *pairs["train"], generator)
             val_loss = float(elman_losses(population.expand(params, 1), *pairs["val"])[0])
             train_loss = float(train_loss_t)
-            params = update(tc, params, grad)
+            lr = learning_rate(tc, state["epoch"])
+            params = update(tc, params, grad, lr)
             state["epoch"] += 1
             state["forwards"] += forwards + 1
             state["best_val"] = min(state["best_val"], val_loss)
@@ -452,7 +501,7 @@ def train(cfg: Config, ctx) -> dict:
                 state["curve"].append([epoch, train_loss, val_loss])
                 ctx.report(epoch, train_loss=train_loss, val_loss=val_loss, loss=train_loss,
                            train_mse=train_loss / points, val_mse=val_loss / points,
-                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"])
+                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"], learning_rate=lr)
                 ctx.progress(epoch, tc.epochs)
             if ctx.should_stop():
                 checkpoint()
