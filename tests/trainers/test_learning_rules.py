@@ -140,6 +140,23 @@ def test_one_step_of_the_forward_is_the_rate_equation(dynamics):
         assert torch.allclose(out[0, p], y[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dynamics", ["tanh", "seed"])
+def test_the_in_place_forward_equals_the_autograd_one(dynamics):
+    """GA fitness and validation run in place without autograd; BPTT's forward builds the graph: same numbers."""
+    gen = torch.Generator().manual_seed(8)
+    net = learning_rules.init_network(Config(rule="ga", hidden_size=9, N=2), gen, members=4)
+    net["b"] = 0.1 * torch.randn(4, 9, generator=gen)
+    u, h0 = torch.randn(30, 4, 6, 4, generator=gen), torch.randn(6, 9, generator=gen)
+    with torch.no_grad():
+        out, states = learning_rules.run(net, u, h0, 0.1, dynamics, keep_states=True)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in net.items()}
+    graph_out, graph_states = learning_rules.run(leaves, u, h0, 0.1, dynamics, keep_states=True)
+    assert graph_out.requires_grad and not out.requires_grad
+    assert torch.allclose(out, graph_out.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(states, graph_states.detach(), rtol=1e-5, atol=1e-6)
+    assert states[-1].std() > 0.1  # not a faded-out network
+
+
 def test_batched_fitness_equals_a_per_member_loop():
     cfg = Config(rule="ga", population=7, trial_length=25, hidden_size=12)
     gen = torch.Generator().manual_seed(5)
