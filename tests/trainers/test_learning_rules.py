@@ -187,6 +187,27 @@ def test_one_batched_forward_serves_members_with_their_own_trials():
     assert not torch.allclose(together[:, 0], together[:, 1])
 
 
+def test_ga_populations_of_several_configs_share_one_fitness_forward():
+    """Two GA configs of a grid (variance 0.1 and 1.0, own seeds and trials): one concat population, one forward,
+    and each config's fitness equals its own forward's."""
+    parts = []
+    for seed, variance in ((1, 0.1), (2, 1.0)):
+        cfg = Config(rule="ga", population=3, parents=2, variance=variance, trial_length=20, hidden_size=8)
+        gen = torch.Generator().manual_seed(seed)
+        pop = learning_rules.init_network(cfg, gen, members=3)
+        inputs, targets = learning_rules.make_trials(cfg, 12, gen)
+        h0 = learning_rules.initial_states(cfg, 1, gen).expand(12, 8)
+        parts.append((cfg, pop, inputs, targets, h0))
+    whole, slices = population.concat([pop for _, pop, _, _, _ in parts])
+    inputs = torch.cat([x.unsqueeze(1).expand(-1, 3, -1, -1) for _, _, x, _, _ in parts], dim=1)  # [T, 6, B, I]
+    targets = torch.cat([t.expand(3, -1) for _, _, _, t, _ in parts])  # [6, B]
+    h0 = torch.cat([h.expand(3, -1, -1) for _, _, _, _, h in parts])  # [6, B, H]
+    together = learning_rules.fitness(parts[0][0], whole, inputs, targets, h0)
+    for (cfg, pop, x, t, h), members in zip(parts, slices):
+        assert torch.allclose(together[members], learning_rules.fitness(cfg, pop, x, t, h), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together[slices[0]], together[slices[1]])
+
+
 def test_next_generation_keeps_the_best_and_mutates_children_of_the_five_best():
     cfg = Config(rule="ga", population=12, hidden_size=6, mutation=0.005)
     gen = torch.Generator().manual_seed(6)
