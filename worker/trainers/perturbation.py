@@ -72,7 +72,8 @@ class TrainingSection(BaseModel):
     clip: bool = True
     max_clip_value: float = 3.0
     min_clip_value: float = -3.0
-    dtype: Literal["float64", "float32"] = "float64"  # the seed's numpy float64; wp's L(w + sigma) - L(w) needs it
+    # the seed's numpy float64; float32 serves wp at sigma 1e-3 as well (docs/perturbation.md), not at 1e-5
+    dtype: Literal["float64", "float32"] = "float64"
     members_per_forward: int = Field(default=4096, ge=1, description="caps the memory of one stacked forward")
     log_every: int = Field(default=1, ge=1, description="epochs between reports")
     checkpoint_every: int = Field(default=200, ge=1, description="epochs")
