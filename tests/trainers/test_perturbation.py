@@ -364,3 +364,18 @@ def test_training_steps_with_the_scheduled_rate_and_reports_it(tmp_path):
     # epoch 0 stepped with rate 0: the weights after it are the initial ones, so its loss repeats at epoch 1
     losses = [values["train_loss"] for _, values in h.reports]
     assert losses[0] == losses[1] and losses[2] != losses[1] and losses[-1] < losses[0]
+
+
+def test_batched_losses_equal_the_loop_for_two_input_features():
+    """The forward itself takes any input width (the sine task uses one): the addmm path, not the addcmul one."""
+    model = perturbation.ModelSection(input_size=2, hidden_size=4)
+    gen = torch.Generator().manual_seed(9)
+    params = {k: 0.5 * v for k, v in perturbation.init_params(model, 9, torch.float64).items()}
+    inputs = torch.randn(2, 7, 2, generator=gen, dtype=torch.float64)
+    targets = torch.randn(2, 7, 1, generator=gen, dtype=torch.float64)
+    w = perturbation.flatten(params)
+    vectors = w + 1e-2 * torch.randn(4, w.numel(), generator=gen, dtype=torch.float64)
+    batched = perturbation.member_losses(vectors, params, inputs, targets, chunk=4)
+    looped = [reference_loss({k: t[0] for k, t in perturbation.unflatten(v.unsqueeze(0), params).items()},
+                             inputs, targets) for v in vectors]
+    assert torch.allclose(batched, torch.tensor(looped, dtype=torch.float64), rtol=1e-12, atol=0)
