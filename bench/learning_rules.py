@@ -14,12 +14,15 @@ T (its per-step cost is constant; the printout says so). Fitness of the three is
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from worker.trainers import learning_rules as lr
-from worker.trainers import population
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's trainer, not an installed one
+from worker.trainers import learning_rules as lr  # noqa: E402
+from worker.trainers import population  # noqa: E402
 
 
 def block_fitness(cfg: lr.Config, pop: dict, inputs: torch.Tensor, targets: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -55,15 +58,39 @@ def time_generations(methods: dict, cfg, pop, inputs, targets, h0, gen, repeats:
     """Best of `repeats` wall times of one generation per method (fitness, then selection and mutation on
     the device). The methods take turns within each repeat, so a change in the machine's load hits all."""
     best = dict.fromkeys(methods, float("inf"))
+    clock = clock_for(device)
     for _ in range(repeats):
         for name, (method, steps) in methods.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             losses = method(cfg, pop, inputs[:steps], targets, h0)
             lr.next_generation(cfg, pop, losses, gen)
             sync(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * len(inputs) / steps)
+            best[name] = min(best[name], (clock() - start) * len(inputs) / steps)
     return best
+
+
+def clock_for(device: str):
+    """CPU time on a CPU with one thread (a shared machine deschedules long runs more than short ones, and
+    wall time would flatter the shorter); wall time on a GPU or with several threads."""
+    return time.process_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def kernel_floor(members: int, batch: int, units: int, steps: int, device: str, repeats: int = 20) -> float:
+    """Seconds of the two kernels every method must run for `members` networks over `steps` steps: the
+    recurrent matmul [members, batch, units] @ [members, units, units] and tanh of the result (the input
+    projection and the readout aside). Timed on one step, best of `repeats`."""
+    h = torch.randn(members, batch, units, device=device)
+    phi, weight = torch.tanh(h), 0.1 * torch.randn(members, units, units, device=device)
+    clock, best = clock_for(device), float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = clock()
+        h.baddbmm_(phi, weight, beta=0.9, alpha=0.1)
+        torch.tanh(h, out=phi)
+        sync(device)
+        best = min(best, clock() - start)
+    return best * steps
 
 
 def main() -> None:
@@ -78,10 +105,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
+    clock = "CPU" if clock_for(device) is time.process_time else "wall"
     print(f"device {device}, {torch.get_num_threads()} thread(s), CDI N=2, 50 units, T {args.trial_length}; "
-          f"seconds per generation (best of {args.repeats}, methods taking turns)")
+          f"seconds per generation ({clock} time, best of {args.repeats}, methods taking turns)")
     print(f"{'P':>4} {'batch':>6} {'batched':>9} {'loop':>9} {'block*':>9} {'loop/batched':>13} "
-          f"{'block/batched':>14}  same fitness")
+          f"{'block/batched':>14} {'floor P':>8} {'floor 1xP':>9}  same fitness")
     for batch in (int(b) for b in args.batches.split(",")):
         for P in (int(p) for p in args.populations.split(",")):
             cfg = lr.Config(rule="ga", population=P, trial_length=args.trial_length, batch_size=batch)
@@ -97,10 +125,14 @@ def main() -> None:
             methods = {"batched": (lr.fitness, args.trial_length), "loop": (loop_fitness, args.trial_length),
                        "block": (block_fitness, steps)}
             t = time_generations(methods, cfg, pop, inputs, targets, h0, gen, args.repeats, device)
+            floor = kernel_floor(P, batch, cfg.hidden_size, args.trial_length, device)
+            floor_one = P * kernel_floor(1, batch, cfg.hidden_size, args.trial_length, device)
             print(f"{P:>4} {batch:>6} {t['batched']:>9.3f} {t['loop']:>9.3f} {t['block']:>9.3f} "
-                  f"{t['loop'] / t['batched']:>12.1f}x {t['block'] / t['batched']:>13.1f}x  {same}", flush=True)
+                  f"{t['loop'] / t['batched']:>12.1f}x {t['block'] / t['batched']:>13.1f}x {floor:>8.3f} "
+                  f"{floor_one:>9.3f}  {same}", flush=True)
     print(f"* block: timed on {min(args.block_steps, args.trial_length)} steps, scaled to {args.trial_length}. "
-          "Targets (issue 10): loop/batched >= 10x, block/batched >= 3x on CPU.")
+          "floor P: the recurrent baddbmm + tanh alone for the P members at once, floor 1xP: for one member, "
+          "P times (what any loop must pay). Targets (issue 10): loop/batched >= 10x, block/batched >= 3x on CPU.")
 
 
 if __name__ == "__main__":

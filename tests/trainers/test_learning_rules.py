@@ -140,6 +140,23 @@ def test_one_step_of_the_forward_is_the_rate_equation(dynamics):
         assert torch.allclose(out[0, p], y[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("dynamics", ["tanh", "seed"])
+def test_the_in_place_forward_equals_the_autograd_one(dynamics):
+    """GA fitness and validation run in place without autograd; BPTT's forward builds the graph: same numbers."""
+    gen = torch.Generator().manual_seed(8)
+    net = learning_rules.init_network(Config(rule="ga", hidden_size=9, N=2), gen, members=4)
+    net["b"] = 0.1 * torch.randn(4, 9, generator=gen)
+    u, h0 = torch.randn(30, 4, 6, 4, generator=gen), torch.randn(6, 9, generator=gen)
+    with torch.no_grad():
+        out, states = learning_rules.run(net, u, h0, 0.1, dynamics, keep_states=True)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in net.items()}
+    graph_out, graph_states = learning_rules.run(leaves, u, h0, 0.1, dynamics, keep_states=True)
+    assert graph_out.requires_grad and not out.requires_grad
+    assert torch.allclose(out, graph_out.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(states, graph_states.detach(), rtol=1e-5, atol=1e-6)
+    assert states[-1].std() > 0.1  # not a faded-out network
+
+
 def test_batched_fitness_equals_a_per_member_loop():
     cfg = Config(rule="ga", population=7, trial_length=25, hidden_size=12)
     gen = torch.Generator().manual_seed(5)
@@ -168,6 +185,27 @@ def test_one_batched_forward_serves_members_with_their_own_trials():
         alone = learning_rules.run(population.expand(nets[p], 1), trials[p], h0[p], 0.1)
         assert torch.allclose(together[:, p], alone[:, 0], atol=1e-6)
     assert not torch.allclose(together[:, 0], together[:, 1])
+
+
+def test_ga_populations_of_several_configs_share_one_fitness_forward():
+    """Two GA configs of a grid (variance 0.1 and 1.0, own seeds and trials): one concat population, one forward,
+    and each config's fitness equals its own forward's."""
+    parts = []
+    for seed, variance in ((1, 0.1), (2, 1.0)):
+        cfg = Config(rule="ga", population=3, parents=2, variance=variance, trial_length=20, hidden_size=8)
+        gen = torch.Generator().manual_seed(seed)
+        pop = learning_rules.init_network(cfg, gen, members=3)
+        inputs, targets = learning_rules.make_trials(cfg, 12, gen)
+        h0 = learning_rules.initial_states(cfg, 1, gen).expand(12, 8)
+        parts.append((cfg, pop, inputs, targets, h0))
+    whole, slices = population.concat([pop for _, pop, _, _, _ in parts])
+    inputs = torch.cat([x.unsqueeze(1).expand(-1, 3, -1, -1) for _, _, x, _, _ in parts], dim=1)  # [T, 6, B, I]
+    targets = torch.cat([t.expand(3, -1) for _, _, _, t, _ in parts])  # [6, B]
+    h0 = torch.cat([h.expand(3, -1, -1) for _, _, _, _, h in parts])  # [6, B, H]
+    together = learning_rules.fitness(parts[0][0], whole, inputs, targets, h0)
+    for (cfg, pop, x, t, h), members in zip(parts, slices):
+        assert torch.allclose(together[members], learning_rules.fitness(cfg, pop, x, t, h), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together[slices[0]], together[slices[1]])
 
 
 def test_next_generation_keeps_the_best_and_mutates_children_of_the_five_best():

@@ -302,3 +302,80 @@ def test_config_rejects_inverted_clip_and_layers_for_rnn_1hl():
     with pytest.raises(ValidationError, match="rnn_xhl"):
         Config.model_validate({"model": {"num_layers": 2}})
     assert Config.model_validate({"model": {"name": "rnn_xhl", "num_layers": 2}}).model.num_layers == 2
+
+
+def test_batched_losses_equal_the_loop_for_several_sequences_and_two_layers():
+    """B > 1 sequences and a second layer take the time-major paths that one sequence does not."""
+    params, _, _ = small_net(hidden=3, layers=2, seed=4)
+    waves = perturbation.sine_data(perturbation.DataSection(length=9, amplitude=1.0, n_samples=3, phase="random",
+                                                            train_split=1.0, validation_split=0.0), 4,
+                                   torch.float64)["train"]
+    inputs, targets = waves[:, :-1], waves[:, 1:]
+    w = perturbation.flatten(params)
+    vectors = w + 1e-2 * torch.randn(5, w.numel(), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    batched = perturbation.member_losses(vectors, params, inputs, targets, chunk=5)
+    looped = [reference_loss({k: t[0] for k, t in perturbation.unflatten(v.unsqueeze(0), params).items()},
+                             inputs, targets) for v in vectors]
+    assert inputs.shape[0] == 3
+    assert torch.allclose(batched, torch.tensor(looped, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+# ---- (g) the seed's learning-rate schedules (its LearnerRateScheduler, `learning_rate: 'linear'`) -----------
+def test_linear_and_step_schedules_follow_the_seeds_formulas():
+    linear = perturbation.TrainingSection(learning_rate="linear", base_learning_rate=0.1, final_learning_rate=0.0,
+                                          epochs=110)
+    # warm-up 0 -> 0.1 over the seed's 10 epochs, then down to 0 at epoch 110, held there after
+    assert [perturbation.learning_rate(linear, e) for e in (0, 5, 10, 60, 110, 200)] == pytest.approx(
+        [0.0, 0.05, 0.1, 0.05, 0.0, 0.0])
+    step = perturbation.TrainingSection(learning_rate="step", base_learning_rate=1.0, warmup_epochs=5,
+                                        decay_rate=0.7, decay_steps=10)
+    # base * 0.7 ** (epoch // 10) after the warm-up, as the seed's int(step / decay_steps)
+    assert [perturbation.learning_rate(step, e) for e in (0, 4, 5, 9, 10, 25)] == pytest.approx(
+        [0.0, 0.8, 1.0, 1.0, 0.7, 0.49])
+    constant = perturbation.TrainingSection(learning_rate="constant", base_learning_rate=0.01, warmup_epochs=0)
+    assert perturbation.learning_rate(constant, 0) == perturbation.learning_rate(constant, 99) == 0.01
+    assert perturbation.learning_rate(perturbation.TrainingSection(learning_rate=3e-4), 7) == 3e-4
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"learning_rate": "linear", "base_learning_rate": 0.1}, "needs final_learning_rate"),
+    ({"learning_rate": "step", "base_learning_rate": 0.1, "decay_rate": 0.7}, "needs decay_steps"),
+    ({"learning_rate": "step"}, "needs base_learning_rate, decay_rate, decay_steps"),
+    ({"learning_rate": 1e-4, "decay_rate": 0.7}, "decay_rate belong to a learning_rate schedule"),
+    ({"learning_rate": "linear", "base_learning_rate": 0.1, "final_learning_rate": 0.0, "epochs": 10}, "must exceed"),
+])
+def test_schedule_keys_are_demanded_and_refused_by_name(training, message):
+    with pytest.raises(ValidationError, match=message):
+        Config.model_validate({"training": training})
+    config = yaml.safe_load(SEED_CONFIG_YML)
+    config["training"]["learning_rate"] = "cosine"
+    with pytest.raises(trainers.InvalidConfig) as info:
+        trainers.validate_config("perturbation", config)
+    assert any(name.startswith("config.training.learning_rate") for name, _ in info.value.errors), info.value.errors
+
+
+def test_training_steps_with_the_scheduled_rate_and_reports_it(tmp_path):
+    config = tiny("bptt", epochs=12, log_every=1, learning_rate="step", base_learning_rate=1e-4, warmup_epochs=2,
+                  decay_rate=0.5, decay_steps=4)
+    h = Harness(tmp_path, seed=2)
+    h.train(**config)
+    rates = [values["learning_rate"] for _, values in h.reports]
+    assert rates == pytest.approx([0.0, 5e-5, 1e-4, 1e-4, 5e-5, 5e-5, 5e-5, 5e-5, 2.5e-5, 2.5e-5, 2.5e-5, 2.5e-5])
+    # epoch 0 stepped with rate 0: the weights after it are the initial ones, so its loss repeats at epoch 1
+    losses = [values["train_loss"] for _, values in h.reports]
+    assert losses[0] == losses[1] and losses[2] != losses[1] and losses[-1] < losses[0]
+
+
+def test_batched_losses_equal_the_loop_for_two_input_features():
+    """The forward itself takes any input width (the sine task uses one): the addmm path, not the addcmul one."""
+    model = perturbation.ModelSection(input_size=2, hidden_size=4)
+    gen = torch.Generator().manual_seed(9)
+    params = {k: 0.5 * v for k, v in perturbation.init_params(model, 9, torch.float64).items()}
+    inputs = torch.randn(2, 7, 2, generator=gen, dtype=torch.float64)
+    targets = torch.randn(2, 7, 1, generator=gen, dtype=torch.float64)
+    w = perturbation.flatten(params)
+    vectors = w + 1e-2 * torch.randn(4, w.numel(), generator=gen, dtype=torch.float64)
+    batched = perturbation.member_losses(vectors, params, inputs, targets, chunk=4)
+    looped = [reference_loss({k: t[0] for k, t in perturbation.unflatten(v.unsqueeze(0), params).items()},
+                             inputs, targets) for v in vectors]
+    assert torch.allclose(batched, torch.tensor(looped, dtype=torch.float64), rtol=1e-12, atol=0)

@@ -37,3 +37,16 @@ def test_members_with_different_parameters_are_refused_by_name():
         population.stack([_params(generator), {"w": torch.zeros(3, 4)}])
     with pytest.raises(ValueError, match="at least one member"):
         population.stack([])
+
+
+def test_concat_stacks_several_populations_and_gives_each_its_slice_back():
+    generator = torch.Generator().manual_seed(3)
+    first = population.stack([_params(generator) for _ in range(2)])
+    second = population.stack([_params(generator) for _ in range(3)])
+    whole, slices = population.concat([first, second])
+    assert population.size(whole) == 5 and slices == [slice(0, 2), slice(2, 5)]
+    for pop, members in zip((first, second), slices):
+        for key in pop:
+            assert torch.equal(population.part(whole, members)[key], pop[key])
+    with pytest.raises(ValueError, match="member 2 has parameters"):
+        population.concat([first, {"w": torch.zeros(1, 3, 4)}])

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -56,14 +56,24 @@ class TrainingSection(BaseModel):
 
     gradient_computation: Literal["wp", "np", "spsa", "bptt"] = "wp"
     epochs: int = Field(default=2000, ge=1, le=10_000_000)
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1e3, validation_alias=AliasChoices("learning_rate", "lr"))
+    # A number, or the seed's later LearnerRateScheduler type written in its place (`learning_rate: 'linear'`).
+    learning_rate: Annotated[float, Field(gt=0.0, le=1e3)] | Literal["constant", "linear", "step"] = Field(
+        default=1e-4, validation_alias=AliasChoices("learning_rate", "lr"))
+    base_learning_rate: float | None = Field(default=None, gt=0.0, le=1e3, description="a schedule's rate after warm-up")
+    warmup_epochs: int = Field(default=10, ge=0, description="a schedule's linear warm-up from lr_init (the seed's 10)")
+    lr_init: float = Field(default=0.0, ge=0.0, le=1e3)
+    final_learning_rate: float | None = Field(default=None, ge=0.0, le=1e3, description="linear: the rate it ends at")
+    total_epochs: int | None = Field(default=None, ge=1, description="linear: the epoch it ends at; None: epochs")
+    decay_rate: float | None = Field(default=None, gt=0.0, le=1e3, description="step: the factor every decay_steps")
+    decay_steps: int | None = Field(default=None, ge=1, description="step: epochs between decays")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="None: the job's seed")
     perturbation: float = Field(default=1e-3, gt=0.0, le=10.0, validation_alias=AliasChoices("perturbation", "sigma"))
     num_directions: int = Field(default=16, ge=1, le=100_000, description="spsa and np draws per step")
     clip: bool = True
     max_clip_value: float = 3.0
     min_clip_value: float = -3.0
-    dtype: Literal["float64", "float32"] = "float64"  # the seed's numpy float64; wp's L(w + sigma) - L(w) needs it
+    # the seed's numpy float64; float32 serves wp at sigma 1e-3 as well (docs/perturbation.md), not at 1e-5
+    dtype: Literal["float64", "float32"] = "float64"
     members_per_forward: int = Field(default=4096, ge=1, description="caps the memory of one stacked forward")
     log_every: int = Field(default=1, ge=1, description="epochs between reports")
     checkpoint_every: int = Field(default=200, ge=1, description="epochs")
@@ -75,6 +85,26 @@ class TrainingSection(BaseModel):
     def _clip_range(self):
         if self.clip and self.min_clip_value > self.max_clip_value:
             raise ValueError(f"min_clip_value ({self.min_clip_value}) is above max_clip_value ({self.max_clip_value})")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_keys(self):
+        """The keys the seed's LearnerRateScheduler demands of each type, refused by name when missing."""
+        schedule_keys = ("base_learning_rate", "final_learning_rate", "total_epochs", "decay_rate", "decay_steps")
+        if not isinstance(self.learning_rate, str):
+            given = [key for key in schedule_keys if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} belong to a learning_rate schedule ('constant', 'linear', "
+                                 f"'step'); learning_rate is the number {self.learning_rate}")
+            return self
+        needed = {"constant": ["base_learning_rate"], "linear": ["base_learning_rate", "final_learning_rate"],
+                  "step": ["base_learning_rate", "decay_rate", "decay_steps"]}[self.learning_rate]
+        missing = [key for key in needed if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"learning_rate '{self.learning_rate}' needs {', '.join(missing)}")
+        if self.learning_rate == "linear" and (self.total_epochs or self.epochs) <= self.warmup_epochs:
+            raise ValueError(f"linear: total_epochs ({self.total_epochs or self.epochs}) must exceed "
+                             f"warmup_epochs ({self.warmup_epochs})")
         return self
 
 
@@ -175,36 +205,67 @@ def elman_forward(params: Params, inputs: Tensor, noise: list[Tensor | None] | N
                   keep_states: bool = False) -> tuple[Tensor, list[Tensor]]:
     """M members at once: params are stacked [M, ...]; inputs [B, T, I] (shared) or [M, B, T, I].
     `noise`, one per layer plus the output, is added to that layer's pre-activations ([M, B, T, units]).
-    Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H]."""
+    Returns y [M, B, T, O] and, with keep_states, each layer's hidden states [M, B, T, H] (views)."""
     members = population.size(params)
     params = {key: value.contiguous() for key, value in params.items()}  # else bmm copies W at every step
-    if inputs.dim() == 3:
-        inputs = inputs.unsqueeze(0).expand(members, *inputs.shape)
-    _, batch, steps, _ = inputs.shape
+    batch, steps = inputs.shape[-3], inputs.shape[-2]
     layers = layers_of(params)
     noise = noise or [None] * (len(layers) + 1)
     states: list[Tensor] = []
-    sequence = inputs.transpose(1, 2)  # [M, T, B, units]
-    for (wxh, whh, bh), extra in zip(layers, noise):
-        hidden = params[whh].shape[-1]
-        # The input projection of all time steps is one batched matmul; only h @ Whh is sequential.
-        drive = population.linear(sequence.reshape(members, steps * batch, -1), params[wxh], params[bh])
-        drive = drive.view(members, steps, batch, hidden)
+    sequence = inputs  # the layer's input: [B, T, I] or [M, B, T, I], then [T, M, B, H]
+    for index, ((wxh, whh, bh), extra) in enumerate(zip(layers, noise)):
+        drive = input_drive(sequence, params[wxh], params[bh], members, time_major=index > 0)
         if extra is not None:
-            drive = drive + extra.transpose(1, 2)
-        drive = drive.transpose(0, 1).contiguous()  # [T, M, B, H]: a step's slice is contiguous, bmm copies none
-        h = torch.zeros(members, batch, hidden, dtype=inputs.dtype, device=inputs.device)
-        outputs = []
-        for t in range(steps):
-            h = torch.baddbmm(drive[t], h, params[whh]).tanh_()  # in place: one tensor per step, not two
-            outputs.append(h)
-        sequence = torch.stack(outputs, dim=1)
-        states.append(sequence.transpose(1, 2))
-    y = population.linear(sequence.reshape(members, steps * batch, -1), params["Why"], params["by"])
-    y = y.view(members, steps, batch, -1).transpose(1, 2)
+            drive += extra.permute(2, 0, 1, 3)
+        sequence = recurrence(drive, params[whh])
+        states.append(sequence.permute(1, 2, 0, 3))
+    # [M, T * B, H] is a view of the time-major states when B = 1 (bmm reads its strides as they are)
+    hidden = sequence.transpose(0, 1).reshape(members, steps * batch, -1)
+    y = population.linear(hidden, params["Why"], params["by"]).view(members, steps, batch, -1).transpose(1, 2)
     if noise[-1] is not None:
         y = y + noise[-1]
     return y, states if keep_states else []
+
+
+def input_drive(x: Tensor, wxh: Tensor, bh: Tensor, members: int, time_major: bool) -> Tensor:
+    """x Wxh + bh for every step, before the recurrence, as a new time-major [T, M, B, H] tensor.
+    x: shared [B, T, I], each member's own [M, B, T, I], or a lower layer's states [T, M, B, I] (time_major)."""
+    hidden = wxh.shape[-1]
+    if time_major:
+        steps, _, batch, _ = x.shape
+        drive = population.linear(x.transpose(0, 1).reshape(members, steps * batch, -1), wxh, bh)
+        return drive.view(members, steps, batch, hidden).transpose(0, 1).contiguous()
+    batch, steps = x.shape[-3], x.shape[-2]
+    if x.dim() == 3 and x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
+        args = (bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1), wxh.view(1, members, 1, hidden))
+        if torch.is_grad_enabled() and (wxh.requires_grad or bh.requires_grad):
+            return torch.addcmul(*args)  # autograd refuses out=; recurrence() makes the layout contiguous
+        # out=: broadcasting alone picks another layout than [T, M, B, H], and the copy costs as much again
+        return torch.addcmul(*args, out=x.new_empty(steps, members, batch, hidden))
+    if x.dim() == 3:  # shared inputs: one matmul for all members, [T * B, I] @ [I, M * H], already time-major
+        rows = x.transpose(0, 1).reshape(steps * batch, -1)
+        flat = torch.addmm(bh.reshape(1, -1), rows, wxh.transpose(0, 1).reshape(wxh.shape[1], -1))
+        return flat.view(steps, batch, members, hidden).transpose(1, 2).contiguous()  # a view when B = 1
+    rows = x.transpose(1, 2).reshape(members, steps * batch, -1)
+    drive = population.linear(rows, wxh, bh).view(members, steps, batch, hidden)
+    return drive.transpose(0, 1).contiguous()
+
+
+def recurrence(drive: Tensor, whh: Tensor) -> Tensor:
+    """h[t] = tanh(drive[t] + h[t - 1] Whh), h[-1] = 0, over a time-major drive [T, M, B, H] -> the states.
+    Under no_grad in place on the drive: two kernels a step, whatever M, and no allocation. With autograd
+    (bptt) the same sums out of place: in-place steps on views of one tensor would defeat its version checks."""
+    drive = drive.contiguous()  # a strided step would be copied by every baddbmm_
+    rows = drive.unbind(0)
+    if torch.is_grad_enabled() and (drive.requires_grad or whh.requires_grad):
+        out = [rows[0].tanh()]
+        for row in rows[1:]:
+            out.append(torch.baddbmm(row, out[-1], whh).tanh())
+        return torch.stack(out)
+    rows[0].tanh_()
+    for previous, row in zip(rows[:-1], rows[1:]):
+        row.baddbmm_(previous, whh).tanh_()
+    return drive
 
 
 def sequence_loss(y: Tensor, targets: Tensor) -> Tensor:
@@ -311,9 +372,28 @@ def gradient(cfg: TrainingSection, params: Params, inputs: Tensor, targets: Tens
     return bptt_gradient(params, inputs, targets)
 
 
-def update(cfg: TrainingSection, params: Params, grad: Tensor) -> Params:
+def learning_rate(cfg: TrainingSection, epoch: int) -> float:
+    """The rate of epoch `epoch` (from 0), as the seed's LearnerRateScheduler: a number is constant; a schedule
+    warms up linearly from lr_init to base_learning_rate over warmup_epochs, then 'constant' holds it, 'linear'
+    goes to final_learning_rate at total_epochs (held there after; the seed's formula would go on below it) and
+    'step' multiplies it by decay_rate every decay_steps epochs (counted from 0, warm-up included)."""
+    if not isinstance(cfg.learning_rate, str):
+        return cfg.learning_rate
+    base = cfg.base_learning_rate
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr_init + (base - cfg.lr_init) * epoch / cfg.warmup_epochs
+    if cfg.learning_rate == "linear":
+        total = cfg.total_epochs or cfg.epochs
+        done = min(epoch, total) - cfg.warmup_epochs
+        return base - (base - cfg.final_learning_rate) * done / (total - cfg.warmup_epochs)
+    if cfg.learning_rate == "step":
+        return base * cfg.decay_rate ** (epoch // cfg.decay_steps)
+    return base
+
+
+def update(cfg: TrainingSection, params: Params, grad: Tensor, lr: float) -> Params:
     """The seed's step: w += -lr * grad, each element clipped to [min_clip_value, max_clip_value]."""
-    step = -cfg.learning_rate * grad
+    step = -lr * grad
     if cfg.clip:
         step = step.clamp(cfg.min_clip_value, cfg.max_clip_value)
     return population.member(unflatten((flatten(params) + step).unsqueeze(0), params), 0)
@@ -411,7 +491,8 @@ def train(cfg: Config, ctx) -> dict:
             grad, train_loss_t, forwards = gradient(tc, params, *pairs["train"], generator)
             val_loss = float(elman_losses(population.expand(params, 1), *pairs["val"])[0])
             train_loss = float(train_loss_t)
-            params = update(tc, params, grad)
+            lr = learning_rate(tc, state["epoch"])
+            params = update(tc, params, grad, lr)
             state["epoch"] += 1
             state["forwards"] += forwards + 1
             state["best_val"] = min(state["best_val"], val_loss)
@@ -421,7 +502,7 @@ def train(cfg: Config, ctx) -> dict:
                 state["curve"].append([epoch, train_loss, val_loss])
                 ctx.report(epoch, train_loss=train_loss, val_loss=val_loss, loss=train_loss,
                            train_mse=train_loss / points, val_mse=val_loss / points,
-                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"])
+                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"], learning_rate=lr)
                 ctx.progress(epoch, tc.epochs)
             if ctx.should_stop():
                 checkpoint()

@@ -27,6 +27,24 @@ def stack(members: Sequence[Mapping[str, Tensor]]) -> Params:
     return {key: torch.stack([params[key] for params in members]) for key in keys}
 
 
+def concat(populations: Sequence[Mapping[str, Tensor]]) -> tuple[Params, list[slice]]:
+    """K stacked populations of one shape (configs of a grid that differ in seed, variance, sigma) as one
+    population for one batched forward, and the slice of members each came from (`part` reads it back)."""
+    if not populations:
+        raise ValueError("concat needs at least one population")
+    whole = stack([member(pop, i) for pop in populations for i in range(size(pop))])
+    slices, start = [], 0
+    for pop in populations:
+        slices.append(slice(start, start + size(pop)))
+        start += size(pop)
+    return whole, slices
+
+
+def part(population: Mapping[str, Tensor], members: slice) -> Params:
+    """The members `members` of a stacked population (views), e.g. one config's share of a concat."""
+    return {key: value[members] for key, value in population.items()}
+
+
 def member(population: Mapping[str, Tensor], index: int) -> Params:
     """Member `index` of a stacked population (views, not copies)."""
     return {key: value[index] for key, value in population.items()}
