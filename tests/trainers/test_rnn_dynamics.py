@@ -1,0 +1,269 @@
+"""Seed 004's dynamics analysis (worker/trainers/rnn_dynamics, `gridfleet analyze`): the fixed-point finder on
+hand-built networks with known answers, CKA/SVCCA, the distances and groupings, and the command end to end
+on a tiny grid trained by the real trainer through the real queue."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import harness  # tests/trainers/harness.py
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from typer.testing import CliRunner
+
+from worker.trainers import learning_rules, population
+from worker.trainers.rnn_dynamics import fixed_points, geometry
+from worker.trainers.rnn_dynamics.network import BadNetwork, Network
+
+
+def net_of(J_rec, J_in=None, b=None, dt=0.1, dynamics="tanh") -> Network:
+    J_rec = np.asarray(J_rec, dtype=np.float64)
+    H = J_rec.shape[0]
+    return Network.from_matrices({"J_in": np.zeros((H, 1)) if J_in is None else np.asarray(J_in, dtype=np.float64),
+                                  "J_rec": J_rec, "J_out": np.ones((1, H)) / H,
+                                  "b": np.zeros(H) if b is None else np.asarray(b, dtype=np.float64)},
+                                 dt=dt, dynamics=dynamics)
+
+
+def grid_starts(low: float, high: float, n: int, dims: int) -> np.ndarray:
+    return np.random.default_rng(0).uniform(low, high, (n, dims))
+
+
+# ---- the fixed-point finder ------------------------------------------------------------------------
+def test_finder_recovers_the_nine_fixed_points_of_two_self_exciting_units_and_their_stability():
+    # h_i = 2 tanh(h_i) for each unit: 0 (unstable) and +-h* per unit, so 9 fixed points: the 4 corners
+    # stable, the 4 edge points saddles (1 unstable direction), the origin a source (2)
+    h_star = brentq(lambda h: 2 * math.tanh(h) - h, 0.5, 5.0)
+    net = net_of(2 * np.eye(2), J_in=[[1.0], [0.0]])
+    found = fixed_points.find(net, ["u=0", "u=1"], np.array([[0.0], [1.0]]), grid_starts(-3, 3, 200, 2))
+    zero, pushed = found
+    assert zero.counts == {"stable": 4, "saddle": 4, "unstable": 1, "slow": 0}
+    expected = {(a * h_star, c * h_star): (abs(a) + abs(c) == 1, abs(a) + abs(c))
+                for a in (-1, 0, 1) for c in (-1, 0, 1)}
+    for (x, y), (_, nonzero) in expected.items():
+        matches = [p for p in zero.fixed if np.allclose(p.state, [x, y], atol=1e-8)]
+        assert len(matches) == 1, (x, y)
+        assert matches[0].unstable_dims == 2 - nonzero  # each unit at 0 adds an unstable direction
+        assert matches[0].kind == {0: "stable", 1: "saddle", 2: "unstable"}[2 - nonzero]
+        assert matches[0].fixed and matches[0].q < 1e-20
+    # an input of 1 on unit 1 leaves one root h1 = 2 tanh(h1) + 1: two stable points and one saddle
+    h1 = brentq(lambda h: 2 * math.tanh(h) + 1 - h, 0.5, 5.0)
+    assert pushed.counts == {"stable": 2, "saddle": 1, "unstable": 0, "slow": 0}
+    by_kind = {tuple(np.round(p.state, 6)): p.kind for p in pushed.fixed}
+    assert by_kind == {(round(h1, 6), round(h_star, 6)): "stable", (round(h1, 6), round(-h_star, 6)): "stable",
+                       (round(h1, 6), 0.0): "saddle"}
+
+
+def test_a_slow_point_is_kept_apart_from_the_fixed_points():
+    # h = 2 tanh(h) + b: just past the saddle-node (b_c = 0.5328), the pair near h = -0.88 has become a
+    # ghost, a minimum of q > 0; one stable fixed point remains near h = 2.5
+    net = net_of([[2.0]], b=[0.54])
+    (condition,) = fixed_points.find(net, ["u=0"], np.zeros((1, 1)), grid_starts(-3, 3, 100, 1))
+    root = brentq(lambda h: 2 * math.tanh(h) + 0.54 - h, 1.0, 5.0)
+    assert [p.kind for p in condition.fixed] == ["stable"]
+    assert condition.fixed[0].state[0] == pytest.approx(root, abs=1e-9)
+    assert len(condition.slow) == 1 and not condition.slow[0].fixed
+    assert condition.slow[0].state[0] == pytest.approx(-math.acosh(math.sqrt(2)), abs=0.02)  # v' = 0 there
+    assert 1e-12 < condition.slow[0].q < 1e-6
+
+
+@pytest.mark.parametrize("dynamics", ["tanh", "seed"])
+def test_the_networks_step_and_output_are_the_trainers_forward(dynamics):
+    cfg = learning_rules.Config.model_validate({"rule": "bptt", "hidden_size": 6, "dynamics": dynamics})
+    gen = torch.Generator().manual_seed(3)
+    params = learning_rules.init_network(cfg, gen)
+    params["b"] = torch.randn(1, 6, generator=gen)
+    inputs, _ = learning_rules.make_trials(cfg.model_copy(update={"trial_length": 5}), 4, gen)
+    h0 = learning_rules.initial_states(cfg, 4, gen)
+    out, states = learning_rules.run(params, inputs, h0, cfg.dt, dynamics, keep_states=True)
+    net = Network.from_matrices({k: v[0].numpy() for k, v in params.items()}, dt=cfg.dt, dynamics=dynamics)
+    ours, ours_out = net.trajectories(inputs, h0)
+    torch.testing.assert_close(ours.float(), states[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_out.float(), out[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_closed_form_jacobians_match_autograd():
+    gen = torch.Generator().manual_seed(0)
+    net = net_of(torch.randn(5, 5, generator=gen).numpy(), J_in=torch.randn(5, 2, generator=gen).numpy())
+    h, u = torch.randn(5, generator=gen, dtype=torch.float64), torch.tensor([0.3, -1.0], dtype=torch.float64)
+    numeric = torch.autograd.functional.jacobian(lambda x: net.step(x, u), h)
+    torch.testing.assert_close(net.map_jacobian(h), numeric)
+    torch.testing.assert_close(net.velocity_jacobian(h), (numeric - torch.eye(5, dtype=torch.float64)) / net.dt)
+
+
+def test_conditions_are_each_context_with_its_own_signal_at_each_level():
+    labels, inputs = fixed_points.conditions(4, 2, levels=(-0.2, 0.0, 0.2))
+    assert labels == ["ctx1 -0.2", "ctx1 +0", "ctx1 +0.2", "ctx2 -0.2", "ctx2 +0", "ctx2 +0.2"]
+    np.testing.assert_array_equal(inputs[2], [0.2, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(inputs[3], [0.0, -0.2, 0.0, 1.0])
+    assert fixed_points.conditions(1, 0, levels=(0.1,), rdm=True)[1].tolist() == [[0.1]]
+    with pytest.raises(ValueError, match="2 contexts has 4 inputs, this one has 3"):
+        fixed_points.conditions(3, 2)
+
+
+def test_bad_matrices_are_refused_naming_the_problem():
+    with pytest.raises(BadNetwork, match="lack b"):
+        Network.from_matrices({"J_in": np.zeros((2, 1)), "J_rec": np.zeros((2, 2)), "J_out": np.zeros((1, 2))}, dt=0.1)
+    with pytest.raises(BadNetwork, match=r"J_out has shape \(2, 2\)"):
+        Network.from_matrices({"J_in": np.zeros((2, 1)), "J_rec": np.zeros((2, 2)), "J_out": np.zeros((2, 2)),
+                               "b": np.zeros(2)}, dt=0.1)
+
+
+# ---- geometry -------------------------------------------------------------------------------------
+def trajectories_of(seed: int, units: int = 30, g: float = 1.5, input_scale: float = 1.0,
+                    start_scale: float = 0.0) -> np.ndarray:
+    """States [T*B, H] of a random tanh network driven by the CDI task's inputs (the same trials every seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = net_of(g / math.sqrt(units) * torch.randn(units, units, generator=gen).numpy(),
+                 J_in=input_scale * torch.randn(units, 4, generator=gen).numpy())
+    cfg = learning_rules.Config.model_validate({"rule": "bptt", "trial_length": 40, "hidden_size": units})
+    inputs, _ = learning_rules.make_trials(cfg, 32, torch.Generator().manual_seed(99), dtype=torch.float64)
+    h0 = start_scale * torch.randn(32, units, generator=gen, dtype=torch.float64)
+    states, _ = net.trajectories(inputs, h0)
+    return states.reshape(-1, units).numpy()
+
+
+def test_cka_and_svcca_of_a_network_with_itself_are_one_and_with_a_random_one_low():
+    x = trajectories_of(0)
+    rotation, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(30, 30)))
+    noise = np.random.default_rng(2).normal(size=x.shape)
+    for similarity in (geometry.linear_cka, geometry.svcca):
+        assert similarity(x, x) == pytest.approx(1.0, abs=1e-9)
+        assert similarity(x, 3.0 * x @ rotation + 5.0) == pytest.approx(1.0, abs=1e-9)  # basis, scale, offset
+    # random activity: CKA ~ 0; SVCCA's chance level is ~ sqrt(dims / samples) (20 of 1280 here)
+    assert geometry.linear_cka(x, noise) < 0.02 and geometry.svcca(x, noise) < 0.15
+    # two random chaotic networks (g = 3, weak input, own starts) on the same trials share little
+    chaotic, other = (trajectories_of(s, g=3.0, input_scale=0.1, start_scale=1.0) for s in (0, 1))
+    assert geometry.linear_cka(chaotic, chaotic) == pytest.approx(1.0)
+    assert geometry.linear_cka(chaotic, other) < 0.15 and geometry.svcca(chaotic, other) < 0.5
+    with pytest.raises(ValueError, match="same samples"):
+        geometry.linear_cka(x, x[:-1])
+
+
+def test_distances_and_grouping_by_rule():
+    signatures = [geometry.topology_signature([{"stable": 2, "saddle": 1, "unstable": 0}]),
+                  geometry.topology_signature([{"stable": 1, "saddle": 0, "unstable": 0}])]
+    np.testing.assert_array_equal(geometry.topology_distances(signatures), [[0, 2], [2, 0]])
+    points = np.array([[0, 0], [0.1, 0], [0, 0.1], [5, 5], [5.1, 5], [5, 5.1]])
+    distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    good = geometry.grouping(distance, ["bptt"] * 3 + ["ga"] * 3)
+    assert good["nearest_same"] == 1.0 and good["silhouette"] > 0.9
+    mixed = geometry.grouping(distance, ["bptt", "ga"] * 3)
+    assert mixed["nearest_same"] < 0.5 and mixed["silhouette"] < 0
+    assert geometry.grouping(distance, ["bptt"] * 6)["silhouette"] is None
+    coords = geometry.classical_mds(distance)
+    np.testing.assert_allclose(np.linalg.norm(coords[:, None] - coords[None], axis=-1), distance, atol=1e-9)
+
+
+# ---- `gridfleet analyze` on a tiny real grid ---------------------------------------------------------
+TINY = {"--N": 2, "hidden_size": 12, "trial_length": 20, "batch_size": 16, "validation_trials": 20,
+        "max_steps": 4, "lr": 0.01, "trainable": ["J_in", "J_rec", "J_out"], "population": 6, "parents": 2,
+        "ff_error_trigger": 5, "ff_alpha": 100, "log_every": 2}
+ANALYSIS = ["--trials", "8", "--starts", "24", "--iterations", "150"]
+
+
+def train_tiny_grid(home, name: str = "tiny-004", trainer: str = "learning_rules", config=None, axes=None):
+    """Submit a grid to a SQLite queue in `home` and run every job in this process with the real trainer and
+    context: claim, train, record the final checkpoint, finish (what an agent does, minus the child)."""
+    from common.db import make_engine, migrate
+    from scheduler.grids import submit_grid
+    from scheduler.policy import RetryPolicy
+    from scheduler.queue import Queue
+    from scheduler.spec import GridSpec
+    from worker import trainers
+
+    url = f"sqlite:///{home}/gridfleet.db"
+    home.mkdir(parents=True, exist_ok=True)
+    migrate(url)
+    engine = make_engine(url)
+    spec = GridSpec.model_validate({"name": name, "trainer": trainer, "config": TINY if config is None else config,
+                                    "axes": {"rule": ["bptt", "ga", "ff"]} if axes is None else axes, "seeds": [0, 1]})
+    submit_grid(engine, spec, trainers.validate_config)
+    queue = Queue(engine, RetryPolicy())
+    worker = queue.register_worker("test", "here", [trainer])
+    jobs = []
+    while (job := queue.claim(worker)) is not None:
+        run = harness.Harness(home / f"job-{job.id}", seed=job.seed, job_id=job.id)
+        result = run.train(trainers.load(trainer), job.config)
+        if run.checkpoints:
+            queue.set_checkpoint(job.id, job.attempt_id, run.checkpoints[-1], worker_id=worker)
+        queue.finish(job.id, job.attempt_id, "succeeded", result=result, worker_id=worker)
+        jobs.append((job.id, result))
+    engine.dispose()
+    return url, jobs
+
+
+def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tmp_path, monkeypatch):
+    from matplotlib.image import imread
+
+    from common.cli import app
+    from common.checkpoints import StoreOptions
+    from common.db import make_engine
+    from scheduler.reports import grid_results
+    from worker.trainers.rnn_dynamics import report
+    from worker.trainers.rnn_dynamics.models import load_models
+
+    monkeypatch.setenv("GRIDFLEET_HOME", str(tmp_path / "home"))
+    url, jobs = train_tiny_grid(tmp_path / "home")
+    assert len(jobs) == 6 and all("matrices" in result for _, result in jobs)
+    moved = jobs[0][1]["matrices"]  # as if trained on another machine: read from the final checkpoint instead
+    with np.load(moved) as saved:
+        saved_rec = saved["J_rec"].copy()
+    Path(moved).unlink()
+
+    out = tmp_path / "analysis"
+    result = CliRunner().invoke(app, ["analyze", "tiny-004", "--db", url, "--out", str(out), *ANALYSIS])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    job_ids = sorted(job_id for job_id, _ in jobs)
+    assert [m["job_id"] for m in summary["models"]] == job_ids
+    assert sorted(p.name for p in out.glob("model-*.png")) == sorted(f"model-{j}.png" for j in job_ids)
+    for png in ["distances.png", "clusters.png", *(f"model-{j}.png" for j in job_ids)]:
+        assert imread(out / png).ndim == 3
+    for key in ("topology", "cka", "svcca"):
+        assert np.array(summary["distances"][key]).shape == (6, 6)
+    assert {m["rule"] for m in summary["models"]} == {"bptt", "ga", "ff"}
+    assert summary["models"][0]["source"] == "checkpoint" and summary["models"][1]["source"] == "matrices.npz"
+    # the summary's numbers are what the finder returns for those networks with the same options
+    engine = make_engine(url)
+    models, problems = load_models("learning_rules", grid_results(engine, "tiny-004"), tmp_path / "home" / "checkpoints",
+                                   StoreOptions())
+    engine.dispose()
+    assert problems == []
+    np.testing.assert_allclose(models[0].network.J_rec.numpy(), saved_rec, rtol=0, atol=1e-7)
+    options = report.Options(trials=8, starts=24, iterations=150)
+    inputs, targets, h0 = report.shared_trials(models, options)
+    labels, conditions = fixed_points.conditions(4, 2, options.levels)
+    for model, entry in zip(models, summary["models"]):
+        direct, _, found = report.analyze_model(model, inputs, targets, h0, labels, conditions, options)
+        assert [c.counts for c in found] == [{k: c[k] for k in ("stable", "saddle", "unstable", "slow")}
+                                             for c in entry["conditions"]]
+        assert direct["accuracy"] == entry["accuracy"]
+        for condition, saved_condition in zip(found, entry["conditions"]):
+            for point, saved_point in zip(condition.fixed, saved_condition["fixed_points"]):
+                np.testing.assert_allclose(point.state, saved_point["state"], atol=1e-6)
+    # the table names every model, with its stable/saddle counts per condition
+    first = summary["models"][1]["conditions"][0]
+    assert f"{first['stable']}/{first['saddle']}" in result.output
+    assert "ctx1" in result.output and "ctx2" in result.output and "silhouette" in result.output
+    csv_lines = (out / "summary.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 6 * 6  # a header, then a row per model and condition
+
+
+def test_analyze_refuses_bad_input_with_a_message(tmp_path, monkeypatch):
+    from common.cli import app
+
+    monkeypatch.setenv("GRIDFLEET_HOME", str(tmp_path / "home"))
+    url, _ = train_tiny_grid(tmp_path / "home", name="noop-grid", trainer="noop", config={}, axes={"value": [1.0]})
+    runner = CliRunner()
+    missing = runner.invoke(app, ["analyze", "nope", "--db", url])
+    assert missing.exit_code == 1 and "nope" in missing.output
+    wrong = runner.invoke(app, ["analyze", "noop-grid", "--db", url])
+    assert wrong.exit_code == 1 and "trainer is 'noop'" in wrong.output
+    levels = runner.invoke(app, ["analyze", "noop-grid", "--db", url, "--levels", "a,b"])
+    assert levels.exit_code == 2 and "--levels" in levels.output
+    both = runner.invoke(app, ["analyze", "noop-grid", "--db", url, "--server", "http://x"])
+    assert both.exit_code == 2 and "not both" in both.output
