@@ -92,6 +92,9 @@ def test_the_closed_form_jacobians_match_autograd():
     numeric = torch.autograd.functional.jacobian(lambda x: net.step(x, u), h)
     torch.testing.assert_close(net.map_jacobian(h), numeric)
     torch.testing.assert_close(net.velocity_jacobian(h), (numeric - torch.eye(5, dtype=torch.float64)) / net.dt)
+    states = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    fixed_points.q_value(net, states, u).sum().backward()
+    torch.testing.assert_close(fixed_points.q_gradient(net, states.detach(), u), states.grad)
 
 
 def test_conditions_are_each_context_with_its_own_signal_at_each_level():

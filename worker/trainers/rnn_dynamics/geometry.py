@@ -52,18 +52,25 @@ def _top_directions(x: np.ndarray, variance: float, max_dims: int) -> np.ndarray
     return u[:, :keep] * s[:keep]
 
 
+def svcca_basis(x: np.ndarray, variance: float = 0.99, max_dims: int = 20) -> np.ndarray:
+    """An orthonormal basis [samples, k] of x's top singular subspace: SVCCA's half that needs only x (a
+    model's basis is computed once, not once per pair)."""
+    reduced = _top_directions(_centred(x), variance, max_dims)
+    return np.linalg.qr(reduced)[0] if reduced.shape[1] else reduced
+
+
+def svcca_of_bases(qx: np.ndarray, qy: np.ndarray) -> float:
+    """Mean canonical correlation of two subspaces: the singular values of Qx' Qy are the correlations."""
+    _same_samples(qx, qy)
+    if qx.shape[1] == 0 or qy.shape[1] == 0:
+        return 0.0
+    return float(np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0).mean())
+
+
 def svcca(x: np.ndarray, y: np.ndarray, variance: float = 0.99, max_dims: int = 20) -> float:
     """Mean canonical correlation between the top singular subspaces of x and y (1 = the same geometry)."""
     _same_samples(x, y)
-    rx = _top_directions(_centred(x), variance, max_dims)
-    ry = _top_directions(_centred(y), variance, max_dims)
-    if rx.shape[1] == 0 or ry.shape[1] == 0:
-        return 0.0
-    # canonical correlations = singular values of Qx' Qy for orthonormal bases of the two column spaces
-    qx, _ = np.linalg.qr(rx)
-    qy, _ = np.linalg.qr(ry)
-    rho = np.linalg.svd(qx.T @ qy, compute_uv=False)
-    return float(np.clip(rho, 0.0, 1.0).mean())
+    return svcca_of_bases(svcca_basis(x, variance, max_dims), svcca_basis(y, variance, max_dims))
 
 
 def pairwise(items: Sequence, similarity: Callable[[object, object], float]) -> np.ndarray:

@@ -117,8 +117,8 @@ def analyze(models: list[Model], options: Options, out: Path) -> dict:
     distances = {
         "topology": geometry.topology_distances(signatures),
         "cka": geometry.pairwise(matrices, geometry.linear_cka),
-        "svcca": geometry.pairwise(matrices, lambda x, y: geometry.svcca(x, y, options.svcca_variance,
-                                                                         options.svcca_dims)),
+        "svcca": geometry.pairwise([geometry.svcca_basis(x, options.svcca_variance, options.svcca_dims)
+                                    for x in matrices], geometry.svcca_of_bases),
     }
     names, rules = [m.name for m in models], [m.rule for m in models]
     titles = {"topology": "attractor topology (L1 of counts)", "cka": "1 - linear CKA", "svcca": "1 - SVCCA"}
