@@ -161,6 +161,30 @@ def test_distances_and_grouping_by_rule():
     np.testing.assert_allclose(np.linalg.norm(coords[:, None] - coords[None], axis=-1), distance, atol=1e-9)
 
 
+def random_model(job_id: int, rule: str, units: int = 8, **config):
+    from worker.trainers.rnn_dynamics.models import Model
+
+    cfg = learning_rules.Config.model_validate({"rule": rule, "hidden_size": units, "trial_length": 15, **config})
+    params = learning_rules.init_network(cfg, torch.Generator().manual_seed(job_id))
+    network = Network.from_matrices({k: v[0].numpy() for k, v in params.items()}, dt=cfg.dt)
+    return Model(job_id, 0, cfg, None, network, "matrices.npz")
+
+
+def test_an_rdm_grid_is_analysed_on_its_one_input_and_unlike_models_are_refused(tmp_path):
+    from worker.trainers.rnn_dynamics import report
+
+    options = report.Options(trials=4, starts=8, iterations=50, levels=(-0.1, 0.1))
+    models = [random_model(1, "bptt", rdm=True), random_model(2, "ga", rdm=True)]
+    summary = report.analyze(models, options, tmp_path / "rdm")
+    assert summary["conditions"] == ["-0.1", "+0.1"]
+    assert [len(m["conditions"]) for m in summary["models"]] == [2, 2]
+    assert (tmp_path / "rdm" / "model-2.png").is_file()
+    with pytest.raises(ValueError, match="job 3 .*12 units.* cannot be compared with job 1"):
+        report.analyze([models[0], random_model(3, "ga", units=12, rdm=True)], options, tmp_path / "bad")
+    with pytest.raises(ValueError, match="need 0 < fixed_tol <= slow_tol"):
+        report.Options(fixed_tol=1e-3, slow_tol=1e-6)
+
+
 # ---- `gridfleet analyze` on a tiny real grid ---------------------------------------------------------
 TINY = {"--N": 2, "hidden_size": 12, "trial_length": 20, "batch_size": 16, "validation_trials": 20,
         "max_steps": 4, "lr": 0.01, "trainable": ["J_in", "J_rec", "J_out"], "population": 6, "parents": 2,
@@ -199,29 +223,36 @@ def train_tiny_grid(home, name: str = "tiny-004", trainer: str = "learning_rules
     return url, jobs
 
 
-def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """6 tiny jobs (3 rules x 2 seeds) trained for real; job 1's matrices.npz removed, as if it had been trained
+    on another machine, so the analysis must read its matrices from the final checkpoint."""
+    home = tmp_path_factory.mktemp("tiny") / "home"
+    url, jobs = train_tiny_grid(home)
+    assert len(jobs) == 6 and all("matrices" in result for _, result in jobs)
+    moved = Path(jobs[0][1]["matrices"])
+    with np.load(moved) as saved:
+        saved_rec = saved["J_rec"].copy()
+    moved.unlink()
+    return home, url, sorted(job_id for job_id, _ in jobs), saved_rec
+
+
+def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tiny_grid, tmp_path, monkeypatch):
     from matplotlib.image import imread
 
-    from common.cli import app
     from common.checkpoints import StoreOptions
+    from common.cli import app
     from common.db import make_engine
     from scheduler.reports import grid_results
     from worker.trainers.rnn_dynamics import report
     from worker.trainers.rnn_dynamics.models import load_models
 
-    monkeypatch.setenv("GRIDFLEET_HOME", str(tmp_path / "home"))
-    url, jobs = train_tiny_grid(tmp_path / "home")
-    assert len(jobs) == 6 and all("matrices" in result for _, result in jobs)
-    moved = jobs[0][1]["matrices"]  # as if trained on another machine: read from the final checkpoint instead
-    with np.load(moved) as saved:
-        saved_rec = saved["J_rec"].copy()
-    Path(moved).unlink()
-
+    home, url, job_ids, saved_rec = tiny_grid
+    monkeypatch.setenv("GRIDFLEET_HOME", str(home))
     out = tmp_path / "analysis"
     result = CliRunner().invoke(app, ["analyze", "tiny-004", "--db", url, "--out", str(out), *ANALYSIS])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
-    job_ids = sorted(job_id for job_id, _ in jobs)
     assert [m["job_id"] for m in summary["models"]] == job_ids
     assert sorted(p.name for p in out.glob("model-*.png")) == sorted(f"model-{j}.png" for j in job_ids)
     for png in ["distances.png", "clusters.png", *(f"model-{j}.png" for j in job_ids)]:
@@ -232,7 +263,7 @@ def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tmp_path, mon
     assert summary["models"][0]["source"] == "checkpoint" and summary["models"][1]["source"] == "matrices.npz"
     # the summary's numbers are what the finder returns for those networks with the same options
     engine = make_engine(url)
-    models, problems = load_models("learning_rules", grid_results(engine, "tiny-004"), tmp_path / "home" / "checkpoints",
+    models, problems = load_models("learning_rules", grid_results(engine, "tiny-004"), home / "checkpoints",
                                    StoreOptions())
     engine.dispose()
     assert problems == []
@@ -254,6 +285,46 @@ def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tmp_path, mon
     assert "ctx1" in result.output and "ctx2" in result.output and "silhouette" in result.output
     csv_lines = (out / "summary.csv").read_text().strip().splitlines()
     assert len(csv_lines) == 1 + 6 * 6  # a header, then a row per model and condition
+
+
+def test_analyze_reads_the_grid_from_the_api_as_from_the_database(tiny_grid, tmp_path, monkeypatch):
+    import secrets
+    import threading
+    import time
+
+    import uvicorn
+    from pydantic import SecretStr
+
+    from api.app import create_app
+    from common.cli import app
+    from common.settings import Settings
+
+    home, url, job_ids, _ = tiny_grid
+    monkeypatch.setenv("GRIDFLEET_HOME", str(home))
+    admin = "gf_test_admin_" + secrets.token_hex(16)
+    api = create_app(Settings(_env_file=None, database_url=url, admin_token=SecretStr(admin), home=home))
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the API server did not start"
+            time.sleep(0.02)
+        address = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        runner = CliRunner()
+        by_api = runner.invoke(app, ["analyze", "tiny-004", "--server", address, "--token", admin,
+                                     "--out", str(tmp_path / "api"), *ANALYSIS])
+        by_db = runner.invoke(app, ["analyze", "tiny-004", "--db", url, "--out", str(tmp_path / "db"), *ANALYSIS])
+        refused = runner.invoke(app, ["analyze", "tiny-004", "--server", address, "--token", "wrong"])
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert by_api.exit_code == 0 and by_db.exit_code == 0, by_api.output + by_db.output
+    from_api, from_db = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("api", "db"))
+    assert [m["job_id"] for m in from_api["models"]] == job_ids
+    assert from_api["models"] == from_db["models"] and from_api["distances"] == from_db["distances"]
+    assert refused.exit_code == 1 and "401" in refused.output
 
 
 def test_analyze_refuses_bad_input_with_a_message(tmp_path, monkeypatch):

@@ -59,7 +59,8 @@ def load_models(trainer: str, rows: list[dict[str, Any]], local_root: Path,
         try:
             models.append(_model(row, local_root, options))
         except (ValidationError, BadNetwork, OSError, HubStoreError, KeyError, ValueError) as exc:
-            problems.append(f"job {row['job_id']}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            problems.append(f"job {row['job_id']}: {type(exc).__name__}: {first_line}")
     if not models:
         states = sorted({row["state"] for row in rows})
         raise NoModels("no succeeded job could be read" + (f" ({'; '.join(problems)})" if problems else

@@ -84,7 +84,9 @@ def analyze_model(model: Model, inputs: torch.Tensor, targets: torch.Tensor, h0:
         states, outputs = model.network.trajectories(inputs, h0)
     accuracy = float(learning_rules.accuracy(outputs[-1], targets))
     flat = states.reshape(-1, model.network.units).numpy()
-    picks = np.random.default_rng(options.seed).choice(len(flat), size=options.starts, replace=len(flat) < options.starts)
+    # the same draw for every model (same seed, same trial count): starts differ only by the model's states
+    picks = np.random.default_rng(options.seed).choice(len(flat), size=options.starts,
+                                                       replace=len(flat) < options.starts)
     found = fixed_points.find(model.network, labels, conditions, flat[picks], iterations=options.iterations,
                               fixed_tol=options.fixed_tol, slow_tol=options.slow_tol)
     entry = {
