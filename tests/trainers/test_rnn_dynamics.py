@@ -185,6 +185,22 @@ def test_an_rdm_grid_is_analysed_on_its_one_input_and_unlike_models_are_refused(
         report.Options(fixed_tol=1e-3, slow_tol=1e-6)
 
 
+def test_a_job_whose_matrices_cannot_be_found_is_named_with_the_reason(tmp_path):
+    from common.checkpoints import StoreOptions
+    from worker.trainers.rnn_dynamics.models import NoModels, load_models
+
+    gone = {"job_id": 9, "state": "succeeded", "seed": 0, "config": {"rule": "bptt"},
+            "result": {"matrices": str(tmp_path / "gone.npz")}, "checkpoint": None}
+    lost = {**gone, "job_id": 10, "checkpoint": {"uri": f"local:{tmp_path / 'ckpt-000000000004.pt'}", "step": 4}}
+    queued = {**gone, "job_id": 11, "state": "queued"}
+    with pytest.raises(NoModels) as refused:
+        load_models("learning_rules", [gone, lost, queued], tmp_path, StoreOptions())
+    assert "job 9: FileNotFoundError" in str(refused.value) and "recorded no checkpoint" in str(refused.value)
+    assert "job 10: FileNotFoundError" in str(refused.value) and "job 11" not in str(refused.value)
+    with pytest.raises(NoModels, match="job states: queued"):
+        load_models("learning_rules", [queued], tmp_path, StoreOptions())
+
+
 # ---- `gridfleet analyze` on a tiny real grid ---------------------------------------------------------
 TINY = {"--N": 2, "hidden_size": 12, "trial_length": 20, "batch_size": 16, "validation_trials": 20,
         "max_steps": 4, "lr": 0.01, "trainable": ["J_in", "J_rec", "J_out"], "population": 6, "parents": 2,

@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.checkpoints import StoreOptions, load_checkpoint
-from common.hub_store import HubStoreError
 from worker.trainers import learning_rules
 from worker.trainers.rnn_dynamics.network import BadNetwork, Network
 
@@ -56,9 +55,10 @@ def load_models(trainer: str, rows: list[dict[str, Any]], local_root: Path,
     for row in sorted(rows, key=lambda r: r["job_id"]):
         if row["state"] != "succeeded":
             continue
+        # RuntimeError: common.hub_store's HubStoreError, without importing huggingface_hub for local grids
         try:
             models.append(_model(row, local_root, options))
-        except (ValidationError, BadNetwork, OSError, HubStoreError, KeyError, ValueError) as exc:
+        except (ValidationError, BadNetwork, OSError, RuntimeError, KeyError, ValueError) as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             problems.append(f"job {row['job_id']}: {type(exc).__name__}: {first_line}")
     if not models:
