@@ -24,6 +24,9 @@ app.add_typer(studios_app, name="studios")
 from worker.fleet_cli import app as fleet_app  # noqa: E402 - imports only typer until a command runs
 
 app.add_typer(fleet_app, name="fleet")
+from worker.analyze_cli import analyze as analyze_command  # noqa: E402 - imports only typer until a command runs
+
+app.command("analyze")(analyze_command)
 
 EXIT_FAILED = 1  # the server refused or could not be reached
 EXIT_USAGE = 2  # bad input on our side
