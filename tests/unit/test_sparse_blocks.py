@@ -194,3 +194,23 @@ def test_representation_choice():
     assert choose_representation(0.5, 1000, "cpu") == "dense"
     assert choose_representation(0.05, 64, "cpu") == "dense"  # tiny: dense is cheap
     assert choose_representation(0.01, 3000, "cuda") == "dense"
+
+
+@pytest.mark.parametrize("representation", ["dense", "sparse"])
+def test_a_bias_per_block_row_leaves_unbiased_rows_at_zero(representation):
+    """seed 000's sequential2D files set a bias per block: rows without one never get one."""
+    desc = Description.parse([5, 4, 3], [[0] * 3, ["W"] * 3, ["W"] * 3], [[0] * 3, ["G=0,0.1"] * 3, ["G=0,0.1"] * 3],
+                             [[False] * 3, [True] * 3, [True] * 3], ["Identity"] * 3, bias=[False, False, True])
+    model = BlockRNN(desc, representation, torch.Generator().manual_seed(0))
+    assert model.trainable_parameters() == 7 * 12 + 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4, 5)).pow(2).sum().backward()
+        optimizer.step()
+    x = torch.zeros(1, 1, 5)  # zero input and state: the first step's h is its bias
+    w = model.effective_weight()
+    assert torch.equal(model.bias[:4] * model.bias_rows[:4], torch.zeros(4))
+    assert model(x).abs().sum() > 0 and w.shape == (7, 12)
+    with pytest.raises(ValueError, match="bias needs 3 flags"):
+        Description.parse([5, 4, 3], [[0] * 3] * 3, [[0] * 3] * 3, [[False] * 3] * 3, ["Identity"] * 3, bias=[True])
