@@ -208,9 +208,12 @@ def test_a_bias_per_block_row_leaves_unbiased_rows_at_zero(representation):
         optimizer.zero_grad()
         model(torch.randn(2, 4, 5)).pow(2).sum().backward()
         optimizer.step()
-    x = torch.zeros(1, 1, 5)  # zero input and state: the first step's h is its bias
+    assert torch.equal(model.bias.grad[:4], torch.zeros(4)) and model.bias.grad[4:].abs().min() > 0
+    # zero input and state: the first step's y is its own bias only; h (no bias) stays 0 and adds nothing
+    x = torch.zeros(1, 2, 5)
+    y = model(x)[0]
     w = model.effective_weight()
-    assert torch.equal(model.bias[:4] * model.bias_rows[:4], torch.zeros(4))
-    assert model(x).abs().sum() > 0 and w.shape == (7, 12)
+    assert torch.allclose(y[0], model.bias[4:])
+    assert torch.allclose(y[1], w[4:, 9:] @ model.bias[4:] + model.bias[4:], atol=1e-6)
     with pytest.raises(ValueError, match="bias needs 3 flags"):
         Description.parse([5, 4, 3], [[0] * 3] * 3, [[0] * 3] * 3, [[False] * 3] * 3, ["Identity"] * 3, bias=[True])
