@@ -23,9 +23,6 @@ DATA = sorted(p.relative_to(CONF).as_posix() for p in (CONF / "data").rglob("*.y
 # what each refused file must say: the key, and why
 REFUSED = {
     "model/archive/wandb_sequential2D.yaml": r"block_types\[0\]\[0\] is WandBModule, which loads a trained model from a W&B run",
-    "data/baseline_addition.yaml": r"dataset 'MNIST' is not supported: .*torchvision's MNIST download",
-    "data/both_random.yaml": r"dataset 'MNIST' is not supported",
-    "data/both_uniform.yaml": r"dataset 'MNIST' is not supported",
     "data/lunar_all.yaml": r"dataset 'lunar' is not supported: .*PPO policy",
     "data/lunar_last.yaml": r"dataset 'lunar' is not supported",
     "data/sequence_type/addition.yaml": r"_target_ is set: this is a Hydra sub-group file",
@@ -34,7 +31,8 @@ REFUSED = {
 }
 DATA_LOADS = {"data/adroit_door.yaml": "D4RL/door/expert-v2", "data/adroit_hammer.yaml": "D4RL/hammer/expert-v2",
               "data/kitchen.yaml": "D4RL/kitchen/mixed-v2", "data/kitchencomplete.yaml": "D4RL/kitchen/complete-v2",
-              "data/random_anomaly.yaml": "random_anomaly"}
+              "data/random_anomaly.yaml": "random_anomaly", "data/baseline_addition.yaml": "digit_sequences",
+              "data/both_random.yaml": "digit_sequences", "data/both_uniform.yaml": "digit_sequences"}
 # (x, y) the model reads and writes -> the seed data set it was written for
 SIZES = {(2500, 10), (39, 28), (46, 26), (83, 9), (71, 9), (81, 9), (8, 4), (4, 2), (6, 3)}
 
@@ -149,3 +147,50 @@ def test_a_few_train_two_steps_on_random_anomaly(tmp_path, rel):
     result = harness.Harness(tmp_path).train(sparse_rnn, config)
     assert result["steps"] == 2 and result["loss_kind"] == "cross_entropy" and result["sequence_position"] == "last"
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["parameters"] > 0
+
+
+def test_the_mnist_files_become_offline_digit_sequences_as_the_seed_builds_them():
+    from worker.trainers.iterativenn.data import IGNORE
+
+    kinds = {}
+    for stem in ("baseline_addition", "both_random", "both_uniform"):
+        cfg = Config.model_validate(config_from_hydra({}, CONF / f"data/{stem}.yaml", {}))
+        kinds[stem] = (cfg.data.sequence_type, cfg.data.transform, cfg.data.copies, cfg.data.min_copies,
+                       cfg.data.max_copies, cfg.data.evaluate_loss)
+        assert not sparse_rnn.shuffles(cfg)  # the seed's sequence loaders kept their order
+    assert kinds == {"baseline_addition": ("addition", "baseline", 3, 1, 1, "all"),
+                     "both_random": ("random", "both", 1, 3, 3, "all"),
+                     "both_uniform": ("uniform", "both", 1, 3, 3, "all")}
+
+    from worker.trainers.iterativenn import digit_sequences
+
+    addition = digit_sequences.build("addition", 12, 2, 2, seed=0, copies=3, image_size=10)
+    assert (addition.input_size, addition.output_size, addition.loss) == (100, 10, "cross_entropy")
+    for i in range(12):
+        x, y = addition.train[i]
+        assert x.shape == (9, 100) and y.shape == (9,)
+        a, b, total = int(y[0]), int(y[3]), int(y[6])
+        assert (y[:3] == a).all() and (y[3:6] == b).all() and total == (a + b) % 10
+        assert torch.equal(x[0], x[2]) and torch.equal(x[6:], torch.zeros(3, 100))  # the blank asks for the sum
+    uniform = digit_sequences.build("uniform", 4, 1, 1, seed=0, min_copies=2, max_copies=4, evaluate_loss="last",
+                                    image_size=10, transform_name="both")
+    lengths = set()
+    for i in range(4):
+        x, y = uniform.train[i]
+        lengths.add(len(y))
+        assert (x == x[0]).all() and (y[:-1] == IGNORE).all() and 0 <= int(y[-1]) < 10  # one image, k times
+    assert lengths <= {2, 3, 4}
+    random_ = digit_sequences.build("random", 4, 1, 1, seed=0, min_copies=3, max_copies=3, image_size=10)
+    x, y = random_.train[0]
+    assert len(set(y.tolist())) == 1 and not torch.equal(x[0], x[1])  # different images of one digit
+    assert torch.equal(random_.train[0][0], digit_sequences.build("random", 4, 1, 1, seed=0, min_copies=3,
+                                                                  max_copies=3, image_size=10).train[0][0])
+
+
+def test_an_mnist_file_trains_two_steps_with_their_description_model(tmp_path):
+    base = {"max_epochs": 1, "max_steps": 2, "use_cuda": False}
+    config = config_from_hydra(base, CONF / "data/baseline_addition.yaml", CONF / "model/archive/description_tiny.yaml")
+    config["data"].update(train_size=8, validation_size=4, test_size=4, batch_size=4)
+    result = harness.Harness(tmp_path).train(sparse_rnn, config)
+    assert result["steps"] == 2 and result["dataset"] == "digit_sequences:addition"
+    assert result["loss_kind"] == "cross_entropy" and 0.0 <= result["test_accuracy"] <= 1.0

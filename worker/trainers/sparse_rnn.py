@@ -46,7 +46,8 @@ BASELINE_DEFAULT_HIDDEN = 64  # a baseline's hidden size when neither hidden_siz
 RANDOM_ANOMALY_NAMES = {"random_anomaly", "randomanomaly", "random-anomaly", "ra"}
 SEED_SECTIONS = ("base", "model")  # merged into the top level; `data` stays a section, `logger` is dropped
 DATA_KEYS = ("dataset", "train_size", "validation_size", "test_size", "batch_size", "path", "image_size",
-             "minari_root", "score_episodes", "shuffle", "test_reuses_validation", "kitchen_goals")
+             "minari_root", "score_episodes", "shuffle", "test_reuses_validation", "kitchen_goals",
+             "sequence_type", "transform", "copies", "min_copies", "max_copies", "evaluate_loss")
 
 
 class DataConfig(BaseModel):
@@ -70,6 +71,26 @@ class DataConfig(BaseModel):
     test_reuses_validation: bool = False
     # kitchen observations: both goal dicts (DataFactoryFK/FKC) or only the desired goals (DataFactoryFKB)
     kitchen_goals: Literal["achieved_desired", "desired"] = "achieved_desired"
+    # digit_sequences (the seed's MNIST files, built offline; iterativenn/digit_sequences.py)
+    sequence_type: Literal["uniform", "random", "addition"] = "uniform"
+    transform: str = "baseline"
+    copies: int = Field(default=1, ge=1, le=100)  # addition: how often each of its 3 images is shown
+    min_copies: int = Field(default=1, ge=1, le=100)
+    max_copies: int = Field(default=1, ge=1, le=100)
+    evaluate_loss: Literal["all", "last"] = "all"
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, value: str) -> str:
+        if value not in anomaly.TRANSFORMS:
+            raise ValueError(f"unknown transform {value!r}; known: {', '.join(anomaly.TRANSFORMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _copies(self) -> DataConfig:
+        if self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies {self.min_copies} must be <= max_copies {self.max_copies}")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +102,14 @@ class DataConfig(BaseModel):
     @property
     def is_random_anomaly(self) -> bool:
         return self.dataset.strip().lower() in RANDOM_ANOMALY_NAMES
+
+    @property
+    def is_digit_sequences(self) -> bool:
+        return self.dataset.strip().lower() == "digit_sequences"
+
+    @property
+    def is_minari(self) -> bool:
+        return not (self.is_random_anomaly or self.is_digit_sequences)
 
 
 class Config(BaseModel):
@@ -264,6 +293,13 @@ def load_data(cfg: Config, seed: int) -> SequenceData:
     if d.is_random_anomaly:
         data = anomaly.load(d.path, d.train_size or 10_000, 1_000 if d.validation_size is None else d.validation_size,
                             1_000 if test_size is None else test_size, seed, d.image_size)
+    elif d.is_digit_sequences:
+        from worker.trainers.iterativenn import digit_sequences
+
+        data = digit_sequences.build(d.sequence_type, d.train_size or 2_000,
+                                     200 if d.validation_size is None else d.validation_size,
+                                     200 if test_size is None else test_size, seed, d.transform, d.min_copies,
+                                     d.max_copies, d.copies, d.evaluate_loss, d.image_size)
     else:
         # part B's loader, imported only when used: RandomAnomaly runs need no Minari
         from worker.trainers.iterativenn import minari_data
@@ -277,8 +313,9 @@ def load_data(cfg: Config, seed: int) -> SequenceData:
 
 
 def shuffles(cfg: Config) -> bool:
-    """Seed 000's loaders: RandomAnomaly's DataLoader kept file order, the Minari ones shuffled."""
-    return cfg.data.shuffle if cfg.data.shuffle is not None else not cfg.data.is_random_anomaly
+    """Seed 000's loaders: RandomAnomaly's and the MNIST sequences' DataLoaders kept their order, the
+    Minari ones shuffled."""
+    return cfg.data.shuffle if cfg.data.shuffle is not None else cfg.data.is_minari
 
 
 def sequence_loss(pred: torch.Tensor, batch: Batch, kind: str, position: str) -> tuple[torch.Tensor, int, int]:
@@ -435,7 +472,7 @@ def train(cfg: Config, ctx) -> dict:
         "loss_kind": kind, "sequence_position": position,
     }
     result.update({f"test_{k}": v for k, v in evaluate(model, data.test, cfg.data.batch_size, kind, position, device).items()})
-    if cfg.data.score_episodes and not cfg.data.is_random_anomaly:
+    if cfg.data.score_episodes and cfg.data.is_minari:
         result.update(score(model, cfg, data, ctx.seed, device))
     return result
 

@@ -7,9 +7,12 @@ Read top to bottom: `seed_number` evaluates their `asteval::` strings (arithmeti
 
 What cannot be mapped is refused with `SeedFileError` (a ValueError, so a 422 naming the field at POST):
 - sequential2D blocks `WandBModule` / `Module` (they load a trained W&B run or an arbitrary module);
-- data `dataset: MNIST` (their DatasetUtils image sequences need torchvision's MNIST download) and
-  `dataset: lunar` (LunarLander-v2 rollouts through the old gym API; gymnasium has only v3, and box2d);
+- data `dataset: lunar` (and cartpole, acrobot: rollouts of a PPO policy trained first with
+  stable-baselines3, through the old gym API; gymnasium has only LunarLander-v3, and box2d) and the
+  other torchvision downloads (EMNIST, FashionMNIST, KMNIST);
 - `conf/data/sequence_type/*.yaml`: Hydra sub-group files of the MNIST data files, not data files.
+`dataset: MNIST` with its `sequence_type` becomes `digit_sequences` (digit_sequences.py: the same tasks
+on scikit-learn's digits, offline, as RandomAnomaly's offline source).
 """
 from __future__ import annotations
 
@@ -158,8 +161,9 @@ SEED_DATASETS = {
 # franka_kitchen; Runner_FK then used DataFactoryFKC, kitchen-complete).
 SEED_DATA_FILES = {"kitchencomplete": "kitchencomplete"}
 UNSUPPORTED_DATASETS = {
-    "mnist": "seed 000's MNIST image sequences (iterativenn.utils.DatasetUtils) need torchvision's MNIST "
-             "download, which a worker cannot do; use dataset random_anomaly (the offline digits task)",
+    **{name: "a torchvision download (the seed's DataFactory fetched it), which a worker cannot do; MNIST "
+             "is built offline from scikit-learn's digits (dataset MNIST or digit_sequences)"
+       for name in ("emnist", "fashionmnist", "kmnist")},
     "lunar": "seed 000's gym data (GymImageSequence: LunarLander-v2, CartPole, Acrobot) was rollouts of a PPO "
              "policy it trained first with stable-baselines3, through the old gym API (gymnasium has only "
              "LunarLander-v3, and it needs box2d); there is no recorded dataset to map it to",
@@ -185,7 +189,15 @@ def seed_dataset(data: dict[str, Any]) -> dict[str, Any]:
     if why:
         raise SeedFileError(f"dataset {dataset!r} is not supported: {why}")
     out = dict(data)
-    out.pop("defaults", None)  # Hydra's composition list; what it composes is checked above
+    defaults = out.pop("defaults", None)  # Hydra's composition list: MNIST files compose a sequence_type
+    if dataset.lower() == "mnist":
+        out["dataset"] = "digit_sequences"
+        for item in defaults or []:
+            if isinstance(item, dict) and item.get("sequence_type"):
+                out.setdefault("sequence_type", item["sequence_type"])
+        if not out.pop("sequence", True):  # single images: a sequence of one
+            out.update(sequence_type="uniform", min_copies=1, max_copies=1)
+        return out
     mapped = SEED_DATASETS.get(dataset.lower())
     if mapped:
         out["dataset"] = mapped
