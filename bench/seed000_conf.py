@@ -4,7 +4,7 @@
 
 Model files (conf/model/**.yaml): each is validated as a sparse_rnn config and its model is built at the
 sizes the file writes (x, and the y units its loss reads), which names the data set it trains on
-(RandomAnomaly 2500/10, Adroit door 39/28, hammer 46/26, kitchen 83/9, 71/9 desired goals only, 81/9
+(RandomAnomaly or the MNIST sequences 2500/10, Adroit door 39/28, hammer 46/26, kitchen 83/9, 71/9 desired goals only, 81/9
 complete). Data files (conf/data/**.yaml): each is validated as a `data` section. Printed: loaded (by
 data set), and rejected grouped by the reason's first clause. Nothing is trained and nothing downloaded.
 Not a timing benchmark: it lives here because the top-level layout is fixed (docs/sparse_rnn.md).
@@ -27,7 +27,7 @@ from worker.trainers.sparse_rnn import Config, build_model, config_from_hydra  #
 
 # (x, y) sizes -> the seed's data set for them (the data file / DataFactory that produced those sizes)
 SIZES_TO_DATA = {
-    (2500, 10): "random_anomaly", (39, 28): "adroit_door", (46, 26): "adroit_hammer",
+    (2500, 10): "random_anomaly or MNIST sequences", (39, 28): "adroit_door", (46, 26): "adroit_hammer",
     (83, 9): "franka_kitchen", (71, 9): "franka_kitchen (desired goals only, DataFactoryFKB)",
     (81, 9): "kitchencomplete",
     (8, 4): "lunar (gym rollouts: data not supported)", (4, 2): "cartpole (gym rollouts: data not supported)",
