@@ -30,11 +30,15 @@ DATASETS = {
 }
 
 
+COMPLETE = "D4RL/kitchen/complete-v2"  # seed 000's kitchencomplete: 19 episodes, split 15 / 4, test = validation
+
+
 @pytest.fixture(scope="module")
 def minari_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     for dataset_id in DATASETS:
         write_random_dataset(dataset_id, root, episodes=EPISODES, steps=STEPS, seed=3)
+    write_random_dataset(COMPLETE, root, episodes=19, steps=3, seed=4)
     return root
 
 
@@ -59,15 +63,22 @@ def test_dataset_ids_name_their_family_env_and_average():
         minari_data.env_info("D4RL/kitchen/bogus-v2")
 
 
-def test_kitchen_features_put_the_four_goals_first_then_others():
+def test_kitchen_features_follow_the_seeds_task_order():
+    # seed 000's DataFactoryFK: bottom burner, kettle, light switch, microwave (FKC: kettle, light switch,
+    # microwave, slide cabinet): the task names in sorted order, achieved goals first, then desired
     goal = {"slide cabinet": [6.0], "bottom burner": [7.0, 7.5], "kettle": [1.0] * 7,
             "microwave": [5.0], "light switch": [2.0, 3.0]}
     obs = {"observation": np.arange(3.0), "achieved_goal": goal,
            "desired_goal": {k: [-v for v in vals] for k, vals in goal.items()}}
     x = features(obs)
-    order = [1.0] * 7 + [2.0, 3.0, 5.0, 6.0, 7.0, 7.5]
+    order = [7.0, 7.5] + [1.0] * 7 + [2.0, 3.0, 5.0, 6.0]
     assert x.dtype == np.float32
     assert x.tolist() == [0.0, 1.0, 2.0] + order + [-v for v in order]
+    # DataFactoryFKB: the desired goals only
+    assert features(obs, "desired").tolist() == [0.0, 1.0, 2.0] + [-v for v in order]
+    mixed = {"observation": np.zeros(2), "achieved_goal": {k: goal[k] for k in ("microwave", "kettle")},
+             "desired_goal": {k: goal[k] for k in ("microwave", "kettle")}}
+    assert features(mixed).tolist() == [0.0, 0.0] + [1.0] * 7 + [5.0] + [1.0] * 7 + [5.0]
     # a whole episode (leading time axis) flattens the same way, step by step
     episode = {"observation": np.stack([obs["observation"]] * 4),
                "achieved_goal": {k: np.stack([v] * 4) for k, v in obs["achieved_goal"].items()},
@@ -190,7 +201,8 @@ def test_sizes_left_out_are_the_seeds_when_they_fit_else_a_tenth():
     sizes = minari_data.split_sizes
     assert sizes("D4RL/door/expert-v2", 5000, None, None, None) == (4500, 250, 250)
     assert sizes("D4RL/kitchen/mixed-v2", 621, None, None, None) == (501, 60, 60)
-    assert sizes("D4RL/kitchen/complete-v2", 19, None, None, None) == (17, 1, 1)
+    assert sizes("D4RL/kitchen/complete-v2", 19, None, None, None) == (15, 4, 0)  # DataFactoryFKC's split
+    assert sizes("D4RL/kitchen/complete-v2", 10, None, None, None) == (8, 1, 1)
     assert sizes("D4RL/hammer/cloned-v2", 3606, None, 20, None) == (3226, 20, 360)
     assert sizes("D4RL/door/expert-v2", 5000, 10, None, 0) == (10, 250, 0)
 
@@ -239,3 +251,48 @@ def test_the_trainer_scores_its_policy_in_the_env(minari_root, tmp_path, one_thr
     assert result["episodes"] == 1 and result["average_length"] == 200  # the dataset's own episode limit
     assert np.isfinite(result["average_return"]) and result["nonfinite_actions"] == 0
     assert result["return_ratio"] == pytest.approx(result["average_return"] / 2923.66)
+
+
+# ---- seed 000's own data files, on datasets recorded on the spot ------------------------------------------
+SEED_DATA = {  # their conf/data file -> (the Minari dataset its DataFactory loaded, x size)
+    "adroit_door": ("D4RL/door/expert-v2", 39), "adroit_hammer": ("D4RL/hammer/expert-v2", 46),
+    "kitchen": ("D4RL/kitchen/mixed-v2", 83), "kitchencomplete": (COMPLETE, 81),
+}
+
+
+@pytest.mark.parametrize("stem", list(SEED_DATA))
+def test_the_seeds_data_files_name_datasets_that_load(minari_root, tmp_path, stem):
+    import yaml
+
+    from worker.trainers import sparse_rnn
+
+    seed_file = {  # as in their conf/data (kitchencomplete.yaml says franka_kitchen too)
+        "adroit_door": {"dataset": "adroit_door", "name": "adroit_door"},
+        "adroit_hammer": {"dataset": "adroit_hammer", "name": "adroit_hammer"},
+        "kitchen": {"dataset": "franka_kitchen", "name": "franka_kitchen"},
+        "kitchencomplete": {"dataset": "franka_kitchen", "name": "franka_kitchen", "train_size": 15,
+                            "validation_size": 4, "test_size": 4},
+    }[stem]
+    path = tmp_path / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(seed_file))
+    config = sparse_rnn.config_from_hydra({}, path, {})
+    config["data"].update(minari_root=str(minari_root))
+    if stem != "kitchencomplete":
+        config["data"].update(train_size=4, validation_size=2, test_size=2)
+    cfg = sparse_rnn.Config.model_validate(config)
+    want, x_size = SEED_DATA[stem]
+    assert cfg.data.dataset == want
+    data = sparse_rnn.load_data(cfg, seed=0)
+    assert data.name == want and data.input_size == x_size
+    if stem == "kitchencomplete":  # DataFactoryFKC: random_split [15, 4, 0], then test = validation
+        assert (len(data.train), len(data.validation)) == (15, 4) and data.test is data.validation
+    assert sparse_rnn.shuffles(cfg)  # the Minari factories shuffled their training loaders
+
+
+def test_kitchen_desired_goals_only_as_the_seeds_fkb(minari_root):
+    both = load_sequences("D4RL/kitchen/mixed-v2", 4, 2, 2, seed=0, minari_root=minari_root)
+    desired = load_sequences("D4RL/kitchen/mixed-v2", 4, 2, 2, seed=0, minari_root=minari_root,
+                             kitchen_goals="desired")
+    assert (both.input_size, desired.input_size) == (83, 71)
+    assert torch.equal(both.train[0][0][:, :59], desired.train[0][0][:, :59])
+    assert torch.equal(both.train[0][0][:, 71:], desired.train[0][0][:, 59:])  # the desired goals, same order

@@ -243,3 +243,67 @@ def test_minari_jobs_pass_their_data_settings_to_the_loader(monkeypatch):
     sparse_rnn.load_data(cfg, seed=3)
     assert calls == [(("D4RL/door/expert-v2", 40, 5, 5, 3), {"minari_root": "/data/minari", "download": True})]
     assert Config.model_validate({"data": {"dataset": "D4RL/door/expert-v2"}}).data.download is False
+
+
+# ---- (e) baselines are sized like the block model beside them -------------------------------------------
+@pytest.mark.parametrize("kind, n_in, hidden, n_out", [
+    ("lstm", 2500, 22, 10), ("lstm", 39, 8, 28), ("lstm", 20, 10, 10), ("gru", 2500, 29, 10), ("gru", 40, 10, 10),
+    ("rnn", 36, 16, 10), ("rnn", 36, 10, 10),
+])
+def test_baseline_parameter_counts_are_what_torch_builds(kind, n_in, hidden, n_out):
+    from worker.trainers.iterativenn.baselines import baseline_parameters, build_baseline
+
+    model = build_baseline(kind, n_in, hidden, n_out, torch.Generator())
+    assert baseline_parameters(kind, n_in, hidden, n_out) == sum(p.numel() for p in model.parameters())
+
+
+def test_baselines_take_their_size_from_the_block_description_beside_them():
+    """The RandomAnomaly example's lstm/gru: no hidden_size, the description's row_sizes [2500, 685, 10] at
+    R=0.10 (~223k parameters): each baseline gets the hidden size whose count is closest to it."""
+    import yaml
+    from pathlib import Path
+
+    from worker.trainers.iterativenn.baselines import baseline_parameters
+
+    example = yaml.safe_load((Path(__file__).parents[2] / "examples" / "seed000_random_anomaly.yaml").read_text())
+    data = type("Sizes", (), {"input_size": 2500, "output_size": 10, "name": "ra"})
+    description = Config.model_validate(example["config"])
+    budget = description.description(2500, 10).expected_trainable()
+    assert 215_000 < budget < 230_000
+    for kind in ("lstm", "gru"):
+        cfg = Config.model_validate({**example["config"], "model": {**example["config"]["model"], "model_type": kind}})
+        _, facts = sparse_rnn.build_model(cfg, data, seed=0, device="cpu", representation=None)
+        h = facts["hidden_size"]
+        count = facts["trainable_parameters"]
+        assert count == baseline_parameters(kind, 2500, h, 10)
+        step = baseline_parameters(kind, 2500, h + 1, 10) - count  # one more unit
+        assert abs(count - budget) <= step / 2 + 1, (kind, h, count, budget)
+        assert h < 64  # not the old fixed 64 (643,712 / 493,322 parameters)
+    # an explicit hidden_size still wins, and param_budget sets one directly
+    explicit = Config.model_validate({"model_type": "lstm", "hidden_size": 11, "row_sizes": [2500, 685, 10]})
+    assert sparse_rnn.build_model(explicit, data, 0, "cpu", None)[1]["hidden_size"] == 11
+    budgeted = Config.model_validate({"model_type": "gru", "param_budget": 50_000})
+    h = sparse_rnn.build_model(budgeted, data, 0, "cpu", None)[1]["hidden_size"]
+    off = [abs(baseline_parameters("gru", 2500, k, 10) - 50_000) for k in (h - 1, h, h + 1)]
+    assert off[1] == min(off)  # the closest count
+
+
+# ---- (f) RandomAnomaly is read in file order unless shuffle is asked -------------------------------------
+def test_random_anomaly_trains_in_file_order_unless_shuffled(tmp_path, monkeypatch):
+    seen: list[list[int]] = []
+    real_pad = sparse_rnn.pad
+
+    def spy(pairs):
+        seen.append([int(y[-1]) for _, y in pairs])  # the labels identify the samples
+        return real_pad(pairs)
+
+    monkeypatch.setattr(sparse_rnn, "pad", spy)
+    data = anomaly.build_offline(32, 8, 8, seed=0, image_size=6)
+    in_order = [int(data.train[i][1][-1]) for i in range(32)]
+    Harness(tmp_path / "a").train(**small(max_epochs=1))
+    assert sum(seen[:4], []) == in_order  # the first epoch's 4 training batches, as stored
+    seen.clear()
+    shuffled = small(max_epochs=1)
+    shuffled["data"] = {**shuffled["data"], "shuffle": True}
+    Harness(tmp_path / "b").train(**shuffled)
+    assert sorted(sum(seen[:4], [])) == sorted(in_order) and sum(seen[:4], []) != in_order

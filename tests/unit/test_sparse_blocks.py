@@ -35,7 +35,7 @@ def one_block(kind, init="1", train="non-zero", rows=60, cols=50, seed=0):
 
 
 @pytest.mark.parametrize("kind, count", [
-    ("0", 0), ("W", 60 * 50), ("D", 50), ("S=7", 7), ("S=0", 0), ("S=5000", 60 * 50), ("Row=3", 60 * 3),
+    ("W", 60 * 50), ("D", 50), ("S=7", 7), ("S=0", 0), ("S=5000", 60 * 50), ("Row=3", 60 * 3),
     ("Row=80", 60 * 50),
 ])
 def test_block_types_make_exactly_the_entries_they_promise(kind, count):
@@ -76,9 +76,18 @@ def test_initialisations_give_the_values_they_promise():
     # values only where the type made entries
     s = one_block("S=9", "C=0.7")[0]
     assert sorted(set(s[s != 0].tolist())) == [pytest.approx(0.7)] and int((s != 0).sum()) == 9
-    # `0` init with non-zero trainable: no values yet, but the created entries still learn (the pattern)
+    # `0` init with non-zero trainable: the seed's rule, only entries whose initial value is not 0 learn
     z, mask, _, _ = one_block("Row=2", "0")
-    assert int((z != 0).sum()) == 0 and int(mask.sum()) == 60 * 2
+    assert int((z != 0).sum()) == 0 and int(mask.sum()) == 0
+    assert int(one_block("W", "C=0")[1].sum()) == 0
+    assert int(one_block("W", "C=0.5")[1].sum()) == 60 * 50
+
+
+@pytest.mark.parametrize("train", [True, "non-zero"])
+def test_a_trainable_zero_block_is_refused_naming_it(train):
+    with pytest.raises(ValueError, match=r"trainable\[1\]\[0\] .* block_types\[1\]\[0\] is 0"):
+        one_block("0", "0", train)
+    assert int(one_block("0", "0", False)[2].abs().sum()) == 0  # frozen: fine
 
 
 def test_trainable_true_false_and_non_zero():
@@ -185,3 +194,26 @@ def test_representation_choice():
     assert choose_representation(0.5, 1000, "cpu") == "dense"
     assert choose_representation(0.05, 64, "cpu") == "dense"  # tiny: dense is cheap
     assert choose_representation(0.01, 3000, "cuda") == "dense"
+
+
+@pytest.mark.parametrize("representation", ["dense", "sparse"])
+def test_a_bias_per_block_row_leaves_unbiased_rows_at_zero(representation):
+    """seed 000's sequential2D files set a bias per block: rows without one never get one."""
+    desc = Description.parse([5, 4, 3], [[0] * 3, ["W"] * 3, ["W"] * 3], [[0] * 3, ["G=0,0.1"] * 3, ["G=0,0.1"] * 3],
+                             [[False] * 3, [True] * 3, [True] * 3], ["Identity"] * 3, bias=[False, False, True])
+    model = BlockRNN(desc, representation, torch.Generator().manual_seed(0))
+    assert model.trainable_parameters() == 7 * 12 + 3
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 4, 5)).pow(2).sum().backward()
+        optimizer.step()
+    assert torch.equal(model.bias.grad[:4], torch.zeros(4)) and model.bias.grad[4:].abs().min() > 0
+    # zero input and state: the first step's y is its own bias only; h (no bias) stays 0 and adds nothing
+    x = torch.zeros(1, 2, 5)
+    y = model(x)[0]
+    w = model.effective_weight()
+    assert torch.allclose(y[0], model.bias[4:])
+    assert torch.allclose(y[1], w[4:, 9:] @ model.bias[4:] + model.bias[4:], atol=1e-6)
+    with pytest.raises(ValueError, match="bias needs 3 flags"):
+        Description.parse([5, 4, 3], [[0] * 3] * 3, [[0] * 3] * 3, [[False] * 3] * 3, ["Identity"] * 3, bias=[True])

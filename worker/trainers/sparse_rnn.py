@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from worker.trainers.iterativenn import anomaly
-from worker.trainers.iterativenn.baselines import build_baseline
+from worker.trainers.iterativenn import anomaly, seed_files
+from worker.trainers.iterativenn.baselines import ReadUnits, build_baseline, hidden_for_parameters
 from worker.trainers.iterativenn.blocks import (
     BlockRNN,
     Description,
@@ -42,10 +42,12 @@ MODEL_ALIASES = {
     "description_sparse": "description", "masked": "description", "sparse_rnn": "description",
     "lstm": "lstm", "gru": "gru", "rnn": "rnn", "mlp": "mlp",
 }
+BASELINE_DEFAULT_HIDDEN = 64  # a baseline's hidden size when neither hidden_size, param_budget nor row_sizes say
 RANDOM_ANOMALY_NAMES = {"random_anomaly", "randomanomaly", "random-anomaly", "ra"}
 SEED_SECTIONS = ("base", "model")  # merged into the top level; `data` stays a section, `logger` is dropped
 DATA_KEYS = ("dataset", "train_size", "validation_size", "test_size", "batch_size", "path", "image_size",
-             "minari_root", "score_episodes")
+             "minari_root", "score_episodes", "shuffle", "test_reuses_validation", "kitchen_goals",
+             "sequence_type", "transform", "copies", "min_copies", "max_copies", "evaluate_loss")
 
 
 class DataConfig(BaseModel):
@@ -63,10 +65,51 @@ class DataConfig(BaseModel):
     minari_root: str | None = None  # Minari: where datasets live (else minari's own default)
     download: bool = False  # Minari: fetch a dataset missing locally (needs a network; off: fail at once)
     score_episodes: int = Field(default=0, ge=0, le=10_000)  # Minari: env episodes to score the policy on
+    # None: the seed's data factories' choice: RandomAnomaly in file order, Minari shuffled each epoch
+    shuffle: bool | None = None
+    # the test split is the validation split (seed 000's kitchen-complete: 19 episodes split [15, 4, 0])
+    test_reuses_validation: bool = False
+    # kitchen observations: both goal dicts (DataFactoryFK/FKC) or only the desired goals (DataFactoryFKB)
+    kitchen_goals: Literal["achieved_desired", "desired"] = "achieved_desired"
+    # digit_sequences (the seed's MNIST files, built offline; iterativenn/digit_sequences.py)
+    sequence_type: Literal["uniform", "random", "addition"] = "uniform"
+    transform: str = "baseline"
+    copies: int = Field(default=1, ge=1, le=100)  # addition: how often each of its 3 images is shown
+    min_copies: int = Field(default=1, ge=1, le=100)
+    max_copies: int = Field(default=1, ge=1, le=100)
+    evaluate_loss: Literal["all", "last"] = "all"
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, value: str) -> str:
+        if value not in anomaly.TRANSFORMS:
+            raise ValueError(f"unknown transform {value!r}; known: {', '.join(anomaly.TRANSFORMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _copies(self) -> DataConfig:
+        if self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies {self.min_copies} must be <= max_copies {self.max_copies}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_names(cls, value: Any) -> Any:
+        """Seed 000's dataset names (adroit_door, franka_kitchen, kitchencomplete, ...) -> Minari ids;
+        what cannot be mapped (MNIST, lunar, sequence_type sub-files) is refused naming the key and why."""
+        return seed_files.seed_dataset(value) if isinstance(value, dict) else value
 
     @property
     def is_random_anomaly(self) -> bool:
         return self.dataset.strip().lower() in RANDOM_ANOMALY_NAMES
+
+    @property
+    def is_digit_sequences(self) -> bool:
+        return self.dataset.strip().lower() == "digit_sequences"
+
+    @property
+    def is_minari(self) -> bool:
+        return not (self.is_random_anomaly or self.is_digit_sequences)
 
 
 class Config(BaseModel):
@@ -83,7 +126,7 @@ class Config(BaseModel):
     trainable: list[list[Any]] | None = None
     activations: list[str] | bool | None = None  # per block row; the seed's LSTM files say False
     activation_sizes: list[int] | None = None  # must equal row_sizes
-    bias: bool = True
+    bias: bool | list[bool] = True  # or one flag per block row (seed 000's sequential2D files)
     param_budget: int | None = Field(default=None, ge=1)  # solve the hidden size for this many parameters
     representation: Literal["auto", "dense", "sparse"] = "auto"
     # ---- baselines -----------------------------------------------------------------------------------
@@ -108,6 +151,7 @@ class Config(BaseModel):
     profiler: Any = None
     base_dir: Any = None
     seed: Any = None
+    structure: Any = None  # the seed's label of which blocks are non-zero ('111111', 'lstm', 'balanced')
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +160,12 @@ class Config(BaseModel):
         if not isinstance(value, dict):
             return value
         out = {k: v for k, v in value.items() if k not in SEED_SECTIONS and k != "logger"}
+        value = dict(value)
+        model = value.get("model")
+        if isinstance(model, dict) and str(model.get("model_type", "")).lower() == "sequential2d":
+            value["model"] = seed_files.from_sequential2d(model)
+        elif str(out.get("model_type", "")).lower() == "sequential2d":
+            out = seed_files.from_sequential2d(out)
         for section in SEED_SECTIONS:
             part = value.get(section)
             if part is None:
@@ -153,6 +203,7 @@ class Config(BaseModel):
                     raise ValueError(f"{name} {other} must equal row_sizes {self.row_sizes}")
         if self.model_type == "description":
             self.description()  # parse now, so a bad block string is a 422 at POST, not a failed job
+        self.loss_units()  # and a loss idx_list outside y
         return self
 
     # ---- derived ---------------------------------------------------------------------------------------
@@ -162,6 +213,43 @@ class Config(BaseModel):
         kind = "mse" if "mse" in func else "cross_entropy" if "crossentropy" in func.replace("_", "") else None
         position = loss.get("sequence_position")
         return kind, (position if position in ("all", "last") else None)
+
+    def declared_sizes(self) -> tuple[int | None, int | None]:
+        """(state size, y size) as the config itself writes them (before data, budgets or overrides), or
+        None where it does not say: what seed 000's absolute callbacks idx_list ranges count in."""
+        if self.model_type == "description":
+            return (sum(self.row_sizes), self.row_sizes[-1]) if self.row_sizes else (None, None)
+        if self.model_type == "mlp":
+            return (sum(self.sizes), self.sizes[-1]) if self.sizes else (None, None)
+        if None in (self.input_size, self.hidden_size, self.output_size):
+            return None, self.output_size
+        if self.model_type == "lstm":
+            return self.input_size + self.hidden_size + self.output_size, self.output_size
+        return self.input_size + 2 * self.hidden_size, self.output_size  # gru / rnn: h and y are both hidden
+
+    def loss_units(self) -> tuple[int, int] | None:
+        """Which units of the model's y block the loss reads (callbacks.loss.idx_list), None for all."""
+        frame, out = self.declared_sizes()
+        callbacks = self.callbacks or {}
+        if out is None or "idx_list" not in (callbacks.get("loss") or {}):
+            return None
+        if frame is None and "size" not in (callbacks.get("initialization") or {}):
+            return None  # nothing says what the absolute indices count in
+        return seed_files.loss_units(callbacks, frame or 0, out)
+
+    def baseline_hidden(self, input_size: int, output_size: int) -> int:
+        """A baseline's hidden size: `hidden_size` when given; else the one whose parameter count is closest
+        to `param_budget`, or to the block description's own expected count when `row_sizes` describe one
+        (so lstm/gru/rnn in a grid beside the description model are compared like for like)."""
+        if self.hidden_size is not None:
+            return self.hidden_size
+        budget = self.param_budget
+        if budget is None and self.row_sizes:
+            budget = round(self.description(input_size, self.row_sizes[-1] if self.loss_units() else output_size)
+                           .expected_trainable())
+        if budget is None:
+            return BASELINE_DEFAULT_HIDDEN
+        return hidden_for_parameters(self.model_type, input_size, output_size, budget)
 
     def description(self, input_size: int | None = None, output_size: int | None = None) -> Description:
         """The block description; sizes of x and y come from the data when known (placeholders before)."""
@@ -192,20 +280,42 @@ def config_from_hydra(base: str | Path | dict, data: str | Path | dict, model: s
     def load(part):
         return dict(part) if isinstance(part, dict) else yaml.safe_load(Path(part).read_text()) or {}
 
-    return {"base": load(base), "data": load(data), "model": load(model)}
+    data_part = load(data)
+    if not isinstance(data, dict):  # kitchencomplete.yaml says franka_kitchen; its runner loaded kitchen-complete
+        data_part = seed_files.data_file(data_part, Path(data).stem)
+    return {"base": load(base), "data": data_part, "model": load(model)}
 
 
 # ---- data -------------------------------------------------------------------------------------------------
 def load_data(cfg: Config, seed: int) -> SequenceData:
     d = cfg.data
+    test_size = 0 if d.test_reuses_validation else d.test_size
     if d.is_random_anomaly:
-        return anomaly.load(d.path, d.train_size or 10_000, 1_000 if d.validation_size is None else d.validation_size,
-                            1_000 if d.test_size is None else d.test_size, seed, d.image_size)
-    # part B's loader, imported only when used: RandomAnomaly runs need no Minari
-    from worker.trainers.iterativenn import minari_data
+        data = anomaly.load(d.path, d.train_size or 10_000, 1_000 if d.validation_size is None else d.validation_size,
+                            1_000 if test_size is None else test_size, seed, d.image_size)
+    elif d.is_digit_sequences:
+        from worker.trainers.iterativenn import digit_sequences
 
-    return minari_data.load_sequences(d.dataset, d.train_size, d.validation_size, d.test_size, seed,
-                                      minari_root=d.minari_root, download=d.download)
+        data = digit_sequences.build(d.sequence_type, d.train_size or 2_000,
+                                     200 if d.validation_size is None else d.validation_size,
+                                     200 if test_size is None else test_size, seed, d.transform, d.min_copies,
+                                     d.max_copies, d.copies, d.evaluate_loss, d.image_size)
+    else:
+        # part B's loader, imported only when used: RandomAnomaly runs need no Minari
+        from worker.trainers.iterativenn import minari_data
+
+        extra = {"kitchen_goals": d.kitchen_goals} if d.kitchen_goals != "achieved_desired" else {}
+        data = minari_data.load_sequences(d.dataset, d.train_size, d.validation_size, test_size, seed,
+                                          minari_root=d.minari_root, download=d.download, **extra)
+    if d.test_reuses_validation:
+        data.test = data.validation
+    return data
+
+
+def shuffles(cfg: Config) -> bool:
+    """Seed 000's loaders: RandomAnomaly's and the MNIST sequences' DataLoaders kept their order, the
+    Minari ones shuffled."""
+    return cfg.data.shuffle if cfg.data.shuffle is not None else cfg.data.is_minari
 
 
 def sequence_loss(pred: torch.Tensor, batch: Batch, kind: str, position: str) -> tuple[torch.Tensor, int, int]:
@@ -234,28 +344,36 @@ def build_model(cfg: Config, data: SequenceData, seed: int, device: str, represe
     sparse on one machine stays sparse on another whatever auto would pick there."""
     torch.manual_seed(seed)  # nn.LSTM/GRU/RNN initialise from the global generator
     gen = torch.Generator().manual_seed(seed)
-    for name, want, have in (("input_size", cfg.input_size, data.input_size), ("output_size", cfg.output_size, data.output_size)):
+    # Seed 000's loss may read only some units of y (GRU.yaml: the last 10 of its 130): the model keeps
+    # its own y size and the data must match the units read.
+    units = cfg.loss_units()
+    out = data.output_size if units is None else cfg.declared_sizes()[1]
+    if units is not None and units[1] - units[0] != data.output_size:
+        raise ValueError(f"callbacks.loss.idx_list reads {units[1] - units[0]} units of y but the data "
+                         f"({data.name}) has {data.output_size} outputs")
+    for name, want, have in (("input_size", cfg.input_size, data.input_size), ("output_size", cfg.output_size, out)):
         if want is not None and want != have:
             raise ValueError(f"{name} is {want} but the data ({data.name}) has {have}")
     if cfg.model_type == "description":
-        if cfg.row_sizes and (cfg.row_sizes[0], cfg.row_sizes[-1]) != (data.input_size, data.output_size):
+        if cfg.row_sizes and (cfg.row_sizes[0], cfg.row_sizes[-1]) != (data.input_size, out):
             raise ValueError(f"row_sizes {cfg.row_sizes} must start with the data's input size {data.input_size} "
-                             f"and end with its output size {data.output_size} ({data.name})")
-        desc = cfg.description(data.input_size, data.output_size)
+                             f"and end with its output size {out} ({data.name})")
+        desc = cfg.description(data.input_size, out)
         if representation is None:
             representation = cfg.representation if cfg.representation != "auto" else choose_representation(
                 desc.expected_density(), desc.n, device)
         model = BlockRNN(desc, representation, gen)
         facts = model.describe() | {"hidden_size": desc.sizes[1] if len(desc.sizes) > 2 else 0}
-        return model, facts
-    hidden = cfg.hidden_size or 64
-    if cfg.model_type == "mlp" and cfg.sizes and (cfg.sizes[0], cfg.sizes[-1]) != (data.input_size, data.output_size):
-        raise ValueError(f"sizes {cfg.sizes} must start with {data.input_size} and end with {data.output_size}")
+        return ReadUnits.around(model, units), facts
+    hidden = cfg.baseline_hidden(data.input_size, out) if cfg.model_type != "mlp" else cfg.hidden_size or BASELINE_DEFAULT_HIDDEN
+    if cfg.model_type == "mlp" and cfg.sizes and (cfg.sizes[0], cfg.sizes[-1]) != (data.input_size, out):
+        raise ValueError(f"sizes {cfg.sizes} must start with {data.input_size} and end with {out}")
     acts = cfg.activations if isinstance(cfg.activations, list) else None
-    model = build_baseline(cfg.model_type, data.input_size, hidden, data.output_size, gen, cfg.sizes, acts, cfg.bias)
+    model = build_baseline(cfg.model_type, data.input_size, hidden, out, gen, cfg.sizes, acts, cfg.bias)
     trainable = (model.trainable_parameters() if isinstance(model, BlockRNN)
                  else sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return model, {"representation": "dense", "hidden_size": hidden, "trainable_parameters": trainable}
+    return ReadUnits.around(model, units), {"representation": "dense", "hidden_size": hidden,
+                                            "trainable_parameters": trainable}
 
 
 @torch.no_grad()
@@ -292,6 +410,7 @@ def train(cfg: Config, ctx) -> dict:
     model.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     shuffler = torch.Generator().manual_seed(ctx.seed)
+    shuffle = shuffles(cfg)
     batches_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
     total_steps = batches_per_epoch * cfg.max_epochs if cfg.max_steps is None else min(cfg.max_steps, batches_per_epoch * cfg.max_epochs)
 
@@ -315,8 +434,8 @@ def train(cfg: Config, ctx) -> dict:
         })
 
     while step < total_steps:
-        if order is None:  # a new epoch: a fresh shuffle
-            order = torch.randperm(len(data.train), generator=shuffler).tolist()
+        if order is None:  # a new epoch: a fresh shuffle, or the stored order
+            order = torch.randperm(len(data.train), generator=shuffler).tolist() if shuffle else list(range(len(data.train)))
             pos = 0
         indices = order[pos : pos + cfg.data.batch_size]
         batch = pad([data.train[i] for i in indices]).to(device)
@@ -353,7 +472,7 @@ def train(cfg: Config, ctx) -> dict:
         "loss_kind": kind, "sequence_position": position,
     }
     result.update({f"test_{k}": v for k, v in evaluate(model, data.test, cfg.data.batch_size, kind, position, device).items()})
-    if cfg.data.score_episodes and not cfg.data.is_random_anomaly:
+    if cfg.data.score_episodes and cfg.data.is_minari:
         result.update(score(model, cfg, data, ctx.seed, device))
     return result
 
@@ -370,4 +489,5 @@ def score(model, cfg: Config, data: SequenceData, seed: int, device) -> dict:
         return model(x)[0, -1].cpu().numpy()
 
     model.eval()
-    return scoring.score_policy(model_step_fn, cfg.data.dataset, cfg.data.score_episodes, seed)
+    return scoring.score_policy(model_step_fn, cfg.data.dataset, cfg.data.score_episodes, seed,
+                                kitchen_goals=cfg.data.kitchen_goals)

@@ -11,6 +11,11 @@ y [B, T, n_out], the y block after each step, so one data and loss path serves e
 
 Running the torch module over the whole sequence at once equals iterating it one step at a time (the
 seed's loop) and is much faster.
+
+`baseline_parameters` counts what torch will build; `hidden_for_parameters` picks the hidden size whose
+count is closest to a budget (the trainer passes the block description's own count, so a baseline in a
+grid beside it is compared at the same size). `ReadUnits` reads only some units of y (seed 000's GRU.yaml
+has y = the hidden 130 and its loss reads the last 10).
 """
 from __future__ import annotations
 
@@ -74,3 +79,50 @@ def build_baseline(model_type: str, input_size: int, hidden_size: int, output_si
         sizes = sizes or [input_size, hidden_size, output_size]
         return BlockRNN(mlp_description(sizes, activations, bias), "dense", gen)
     raise ValueError(f"unknown baseline '{model_type}'")
+
+
+def baseline_parameters(model_type: str, input_size: int, hidden_size: int, output_size: int) -> int:
+    """Trainable parameters of the lstm / gru / rnn baseline these classes build (both torch biases)."""
+    h, n_in, n_out = hidden_size, input_size, output_size
+    if model_type == "lstm":
+        proj = n_out if n_out < h else 0
+        recurrent = proj or h
+        count = 4 * h * (n_in + recurrent) + 8 * h + proj * h
+        return count + (h * n_out + n_out if proj == 0 and h != n_out else 0)
+    gates = {"gru": 3, "rnn": 1}[model_type]
+    return gates * h * (n_in + h) + 2 * gates * h + (h * n_out + n_out if h != n_out else 0)
+
+
+def hidden_for_parameters(model_type: str, input_size: int, output_size: int, budget: int,
+                          largest: int = 100_000) -> int:
+    """The hidden size (>= 1) whose baseline parameter count is closest to `budget`."""
+    def count(h: int) -> int:
+        return baseline_parameters(model_type, input_size, h, output_size)
+
+    lo, hi = 1, largest
+    if count(lo) >= budget:
+        return lo
+    if count(hi) < budget:
+        return hi
+    while hi - lo > 1:  # the count grows with h
+        mid = (lo + hi) // 2
+        if count(mid) < budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo if budget - count(lo) <= count(hi) - budget else hi
+
+
+class ReadUnits(nn.Module):
+    """y[..., start:stop] of a model's output: the units seed 000's loss idx_list reads."""
+
+    def __init__(self, model: nn.Module, start: int, stop: int):
+        super().__init__()
+        self.model, self.start, self.stop = model, start, stop
+
+    @classmethod
+    def around(cls, model: nn.Module, units: tuple[int, int] | None) -> nn.Module:
+        return model if units is None else cls(model, *units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[..., self.start : self.stop]

@@ -10,11 +10,16 @@ block is the input x, the last the output y, those between are hidden. Per block
 - initialisation (the values of those entries): `0`, `1`, `C=v`, `G` / `G=mu,sigma` (Gaussian, default
   0,1), `U` / `U=a,b` (uniform, default -1,1).
 - trainable: `true` (every entry of the block learns, the absent ones too, starting from 0),
-  `false` (frozen), `non-zero` (only the entries the type created learn).
+  `false` (frozen), `non-zero` (the entries whose initial value W0 is not 0 learn, as in the seed: a
+  `non-zero` block initialised `0` learns nothing). A `0` block must not be trainable (the seed asserts
+  it; we refuse it naming the block).
 
 The effective weight is W = W0 + U * mask (W0 the initial values, frozen; U the update, starting at 0;
 mask the trainable entries), plus a bias. One step of the model is z <- act(W z + b), after the input
 was inserted into the x block; per block-row activations (Identity, ReLU, Sigmoid, ELU, Tanh).
+
+`bias`: true / false for every block row, or one flag per block row (seed 000's sequential2D files
+set a bias per block; `seed_files.py` turns them into these flags).
 
 The first block-row never matters: the x block is overwritten by the next input before anything reads it
 and the loss reads only y. So we compute only the rows below it (the seed requires it be zero and frozen;
@@ -80,6 +85,11 @@ class Init:
     kind: Literal["0", "1", "C", "G", "U"]
     a: float = 0.0
     b: float = 0.0
+
+    @property
+    def always_zero(self) -> bool:
+        """Every value is 0 (`0`, `C=0`, `G=0,0`, `U=0,0`): a `non-zero` block with it learns nothing."""
+        return self.kind == "0" or (self.kind != "1" and self.a == 0.0 and self.b == 0.0)
 
 
 def _number_list(text: str, count: int, what: str) -> list[float]:
@@ -168,7 +178,7 @@ class Description:
     inits: list[list[Init]]
     trainable: list[list[Trainable]]
     activations: list[str]
-    bias: bool = True
+    bias: bool | tuple[bool, ...] = True  # one flag for all block rows, or one per block row
 
     @classmethod
     def parse(cls, sizes: Sequence[int], block_types, initialization_types, trainable, activations,
@@ -187,9 +197,24 @@ class Description:
         acts = [parse_activation(a) for a in activations]
         if len(acts) != n:
             raise ValueError(f"activations needs {n} entries (one per block row), got {len(acts)}")
-        return cls([int(s) for s in sizes], grid("block_types", block_types, parse_block_type),
-                   grid("initialization_types", initialization_types, parse_init),
-                   grid("trainable", trainable, parse_trainable), acts, bool(bias))
+        if isinstance(bias, (list, tuple)):
+            if len(bias) != n:
+                raise ValueError(f"bias needs {n} flags (one per block row) or one true/false, got {len(bias)}")
+            bias = tuple(bool(b) for b in bias)
+        else:
+            bias = bool(bias)
+        types = grid("block_types", block_types, parse_block_type)
+        train = grid("trainable", trainable, parse_trainable)
+        for i in range(n):
+            for j in range(n):
+                if types[i][j].kind == "0" and train[i][j] is not False:
+                    raise ValueError(f"trainable[{i}][{j}] is {trainable[i][j]!r} but block_types[{i}][{j}] is 0: "
+                                     "a 0 block has no entries to learn (seed 000 refuses it too); make it false")
+        return cls([int(s) for s in sizes], types, grid("initialization_types", initialization_types, parse_init),
+                   train, acts, bias)
+
+    def row_has_bias(self, i: int) -> bool:
+        return self.bias[i] if isinstance(self.bias, tuple) else self.bias
 
     @property
     def n(self) -> int:
@@ -211,9 +236,9 @@ class Description:
                 rows, cols, train = self.sizes[i], self.sizes[j], self.trainable[i][j]
                 if train is True:
                     total += rows * cols
-                elif train == "non-zero":
+                elif train == "non-zero" and not self.inits[i][j].always_zero:
                     total += self.types[i][j].expected_entries(rows, cols)
-            total += self.sizes[i] if self.bias else 0
+            total += self.sizes[i] if self.row_has_bias(i) else 0
         return total
 
     def expected_density(self) -> float:
@@ -278,7 +303,8 @@ def build_matrices(desc: Description, gen: torch.Generator) -> tuple[torch.Tenso
             pattern = block_pattern(desc.types[i][j], r, c, gen)
             values = init_values(desc.inits[i][j], r, c, gen) * pattern
             train = desc.trainable[i][j]
-            mask = torch.ones(r, c) if train is True else pattern.float() if train == "non-zero" else torch.zeros(r, c)
+            # non-zero: the seed's rule, entries whose initial value is not 0 (values are 0 off the pattern)
+            mask = torch.ones(r, c) if train is True else (values != 0).float() if train == "non-zero" else torch.zeros(r, c)
             w_row.append(values)
             m_row.append(mask)
         rows_out.append(torch.cat(w_row, dim=1))
@@ -330,11 +356,18 @@ class BlockRNN(nn.Module):
         self.n_in, self.n_out, self.n = desc.input_size, desc.output_size, desc.n
         w0, mask = build_matrices(desc, gen)
         rows = w0.shape[0]
-        self.bias = nn.Parameter(torch.zeros(rows)) if desc.bias else None
-        if desc.bias:  # as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn after the blocks
+        flags = [desc.row_has_bias(i) for i in range(1, len(desc.sizes))]
+        self.bias = nn.Parameter(torch.zeros(rows)) if any(flags) else None
+        # Per-block-row flags (seed 000's sequential2D files): rows without a bias keep 0 and never learn.
+        self.bias_mask = None if all(flags) or not any(flags) else torch.cat(
+            [torch.full((desc.sizes[i],), float(flag)) for i, flag in zip(range(1, len(desc.sizes)), flags)])
+        if self.bias is not None:  # as nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn after the blocks
             bound = 1.0 / math.sqrt(self.n)
             with torch.no_grad():
-                self.bias.copy_(torch.rand(rows, generator=gen) * 2 * bound - bound)
+                values = torch.rand(rows, generator=gen) * 2 * bound - bound
+                self.bias.copy_(values if self.bias_mask is None else values * self.bias_mask)
+            if self.bias_mask is not None:
+                self.register_buffer("bias_rows", self.bias_mask.clone())  # forward multiplies: no gradient there
         # per-row activation segments of the computed rows
         self.segments = [(sum(desc.sizes[1:i]), desc.sizes[i], desc.activations[i]) for i in range(1, len(desc.sizes))]
         self.acts = nn.ModuleList(ACTIVATIONS[name]() for _, _, name in self.segments)
@@ -358,7 +391,8 @@ class BlockRNN(nn.Module):
 
     # counts, for results and tests
     def trainable_parameters(self) -> int:
-        return int(torch.count_nonzero(self.mask)) + (self.rows if self.bias is not None else 0)
+        biases = 0 if self.bias is None else self.rows if self.bias_mask is None else int(self.bias_mask.sum())
+        return int(torch.count_nonzero(self.mask)) + biases
 
     def stored_entries(self) -> int:
         return int(self.W0.numel()) if self.representation == "sparse" else int(((self.W0 != 0) | (self.mask != 0)).sum())
@@ -391,7 +425,7 @@ class BlockRNN(nn.Module):
                 pre = _CSRMatmul.apply(weight, z.t().contiguous(), self.crow, self.col, self.crow_t, self.col_t,
                                        self.perm_t, self.rows, self.n).t()
             if self.bias is not None:
-                pre = pre + self.bias
+                pre = pre + (self.bias if self.bias_mask is None else self.bias * self.bias_rows)
             rest = self._activate(pre)
             outputs.append(rest[:, -self.n_out :])
         return torch.stack(outputs, dim=1)

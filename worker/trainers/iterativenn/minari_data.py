@@ -3,13 +3,15 @@
     data = load_sequences("D4RL/door/expert-v2", train_size=4500, validation_size=250, test_size=250, seed=0)
 
 - x = the episode's observations[:-1] (Minari stores T + 1 observations for T actions), y = the actions,
-  float32, MSE loss at every step. Kitchen observations are dicts; `features` flattens them to
-  observation + achieved goals + desired goals (kettle, light switch, microwave, slide cabinet first, then
-  any other task the dataset records, e.g. kitchen-mixed's bottom burner), the same way for the stored
-  dataset and for the live env when scoring.
+  float32, MSE loss at every step. Kitchen observations are dicts; `features` flattens them as seed 000's
+  DataFactoryFK/FKC did: observation, then the achieved goals, then the desired goals, each in the order
+  of the task names (bottom burner, kettle, light switch, microwave, slide cabinet: the dataset's own
+  tasks, sorted); `kitchen_goals="desired"` leaves the achieved goals out (DataFactoryFKB). The same for
+  the stored dataset and for the live env when scoring.
 - Episodes are split train/validation/test by one permutation drawn from `seed`, so the same seed gives
   the same split on every machine; only the chosen episodes are read. Sizes count episodes; one left
-  as None is seed 000's (Adroit 4500/250/250, kitchen 501/60/60) when those fit, else a tenth each for
+  as None is seed 000's (Adroit 4500/250/250, kitchen 501/60/60, kitchen-complete 15/4/0 with the
+  validation episodes reused as test) when those fit, else a tenth each for
   validation and test and the rest for training.
 - Datasets are read from `minari_root/<dataset_id>/data`. The default root is Minari's own
   (`MINARI_DATASETS_PATH`, else ~/.minari/datasets). A missing dataset is downloaded only with
@@ -64,9 +66,9 @@ _ENVS: dict[tuple[str, str | None], EnvInfo] = {
     ("kitchen", "complete"): EnvInfo("FrankaKitchen-v1", 280, {**_KITCHEN_KWARGS, "tasks_to_complete": _KITCHEN_TASKS_4}),
 }
 # Seed 000's train/validation/test episode counts (its conf/data files), used when a size is left out.
-SEED_SIZES = {"door": (4500, 250, 250), "hammer": (4500, 250, 250), "kitchen": (501, 60, 60)}
-# Seed 000's kitchen input: these goals first, in this order; other recorded tasks follow, sorted.
-KITCHEN_GOALS = ("kettle", "light switch", "microwave", "slide cabinet")
+SEED_SIZES = {"door": (4500, 250, 250), "hammer": (4500, 250, 250), "kitchen": (501, 60, 60),
+              ("kitchen", "complete"): (15, 4, 0)}  # DataFactoryFKC: its 19 episodes, test = validation
+KITCHEN_GOALS = {"achieved_desired": ("achieved_goal", "desired_goal"), "desired": ("desired_goal",)}
 
 
 class MinariDataMissing(FileNotFoundError):
@@ -115,15 +117,16 @@ def known_average_return(dataset_id: str) -> float | None:
     return DATASET_AVERAGE_RETURNS.get(parse_dataset_id(dataset_id))
 
 
-def features(observations: Any) -> np.ndarray:
-    """Flatten observations to float32 [..., n]: arrays as they are; kitchen dicts as observation,
-    then achieved goals, then desired goals (KITCHEN_GOALS order, then any others sorted).
-    Works on one env observation and on a whole stored episode alike."""
+def features(observations: Any, kitchen_goals: str = "achieved_desired") -> np.ndarray:
+    """Flatten observations to float32 [..., n]: arrays as they are; kitchen dicts as observation, then
+    achieved goals, then desired goals, tasks sorted by name as seed 000's data factories listed them
+    ("desired": the desired goals only). Works on one env observation and on a whole stored episode alike."""
     if not isinstance(observations, dict):
         return np.asarray(observations, dtype=np.float32)
-    achieved, desired = observations["achieved_goal"], observations["desired_goal"]
-    keys = [k for k in KITCHEN_GOALS if k in achieved] + sorted(k for k in achieved if k not in KITCHEN_GOALS)
-    parts = [observations["observation"]] + [achieved[k] for k in keys] + [desired[k] for k in keys]
+    if kitchen_goals not in KITCHEN_GOALS:
+        raise ValueError(f"kitchen_goals must be one of {', '.join(KITCHEN_GOALS)}, got {kitchen_goals!r}")
+    keys = sorted(observations["desired_goal"])
+    parts = [observations["observation"]] + [observations[g][k] for g in KITCHEN_GOALS[kitchen_goals] for k in keys]
     return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=-1)
 
 
@@ -178,7 +181,8 @@ def split_sizes(dataset_id: str, total: int, train: int | None, validation: int 
     """Fill in sizes left as None: seed 000's (Adroit 4500/250/250, kitchen 501/60/60) when they fit the
     dataset, else a tenth of its episodes (at least 1) each for validation and test and the rest for
     training. Sizes that are given are kept as they are (too large: `_split` refuses them)."""
-    defaults = SEED_SIZES[parse_dataset_id(dataset_id)[0]]
+    family, variant = parse_dataset_id(dataset_id)
+    defaults = SEED_SIZES.get((family, variant)) or SEED_SIZES[family]
     fits = sum(defaults) <= total
     tenth = max(1, total // 10)
     validation = validation if validation is not None else defaults[1] if fits else tenth
@@ -198,14 +202,14 @@ def _split(total: int, sizes: tuple[int, int, int], seed: int, dataset_id: str) 
     return [order[bounds[i]:bounds[i + 1]] for i in range(3)]
 
 
-def _pairs(dataset, indices: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(dataset, indices: np.ndarray, kitchen_goals: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if len(indices) == 0:
         return []
     # iterate_episodes takes ids from the dataset's own episode list; read them in file order.
     ids = dataset.episode_indices[np.sort(indices)]
     by_id = {}
     for episode in dataset.iterate_episodes(ids.tolist()):
-        x = torch.from_numpy(features(episode.observations)[:-1].copy())
+        x = torch.from_numpy(features(episode.observations, kitchen_goals)[:-1].copy())
         y = torch.from_numpy(np.asarray(episode.actions, dtype=np.float32))
         by_id[int(episode.id)] = (x, y)
     return [by_id[int(dataset.episode_indices[i])] for i in indices]  # back to the seed's order
@@ -213,14 +217,14 @@ def _pairs(dataset, indices: np.ndarray) -> list[tuple[torch.Tensor, torch.Tenso
 
 def load_sequences(dataset_id: str, train_size: int | None, validation_size: int | None,
                    test_size: int | None, seed: int, minari_root: str | Path | None = None,
-                   download: bool = False) -> SequenceData:
+                   download: bool = False, kitchen_goals: str = "achieved_desired") -> SequenceData:
     """Behaviour-cloning sequences of a Minari dataset, split by episodes deterministically by `seed`.
     Sizes count episodes; None takes the default of `split_sizes`."""
     dataset = open_dataset(dataset_id, minari_root, download)
     total = int(dataset.total_episodes)
     sizes = split_sizes(dataset_id, total, train_size, validation_size, test_size)
     splits = _split(total, sizes, seed, dataset_id)
-    train, validation, test = (_pairs(dataset, s) for s in splits)
+    train, validation, test = (_pairs(dataset, s, kitchen_goals) for s in splits)
     x, y = train[0]
     average = known_average_return(dataset_id)
     info = {

@@ -26,7 +26,8 @@ PolicyStep = Callable[[torch.Tensor], Any]
 
 def score_policy(policy_step: PolicyStep, dataset_id: str, episodes: int, seed: int,
                  max_episode_steps: int | None = None,
-                 dataset_average_return: float | None = None) -> dict[str, float]:
+                 dataset_average_return: float | None = None,
+                 kitchen_goals: str = "achieved_desired") -> dict[str, float]:
     """Run `episodes` episodes (reset with seed, seed + 1, ...) of at most `max_episode_steps` steps
     (default: the dataset's own limit, e.g. 200 for Adroit door) and return numeric metrics:
     average_return, return_std, average_length, episodes, nonfinite_actions, and, when the dataset's
@@ -43,7 +44,7 @@ def score_policy(policy_step: PolicyStep, dataset_id: str, episodes: int, seed: 
     try:
         for episode in range(episodes):
             obs, _ = env.reset(seed=seed + episode)
-            first = features(obs)
+            first = features(obs, kitchen_goals)
             # One buffer per episode; the policy sees a growing view of it (no copy per step).
             history = torch.zeros(steps_limit + 1, first.shape[0], dtype=torch.float32)
             history[0] = torch.from_numpy(first)
@@ -59,7 +60,7 @@ def score_policy(policy_step: PolicyStep, dataset_id: str, episodes: int, seed: 
                 t += 1
                 if terminated or truncated or t >= steps_limit:
                     break
-                history[t] = torch.from_numpy(features(obs))
+                history[t] = torch.from_numpy(features(obs, kitchen_goals))
             returns.append(total)
             lengths.append(t)
     finally:
