@@ -542,3 +542,19 @@ def test_the_mean_return_criterion_ends_the_run_even_with_evaluate(tmp_path):
                             stop_at_mean_return=1.0, after_win="evaluate"))
     assert (result["stopped"], result["episodes"], result["solved_at_episode"]) == ("solved", 3, 3)
     assert "episodes_after_win" not in result
+
+
+def test_the_example_grid_is_the_nested_conf_json_swept():
+    import yaml
+
+    root = Path(__file__).parents[2]
+    spec = GridSpec.model_validate(yaml.safe_load((root / "examples" / "seed002_grid.yaml").read_text()))
+    parsed = [trainers.parse_config("snn_ddqn", job.config) for job in expand(spec)]
+    assert len(parsed) == 10
+    assert sorted((c.architecture, c.snn_tSteps, c.snn_beta, c.target) for c in parsed if c.architecture == "ann") == [
+        ("ann", 25, 0.95, "ddqn"), ("ann", 25, 0.95, "dqn")]
+    assert {(c.snn_tSteps, c.snn_beta) for c in parsed} == {(10, 0.9), (10, 0.95), (25, 0.9), (25, 0.95)}
+    seed_base = {k: v for k, v in spec.config.items() if k in NESTED_CONF}
+    assert seed_base == NESTED_CONF  # the base is the seed's file as written, plus gridfleet's options
+    assert all((c.truncation, c.update_schedule, c.after_win, c.buffer_size) == ("terminal", "episode", "evaluate",
+                                                                                100_000) for c in parsed)
