@@ -97,16 +97,23 @@ class LeakyLayer(torch.autograd.Function):
                  grad_total: torch.Tensor | None):
         mems, beta, threshold = ctx.saved_tensors
         t_steps = mems.shape[0]
+        scale = 1.0  # a factor common to every step's direct gradient, moved into the decay matrix
         direct = grad_mems
         if grad_total is not None:  # every step's membrane went into the sum
             direct = grad_total.expand_as(mems) if direct is None else direct + grad_total
         if grad_spikes is not None:  # ATan: dS/dU = alpha / 2 / (1 + (pi / 2 * alpha * (U - threshold)) ** 2)
-            surrogate = (mems - threshold).mul_(math.pi / 2 * ATAN_ALPHA).pow_(2).add_(1).reciprocal_()
-            through_spikes = surrogate.mul_(grad_spikes).mul_(ATAN_ALPHA / 2)
-            direct = through_spikes if direct is None else through_spikes.add_(direct)
+            shifted = mems - threshold
+            through_spikes = torch.div(grad_spikes, torch.addcmul(shifted.new_ones(()), shifted, shifted,
+                                                                   value=(math.pi / 2 * ATAN_ALPHA) ** 2))
+            if direct is None:
+                direct, scale = through_spikes, ATAN_ALPHA / 2
+            else:
+                direct = direct.add(through_spikes, alpha=ATAN_ALPHA / 2)
         if direct is None:
             return None, None, None, None, None, None
         decay = _decay_matrix(float(beta), t_steps, mems.dtype, mems.device)
+        if scale != 1.0:
+            decay = decay * scale
         flat = direct.reshape(t_steps, -1)
         if ctx.constant:  # the same current every step: its gradient is the sum over steps
             grad = (decay.sum(dim=0) @ flat).view(mems.shape[1:])
