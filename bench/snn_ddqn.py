@@ -77,22 +77,27 @@ NETWORKS = {"ann": {"architecture": "ann"}, "snntorch": {"architecture": "snn", 
             "fused": {"architecture": "snn", "snn_kernel": "fused"}}
 
 
-def throughput(devices: list[str], seconds: float) -> None:
-    print(f"\n## env steps per second ({seconds:.0f} s per case; learning included)\n")
+def throughput(devices: list[str], seconds: float, rounds: int) -> None:
+    print(f"\n## env steps per second ({seconds:.0f} s per case in {rounds} interleaved rounds; learning included)\n")
     print("| env | agents | device | ann | snn, snntorch (old) | snn, fused (new) | fused/snntorch | fused/ann |")
     print("|---|---|---|---|---|---|---|---|")
     speedups = []
     for env_id in ("LunarLander-v3", "CartPole-v1"):
         for agents in (1, 8):
             for device in devices:
-                rates = {}
-                for name, network in NETWORKS.items():
-                    config = {**SEED_NET, **network, "env_id": env_id, "agents": agents,
-                              "epsilon_start": 0.1, "epsilon_min": 0.1, "episodes": 10 ** 6,
-                              "train_max_time": seconds, "stop_learning_at_win_percent": None,
-                              "checkpoint_every": 10 ** 9, "device": device}
-                    result, _ = run(config, device)
-                    rates[name] = result["env_steps"] / result["seconds"]
+                # The networks take turns (ann, old, new, ann, ...) so a neighbour's load on this shared
+                # machine falls on all three alike.
+                steps, spent = dict.fromkeys(NETWORKS, 0), dict.fromkeys(NETWORKS, 0.0)
+                for _ in range(rounds):
+                    for name, network in NETWORKS.items():
+                        config = {**SEED_NET, **network, "env_id": env_id, "agents": agents,
+                                  "epsilon_start": 0.1, "epsilon_min": 0.1, "episodes": 10 ** 6,
+                                  "train_max_time": seconds / rounds, "stop_learning_at_win_percent": None,
+                                  "checkpoint_every": 10 ** 9, "device": device}
+                        result, _ = run(config, device)
+                        steps[name] += result["env_steps"]
+                        spent[name] += result["seconds"]
+                rates = {name: steps[name] / spent[name] for name in NETWORKS}
                 speedups.append(rates["fused"] / rates["snntorch"])
                 print(f"| {env_id} | {agents} | {device} | {rates['ann']:,.0f} | {rates['snntorch']:,.0f} | "
                       f"{rates['fused']:,.0f} | {speedups[-1]:.1f}x | {rates['fused'] / rates['ann']:.2f}x |",
@@ -125,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["throughput", "solve", "all"], default="all")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall time per throughput case")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per throughput case")
     parser.add_argument("--solve-seconds", type=float, default=600.0, help="time budget per solve run")
     parser.add_argument("--solve-episodes", type=int, default=2000)
     parser.add_argument("--solve-at", type=float, default=195.0, help="mean return over 100 episodes that solves it")
@@ -137,7 +143,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"# snn_ddqn bench: torch {torch.__version__}, {args.threads} thread(s), GPU: {gpu}")
     if args.part in ("throughput", "all"):
-        throughput(devices, args.seconds)
+        throughput(devices, args.seconds, args.rounds)
     if args.part in ("solve", "all"):
         solve(devices, args.solve_seconds, args.solve_episodes, args.solve_at, args.solve_networks.split(","))
 
