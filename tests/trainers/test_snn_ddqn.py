@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import gymnasium as gym
 import harness  # tests/trainers/harness.py
 import numpy as np
 import pytest
+import snntorch as snn
 import torch
 from pydantic import ValidationError
 
@@ -15,6 +17,7 @@ from scheduler.spec import GridSpec, expand
 from worker import trainers
 from worker.trainers import snn_ddqn
 from worker.trainers.snn_ddqn import Config, QNetwork, td_target
+from worker.trainers.spiking import lif
 
 # Box2D's SWIG bindings warn about their own types when LunarLander first imports them.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type swig:DeprecationWarning",
@@ -310,3 +313,248 @@ def test_a_seed_conf_json_becomes_a_one_job_grid():
     assert expand(GridSpec.model_validate(fresh[0]))[0].key != jobs[0].key
     no_continue = snn_ddqn.grid_from_seed_conf({**SEED_CONF, "continue_run": False, "name": "my run/1"}, now=t1)
     assert no_continue["config"]["run_tag"] and no_continue["name"] == "my-run-1"
+
+
+# ---- (g) the fused spiking forward equals snntorch's Leaky -------------------------------------------
+def snntorch_steps(current: torch.Tensor, neuron, t_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: snntorch's Leaky called once per time step, as the seed's network does."""
+    mem, spikes, mems = torch.zeros(current.shape[-2:]), [], []
+    for t in range(t_steps):
+        spike, mem = neuron(current if current.dim() == 2 else current[t], mem)
+        spikes.append(spike)
+        mems.append(mem)
+    return torch.stack(spikes), torch.stack(mems)
+
+
+@pytest.mark.parametrize("integrate", ["numpy", "torch"])  # the CPU path, and the one other devices take
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+@pytest.mark.parametrize("constant", [True, False], ids=["constant-current", "current-per-step"])
+@pytest.mark.parametrize("beta, threshold", [(0.95, 1.0), (0.6, 0.7)])
+def test_a_fused_leaky_layer_equals_snntorch_bit_for_bit(monkeypatch, integrate, reset, constant, beta, threshold):
+    if integrate == "torch":
+        monkeypatch.setattr(lif, "_integrate_numpy", lif._integrate_torch)
+    torch.manual_seed(0)
+    t_steps = 12
+    current = (torch.randn(32, 20) if constant else torch.randn(t_steps, 32, 20)) * 1.5
+    current.requires_grad_(True)
+    neuron = snn.Leaky(beta=beta, threshold=threshold, reset_mechanism=reset)
+    spikes, mems = snntorch_steps(current, neuron, t_steps)
+    weigh_spikes, weigh_mems = torch.randn(t_steps, 32, 20), torch.randn(t_steps, 32, 20)
+    (spikes * weigh_spikes + mems * weigh_mems).sum().backward()
+    expected_grad, current.grad = current.grad.clone(), None
+
+    fused_spikes, fused_mems, total = lif.LeakyLayer.apply(current, neuron.beta.clamp(0, 1), neuron.threshold,
+                                                           t_steps, reset == "subtract", True)
+    assert 0.05 < spikes.mean() < 0.95  # neither silent nor saturated: the comparison means something
+    assert torch.equal(fused_spikes, spikes) and torch.equal(fused_mems, mems)
+    running = torch.zeros(32, 20)
+    for m in mems:  # the membrane readout's sum, in the order the step-by-step loop adds
+        running = running + m
+    assert torch.equal(total, running)
+    (fused_spikes * weigh_spikes + fused_mems * weigh_mems).sum().backward()
+    torch.testing.assert_close(current.grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("readout", ["spikes", "membrane"])
+@pytest.mark.parametrize("batch", [1, 40])
+def test_the_fused_q_network_equals_the_snntorch_one(readout, batch):
+    """Same weights, same inputs: Q equal (spike counts bit for bit), every parameter's gradient to float
+    tolerance."""
+    torch.manual_seed(3)
+    config = {"env_id": "CartPole-v1", "hidden_layers": [32, 16], "snn_tSteps": 10, "readout": readout}
+    reference = QNetwork(4, 3, Config(**config, snn_kernel="snntorch"))
+    with torch.no_grad():  # stronger weights than the initial ones, so every layer spikes
+        for linear in reference.linears:
+            linear.weight.mul_(3.0)
+    fused = QNetwork(4, 3, Config(**config, snn_kernel="fused"))
+    fused.load_state_dict(reference.state_dict())  # the same state_dict keys: checkpoints load either way
+    obs = torch.randn(40, 4) * 3
+    with torch.no_grad():  # one agent's forward: the observation that drives the output most
+        obs = obs[:batch] if batch > 1 else obs[reference(obs).sum(dim=1).argmax()].unsqueeze(0)
+    q_ref, q_fused = reference(obs), fused(obs)
+    assert q_ref.abs().sum() > 0
+    if readout == "spikes":  # spike counts: bit for bit
+        assert torch.equal(q_fused, q_ref)
+    else:  # membranes: one matmul for all steps may round a last bit apart from one row at a time (a gemv)
+        torch.testing.assert_close(q_fused, q_ref, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(q_ref)
+    (q_ref * weights).sum().backward()
+    (q_fused * weights).sum().backward()
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        scale = p_ref.grad.abs().max()
+        assert scale > 0, name
+        assert (p_fused.grad - p_ref.grad).abs().max() <= 1e-5 * scale, name  # float32 sums in another order
+
+
+# ---- (h) the seed's nested conf.json (a copy of the real file: tests/trainers/data/seed002/SOURCE.md) ----
+NESTED_CONF = json.loads((Path(__file__).parent / "data" / "seed002" / "DDQN_conf.json").read_text())
+
+
+def test_the_seeds_nested_conf_json_is_accepted_and_mapped():
+    cfg = trainers.parse_config("snn_ddqn", NESTED_CONF)
+    assert (cfg.learning_rate, cfg.decay, cfg.batch, cfg.gamma, cfg.buffer_size, cfg.epsilon_start, cfg.epsilon_min,
+            cfg.update_every, cfg.episodes, cfg.max_episode_steps) == (
+        0.0004, 0.998, 100, 0.995, 100_000, 1.0, 0.1, 4, 15_000, 1000)
+    assert (cfg.env_id, cfg.architecture, cfg.hidden_layers, cfg.snn_tSteps, cfg.snn_beta) == (
+        "LunarLander-v3", "snn", [64, 64], 25, 0.95)
+    assert (cfg.agents, cfg.stop_learning_at_win_percent, cfg.time_limit(), cfg.continue_run, cfg.debug) == (
+        1, 80, 12600, False, True)
+    assert cfg.stop_at_mean_return == 99999999999  # stop_condition.maxAvgPoint; maxEpisodes is above nEpisodes
+    assert snn_ddqn.is_seed_conf(NESTED_CONF)
+    grid = snn_ddqn.grid_from_seed_conf(NESTED_CONF, now=datetime(2026, 1, 1, tzinfo=UTC))
+    assert grid["name"] == "SNN_DDQN" and grid["config"]["run_tag"]  # continue_run: false -> a new job
+    jobs = expand(GridSpec.model_validate(grid))
+    assert len(jobs) == 1
+    trainers.validate_config("snn_ddqn", jobs[0].config)
+
+
+def test_gridfleet_reads_the_nested_conf_json_file_as_a_one_job_grid():
+    from common.cli import load_grid_file  # what `gridfleet run` / `gridfleet submit` read a file with
+
+    grid = load_grid_file(Path(__file__).parent / "data" / "seed002" / "DDQN_conf.json")
+    assert grid["trainer"] == "snn_ddqn" and grid["config"]["algorithm_options"] == NESTED_CONF["algorithm_options"]
+    ppo = {**NESTED_CONF, "algorithm": "PPO"}  # the seed's other trainer's file: found, then refused by name
+    assert snn_ddqn.is_seed_conf(ppo)
+    with pytest.raises(trainers.InvalidConfig, match="config.algorithm: .*PPO"):
+        trainers.validate_config("snn_ddqn", snn_ddqn.grid_from_seed_conf(ppo)["config"])
+
+
+def test_the_nested_conf_json_as_a_grid_base():
+    spec = GridSpec.model_validate({"name": "nested", "trainer": "snn_ddqn", "config": NESTED_CONF,
+                                    "axes": {"network": ["snn", "ann"], "network_options.snn_tSteps": [10, 25],
+                                             "algorithm_options.learning_rate": [0.001]}})
+    parsed = [trainers.parse_config("snn_ddqn", job.config) for job in expand(spec)]
+    assert sorted((c.architecture, c.snn_tSteps, c.learning_rate, c.buffer_size) for c in parsed) == [
+        ("ann", 10, 0.001, 100_000), ("ann", 25, 0.001, 100_000), ("snn", 10, 0.001, 100_000),
+        ("snn", 25, 0.001, 100_000)]
+
+
+def test_the_seeds_stop_condition_max_episodes_caps_the_run(tmp_path):
+    """The seed stops once `maxEpisodes <= episode` (0-based) after an episode: maxEpisodes + 1 episodes."""
+    conf = {**NESTED_CONF, "env": "CartPole-v1", "network_options": {"hidden_layers": [8], "snn_tSteps": 3,
+                                                                     "snn_beta": 0.95},
+            "algorithm_options": {**NESTED_CONF["algorithm_options"], "batch": 8, "memorySize": 200,
+                                  "maxNumTimeSteps": 20},
+            "stop_condition": {"maxEpisodes": 2, "maxAvgPoint": 1e9}}
+    h = Harness(tmp_path)
+    result = h.train(**conf)
+    assert result["episodes"] == 3 and [step for step, _ in h.reports] == [1, 2, 3]
+    assert all(values["length"] <= 20 for _, values in h.reports)  # maxNumTimeSteps
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"algorithm_options": {**NESTED_CONF["algorithm_options"], "memSize": 5}}, "config.algorithm_options.memSize",
+     "Extra inputs"),
+    ({"network_options": {"hidden_layers": [64], "snn_tsteps": 5}}, "config.network_options.snn_tsteps", "Extra"),
+    ({"stop_condition": {"maxEpisodes": 5, "minAvgPoint": 1}}, "config.stop_condition.minAvgPoint", "Extra"),
+    ({"env_options": {"render": True}}, "config.env_options.render", "Extra"),
+    ({"surprise": 1}, "config.surprise", "Extra"),
+    ({"algorithm": "PPO"}, "config.algorithm", "PPO"),
+    ({"finished": True}, "config.finished", "marked finished"),
+    ({"network": "cnn"}, "config.network", "'snn' or 'ann'"),
+    ({"algorithm_options": {**NESTED_CONF["algorithm_options"], "memorySize": 0}}, "config.memorySize",
+     "greater than or equal to 1"),
+    ({"env_options": {"observationNormalization": True}}, "config", "env_options.observationNormalization"),
+    ({"algorithm_options": [1, 2]}, "config", "algorithm_options: must be a mapping"),
+    ({"stop_condition": {"maxEpisodes": "soon"}}, "config", "stop_condition.maxEpisodes"),
+    ({"snn_tSteps": 10}, "config", "network_options.snn_tSteps: given twice"),
+])
+def test_the_nested_conf_json_rejects_what_it_cannot_map_naming_the_field(change, field, words):
+    with pytest.raises(trainers.InvalidConfig) as info:
+        trainers.validate_config("snn_ddqn", {**NESTED_CONF, **change})
+    assert any(f == field and words in message for f, message in info.value.errors), info.value.errors
+
+
+# ---- (i) the seed's habits as options: truncation, update schedule, after a win ------------------------
+@pytest.mark.parametrize("truncation", ["bootstrap", "terminal"])
+def test_truncated_episodes_bootstrap_unless_the_seeds_terminal_is_asked(tmp_path, truncation):
+    # CartPole truncated at 6 steps: most episodes end by the time limit, a few by falling.
+    h = Harness(tmp_path)
+    result = h.train(**tiny(architecture="ann", agents=1, episodes=8, max_episode_steps=6, truncation=truncation))
+    terminated = h.final_state()["buffer"]["terminated"]
+    ends = np.cumsum([values["length"] for _, values in h.reports]) - 1
+    assert len(terminated) == result["env_steps"] == ends[-1] + 1
+    by_time_limit = [end for end, (_, values) in zip(ends, h.reports) if values["length"] == 6]
+    assert by_time_limit, "no episode reached the time limit"
+    assert terminated[by_time_limit].tolist() == [1.0 if truncation == "terminal" else 0.0] * len(by_time_limit)
+    inside = np.setdiff1d(np.arange(len(terminated)), ends)
+    assert not terminated[inside].any()  # only an episode's last step can be terminal
+
+
+def expected_updates(lengths: list[int], every: int, batch: int, schedule: str) -> int:
+    count, size = 0, 0
+    for length in lengths:
+        for t in range(length):
+            size += 1
+            if schedule == "episode":
+                count += (t + 1) % every == 0 and size > batch
+            else:
+                count += size % every == 0 and size >= batch
+    return count
+
+
+@pytest.mark.parametrize("schedule", ["run", "episode"])
+def test_the_update_schedule_ours_or_the_seeds(tmp_path, schedule):
+    h = Harness(tmp_path)
+    result = h.train(**tiny(architecture="ann", agents=1, episodes=6, update_every=3, batch=12,
+                            update_schedule=schedule))
+    lengths = [values["length"] for _, values in h.reports]
+    assert result["updates"] == expected_updates(lengths, 3, 12, schedule) > 0
+    other = "run" if schedule == "episode" else "episode"
+    assert expected_updates(lengths, 3, 12, other) != result["updates"]  # the two schedules differ here
+
+
+def test_after_a_win_the_seeds_evaluate_plays_on_without_learning(tmp_path):
+    # Every CartPole episode returns more than 1: the win rate is 100% once the window (3) is full.
+    config = tiny(architecture="ann", episodes=8, agents=1, win_by="return", win_threshold=1.0, win_window=3,
+                  stop_learning_at_win_percent=99.5)
+    stop = Harness(tmp_path / "stop")
+    stopped = stop.train(**config)
+    evaluate = Harness(tmp_path / "evaluate")
+    result = evaluate.train(**config, after_win="evaluate")
+
+    assert (stopped["stopped"], stopped["episodes"]) == ("solved", 3)
+    assert (result["stopped"], result["solved"], result["solved_at_episode"], result["episodes"]) == (
+        "episodes", True, 3, 8)
+    assert [values["learning"] for _, values in evaluate.reports] == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert [values["epsilon"] for _, values in evaluate.reports] == pytest.approx([0.7 ** i for i in range(8)])
+    assert result["updates"] == stopped["updates"]  # no update after the win ...
+    a, b = stop.final_state(), evaluate.final_state()
+    for name, value in a["online"].items():  # ... so the evaluated net is the one that won
+        assert torch.equal(value, b["online"][name]), name
+    returns = [values["return"] for _, values in evaluate.reports]
+    assert result["episodes_after_win"] == 5
+    assert result["mean_return_after_win"] == pytest.approx(np.mean(returns[3:]))
+    assert result["win_rate_after_win"] == 100.0
+    assert b["buffer"]["size"] == min(result["env_steps"], 200)  # experience is still stored, as the seed does
+
+    # Stopped inside the evaluation and resumed: the same as straight through.
+    first = Harness(tmp_path / "resumed", stop_at=5)
+    assert first.train(**config, after_win="evaluate") == {"stopped_at": 5}
+    second = Harness(tmp_path / "resumed", checkpoint=first.checkpoints[-1])
+    assert second.train(**config, after_win="evaluate")["mean_return_after_win"] == result["mean_return_after_win"]
+    assert deterministic(first.reports) + deterministic(second.reports) == deterministic(evaluate.reports)
+
+
+def test_the_mean_return_criterion_ends_the_run_even_with_evaluate(tmp_path):
+    h = Harness(tmp_path)
+    result = h.train(**tiny(architecture="ann", episodes=8, agents=1, win_window=3, stop_learning_at_win_percent=None,
+                            stop_at_mean_return=1.0, after_win="evaluate"))
+    assert (result["stopped"], result["episodes"], result["solved_at_episode"]) == ("solved", 3, 3)
+    assert "episodes_after_win" not in result
+
+
+def test_the_example_grid_is_the_nested_conf_json_swept():
+    import yaml
+
+    root = Path(__file__).parents[2]
+    spec = GridSpec.model_validate(yaml.safe_load((root / "examples" / "seed002_grid.yaml").read_text()))
+    parsed = [trainers.parse_config("snn_ddqn", job.config) for job in expand(spec)]
+    assert len(parsed) == 10
+    assert sorted((c.architecture, c.snn_tSteps, c.snn_beta, c.target) for c in parsed if c.architecture == "ann") == [
+        ("ann", 25, 0.95, "ddqn"), ("ann", 25, 0.95, "dqn")]
+    assert {(c.snn_tSteps, c.snn_beta) for c in parsed} == {(10, 0.9), (10, 0.95), (25, 0.9), (25, 0.95)}
+    seed_base = {k: v for k, v in spec.config.items() if k in NESTED_CONF}
+    assert seed_base == NESTED_CONF  # the base is the seed's file as written, plus gridfleet's options
+    assert all((c.truncation, c.update_schedule, c.after_win, c.buffer_size) == ("terminal", "episode", "evaluate",
+                                                                                100_000) for c in parsed)

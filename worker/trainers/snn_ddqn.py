@@ -7,16 +7,21 @@ An epsilon-greedy agent on any Gymnasium env with a flat Box observation and Dis
 Q as the summed output spikes (`readout: spikes`, the seed) or the output layer's mean membrane
 potential (`readout: membrane`, output neurons without reset).
 
+The spiking forward runs through spiking/lif.py (all time steps of a layer at once, the same numbers as
+snntorch's Leaky step by step; `snn_kernel: snntorch` runs the step-by-step reference instead).
+
 Learning as in the seed: replay buffer (100,000), epsilon from 1 to a floor, multiplied by `decay` once
-per finished episode, an update every `update_every` env steps once the buffer holds a batch, MSE on the
-TD error, Adam, soft target update (tau) after each update or a hard copy every N updates. The target
-is true Double DQN (the online net picks the next action, the target net values it) or, with
-`target: dqn`, the seed's own rule (max over the target net).
+per finished episode, an update every `update_every` env steps once the buffer holds a batch (or the
+seed's schedule, `update_schedule: episode`), MSE on the TD error, Adam, soft target update (tau) after
+each update or a hard copy every N updates. The target is true Double DQN (the online net picks the next
+action, the target net values it) or, with `target: dqn`, the seed's own rule (max over the target net).
+Time-limit truncations bootstrap; `truncation: terminal` stores them as terminal, as the seed did.
 
 `agents` environments run side by side with one batched forward pass for their actions. An episode is a
 "win" when its final reward is > `win_threshold` (75: LunarLander's landing bonus), or its return is
-(`win_by: return`). Learning stops, and the job ends, when the win rate over the last `win_window`
-episodes exceeds `stop_learning_at_win_percent` (a percent: the seed compared a 0-1 fraction to 80).
+(`win_by: return`). Learning stops when the win rate over the last `win_window` episodes exceeds
+`stop_learning_at_win_percent` (a percent: the seed compared a 0-1 fraction to 80); then the job ends
+(`after_win: stop`) or, as the seed, plays on with learning off until its episode budget (`evaluate`).
 
 Exact resume: a checkpoint holds both nets, the optimizer, the replay buffer, epsilon, counters, history,
 the RNG states and, for each episode in flight, its reset seed and its actions so far. A Gymnasium env's
@@ -27,10 +32,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import gymnasium as gym
@@ -48,6 +51,10 @@ from pydantic import (
 )
 from torch import nn
 
+from worker.trainers.spiking import seed_conf
+from worker.trainers.spiking.lif import spiking_forward
+from worker.trainers.spiking.seed_conf import grid_from_seed_conf, is_seed_conf  # noqa: F401 (common/cli.py)
+
 CURVE_POINTS = 200  # the result's return curve is averaged down to at most this many points
 
 
@@ -56,21 +63,28 @@ def _names(*names: str) -> AliasChoices:
 
 
 class Config(BaseModel):
-    """Seed 002's conf.json keys are accepted as written (snn_tSteps, learning_rate, batch, decay, ...)."""
+    """Seed 002's conf.json keys are accepted as written, flat (snn_tSteps, learning_rate, batch, decay, ...)
+    or nested as its confExamples/DDQN_conf.json (spiking/seed_conf.py lifts the sections; the seed's
+    names inside them, memorySize, startEbsilon, numUpdateTS, ..., are aliases here)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     env_id: str = Field(default="LunarLander-v3", validation_alias=_names("env_id", "env", "env_name", "environment"))
-    max_episode_steps: int | None = Field(default=None, ge=1, description="None: the env's own (LunarLander: 1000)")
-    episodes: int = Field(default=15_000, ge=1, validation_alias=_names("episodes", "max_episodes", "num_episodes"))
+    max_episode_steps: int | None = Field(default=None, ge=1, description="None: the env's own (LunarLander: 1000)",
+                                          validation_alias=_names("max_episode_steps", "maxNumTimeSteps"))
+    episodes: int = Field(default=15_000, ge=1,
+                          validation_alias=_names("episodes", "max_episodes", "num_episodes", "nEpisodes"))
     agents: int = Field(default=1, ge=1, le=256, validation_alias=_names("agents", "num_envs"))
     # The network.
-    architecture: Literal["snn", "ann"] = "snn"
+    architecture: Literal["snn", "ann"] = Field(default="snn", validation_alias=_names("architecture", "network"))
     hidden_layers: list[Annotated[int, Field(ge=1, le=8192)]] = Field(default=[64, 64], min_length=1, max_length=16)
     snn_tSteps: int = Field(default=25, ge=1, le=10_000,
                             validation_alias=_names("snn_tSteps", "snn_t_steps", "t_steps"))
     snn_beta: float = Field(default=0.95, ge=0.0, le=1.0, validation_alias=_names("snn_beta", "beta"))
     readout: Literal["spikes", "membrane"] = "spikes"
+    # fused: all time steps of a layer at once (worker/trainers/spiking/lif.py), the same numbers as
+    # snntorch's Leaky called step by step (`snntorch`, kept as the reference), in far fewer kernel launches.
+    snn_kernel: Literal["fused", "snntorch"] = "fused"
     # Learning.
     target: Literal["ddqn", "dqn"] = "ddqn"
     target_update: Literal["soft", "hard"] = "soft"
@@ -78,20 +92,32 @@ class Config(BaseModel):
     target_update_every: int = Field(default=1000, ge=1, description="updates between hard copies")
     learning_rate: float = Field(default=4e-4, gt=0.0, le=10.0, validation_alias=_names("learning_rate", "lr"))
     gamma: float = Field(default=0.995, ge=0.0, le=1.0)
+    # bootstrap: a time-limit truncation is no terminal state, its target still bootstraps (correct);
+    # terminal: the seed's, which stored done = terminated or truncated.
+    truncation: Literal["bootstrap", "terminal"] = "bootstrap"
     batch: int = Field(default=100, ge=1, le=1_000_000, validation_alias=_names("batch", "batch_size"))
     buffer_size: int = Field(default=100_000, ge=1,
-                             validation_alias=_names("buffer_size", "replay_size", "memory_size"))
-    update_every: int = Field(default=4, ge=1, validation_alias=_names("update_every", "train_frequency"))
-    epsilon_start: float = Field(default=1.0, ge=0.0, le=1.0)
+                             validation_alias=_names("buffer_size", "replay_size", "memory_size", "memorySize"))
+    update_every: int = Field(default=4, ge=1, validation_alias=_names("update_every", "train_frequency", "numUpdateTS"))
+    # run: every update_every env steps of the run once the buffer holds a batch; episode (the seed's):
+    # when (t + 1) % update_every == 0 for the episode's step t, once the buffer holds more than a batch.
+    update_schedule: Literal["run", "episode"] = "run"
+    epsilon_start: float = Field(default=1.0, ge=0.0, le=1.0, validation_alias=_names("epsilon_start", "startEbsilon"))
     epsilon_min: float = Field(default=0.01, ge=0.0, le=1.0,
-                               validation_alias=_names("epsilon_min", "epsilon_end", "epsilon_floor", "min_epsilon"))
+                               validation_alias=_names("epsilon_min", "epsilon_end", "epsilon_floor", "min_epsilon",
+                                                       "endEbsilon"))
     decay: float = Field(default=0.998, gt=0.0, le=1.0, validation_alias=_names("decay", "epsilon_decay"))
     # Winning and stopping.
     win_by: Literal["final_reward", "return"] = "final_reward"
     win_threshold: float = 75.0
     win_window: int = Field(default=100, ge=1)
     stop_learning_at_win_percent: float | None = Field(default=80.0, ge=0.0, le=100.0)
-    stop_at_mean_return: float | None = None  # e.g. CartPole-v1's "solved": mean return >= 475 over 100
+    # Once that win rate is reached, stop: the job ends; evaluate: the seed's, episodes go on with learning
+    # off (same epsilon schedule) until the episode budget, and the result reports them apart.
+    after_win: Literal["stop", "evaluate"] = "stop"
+    # e.g. CartPole-v1's "solved": mean return >= 475 over 100. Always ends the run (the seed's maxAvgPoint).
+    stop_at_mean_return: float | None = Field(default=None, validation_alias=_names("stop_at_mean_return",
+                                                                                     "maxAvgPoint"))
     max_run_time: float | None = Field(default=None, gt=0.0, description="seconds of training, all attempts together")
     train_max_time: float | None = Field(default=None, gt=0.0, description="the same; the smaller of the two counts")
     checkpoint_every: int = Field(default=100, ge=1, description="episodes")
@@ -106,6 +132,26 @@ class Config(BaseModel):
     local_backup: bool = True
     debug: bool = False
     run_tag: str | None = None
+    # The nested conf.json's own two: the algorithm it names, and the flag its trainer sets when a run ends.
+    algorithm: str = seed_conf.ALGORITHM
+    finished: bool = False
+
+    _nested_seed_conf = model_validator(mode="before")(seed_conf.flatten)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _ddqn(cls, algorithm: str) -> str:
+        if algorithm != seed_conf.ALGORITHM:
+            raise ValueError(f"'{algorithm}' is not run by snn_ddqn, which trains the seed's {seed_conf.ALGORITHM} "
+                             "(its PPO has no gridfleet trainer)")
+        return algorithm
+
+    @field_validator("finished")
+    @classmethod
+    def _not_finished(cls, finished: bool) -> bool:
+        if finished:
+            raise ValueError(seed_conf.FINISHED_MESSAGE)
+        return finished
 
     @field_validator("env_id")
     @classmethod
@@ -131,26 +177,6 @@ class Config(BaseModel):
         return min(limits) if limits else None
 
 
-# ---- seed 002's conf.json as a grid ------------------------------------------------------------------
-SEED_CONF_KEYS = frozenset({"snn_tSteps", "snn_beta", "architecture", "stop_learning_at_win_percent", "hidden_layers"})
-
-
-def is_seed_conf(data: dict[str, Any]) -> bool:
-    """A seed-002 conf.json rather than a grid spec: no trainer/config keys, some of the seed's own."""
-    return "trainer" not in data and "config" not in data and bool(SEED_CONF_KEYS & data.keys())
-
-
-def grid_from_seed_conf(conf: dict[str, Any], force_new_run: bool = False, now: datetime | None = None) -> dict:
-    """A one-job grid for a seed-002 conf.json. Submitting the same file again adds nothing, so the job
-    (resumed from its checkpoints by whichever worker runs it) continues: `continue_run: true`. With
-    `continue_run: false` or `force_new_run` (the seed's --forcenewrun) a run_tag makes it a new job."""
-    config = dict(conf)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(config.get("name") or "snn-ddqn")).strip("-._")[:100] or "snn-ddqn"
-    if force_new_run or not config.get("continue_run", True):
-        config["run_tag"] = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S.%fZ")
-    return {"name": name, "trainer": "snn_ddqn", "config": config, "objective": "max:mean_return"}
-
-
 # ---- the network -------------------------------------------------------------------------------------
 class QNetwork(nn.Module):
     def __init__(self, obs_dim: int, n_actions: int, cfg: Config):
@@ -160,6 +186,7 @@ class QNetwork(nn.Module):
         self.spiking = cfg.architecture == "snn"
         self.t_steps = cfg.snn_tSteps
         self.membrane_readout = cfg.readout == "membrane"
+        self.fused = cfg.snn_kernel == "fused"
         if self.spiking:
             hidden = [snn.Leaky(beta=cfg.snn_beta) for _ in cfg.hidden_layers]
             # A membrane readout integrates without reset, so Q can take any value (spike counts are 0..T).
@@ -172,6 +199,9 @@ class QNetwork(nn.Module):
             for linear in self.linears[:-1]:
                 x = F.relu(linear(x))
             return self.linears[-1](x)
+        if self.fused:
+            return spiking_forward(obs, self.linears, [n.beta for n in self.neurons],
+                                   [n.threshold for n in self.neurons], self.t_steps, self.membrane_readout)
         first = self.linears[0](obs)  # a constant current: the first layer's input is the same every step
         mems = [torch.zeros(len(obs), layer.out_features, device=obs.device) for layer in self.linears]
         total = torch.zeros(len(obs), self.linears[-1].out_features, device=obs.device)
@@ -260,7 +290,8 @@ class RunState:
     loss_sum: float = 0.0  # over the updates since the last finished episode
     loss_count: int = 0
     last_checkpoint: int = 0  # episodes_done at the last periodic checkpoint
-    solved_at: int | None = None
+    solved_at: int | None = None  # episodes done when the stop criterion was met; learning is off from then on
+    solved_by: str | None = None  # "win_rate" or "mean_return"
     history: dict[str, list] = field(default_factory=lambda: {"return": [], "length": [], "win": [], "loss": [],
                                                               "epsilon": []})
 
@@ -357,8 +388,19 @@ def train(cfg: Config, ctx) -> dict:
             "buffer": buffer.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
         })
 
+    def run_ends() -> bool:
+        """Solved, and not going on to evaluate (the mean-return criterion always ends the run)."""
+        return st.solved_at is not None and (cfg.after_win == "stop" or st.solved_by == "mean_return")
+
+    def update_due(lane: Lane) -> bool:
+        if st.solved_at is not None:  # learning is off
+            return False
+        if cfg.update_schedule == "episode":  # the seed's: (t + 1) % C == 0 for step t of the episode, buffer > batch
+            return len(lane.actions) % cfg.update_every == 0 and buffer.size > cfg.batch
+        return st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch
+
     def start_episode(i: int) -> None:
-        if st.episodes_started >= cfg.episodes or st.solved_at is not None:
+        if st.episodes_started >= cfg.episodes or run_ends():
             lanes[i] = None
             return
         lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
@@ -398,16 +440,17 @@ def train(cfg: Config, ctx) -> dict:
         now = time.monotonic()
         steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
         last_report = (now, st.env_steps)
-        ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win),
+        learning = int(st.solved_at is None)
+        ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win), learning=learning,
                    win_rate=win_rate, mean_return=mean_return, epsilon=st.epsilon, loss=loss,
                    env_steps=st.env_steps, steps_per_second=steps_per_second)
         ctx.progress(st.episodes_done, cfg.episodes)
         st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)  # once per episode, as the seed
         if window_full and st.solved_at is None:
             if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
-                st.solved_at = st.episodes_done
+                st.solved_at, st.solved_by = st.episodes_done, "win_rate"
             if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
-                st.solved_at = st.episodes_done
+                st.solved_at, st.solved_by = st.episodes_done, "mean_return"
 
     if saved is None:
         for i in range(cfg.agents):
@@ -420,19 +463,20 @@ def train(cfg: Config, ctx) -> dict:
         for i, action in zip(active, actions.tolist()):
             lane = lanes[i]
             next_obs, reward, terminated, truncated, _ = envs[i].step(action)
-            buffer.add(lane.obs, action, reward, next_obs, terminated)
+            # The seed's `truncation: terminal` stores a time-limit end as terminal: no bootstrap from it.
+            buffer.add(lane.obs, action, reward, next_obs, terminated or (truncated and cfg.truncation == "terminal"))
             lane.actions.append(action)
             lane.ret += float(reward)
             lane.obs = next_obs
             st.env_steps += 1
-            if st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch:
+            if update_due(lane):
                 learn()
             if terminated or truncated:
                 finish_episode(lane, float(reward))
                 start_episode(i)
-                if st.solved_at is not None:
-                    break  # learning stops here: no more steps or updates for the other lanes
-        if st.solved_at is not None:
+                if run_ends():
+                    break  # the run stops here: no more steps or updates for the other lanes
+        if run_ends():
             stopped = "solved"
             lanes = [None] * cfg.agents  # learning is over: the episodes in flight are dropped
         elif limit is not None and time.monotonic() - began >= limit:
@@ -455,9 +499,16 @@ def train(cfg: Config, ctx) -> dict:
     chunk = max(1, -(-len(returns) // CURVE_POINTS))
     curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
              for start in range(0, len(returns), chunk)]
+    after_win = {}
+    if cfg.after_win == "evaluate" and st.solved_by == "win_rate":  # the episodes played with learning off
+        after = slice(st.solved_at, None)
+        after_win = {"episodes_after_win": len(h["return"][after]),
+                     "mean_return_after_win": _mean(h["return"][after]),
+                     "win_rate_after_win": 100.0 * _mean(h["win"][after])}
     return {
+        **after_win,
         "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
-        "stopped": "solved" if st.solved_at is not None else stopped or "episodes",
+        "stopped": "solved" if run_ends() else stopped or "episodes",
         "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
         "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
         "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
