@@ -33,7 +33,7 @@ export function h(tag, attrs = {}, ...children) {
 
 export function fmt(value) {
   if (value === undefined || value === null) return "";
-  if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toPrecision(4);
+  if (typeof value === "number") return Number.isInteger(value) ? String(value) : String(Number(value.toPrecision(4)));
   if (typeof value === "boolean") return value ? "true" : "false";
   return typeof value === "object" ? JSON.stringify(value) : String(value);
 }

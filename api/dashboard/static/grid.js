@@ -18,7 +18,9 @@ function columns(view) {
     { id: "state", title: "state", get: (r) => r.state },
     ...view.swept.map((k) => ({ id: "config." + k, title: k, get: (r) => r.config[k] })),
     ...(view.rows.some((r) => r.seed !== view.rows[0].seed) ? [{ id: "seed", title: "seed", get: (r) => r.seed }] : []),
-    ...view.metrics.map((k) => ({ id: "metric." + k, title: k, get: (r) => metricOf(r, k), metric: true })),
+    // A metric named like a swept key (sleep's `steps`) says it is the result's.
+    ...view.metrics.map((k) => ({ id: "metric." + k, title: view.swept.includes(k) ? `${k} (result)` : k,
+                                  get: (r) => metricOf(r, k), metric: true })),
     { id: "step", title: "step", get: (r) => r.step },
   ];
 }

@@ -17,7 +17,7 @@ export async function show(root, _arg, live) {
       h("thead", {}, h("tr", {}, ["worker", "host", "alive", "state", "GPUs", "current job", "code", "last seen"]
         .map((c) => h("th", {}, c)))),
       h("tbody", {}, workers.map((w) => h("tr", { "data-worker": w.name },
-        h("td", {}, w.name), h("td", {}, w.host), h("td", { "data-alive": w.alive }, w.alive ? "alive" : "gone"),
+        h("td", {}, w.name), h("td", {}, w.host), h("td", { "data-alive": String(w.alive) }, w.alive ? "alive" : "gone"),
         h("td", {}, w.state), h("td", {}, w.gpus.length ? w.gpus.map(fmt).join("; ") : "none"),
         h("td", { "data-job": w.current_job_id ?? "" },
           w.current_job_id ? h("a", { href: `#/job/${w.current_job_id}` }, w.current_job_id) : ""),
