@@ -168,6 +168,11 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
     assert attempts.count() == len(detail["attempt_history"]) == 1
     assert "dash-worker-1" in attempts.inner_text() and "succeeded" in attempts.inner_text()
     assert f"step {detail['checkpoint']['step']}" in page.inner_text("#checkpoint")
+    assert page.locator("#checkpoint a").count() == 0  # a local checkpoint: no Hub link
+    hub = page.evaluate("async () => { const {hubLink} = await import('/dashboard/static/job.js');"
+                        " return [hubLink('hf://o/r/grid-1/job-2/c.pt', 'abc'), hubLink('hf://o/r/x.pt'),"
+                        " hubLink('local:/tmp/c.pt', 'abc')]; }")
+    assert hub == ["https://huggingface.co/o/r/blob/abc/grid-1/job-2/c.pt", "https://huggingface.co/o/r", None]
     page.screenshot(path=str(shots / "job.png"), full_page=True)
 
     # Workers.

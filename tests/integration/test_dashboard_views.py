@@ -3,7 +3,10 @@ itself is public and holds nothing secret, the data needs a token, a grid's view
 ranks the swept keys by how much of the objective's spread they explain (eta squared, checked by hand)."""
 from __future__ import annotations
 
+import fnmatch
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -93,3 +96,11 @@ def test_swept_keys_and_labels():
         "state_size=64, use_forget_gate=false"
     assert views.importance([{"config": {"a": 1}, "result": {"loss": 2.0}}], ["a"], "loss") == \
         [{"key": "a", "score": None}]
+
+
+def test_every_static_file_is_package_data():
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["api"]
+    files = [p.relative_to(root / "api").as_posix() for p in (root / "api" / "dashboard" / "static").iterdir()]
+    assert "dashboard/static/uPlot.iife.min.js" in files
+    assert [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []

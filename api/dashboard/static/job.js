@@ -5,10 +5,13 @@ import { lineChart } from "./charts.js";
 
 const POLL_MS = 2000;
 
-// hf://owner/repo[/path] -> the repository's page on the Hub.
-export function hubLink(uri) {
-  const m = /^hf:\/\/([^/]+\/[^/@]+)/.exec(uri || "");
-  return m ? `https://huggingface.co/${m[1]}` : null;
+// A Hub pointer (hf://owner/repo/path at commit `revision`) -> that file at that commit on the Hub, or the
+// repository's page when the commit is not known; null for any other store.
+export function hubLink(uri, revision) {
+  const m = /^hf:\/\/([^/]+\/[^/]+)(?:\/(.+))?$/.exec(uri || "");
+  if (!m) return null;
+  const repo = `https://huggingface.co/${m[1]}`;
+  return m[2] && revision ? `${repo}/blob/${encodeURIComponent(revision)}/${m[2]}` : repo;
 }
 
 function kv(obj) {
@@ -30,7 +33,7 @@ export async function show(root, jobId, live) {
         .filter((k) => !["step", "time", "attempt_id"].includes(k) && metrics.some((m) => typeof m[k] === "number"));
       const output = events.filter((e) => e.kind === "output").map((e) => e.message).join("\n");
       const pointer = job.checkpoint;
-      const link = pointer && hubLink(pointer.uri || pointer.store);
+      const link = pointer && hubLink(pointer.uri, pointer.revision);
       root.replaceChildren(
         h("h1", {}, `Job ${job.id}`),
         h("p", {}, "grid ", h("a", { href: `#/grid/${encodeURIComponent(job.grid)}` }, job.grid),
@@ -53,7 +56,7 @@ export async function show(root, jobId, live) {
               a.ended_at ? `${(a.ended_at - a.started_at).toFixed(1)} s` : "running"),
             h("td", {}, a.error ? a.error.split("\n").slice(-1)[0] : ""))))),
         h("h2", {}, "Checkpoint"),
-        pointer ? h("p", { id: "checkpoint" }, `step ${fmt(pointer.step)} · ${fmt(pointer.uri || pointer.store)} `,
+        pointer ? h("p", { id: "checkpoint" }, `step ${fmt(pointer.step)} · ${fmt(pointer.uri)} `,
                     link ? h("a", { href: link, rel: "noreferrer", target: "_blank" }, "on the Hub") : "")
                 : h("p", { class: "muted" }, "no checkpoint"),
         h("h2", {}, "Events"),
