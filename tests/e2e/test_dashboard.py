@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from playwright import sync_api
 
@@ -23,6 +24,7 @@ from tests.e2e.processes import ok
 
 CHROMIUM = "/usr/bin/chromium"
 GRID = "dash-demo"
+FAILING = "dash-failing"
 STEPS = [3, 6]
 SECONDS = [1.5, 2.5]
 TIMEOUT_MS = 60_000
@@ -62,7 +64,18 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
     api = server.api
     ok(api.post("/grids", json={"name": GRID, "trainer": "sleep", "config": {"checkpoint_every": 2},
                                 "axes": {"steps": STEPS, "seconds": SECONDS}, "objective": "min:loss"}))
+    # A job that fails at its first step on each of its two attempts: the job page lists both.
+    ok(api.post("/grids", json={"name": FAILING, "trainer": "sleep", "config": {"seconds": 0.1, "fail_at_step": 0},
+                                "max_attempts": 2}))
     fleet.start_worker(server, "dash-worker-1")
+    # A worker that only reports a self-update (as `--self-update` does): the workers page shows the event.
+    with httpx.Client(base_url=server.url + "/api/v1", timeout=30.0,
+                      headers={"Authorization": f"Bearer {server.worker_token}"}) as as_worker:
+        other = ok(as_worker.post("/workers/register", json={"name": "dash-updater", "host": "studio-7",
+                                                              "gpus": ["NVIDIA H100 80GB"], "code_rev": "c0ffee1"}))
+        ok(as_worker.post(f"/workers/{other['worker_id']}/worker_events",
+                          headers={"X-Gridfleet-Worker-Secret": other["worker_secret"]},
+                          json={"kind": "self_update", "message": "updated c0ffee0 -> c0ffee1"}))
 
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
@@ -175,10 +188,28 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
     assert hub == ["https://huggingface.co/o/r/blob/abc/grid-1/job-2/c.pt", "https://huggingface.co/o/r", None]
     page.screenshot(path=str(shots / "job.png"), full_page=True)
 
-    # Workers.
+    # The failing job: each attempt with its worker, outcome and error.
+    failing = ok(api.get(f"/grids/{FAILING}/results"))["results"][0]
+    fleet.wait_for(lambda: ok(api.get(f"/jobs/{failing['job_id']}"))["state"] == "failed", "the failing job to fail")
+    history = ok(api.get(f"/jobs/{failing['job_id']}"))["attempt_history"]
+    page.goto(f"{server.url}/#/job/{failing['job_id']}")
+    page.wait_for_selector("#job-state:has-text('failed')")
+    shown = page.locator("#attempts tbody tr")
+    assert shown.evaluate_all("rs => rs.map(r => r.dataset.attempt)") == [a["id"] for a in history]
+    assert len(history) == 2 and all(a["outcome"] == "error" for a in history)
+    for i, attempt in enumerate(history):
+        text = shown.nth(i).inner_text()
+        assert "dash-worker-1" in text and "error" in text and "asked to fail at step 0" in text
+        assert math.isclose(float(shown.nth(i).locator("td[data-duration]").get_attribute("data-duration")),
+                            attempt["ended_at"] - attempt["started_at"])
+
+    # Workers, with the other worker's self-update event.
     page.click("header a[href='#/workers']")
     worker_row = page.locator("#workers tr[data-worker='dash-worker-1']")
     worker_row.wait_for()
+    updater = page.locator("#workers tr[data-worker='dash-updater']")
+    assert "NVIDIA H100 80GB" in updater.inner_text() and "c0ffee1" in updater.inner_text()
+    page.wait_for_selector("#worker-events td:has-text('updated c0ffee0 -> c0ffee1')")
     listed = {w["name"]: w for w in ok(api.get("/workers"))["workers"]}["dash-worker-1"]
     assert listed["alive"] and worker_row.locator("td[data-alive='true']").count() == 1
     assert worker_row.locator("td[data-job]").get_attribute("data-job") == str(listed["current_job_id"] or "")
@@ -188,9 +219,12 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
     page.click("header a[href='#/grids']")
     row = page.locator(f"#grids tr[data-grid='{GRID}']")
     row.wait_for()
+    page.wait_for_selector(f"#grids tr[data-grid='{FAILING}'] [data-count=failed]:has-text('1')")
     summary = ok(api.get(f"/grids/{GRID}"))
     for state, count in summary["counts"].items():
         assert int(row.locator(f"[data-count={state}]").inner_text()) == count
+    listed = [g["name"] for g in ok(api.get("/grids"))["grids"]]
+    assert page.locator("#grids tbody tr").evaluate_all("rs => rs.map(r => r.dataset.grid)") == listed
     assert row.locator("[data-progress='100']").count() == 1
     assert float(row.locator("td[data-best]").get_attribute("data-best")) == summary["best"]["value"]
 

@@ -54,7 +54,7 @@ export async function show(root, jobId, live) {
             h("td", {}, (a.code_rev || "").slice(0, 12)), h("td", {}, a.outcome), h("td", {}, when(a.started_at)),
             h("td", { class: "num", "data-duration": a.ended_at ? a.ended_at - a.started_at : "" },
               a.ended_at ? `${(a.ended_at - a.started_at).toFixed(1)} s` : "running"),
-            h("td", {}, a.error ? a.error.split("\n").slice(-1)[0] : ""))))),
+            h("td", { class: "error" }, a.error ? a.error.trim().split("\n").pop() : ""))))),
         h("h2", {}, "Checkpoint"),
         pointer ? h("p", { id: "checkpoint" }, `step ${fmt(pointer.step)} · ${fmt(pointer.uri)} `,
                     link ? h("a", { href: link, rel: "noreferrer", target: "_blank" }, "on the Hub") : "")
