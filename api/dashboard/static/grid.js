@@ -92,7 +92,8 @@ export async function show(root, name, live) {
     }, c.title, s.sort?.id === c.id ? (s.sort.dir > 0 ? " ▲" : " ▼") : "")));
     const filters = h("tr", { class: "filters" }, h("th"), ...cols.map((c) => h("th", {}, h("input", {
       "data-filter": c.id, value: s.filters[c.id] || "", placeholder: "filter",
-      onchange: (e) => { s.filters[c.id] = e.target.value; drawTable(); },
+      // Typing is kept at once (a poll's redraw keeps it); Enter or leaving the box applies it.
+      oninput: (e) => { s.filters[c.id] = e.target.value; }, onchange: () => drawTable(),
     }))));
     const body = rows.map((r) => h("tr", { "data-job": r.job_id },
       h("td", {}, h("input", { type: "checkbox", checked: chosen.has(r.job_id), onchange: (e) => {
@@ -121,7 +122,7 @@ export async function show(root, name, live) {
     const picker = h("select", { id: "curve-metric", onchange: (e) => { s.metric = e.target.value; drawCharts(); } },
       ...v.metrics.map((k) => h("option", { value: k, selected: k === metric }, k)));
     const threshold = h("input", { id: "threshold", value: s.threshold, placeholder: "e.g. 0.5", size: 8,
-      onchange: (e) => { s.threshold = e.target.value; drawCharts(); } });
+      oninput: (e) => { s.threshold = e.target.value; }, onchange: () => drawCharts() });
 
     const finished = ranked();
     const all = finished.map((r, i) => ({ x: i + 1, y: r.result[m], job_id: r.job_id }));
