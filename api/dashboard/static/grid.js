@@ -1,6 +1,6 @@
 // One grid: live progress (polls /dashboard/grids/{name}), the results table (sort by clicking a header,
 // filter with the boxes under it: `>0.5`, `<=3`, `=true` or any text), loss curves of the selected jobs
-// (the best five until you tick others) with legends naming what differs between them, seed 001's three
+// (the best five, or the running ones, until you tick others) with legends naming what differs between them, seed 001's three
 // plots, a parallel-coordinates view and a hyper-parameter importance ranking.
 import { fmt, get, h } from "./api.js";
 import { lineChart, parallelCoordinates, scatterChart } from "./charts.js";
@@ -63,7 +63,12 @@ export async function show(root, name, live) {
     const m = s.view.objective_metric, sign = s.view.direction === "max" ? -1 : 1;
     return s.view.rows.filter((r) => typeof r.result[m] === "number").sort((a, b) => sign * (a.result[m] - b.result[m]));
   };
-  const selectedIds = () => s.selected ?? ranked().slice(0, TOP).map((r) => r.job_id);
+  // Until the user ticks jobs: the best finished ones, or the running ones while none has finished.
+  const selectedIds = () => {
+    if (s.selected) return s.selected;
+    const best = ranked().slice(0, TOP);
+    return (best.length ? best : s.view.rows.filter((r) => r.state === "running").slice(0, TOP)).map((r) => r.job_id);
+  };
 
   function drawHead() {
     const g = s.view.grid, pct = Math.round(100 * g.progress);
