@@ -30,7 +30,6 @@ SECONDS = [1.5, 2.5]
 TIMEOUT_MS = 60_000
 
 
-
 def _close(shown: str, value: float) -> bool:
     """A number as the page prints it (toPrecision(4)) against the API's value."""
     return math.isclose(float(shown), value, rel_tol=1e-3, abs_tol=1e-12)
