@@ -134,6 +134,10 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
     page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 2")
     filtered = page.locator("#results tbody tr").evaluate_all("rows => rows.map(r => +r.dataset.job)")
     assert sorted(filtered) == sorted(r["job_id"] for r in results if r["config"]["steps"] == 6)
+    checks = page.evaluate("""async () => { const {matches} = await import('/dashboard/static/grid.js');
+      return [matches(0.4, '<0.5'), matches(0.5, '<0.5'), matches(3, '<=3'), matches(2, '>=3'), matches(true, '=true'),
+              matches(false, '=true'), matches('gru_cell', 'GRU'), matches(null, '>1'), matches('x', '>1')]; }""")
+    assert checks == [True, False, True, False, True, False, True, False, False]
     page.fill("#results input[data-filter='config.steps']", "")
     page.press("#results input[data-filter='config.steps']", "Enter")
     page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 4")
