@@ -49,7 +49,7 @@ def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: i
     settings = Settings(**settings_dump)
     queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
     options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0,
-                           stores=stores)
+                           stores=stores, warm_starts=settings.warm_starts)
     agent = Agent(DirectClient(queue, settings.heartbeat_seconds), options)
     agent.claim_filters = {"grid_id": grid_id}
     agent.run()
