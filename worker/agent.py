@@ -150,6 +150,7 @@ class Agent:
                 break
             if self.updater is not None and self._self_update():
                 break  # re-exec on the new commit once the loop has closed up
+            self.launcher.wait_warm(lambda: self.stopping)  # once: a claimed job's lease is not spent importing
             try:
                 job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
                                         can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,

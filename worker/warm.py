@@ -77,6 +77,15 @@ class Launcher:
         if self.warm and self._usable(code_root):
             self._zygote(code_root)
 
+    def wait_warm(self, stopping=lambda: False) -> None:
+        """Wait until the agent's own warm process is ready (or has failed), so a claimed job's lease is not
+        spent on imports. Returns early once `stopping()` says so."""
+        if self.warm and self._usable(None):
+            try:
+                self._zygote(None).wait_ready(stopping)
+            except WarmUnavailable as exc:
+                self._failed(None, exc)
+
     def start(self, args: JobArgs, code_root: Path | None) -> Started:
         if self.warm and self._usable(code_root):
             key = _key(code_root)
@@ -166,7 +175,7 @@ class Zygote:
         self.broken = False  # a reply went missing: the next one could be read as the wrong one
 
     def start(self, args: JobArgs) -> Started:
-        self._wait_ready()
+        self.wait_ready()
         receiver, sender = multiprocessing.Pipe(duplex=False)
         stop_read, stop_write = os.pipe()
         try:
@@ -201,10 +210,17 @@ class Zygote:
             self.process.kill()
             self.process.join()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self, stopping=lambda: False) -> None:
         if self.info is not None:
             return
-        reply = self._recv(READY_TIMEOUT, what="to import")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.conn.poll(0.2):
+            if stopping():
+                return
+            if time.monotonic() > deadline:
+                self.broken = True
+                raise WarmUnavailable(f"the warm process took more than {READY_TIMEOUT:.0f} s to import")
+        reply = self._recv(0)
         if reply[0] != "ready" or reply[1] != PROTOCOL:
             raise WarmUnavailable(f"the warm process speaks protocol {reply[1]!r}, not {PROTOCOL}")
         info = reply[2]
@@ -217,11 +233,11 @@ class Zygote:
                  time.monotonic() - self.began, info["threads"])
         self.info = info
 
-    def _recv(self, timeout: float, what: str = "to answer"):
+    def _recv(self, timeout: float):
         try:
             if not self.conn.poll(timeout):
                 self.broken = True
-                raise WarmUnavailable(f"the warm process took more than {timeout:.0f} s {what}")
+                raise WarmUnavailable(f"the warm process took more than {timeout:.0f} s to answer")
             return self.conn.recv()
         except (EOFError, OSError):
             self.broken = True

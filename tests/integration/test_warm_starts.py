@@ -97,6 +97,7 @@ def test_job_child_is_forked_from_the_warm_process_which_starts_no_thread_pool(l
     started = _start(launcher, tmp_path, _job(1, seconds=1.0, steps=4))
     assert started.warm
     warm = launcher.warm_pid()
+    _wait(lambda: _ppid_and_name(started.child.pid)[1] == "gridfleet-job", "the child to name itself")
     assert _ppid_and_name(started.child.pid) == (warm, "gridfleet-job")
     assert _ppid_and_name(warm) == (os.getpid(), "gridfleet-warm")
     assert _result(_run(started)) == {"loss": 0.25, "steps": 4}
