@@ -7,11 +7,17 @@ same tiny gated_rnn grid, one after the other in this run (rounds alternate), an
 `stdlib` (which walks the standard library's sources, about 0.8 s of every job's own set-up here). Printed: medians, the ratio cold/warm, and warm
 against the issue's target of 0.3 s.
 
-    python bench/job_overhead.py [--jobs 8] [--rounds 1]
+Then (`--run-jobs`, default 200) many one-second jobs through `gridfleet run --workers 2`, wall time from
+the command's start to its end (submit, workers, warm processes, results and plots included), beside two
+bare loops doing the same sleeps in parallel; the issue's target is within 1.05x.
+
+    python bench/job_overhead.py [--jobs 8] [--rounds 1] [--run-jobs 200] [--run-workers 2]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.fleet import Fleet  # noqa: E402
+from bench.fleet import GRIDFLEET, ROOT, Fleet  # noqa: E402
 
 TARGET_WARM_SECONDS = 0.3
 CONFIG = {"state_size": 32, "n_layers": 1, "batch_size": 8, "history": 20, "steps": 3, "log_every": 1,
@@ -52,10 +58,37 @@ def claim_to_first_step(fleet: Fleet, mode: str, jobs: int, round_: int, corpus:
     return seconds
 
 
+def gridfleet_run_seconds(jobs: int, workers: int, seconds: float) -> float:
+    """Wall time of `gridfleet run` for `jobs` sleep jobs of `seconds` each, in a fresh directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(tmp) / "grid.json"
+        grid.write_text(json.dumps({"name": "overhead-run", "trainer": "sleep", "seeds": list(range(jobs)),
+                                    "config": {"seconds": seconds, "steps": 1, "checkpoint_every": 1000}}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
+        env.update(PYTHONPATH=str(ROOT), GRIDFLEET_HOME=str(Path(tmp) / ".gridfleet"), COLUMNS="100")
+        began = time.perf_counter()
+        subprocess.run([*GRIDFLEET, "run", str(grid), "--workers", str(workers)], cwd=tmp, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        return time.perf_counter() - began
+
+
+def bare_loops_seconds(jobs: int, workers: int, seconds: float) -> float:
+    """`workers` Python processes sleeping `seconds` per job, sharing `jobs` as the workers would."""
+    shares = [jobs // workers + (i < jobs % workers) for i in range(workers)]
+    began = time.perf_counter()
+    loops = [subprocess.Popen([sys.executable, "-c", f"import time\nfor _ in range({n}): time.sleep({seconds})"])
+             for n in shares]
+    for loop in loops:
+        loop.wait()
+    return time.perf_counter() - began
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8, help="jobs per worker and round")
     parser.add_argument("--rounds", type=int, default=1, help="cold then warm, this many times")
+    parser.add_argument("--run-jobs", type=int, default=200, help="one-second jobs through gridfleet run (0: skip)")
+    parser.add_argument("--run-workers", type=int, default=2)
     args = parser.parse_args()
     measured: dict[str, list[float]] = {"cold": [], "warm": []}
     with tempfile.TemporaryDirectory() as tmp, Fleet(Path(tmp), heartbeat_seconds=1) as fleet:
@@ -76,6 +109,19 @@ def main() -> None:
     print(f"ratio cold / warm: {cold / warm:.1f}x")
     print(f"warm / target {TARGET_WARM_SECONDS} s: {warm / TARGET_WARM_SECONDS:.2f} (under 1.00 meets it)")
     print(f"ratio cold / import torch: {cold / torch_import:.2f}")
+    if args.run_jobs:
+        bare = bare_loops_seconds(args.run_jobs, args.run_workers, 1.0)
+        run = gridfleet_run_seconds(args.run_jobs, args.run_workers, 1.0)
+        print(f"\n{args.run_jobs} one-second jobs, {args.run_workers} workers      seconds")
+        print(f"{'bare loops (time.sleep)':<46}{bare:>10.1f}")
+        print(f"{'gridfleet run --workers ' + str(args.run_workers):<46}{run:>10.1f}")
+        print(f"ratio gridfleet run / bare loops: {run / bare:.3f} (target 1.05)")
+        try:
+            import ray.tune  # noqa: F401
+        except ImportError:
+            print("Ray Tune: not measured (ray[tune] is not installed here)")
+        else:
+            print("Ray Tune: installed but not measured by this script yet")
 
 
 if __name__ == "__main__":

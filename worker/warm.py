@@ -38,9 +38,10 @@ MAX_FAILURES = 3  # a code root whose warm process failed this often in a row is
 WARM_NAME = b"gridfleet-warm"  # /proc/<pid>/comm, so `ps` (and the tests) tell the two apart
 JOB_NAME = b"gridfleet-job"
 PR_SET_NAME = 15
-# Imported before the trainers. torch imports torch._dynamo lazily, on the first optimizer built (816 modules,
-# sympy among them: 4.6 s of a first gated_rnn step when measured); importing it starts no thread.
-WARM_IMPORTS = ("torch", "torch._dynamo")
+# Imported after the trainers when they imported torch (a sleep/noop-only worker needs none of it). torch
+# imports torch._dynamo lazily, on the first optimizer built (816 modules, sympy among them: 4.6 s of a first
+# gated_rnn step when measured); importing it starts no thread.
+WARM_IMPORTS = ("torch._dynamo",)
 
 # What a job child needs besides its pipes: (job, workdir, store_root, keep, stores).
 JobArgs = tuple
@@ -377,21 +378,22 @@ def serve(conn: Connection, agent_pid: int, preload: list[str]) -> None:
 
 
 def _preload(names: list[str]) -> dict[str, Any]:
-    """Import torch and the trainers; run nothing. No tensor operation runs here: torch's OpenMP pool
-    would start threads, and a child forked after that hangs on its first parallel operation."""
+    """Import the trainers (and so torch) and what torch imports on first use; run nothing. No tensor
+    operation runs here: torch's OpenMP pool would start threads, and a child forked after that hangs on
+    its first parallel operation."""
     from worker import trainers
 
     failed: dict[str, str] = {}
-    for module in WARM_IMPORTS:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            failed[module] = str(exc)
     for name in names:
         try:
             trainers.load(name)
         except Exception as exc:  # noqa: BLE001 - a trainer that fails to import fails its own jobs, with its traceback
             failed[name] = f"{type(exc).__name__}: {exc}"
+    for module in WARM_IMPORTS if "torch" in sys.modules else ():
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            failed[module] = str(exc)
     torch_module = sys.modules.get("torch")
     cuda = bool(torch_module is not None and torch_module.cuda.is_initialized())
     return {"threads": len(os.listdir("/proc/self/task")) if Path("/proc/self/task").is_dir() else 1,
