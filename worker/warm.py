@@ -80,7 +80,10 @@ class Launcher:
     def prewarm(self, code_root: Path | None = None) -> None:
         """Start the warm process now, so its imports overlap registering and claiming."""
         if self.warm and self._usable(code_root):
-            self._zygote(code_root)
+            try:
+                self._zygote(code_root)
+            except OSError as exc:  # could not even be started: the jobs start cold
+                self._failed(_key(code_root), exc)
 
     def wait_warm(self, stopping=lambda: False) -> None:
         """Wait until the agent's own warm process is ready (or has failed), so a claimed job's lease is not
@@ -88,7 +91,7 @@ class Launcher:
         if self.warm and self._usable(None):
             try:
                 self._zygote(None).wait_ready(stopping)
-            except WarmUnavailable as exc:
+            except (WarmUnavailable, OSError) as exc:
                 self._failed(None, exc)
 
     def start(self, args: JobArgs, code_root: Path | None) -> Started:
@@ -151,7 +154,7 @@ class Launcher:
             log.warning("warm start for %s failed %d times (%s); its jobs start cold from now on",
                         label, MAX_FAILURES, exc)
         else:
-            log.warning("warm start for %s failed (%s); this job starts cold", label, exc)
+            log.warning("warm start for %s failed (%s); the next job tries a new warm process", label, exc)
         self._drop(key)
 
     def _drop(self, key: str | None) -> None:
@@ -210,6 +213,8 @@ class Zygote:
 
     def close(self) -> None:
         self.conn.close()  # the warm process reads EOF and exits
+        if self.broken:  # it may be hung: do not wait for it
+            self.process.kill()
         self.process.join(5)
         if self.process.is_alive():
             self.process.kill()

@@ -15,6 +15,7 @@ import pytest
 from common.checkpoints import StoreOptions
 from tests.gitrepos import NOOP, Upstream, git, noop_with_marker, project_remote
 from worker.code_cache import CodeCache
+from worker import warm
 from worker.warm import Launcher, Started
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open") or not Path("/proc/self/task").is_dir(),
@@ -165,6 +166,25 @@ def test_a_dead_warm_process_is_replaced(launcher, tmp_path):
     again = _start(launcher, tmp_path, _job(9, seconds=0.0, steps=1))
     assert again.warm and launcher.warm_pid() not in (old, new)
     assert _result(_run(again)) == {"loss": 1.0, "steps": 1}
+
+
+def test_a_warm_process_that_never_gets_ready_is_replaced_and_the_job_starts_cold(tmp_path, monkeypatch):
+    monkeypatch.setattr(warm, "READY_TIMEOUT", 1.0)
+    launcher = Launcher(["noop"])
+    try:
+        launcher.prewarm()
+        hung = launcher.warm_pid()
+        os.kill(hung, signal.SIGSTOP)  # before it could say ready
+        started = _start(launcher, tmp_path, _job(14, "noop"))
+        assert not started.warm
+        assert _result(_run(started)) == {"loss": 0.0}
+        _wait(lambda: _gone(hung), "the hung warm process to be killed")
+        monkeypatch.setattr(warm, "READY_TIMEOUT", 120.0)
+        again = _start(launcher, tmp_path, _job(15, "noop"))
+        assert again.warm and launcher.warm_pid() != hung  # a new one serves the next job
+        assert _result(_run(again)) == {"loss": 0.0}
+    finally:
+        launcher.close()
 
 
 def test_cold_starts_when_asked(tmp_path):
