@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     finish_retry_for: float | None = Field(default=None, ge=0.0)
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
+    # Workers fork each job's child from a process that has torch and the trainers imported (worker/warm.py).
+    # False: every child is spawned and imports them anew (seconds per job).
+    warm_starts: bool = True
 
     # Checkpoint stores. A grid's `store:` wins; this is the deployment's default ("local" or hf://owner/repo).
     checkpoint_store: str = "local"
