@@ -27,7 +27,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from pydantic import SecretStr
 
-from common.checkpoints import LocalStore, _deserialize
+from common.checkpoints import LocalStore, deserialize
 from common.store_uri import job_folder, normalize_hf_uri, parse_hf_uri, split_hf_pointer
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,8 @@ class HubStore:
             raise ValueError(f"checkpoint {pointer['uri']} is not in this store's repo {self.repo_id}")
         local_path = self.local.root / path
         if local_path.exists():
-            return _deserialize(local_path.read_bytes())
-        return _deserialize(self.download(path, pointer["revision"]).read_bytes())
+            return deserialize(local_path.read_bytes())
+        return deserialize(self.download(path, pointer["revision"]).read_bytes())
 
     def download(self, path: str, revision: str | None = None) -> Path:
         """One file of the repo at `revision` (default: the branch head), into the cache; its local path."""
