@@ -287,7 +287,7 @@ def _claim_sqlite(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict
 def heartbeat_gang(queue: Queue, worker_id: str, members: list[MemberBeat], now: float | None = None) -> list[Reply]:
     """Extend every member's lease and store its progress and metrics; one Reply per member, in order. A
     member whose attempt is no longer current (and cannot regain its job) gets ok=False, stop=True."""
-    _check_members(queue, members)
+    check_members(queue, members)
     now = time.time() if now is None else now
     return _with_regain(queue, worker_id, members, now, lambda batch: _heartbeat(queue, worker_id, batch, now))
 
@@ -326,7 +326,7 @@ def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: flo
 def finish_gang(queue: Queue, worker_id: str, members: list[MemberFinish], now: float | None = None) -> list[Reply]:
     """End every member's attempt with its own outcome (succeeded, error, preempted, cancelled), each by the
     single finish's rules; one Reply per member, in order (`state`: the job's new state)."""
-    _check_members(queue, members)
+    check_members(queue, members)
     for i, m in enumerate(members):
         if m.outcome not in OUTCOMES:
             raise GangError(f"members.{i}.outcome", f"must be one of {', '.join(OUTCOMES)}; got '{m.outcome}'")
@@ -390,7 +390,7 @@ def _finish_sqlite(queue: Queue, worker_id: str, members: list[MemberFinish], no
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
-def _check_members(queue: Queue, members: list[MemberBeat] | list[MemberFinish]) -> None:
+def check_members(queue: Queue, members: list[MemberBeat] | list[MemberFinish]) -> None:
     """Refuse the whole batch before writing anything when it is malformed or names a job that does not
     exist (a worker only ever sends jobs it claimed: that is a bug to name, not a stale member)."""
     if not members:
