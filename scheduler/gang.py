@@ -30,7 +30,10 @@ _CLAIMABLE = """
 _COLUMNS = "id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
 
 # Postgres: pick the first claimable job exactly as Queue.claim does, then lock up to :k queued jobs of its
-# grid with its fuse key (itself included; a NULL key gangs only itself), skipping rows other claimers hold.
+# grid with its fuse key (itself included: it comes first in that order, and our own lock is no conflict; a
+# NULL key gangs only itself), skipping rows other claimers hold. Two branches, not an OR, and the keyed one
+# LATERAL: it then reads ix_jobs_gang in order for the first job's values (an OR, or a plain join, made the
+# generic plan filter every queued job through ix_jobs_claim: 31 ms per claim at 40,000 queued).
 # Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python).
 _PG_CLAIM = _pyformat(
     f"""
@@ -42,14 +45,17 @@ _PG_CLAIM = _pyformat(
         ORDER BY priority DESC, id
         LIMIT 1 FOR UPDATE SKIP LOCKED
     ),
-    members AS (
-        SELECT jobs.id FROM jobs, first
-        WHERE jobs.grid_id = first.grid_id
-          AND (jobs.id = first.id OR (first.fuse_key IS NOT NULL AND jobs.fuse_key = first.fuse_key))
-          AND {_CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")}
-        ORDER BY jobs.priority DESC, jobs.id
-        LIMIT :k FOR UPDATE OF jobs SKIP LOCKED
+    keyed AS (
+        SELECT same.id FROM first, LATERAL (
+            SELECT id FROM jobs  -- ix_jobs_gang: this grid's queued jobs of this key, in claim order
+            WHERE grid_id = first.grid_id AND fuse_key = first.fuse_key
+              AND {_CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")}
+            ORDER BY priority DESC, id
+            LIMIT :k FOR UPDATE SKIP LOCKED
+        ) AS same
+        WHERE first.fuse_key IS NOT NULL
     ),
+    members AS (SELECT id FROM first WHERE fuse_key IS NULL UNION ALL SELECT id FROM keyed),
     claimed AS (
         UPDATE jobs SET state = 'running', attempt_id = replace(gen_random_uuid()::text, '-', ''),
             worker_id = :wid, lease_expires_at = :lease, attempts = attempts + 1,
