@@ -96,6 +96,14 @@ def measure(url: str, mode: str, k: int, workers: int, seconds: float) -> tuple[
     return sum(o["jobs"] for o in outs) / seconds, sum(o["dry"] for o in outs)
 
 
+def _vacuum(engine) -> None:
+    """Every run starts on a vacuumed, analyzed table (fresh statistics, no dead index entries to skip)."""
+    from sqlalchemy import text
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE jobs"))
+
+
 def pgqueuer_line() -> str:
     if importlib.util.find_spec("pgqueuer") is None:
         return "pgqueuer: not importable here (optional; `pip install pgqueuer` to measure it beside these)"
@@ -118,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy.engine import make_url
 
     from common.db import make_engine, migrate
-    from scheduler.grids import pause_grid, resume_grid, submit_grid
-    from scheduler.queue import refresh_planner_stats
+    from scheduler.grids import submit_grid
     from scheduler.spec import GridSpec
     from worker.trainers import fuse_key, validate_config
 
@@ -133,25 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(url)
         modes = ["single", "gang-1", f"gang-{args.k}"]
         counts = [int(w) for w in args.workers.split(",")]
+        runs = [(workers, mode) for workers in counts for mode in modes]
         grids = {}
-        for mode in modes:  # one grid per mode, shared by its runs; gangs go faster, so they get more jobs
-            n = args.jobs if mode in ("single", "gang-1") else min(MAX_JOBS_PER_GRID, 5 * args.jobs)
-            spec = GridSpec.model_validate({"name": mode, "trainer": "noop", "config": {"fuse_group": "bench"},
+        for workers, mode in runs:  # a grid per run, measured in id order (see below); gangs get more jobs
+            n = args.jobs if mode in ("single", "gang-1") else min(MAX_JOBS_PER_GRID, 4 * args.jobs)
+            spec = GridSpec.model_validate({"name": f"{mode}-{workers}", "trainer": "noop",
+                                            "config": {"fuse_group": "bench"},
                                             "axes": {"value": [float(i) for i in range(n)]}})
-            grids[mode] = submit_grid(engine, spec, validate_config, fuse_key=fuse_key).grid_id
-        refresh_planner_stats(engine)
+            grids[workers, mode] = submit_grid(engine, spec, validate_config, fuse_key=fuse_key).grid_id
+        _vacuum(engine)
         print(f"gang claims on Postgres: claim+finish of noop jobs, {args.seconds:.0f} s windows, "
               "dry claims > 0: the grid ran out")
         print(f"{'mode':<10} {'workers':>7} {'jobs/s':>9} {'vs single':>10} {'dry claims':>11}")
-        for workers in counts:
-            base = None
-            for mode in modes:
-                k = 1 if mode in ("single", "gang-1") else args.k
-                for other, grid_id in grids.items():  # only this mode's grid is active: claims need no filter
-                    (resume_grid if other == mode else pause_grid)(engine, grid_id)
-                rate, dry = measure(url, mode, k, workers, args.seconds)
-                base = rate if mode == "single" else base
-                print(f"{mode:<10} {workers:>7} {rate:>9.0f} {rate / base if base else float('nan'):>9.2f}x {dry:>11}")
+        base = None
+        for workers, mode in runs:
+            k = 1 if mode in ("single", "gang-1") else args.k
+            rate, dry = measure(url, mode, k, workers, args.seconds)
+            base = rate if mode == "single" else base
+            print(f"{mode:<10} {workers:>7} {rate:>9.0f} {rate / base if base else float('nan'):>9.2f}x {dry:>11}")
+            # The next run's grid must be the first queued one in claim order, as a run's own grid was:
+            # leftover queued jobs of earlier grids would make every later claim read past them.
+            with engine.connect() as own:
+                own.execute(text("DELETE FROM jobs WHERE grid_id = :g AND state = 'queued'"),
+                            {"g": grids[workers, mode]})
+                own.commit()
+            _vacuum(engine)
         print(pgqueuer_line())
         engine.dispose()
     finally:
