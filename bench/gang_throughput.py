@@ -9,9 +9,10 @@ What it measures: N worker processes (started together after warm-up) each loop 
     gang-K   claim_gang(K) -> finish_gang: K jobs of one grid and fuse key per claim and per finish
 directly through the queue (scheduler/queue.py, scheduler/gang.py) on a fresh Postgres database created
 here and dropped at the end. jobs/s = jobs finished inside the window / window; the ratio is against
-`single` measured in the same run. PgQueuer's batched consumer is measured beside them when `pgqueuer` is
-importable (it is not a gridfleet dependency); otherwise the line says so. Everything shares this machine's
-cores with Postgres, so the numbers are floors; compare the ratios. See bench/README.md.
+`single` measured in the same run. PgQueuer's batched consumer is not measured yet (not a gridfleet
+dependency, not installed here): the last line only says whether `pgqueuer` is importable. Everything
+shares this machine's cores with Postgres, so the numbers are floors; compare the ratios. See
+bench/README.md.
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def _vacuum(engine) -> None:
 
 def pgqueuer_line() -> str:
     if importlib.util.find_spec("pgqueuer") is None:
-        return "pgqueuer: not importable here (optional; `pip install pgqueuer` to measure it beside these)"
-    return "pgqueuer: importable, but its batched consumer is not wired into this bench yet"
+        return "pgqueuer: not importable here; its batched consumer is not measured (bench/README.md)"
+    return "pgqueuer: importable, but this bench has no PgQueuer consumer yet: not measured (bench/README.md)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,3 +197,16 @@ def test_an_expired_member_nobody_claimed_regains_its_job(queue, engine, gang):
     replies = heartbeat_gang(queue, "w1", [MemberBeat(j.id, j.attempt_id) for j in gang])
     assert all(r.ok for r in replies)
     assert _row(engine, gang[2].id)["attempt_id"] == gang[2].attempt_id
+
+
+def test_another_workers_batch_changes_nothing(queue, engine, gang):
+    from tests.integration.test_worker_binding import snapshot
+
+    before = snapshot(engine)
+    outcomes = ["succeeded", "error", "preempted", "cancelled"]  # both Postgres finish paths
+    beats = heartbeat_gang(queue, "w2", [MemberBeat(j.id, j.attempt_id, step=9, metrics=[Metric(9, {"x": 1})])
+                                         for j in gang])
+    ends = finish_gang(queue, "w2", [MemberFinish(j.id, j.attempt_id, o, error="x") for j, o in zip(gang, outcomes)])
+    for reply in beats + ends:
+        assert (reply.ok, reply.stop) == (False, True) and "w2" in reply.reason
+    assert snapshot(engine) == before
