@@ -133,7 +133,8 @@ _PG_HEARTBEAT = _pyformat(
 _SQLITE_HEARTBEAT = text(
     """
     UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
-        progress_done = COALESCE(:progress_done, progress_done), progress_total = COALESCE(:progress_total, progress_total)
+        progress_done = COALESCE(:progress_done, progress_done),
+        progress_total = COALESCE(:progress_total, progress_total)
     WHERE id = :job_id AND attempt_id = :attempt_id AND worker_id = :wid AND state = 'running'
     RETURNING cancel_requested
     """
@@ -143,6 +144,11 @@ _SQLITE_HEARTBEAT = text(
 _FINISH_COLUMNS = {"state": "text", "result": "json", "finished_at": "double precision", "last_error": "text",
                    "errors": "integer", "preemptions": "integer", "not_before": "double precision"}
 _RELEASED = ("attempt_id", "worker_id", "lease_expires_at")  # always NULL after a finish
+_FINISH_SETS = ", ".join(
+    [f"{name} = CASE WHEN done.v ? '{name}' THEN "
+     + (f"(done.v->'{name}')::json" if kind == "json" else f"(done.v->>'{name}')::{kind}")
+     + f" ELSE jobs.{name} END" for name, kind in _FINISH_COLUMNS.items()]
+    + [f"{name} = NULL" for name in _RELEASED])
 # Postgres: every member's finish in one statement: fence and set each member's values, end its attempt, add
 # its event, and mark the worker idle unless it still runs another job.
 _PG_FINISH = _pyformat(
@@ -152,10 +158,7 @@ _PG_FINISH = _pyformat(
             AS m(job_id integer, attempt_id text, outcome text, error text, message text, v jsonb)
     ),
     job AS (
-        UPDATE jobs SET """ + ", ".join(
-        f"{name} = CASE WHEN done.v ? '{name}' THEN (done.v->>'{name}')::{kind} ELSE jobs.{name} END"
-        if kind != "json" else f"{name} = CASE WHEN done.v ? '{name}' THEN (done.v->'{name}')::json ELSE jobs.{name} END"
-        for name, kind in _FINISH_COLUMNS.items()) + ", " + ", ".join(f"{name} = NULL" for name in _RELEASED) + """
+        UPDATE jobs SET """ + _FINISH_SETS + """
         FROM done
         WHERE jobs.id = done.job_id AND jobs.attempt_id = done.attempt_id AND jobs.worker_id = :wid
           AND jobs.state = 'running'

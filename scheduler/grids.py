@@ -85,9 +85,10 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
 
     After adding ANALYZE_AFTER_ROWS jobs or more it refreshes the planner's statistics (`analyze=False`:
     don't; the benchmark uses it to show the slow plan). `external_id` gives each new job its
-    jobs.external_id, and `fuse_key` its jobs.fuse_key (the same per-config hook). `done` (import): those jobs are stored as succeeded with their result in the same
-    transaction, so no worker can claim them first; a done job that is already there is imported only if it
-    never ran (queued, no attempt), and otherwise skipped and listed in `skipped`."""
+    jobs.external_id, and `fuse_key` its jobs.fuse_key (a hook of the same shape). `done` (import): those
+    jobs are stored as succeeded with their result in the same transaction, so no worker can claim them
+    first; a done job that is already there is imported only if it never ran (queued, no attempt), and
+    otherwise skipped and listed in `skipped`."""
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
     validate_jobs(spec, jobs, validate_config)
     done_by_key = _done_by_key(spec, {job.key for job in jobs}, done or [])

@@ -51,7 +51,8 @@ def test_a_gang_never_mixes_grids_or_fuse_keys_and_unkeyed_jobs_come_alone(queue
             assert len(gang) == 1
     # Best first, as a single claim: grid a's jobs (older) before grid b's; full gangs while jobs last.
     assert [keys[g[0]][0] for g in gangs] == sorted(keys[g[0]][0] for g in gangs)
-    sizes = {(grid, key): sorted(len(g) for g in gangs if keys[g[0]] == (grid, key)) for grid, key in set(keys.values())}
+    sizes = {(grid, key): sorted(len(g) for g in gangs if keys[g[0]] == (grid, key))
+             for grid, key in set(keys.values())}
     assert sizes == {(a, "noop:x"): [1, 3], (a, "noop:y"): [1, 3], (a, None): [1, 1, 1, 1], (b, "noop:x"): [2, 3]}
 
 
@@ -163,7 +164,8 @@ def test_members_follow_the_single_finishs_rules(queue, engine, gang):
         ended = dict(conn.execute(select(t.attempts.c.job_id, t.attempts.c.outcome)).all())
     assert [ended[j.id] for j in gang] == outcomes
     # Finishing again is refused: each attempt ended once.
-    assert not any(r.ok for r in finish_gang(queue, "w1", [MemberFinish(j.id, j.attempt_id, "succeeded") for j in gang]))
+    again = finish_gang(queue, "w1", [MemberFinish(j.id, j.attempt_id, "succeeded") for j in gang])
+    assert not any(r.ok for r in again)
 
 
 def test_worker_stays_busy_while_members_remain(queue, engine, gang):
