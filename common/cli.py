@@ -331,6 +331,7 @@ def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
         engine = make_engine(settings.database_url)
         try:
             out = submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id,
+                              fuse_key=trainers.fuse_key,
                               done=[DoneJob(**d) for d in body["done"]])
         finally:
             engine.dispose()

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     # workers that could not reach it keep their jobs if they heartbeat again (docs/reliability.md).
     # None: one lease.
     expiry_grace_after_start: float | None = Field(default=None, ge=0.0)
+    # The most jobs one gang claim may take (POST /workers/{id}/claim's max_jobs; docs/gang_claims.md).
+    max_gang_jobs: int = Field(default=64, ge=1, le=1024)
 
     # API
     host: str = "127.0.0.1"

@@ -57,7 +57,7 @@ def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: i
 
 
 def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console) -> RunOutcome:
-    from worker.trainers import external_id, validate_config
+    from worker.trainers import external_id, fuse_key, validate_config
 
     settings.home.mkdir(parents=True, exist_ok=True)
     lock = _single_run_lock(settings.home)  # noqa: F841 - held until the process exits
@@ -65,7 +65,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     engine = make_engine(settings.database_url)
     policy = RetryPolicy.from_settings(settings)
     queue = Queue(engine, policy)
-    submitted = submit_grid(engine, spec, validate_config, external_id=external_id)
+    submitted = submit_grid(engine, spec, validate_config, external_id=external_id, fuse_key=fuse_key)
     console.print(f"grid [bold]{spec.name}[/]: {submitted.created} new configs, "
                   f"{submitted.existing} already stored ({submitted.total} in all)")
     # Whatever a previous run left 'running' died with it (we hold the run lock): requeue it now.
