@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-GRIDFLEET = [sys.executable, "-m", "common.cli"]
+GRIDFLEET = [sys.executable, "-m", "cli"]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ import typer
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    from common.cli import fail  # late: common.cli imports this module
+    from cli.main import fail  # late: cli.main imports this module
 
     fail(message, code)
 
@@ -34,7 +34,7 @@ def _levels(text: str) -> tuple[float, ...]:
 def _rows_from_db(grid: str, url: str) -> tuple[dict, list[dict]]:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from common.cli import _db_problem
+    from cli.main import _db_problem
     from common.db import make_engine
     from scheduler.grids import NotFound
     from scheduler.reports import grid_results, grid_summary
@@ -53,7 +53,7 @@ def _rows_from_db(grid: str, url: str) -> tuple[dict, list[dict]]:
 def _rows_from_api(grid: str, server: str, token: Optional[str]) -> tuple[dict, list[dict]]:
     from urllib.parse import quote
 
-    from common.cli import _client, _request
+    from cli.main import _client, _request
 
     client, url = _client(server, token)
     with client:

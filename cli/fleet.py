@@ -18,7 +18,7 @@ RAY_ADDRESS = typer.Option(None, "--ray-address",
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    from common.cli import fail  # late: common.cli imports this module
+    from cli.main import fail  # late: cli.main imports this module
 
     fail(message, code)
 
@@ -52,7 +52,7 @@ def fleet(
         return
     import logging
 
-    from common.cli import trainer_names, worker_token  # late: common.cli imports this module
+    from cli.main import trainer_names, worker_token  # late: cli.main imports this module
     from common.settings import Settings
     from worker.agent import AgentOptions
     from worker.fleet import FleetError, FleetOptions, RayFleet

@@ -18,13 +18,13 @@ app = typer.Typer(help="Run grids of training configs on a fleet of GPU workers.
 token_app = typer.Typer(help="API tokens (stored hashed; each token is shown once, when created).",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
-from worker.studios_cli import app as studios_app  # noqa: E402 - imports only typer until a command runs
+from cli.studios import app as studios_app  # noqa: E402 - imports only typer until a command runs
 
 app.add_typer(studios_app, name="studios")
-from worker.fleet_cli import app as fleet_app  # noqa: E402 - imports only typer until a command runs
+from cli.fleet import app as fleet_app  # noqa: E402 - imports only typer until a command runs
 
 app.add_typer(fleet_app, name="fleet")
-from worker.analyze_cli import analyze as analyze_command  # noqa: E402 - imports only typer until a command runs
+from cli.analyze import analyze as analyze_command  # noqa: E402 - imports only typer until a command runs
 
 app.command("analyze")(analyze_command)
 
@@ -402,7 +402,7 @@ def pull(
     token: Optional[str] = typer.Option(None, help="any API token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Download a grid's results (CSV, JSON) and, per succeeded job, its final model and job files."""
-    from common.pull import pull_grid
+    from cli.pull import pull_grid
 
     settings = _settings()
     client, url = _client(server, token)
@@ -551,7 +551,7 @@ def token_create(
     typer.echo(f"({role} token; shown once, only its hash is stored)", err=True)
 
 
-def main() -> None:  # pragma: no cover - `python -m common.cli`
+def main() -> None:  # pragma: no cover - `python -m cli`
     app()
 
 

@@ -18,7 +18,7 @@ _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    from common.cli import fail  # late: common.cli imports this module
+    from cli.main import fail  # late: cli.main imports this module
 
     fail(message, code)
 

@@ -138,7 +138,7 @@ def start_child(process, code_root: Path | None) -> None:
     """Start a multiprocessing "spawn" child; with `code_root`, one that runs that worktree's code.
 
     A spawn child replaces its sys.path with the parent's sys.path *as it is at start()*, then imports the
-    target (`worker.runner.run_job`) and the parent's main module (`common.cli`) by name. Putting the worktree
+    target (`worker.runner.run_job`) and the parent's main module (`cli.main`, or none for `python -m cli`) by name. Putting the worktree
     first on sys.path for the duration of start() therefore makes the child import every gridfleet package,
     and the trainers, from the worktree, while this process keeps its own modules (already imported, so
     untouched). The lock keeps two starts from interleaving their sys.path edits.

@@ -42,7 +42,7 @@ HANDOFF_FILE = "self_update.json"
 IMPORT_TIMEOUT = 300.0  # importing torch-based trainers on a slow disk
 INSTALL_TIMEOUT = 1800.0
 # What the re-exec'd agent imports first; a commit where these (or a served trainer) fail is rolled back.
-ENTRY_MODULES = ("common.cli", "worker.agent", "worker.runner")
+ENTRY_MODULES = ("cli.main", "worker.agent", "worker.runner")
 _IMPORT_CHECK = """
 import importlib, sys
 sys.path.insert(0, sys.argv[1])  # the checkout first: never the copy an editable install maps elsewhere
@@ -286,7 +286,7 @@ def read_handoff(home: Path) -> dict[str, Any] | None:
 
 def reexec() -> NoReturn:
     """Replace this process with a fresh interpreter running the same command line (same pid, so a
-    supervisor and the process group see one long-lived worker). sys.orig_argv keeps `-m common.cli` or
+    supervisor and the process group see one long-lived worker). sys.orig_argv keeps `-m cli` or
     the console script exactly as started; sys.executable makes argv[0] an absolute path."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

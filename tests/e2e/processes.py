@@ -32,7 +32,7 @@ POLL = 0.1
 # ---- processes ---------------------------------------------------------------------------------------
 def gridfleet_cmd() -> list[str]:
     script = Path(sys.executable).with_name("gridfleet")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "common.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:

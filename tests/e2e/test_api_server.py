@@ -260,7 +260,7 @@ def test_roles(server):
 
 def test_submit_a_seed_002_conf_json_continues_or_forces_a_new_run(server, tmp_path):
     script = Path(sys.executable).with_name("gridfleet")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "common.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
     env.update(GRIDFLEET_SERVER_URL=server.url, GRIDFLEET_TOKEN=server.tokens["submit"])
     conf = tmp_path / "conf.json"  # seed 002's file, as its users keep it
@@ -285,7 +285,7 @@ def test_submit_a_seed_002_conf_json_continues_or_forces_a_new_run(server, tmp_p
 
 def test_a_worker_token_made_by_the_cli_works(server, tmp_path):
     script = Path(sys.executable).with_name("gridfleet")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "common.cli"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
     env["DATABASE_URL"] = server.db_url
     made = subprocess.run(cmd + ["token", "create", "--role", "worker", "--name", "cli worker"], env=env,

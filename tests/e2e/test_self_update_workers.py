@@ -1,7 +1,7 @@
 """Self-update and pinned code with real processes: `gridfleet serve`, and `gridfleet worker` agents that run
 from a throwaway git checkout of this project (cloned over file:// from a bare remote; tests/gitrepos.py).
 
-The agent runs as `python -m common.cli` with the checkout as cwd and as PYTHONPATH, so every gridfleet module
+The agent runs as `python -m cli` with the checkout as cwd and as PYTHONPATH, so every gridfleet module
 it and its job children import comes from the checkout, not from the editable install of the main tree: its
 registration's code_rev (the checkout's HEAD) and the `marker` a commit adds to the noop trainer's result
 prove which code ran. Commits are pushed from a developer clone while the agent serves.
@@ -34,7 +34,7 @@ def upstream(remote_template, tmp_path):
 def start_agent(fleet: Fleet, server: Server, checkout: Path, name: str, *flags: str) -> Proc:
     env = fleet.env(GRIDFLEET_HOME=str(fleet.tmp / f"{name}-home"), GRIDFLEET_TOKEN=server.worker_token,
                     PYTHONPATH=str(checkout))
-    return fleet.spawn(name, [sys.executable, "-m", "common.cli", "worker", "--server", server.url, "--name", name,
+    return fleet.spawn(name, [sys.executable, "-m", "cli", "worker", "--server", server.url, "--name", name,
                               "--trainers", "noop,sleep", *flags], env, cwd=checkout)
 
 

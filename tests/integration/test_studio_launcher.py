@@ -326,7 +326,7 @@ def test_cli_up_end_to_end_with_an_injected_client(api_server, tmp_path, monkeyp
     """`gridfleet studios up` over HTTP: the studio's worker reports in, trains the queue, the studio is stopped."""
     from typer.testing import CliRunner
 
-    from common.cli import app
+    from cli.main import app
     from worker import studios
 
     clients = []

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
-from common.cli import load_grid_file
+from cli.main import load_grid_file
 from common.settings import Settings
 from scheduler.spec import GridSpec, expand
 from worker import trainers

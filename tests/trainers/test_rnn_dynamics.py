@@ -257,7 +257,7 @@ def test_analyze_writes_pngs_and_a_summary_that_matches_the_finder(tiny_grid, tm
     from matplotlib.image import imread
 
     from common.checkpoints import StoreOptions
-    from common.cli import app
+    from cli.main import app
     from common.db import make_engine
     from scheduler.reports import grid_results
     from worker.trainers.rnn_dynamics import report
@@ -312,7 +312,7 @@ def test_analyze_reads_the_grid_from_the_api_as_from_the_database(tiny_grid, tmp
     from pydantic import SecretStr
 
     from api.app import create_app
-    from common.cli import app
+    from cli.main import app
     from common.settings import Settings
 
     home, url, job_ids, _ = tiny_grid
@@ -344,7 +344,7 @@ def test_analyze_reads_the_grid_from_the_api_as_from_the_database(tiny_grid, tmp
 
 
 def test_analyze_refuses_bad_input_with_a_message(tmp_path, monkeypatch):
-    from common.cli import app
+    from cli.main import app
 
     monkeypatch.setenv("GRIDFLEET_HOME", str(tmp_path / "home"))
     url, _ = train_tiny_grid(tmp_path / "home", name="noop-grid", trainer="noop", config={}, axes={"value": [1.0]})

@@ -409,7 +409,7 @@ def test_the_seeds_nested_conf_json_is_accepted_and_mapped():
 
 
 def test_gridfleet_reads_the_nested_conf_json_file_as_a_one_job_grid():
-    from common.cli import load_grid_file  # what `gridfleet run` / `gridfleet submit` read a file with
+    from cli.main import load_grid_file  # what `gridfleet run` / `gridfleet submit` read a file with
 
     grid = load_grid_file(Path(__file__).parent / "data" / "seed002" / "DDQN_conf.json")
     assert grid["trainer"] == "snn_ddqn" and grid["config"]["algorithm_options"] == NESTED_CONF["algorithm_options"]

@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from common.cli import app
+from cli.main import app
 from worker import studios
 from worker.studios import DEFAULT_COMMAND, StudiosFileError, load_studios, worker_command
 
@@ -107,7 +107,7 @@ def test_cli_reports_a_bad_file_with_exit_2(tmp_path):
 
 
 def test_cli_durations(tmp_path, monkeypatch):
-    from worker.studios_cli import duration
+    from cli.studios import duration
 
     assert [duration(v, "--x") for v in ("90", "90s", "30m", "4h", "3h50m", "1.5h")] == [90, 90, 1800, 14400, 13800,
                                                                                          5400]

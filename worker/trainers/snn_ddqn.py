@@ -53,7 +53,7 @@ from torch import nn
 
 from worker.trainers.spiking import seed_conf
 from worker.trainers.spiking.lif import spiking_forward
-from worker.trainers.spiking.seed_conf import grid_from_seed_conf, is_seed_conf  # noqa: F401 (common/cli.py)
+from worker.trainers.spiking.seed_conf import grid_from_seed_conf, is_seed_conf  # noqa: F401 (cli/main.py)
 
 CURVE_POINTS = 200  # the result's return curve is averaged down to at most this many points
 

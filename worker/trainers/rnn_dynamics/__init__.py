@@ -1,6 +1,6 @@
 """Seed 004's dynamics analysis of trained `learning_rules` networks (bmcmahan2016/RNN_Learning_Rules).
 
-The trainer is worker/trainers/learning_rules.py; `gridfleet analyze GRID` (worker/analyze_cli.py) runs this
+The trainer is worker/trainers/learning_rules.py; `gridfleet analyze GRID` (cli/analyze.py) runs this
 package over a grid's succeeded jobs. One topic per file, read in this order:
 `network` (a trained network's one-step map, velocity and Jacobian, from its saved matrices),
 `fixed_points` (fixed and slow points per constant input, deduplicated and classified by eigenvalues),
