@@ -175,94 +175,103 @@ def submit(
     typer.echo(f"grid {reply['name']}: {reply['created']} created, {reply['existing']} already existed")
 
 
-# ---- status --------------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
+# ---- status and plots (the local database, or a server) ------------------------------------------------
+LOCAL = typer.Option(False, "--local", help="read this machine's database (settings.database_url) even when "
+                     "GRIDFLEET_SERVER_URL is set")
 
 
-def _best(best: Optional[dict]) -> str:
-    if not best:
-        return "-"
-    return f"{best['metric']}={_fmt(best['value'])} (job {best['job_id']})"
+def _grid_source(server: Optional[str], token: Optional[str], local: bool):
+    """The database `gridfleet run` writes (no token) unless a server is named by --server or GRIDFLEET_SERVER_URL."""
+    from contextlib import nullcontext
+
+    from common import status_view as view
+
+    settings = _settings()
+    if local or (server is None and "server_url" not in settings.model_fields_set):
+        try:
+            return view.LocalGrids(settings.database_url), nullcontext()
+        except view.SourceError as exc:
+            fail(str(exc), EXIT_FAILED)
+    client, url = _client(server, token)
+    return view.RemoteGrids(lambda path, params=None: _request(client, url, "GET", path, params=params).json()), client
+
+
+def _read(call, *args):
+    from common.status_view import SourceError
+
+    try:
+        return call(*args)
+    except SourceError as exc:
+        fail(str(exc), EXIT_FAILED)
 
 
 @app.command()
 def status(
     grid: Optional[str] = typer.Argument(None, help="a grid name or id; all grids when left out"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
-    token: Optional[str] = typer.Option(None, help="any valid token (default: GRIDFLEET_TOKEN)"),
+    top: int = typer.Option(10, min=0, help="show the best N jobs of GRID (0: all)"),
+    as_json: bool = typer.Option(False, "--json", help="print everything (summary, configs, results) as JSON"),
     external_id: Optional[str] = typer.Option(
         None, "--external-id", "--seed-config-id",
         help="list the jobs (of GRID, or of every grid) with this external id, e.g. seed 001's config id"),
+    local: bool = LOCAL,
+    server: Optional[str] = typer.Option(None, help="API base URL; without it (and without GRIDFLEET_SERVER_URL) "
+                                         "the local database is read"),
+    token: Optional[str] = typer.Option(None, help="any valid token, for a server (default: GRIDFLEET_TOKEN)"),
 ) -> None:
-    """Progress of all grids, or one grid's summary and its top 10 results; or the jobs with an external id."""
+    """Progress of all grids, or one grid's summary and its best jobs (state, swept keys, metrics); or the jobs
+    with an external id."""
     from rich.console import Console
-    from rich.table import Table
 
-    from scheduler.policy import JOB_STATES
+    from common import status_view as view
 
     console = Console(width=max(120, Console().width))
-    client, url = _client(server, token)
-    with client:
+    source, connection = _grid_source(server, token, local)
+    with connection:
         if external_id is not None:
-            params = {"external_id": external_id, **({"grid": grid} if grid else {})}
-            jobs = _request(client, url, "GET", "/jobs", params=params).json()["jobs"]
+            jobs = _read(source.jobs, external_id, grid)
             if not jobs:
                 fail(f"no job with external id {external_id}" + (f" in grid {grid}" if grid else ""), EXIT_FAILED)
-            table = Table(title=f"jobs with external id {external_id}")
-            for column in ("job", "grid", "state", "seed", "config", "result"):
-                table.add_column(column)
-            for job in jobs:
-                table.add_row(str(job["job_id"]), job["grid"], job["state"], str(job["seed"]),
-                              json.dumps(job["config"], sort_keys=True), _short_result(job["result"]))
-            console.print(table)
-            return
-        if grid is None:
-            grids = _request(client, url, "GET", "/grids").json()["grids"]
-            table = Table(title="grids")
-            for column in ("name", "trainer", "state", *JOB_STATES, "total", "progress", "best"):
-                table.add_column(column, justify="right" if column in (*JOB_STATES, "total", "progress") else "left")
-            for g in grids:
-                table.add_row(g["name"], g["trainer"], g["state"], *(str(g["counts"][s]) for s in JOB_STATES),
-                              str(g["total"]), f"{100 * g['progress']:.1f}%", _best(g["best"]))
-            console.print(table)
-            return
-        from urllib.parse import quote
-
-        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
-        results = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
-    head = Table(title=f"grid {summary['name']}", show_header=False)
-    head.add_column("field")
-    head.add_column("value")
-    head.add_row("trainer", summary["trainer"])
-    head.add_row("state", summary["state"])
-    head.add_row("objective", summary["objective"] or "-")
-    head.add_row("jobs", f"{summary['total']} total: " + ", ".join(f"{summary['counts'][s]} {s}" for s in JOB_STATES))
-    head.add_row("progress", f"{100 * summary['progress']:.1f}%")
-    head.add_row("best", _best(summary["best"]))
-    if summary.get("parent"):
-        head.add_row("refined from", f"{summary['parent']['name']} (grid {summary['parent']['id']})")
-    if summary.get("children"):
-        head.add_row("refined into", ", ".join(c["name"] for c in summary["children"]))
-    console.print(head)
-    top = Table(title="top 10 results" + (f" by {summary['objective']}" if summary["objective"] else ""))
-    with_ids = any(row.get("external_id") for row in results[:10])  # e.g. seed 001's config id
-    for column in ("job", "state", "seed", *(["external id"] if with_ids else []), "config", "result"):
-        top.add_column(column)
-    for row in results[:10]:
-        top.add_row(str(row["job_id"]), row["state"], str(row["seed"]),
-                    *([row.get("external_id") or "-"] if with_ids else []), json.dumps(row["config"], sort_keys=True),
-                    json.dumps(row["result"], sort_keys=True) if row["result"] is not None else "-")
-    console.print(top)
+            out: Any = jobs
+            shown = [view.jobs_table(external_id, jobs)]
+        elif grid is None:
+            out = _read(source.grids)
+            shown = [view.grids_table(out)]
+        else:
+            summary, rows = _read(source.summary, grid), _read(source.results, grid)
+            out = {"grid": summary, "results": rows}
+            shown = [view.summary_table(summary), view.results_table(summary, rows, top or None)]
+    source.close()
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    for table in shown:
+        console.print(table)
 
 
-def _short_result(result: Optional[dict]) -> str:
-    """A result without its long lists (loss curves), for a table cell."""
-    if result is None:
-        return "-"
-    return json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, sort_keys=True)
+@app.command()
+def plots(
+    grid: str = typer.Argument(..., help="a grid name or id"),
+    out: Path = typer.Option(Path("."), help="folder for the PNG files"),
+    below: Optional[float] = typer.Option(None, help="also plot the runs whose objective is below this "
+                                          "(seed 001: 1.9, the loss of a net that uses its memory)"),
+    metric: str = typer.Option("loss", help="the metric whose curves are drawn"),
+    local: bool = LOCAL,
+    server: Optional[str] = typer.Option(None, help="API base URL; without it (and without GRIDFLEET_SERVER_URL) "
+                                         "the local database is read"),
+    token: Optional[str] = typer.Option(None, help="any valid token, for a server (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Seed 001's plots of a grid as PNG: all runs' curves, the best runs' curves with legends naming what
+    differs, the objective against each swept key, and with --below the same for the runs below a value."""
+    from common.plots.png import write_grid_plots
+
+    source, connection = _grid_source(server, token, local)
+    with connection:
+        summary, rows = _read(source.summary, grid), _read(source.results, grid)
+        written = write_grid_plots(rows, lambda job_id: _read(source.metrics, job_id), summary["objective"], out,
+                                   summary["name"], below=below, curve_metric=metric)
+    source.close()
+    for path in written:
+        typer.echo(str(path))
 
 
 # ---- import and refine (seed 001's own files and its next stage) ------------------------------------------

@@ -26,7 +26,7 @@ from common.settings import Settings
 from scheduler.grids import submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
-from scheduler.reports import grid_results, grid_summary, latest_metrics, results_table, running_jobs
+from scheduler.reports import grid_results, grid_summary, job_metrics, latest_metrics, results_table, running_jobs
 from scheduler.spec import GridSpec
 from worker.agent import Agent, AgentOptions
 from worker.client import DirectClient
@@ -99,7 +99,8 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     _print_results(console, summary, rows)
     columns, flat = results_table(rows)
     write_csv(out_dir / "results.csv", columns, flat)
-    png = plot_loss_curves(engine, rows, out_dir / "loss_curves.png", objective=summary["objective"])
+    png = plot_loss_curves(lambda job_id: job_metrics(engine, job_id), rows, out_dir / "loss_curves.png",
+                           objective=summary["objective"])
     console.print(f"results: {out_dir / 'results.csv'}" + (f", loss curves: {png}" if png else ""))
     if not finished:
         console.print("[yellow]not finished: run the same command again to continue where it stopped[/]")
