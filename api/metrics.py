@@ -149,7 +149,7 @@ def install(app, engine: Engine, public: bool, api_prefix: str) -> Metrics:
     metrics = Metrics(engine)
     app.add_middleware(RequestTimer, metrics=metrics, api_prefix=api_prefix)
 
-    @app.get("/metrics", include_in_schema=True, tags=["health"], dependencies=[] if public else [Depends(auth.any_role)],
+    @app.get("/metrics", tags=["health"], dependencies=[] if public else [Depends(auth.any_role)],
              summary="Prometheus metrics: jobs by state, claims, heartbeats, lease expiries, retries, request latency")
     def prometheus_metrics():
         try:

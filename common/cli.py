@@ -28,6 +28,7 @@ from worker.analyze_cli import analyze as analyze_command  # noqa: E402 - import
 
 app.command("analyze")(analyze_command)
 
+SERVER_HELP = "API base URL (default: GRIDFLEET_SERVER_URL, else http://127.0.0.1:8000)"  # tests/unit/test_cli_help.py
 EXIT_FAILED = 1  # the server refused or could not be reached
 EXIT_USAGE = 2  # bad input on our side
 
@@ -52,8 +53,8 @@ def _db_problem(exc: Exception) -> str:
 # ---- serve ---------------------------------------------------------------------------------------
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="interface to listen on (default: settings.host)"),
-    port: Optional[int] = typer.Option(None, help="port (default: settings.port)"),
+    host: Optional[str] = typer.Option(None, help="interface to listen on (default: GRIDFLEET_HOST, else 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default: GRIDFLEET_PORT, else 8000)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
 ) -> None:
     """Run the API server (one process). Migrates the database and makes sure an admin token exists."""
@@ -157,7 +158,7 @@ def _request(client, url: str, method: str, path: str, **kwargs):
 @app.command()
 def submit(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
     force_new_run: bool = FORCE_NEW_RUN,
 ) -> None:
@@ -176,8 +177,8 @@ def submit(
 
 
 # ---- status and plots (the local database, or a server) ------------------------------------------------
-LOCAL = typer.Option(False, "--local", help="read this machine's database (settings.database_url) even when "
-                     "GRIDFLEET_SERVER_URL is set")
+LOCAL = typer.Option(False, "--local", help="read this machine's database (DATABASE_URL, else "
+                     ".gridfleet/gridfleet.db) even when GRIDFLEET_SERVER_URL is set")
 
 
 def _grid_source(server: Optional[str], token: Optional[str], local: bool):
@@ -283,9 +284,9 @@ def import_results(
     results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="result files or folders "
                                          "(results_01_all/)"),
     log_every: int = typer.Option(50, min=1, help="the seed's log_frequency when its files were written"),
-    local: bool = typer.Option(False, "--local", help="write into this machine's database (settings.database_url, "
-                               "the one `gridfleet run` uses) instead of through the API"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    local: bool = typer.Option(False, "--local", help="write into this machine's database (DATABASE_URL, else "
+                               ".gridfleet/gridfleet.db: the one `gridfleet run` uses) instead of through the API"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Import seed 001's rnn_configs.json and result files into a grid: its configs become the grid's jobs,
@@ -361,7 +362,7 @@ def refine(
     by: Optional[str] = typer.Option(None, help="rank by min:METRIC or max:METRIC (default: the grid's objective)"),
     name: Optional[str] = typer.Option(None, help="the new grid's name (default: made from the parent and changes)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the new grid spec as JSON, submit nothing"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Submit the top of GRID by its objective again with changed keys, as a new grid linked to GRID
@@ -406,7 +407,7 @@ def refine(
 def pull(
     grid: str = typer.Argument(..., help="grid name or id"),
     dest: Optional[Path] = typer.Option(None, help="where to put the files (default: ./<grid name>)"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="any API token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Download a grid's results (CSV, JSON) and, per succeeded job, its final model and job files."""
@@ -473,7 +474,7 @@ def trainer_names(trainers: Optional[str]) -> Optional[list[str]]:
 
 @app.command()
 def worker(
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a worker or admin token (default: GRIDFLEET_TOKEN)"),
     name: Optional[str] = typer.Option(None, help="a label for this worker (default: the host name)"),
     trainers: Optional[str] = typer.Option(None, help="comma-separated trainers to run (default: all known)"),
@@ -531,7 +532,7 @@ def token_create(
     role: str = typer.Option(..., help="admin, submit or worker"),
     name: Optional[str] = typer.Option(None, help="a label to recognise the token by (default: the role)"),
 ) -> None:
-    """Create a token directly in the database (settings.database_url) and print it once."""
+    """Create a token directly in the database (DATABASE_URL, else .gridfleet/gridfleet.db) and print it once."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from api import tokens
@@ -553,6 +554,11 @@ def token_create(
         fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
     typer.echo(token)
     typer.echo(f"({role} token; shown once, only its hash is stored)", err=True)
+
+
+from common.cli_help import tidy  # noqa: E402 - after every command: the help pages read as one line a paragraph
+
+tidy(app)
 
 
 def main() -> None:  # pragma: no cover - `python -m common.cli`

@@ -36,7 +36,8 @@ def _connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
 def fleet(
     ctx: typer.Context,
     ray_address: Optional[str] = RAY_ADDRESS,
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: GRIDFLEET_SERVER_URL, else "
+                                         "http://127.0.0.1:8000)"),
     token: Optional[str] = typer.Option(None, help="a worker token (default: GRIDFLEET_TOKEN)"),
     workers: str = typer.Option("auto", help="how many worker actors, or 'auto' to fill the cluster's GPUs"),
     gpus_per_worker: float = typer.Option(1.0, min=0.0, help="GPUs per worker; fractions pack small jobs"),

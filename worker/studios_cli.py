@@ -56,7 +56,8 @@ def _lightning(specs):
 @app.command()
 def up(
     studios_file: Path = STUDIOS_FILE,
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: GRIDFLEET_SERVER_URL, else "
+                                         "http://127.0.0.1:8000)"),
     token: Optional[str] = typer.Option(None, help="any valid token, to read the queue (default: GRIDFLEET_TOKEN)"),
     batch_size: int = typer.Option(1, min=1, help="studios started together"),
     batch_delay: str = typer.Option("0", help="time from one batch's start to the next (e.g. 4h, seed 002's)"),

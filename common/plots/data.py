@@ -129,7 +129,8 @@ def panels(rows: list[dict[str, Any]], metric: str, keys: list[str] | None = Non
            below: float | None = None) -> list[Panel]:
     """One panel per key (default: the keys that differ) over the succeeded rows with a finite `metric`,
     only those with metric < `below` when given (seed 001's "loss below 1.9")."""
-    scored = [(r, v) for r in rows if r["state"] == "succeeded" and (v := metric_value(r["result"], metric)) is not None]
+    scored = [(r, v) for r in rows
+              if r["state"] == "succeeded" and (v := metric_value(r["result"], metric)) is not None]
     if below is not None:
         scored = [(r, v) for r, v in scored if v < below]
     keys = differing_keys(r for r, _ in scored) if keys is None else keys

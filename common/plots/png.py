@@ -81,7 +81,8 @@ def grid_figures(rows: list[dict[str, Any]], metrics_of: data.MetricsOf | None, 
         every = data.labelled(chosen)
         figures[f"{name}_all.png"] = loss_figure(every, curve_metric, f"{name}: all {len(every)} runs")
         best = data.labelled(chosen[:BEST_CURVES])  # labelled by what differs among these few
-        figures[f"{name}_best.png"] = loss_figure(best, curve_metric, f"{name}: best {len(best)} by {direction}:{metric}")
+        figures[f"{name}_best.png"] = loss_figure(best, curve_metric,
+                                                  f"{name}: best {len(best)} by {direction}:{metric}")
     keys = data.differing_keys(r for r in rows if r["state"] == "succeeded")
     figures[f"{name}_hyperparameters.png"] = panels_figure(data.panels(rows, metric, keys), metric,
                                                            f"{name}: {metric} against each swept key")
