@@ -494,12 +494,11 @@ def worker(
     update_interval: Optional[float] = typer.Option(None, min=0.0, help="seconds between self-update fetches"),
 ) -> None:
     """Pull jobs from the API and train them, one at a time, each in a child process."""
-    import logging
-
+    from worker import logs
     from worker.agent import Agent, AgentOptions
     from worker.client import ApiClient
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()
     settings = _settings()
     secret = worker_token(settings, token)
     options = AgentOptions(

@@ -51,14 +51,13 @@ def fleet(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"ray_address": ray_address}
         return
-    import logging
-
     from common.cli import trainer_names, worker_token  # late: common.cli imports this module
     from common.settings import Settings
+    from worker import logs
     from worker.agent import AgentOptions
     from worker.fleet import FleetError, FleetOptions, RayFleet
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()
     settings = Settings()
     secret = worker_token(settings, token)
     if workers != "auto" and not workers.isdigit():
