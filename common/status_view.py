@@ -56,7 +56,7 @@ class LocalGrids:
     def grids(self) -> list[dict[str, Any]]:
         from scheduler import reports
 
-        return self._read(reports.list_grids)
+        return [{k: v for k, v in g.items() if k != "spec"} for g in self._read(reports.list_grids)]  # as the API
 
     def summary(self, grid: str) -> dict[str, Any]:
         from scheduler import reports

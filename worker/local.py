@@ -90,6 +90,8 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     finished = False
     try:
         finished = _watch(engine, submitted.grid_id, procs, console, _spec_keys(spec))
+        if not console.is_terminal:  # rich ends a live display's last frame with a newline only on a terminal
+            console.line()
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted: running jobs are checkpointing and will be released "
                       "(Ctrl-C again to kill)[/]")
@@ -125,12 +127,11 @@ def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None
     """Live display until every job of the grid has ended. True when finished."""
     summary = grid_summary(engine, grid_id)
     bar, task = _progress_bar(console, summary)
-    with Live(Group(bar, _running_table(engine, grid_id, keys)), console=console, refresh_per_second=4,
-              transient=False) as live:
+    with Live(_frame(bar, engine, grid_id, keys), console=console, refresh_per_second=4, transient=False) as live:
         while True:
             counts = summary["counts"]
             bar.update(task, completed=summary["progress"], counts=_counts(summary))
-            live.update(Group(bar, _running_table(engine, grid_id, keys)))
+            live.update(_frame(bar, engine, grid_id, keys))
             if counts["queued"] == 0 and counts["running"] == 0:
                 return True
             if not any(p.is_alive() for p in procs):
@@ -138,6 +139,11 @@ def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None
                 return False
             time.sleep(REFRESH_SECONDS)
             summary = grid_summary(engine, grid_id)
+
+
+def _frame(bar, engine, grid_id: int, keys: list[str] | None) -> Group:
+    running = _running_table(engine, grid_id, keys)
+    return Group(bar, running) if running.row_count else Group(bar)  # no empty header once nothing runs
 
 
 def _running_table(engine, grid_id: int, keys: list[str] | None) -> Table:
@@ -204,13 +210,6 @@ def _spec_keys(spec: GridSpec) -> list[str] | None:
     return keys or None
 
 
-def _swept_keys(configs: list[dict[str, Any]]) -> list[str] | None:
-    flat = [_flat(c) for c in configs]
-    keys = sorted({k for c in flat for k in c})
-    varying = [k for k in keys if len({repr(c.get(k)) for c in flat}) > 1]
-    return varying or None
-
-
 def _stop_workers(procs, console: Console) -> None:
     for proc in procs:
         if proc.is_alive():
@@ -226,20 +225,9 @@ def _stop_workers(procs, console: Console) -> None:
 
 
 def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[str, Any]], top: int = 10) -> None:
-    objective = summary["objective"] or "min:loss"
-    metric = objective.split(":", 1)[1]
-    table = Table(title=f"{summary['name']}: top {top} by {objective}")
-    table.add_column("job")
-    table.add_column("state")
-    table.add_column(metric, justify="right")
-    table.add_column("config")
-    keys = _swept_keys([r["config"] for r in rows])
-    for row in [r for r in rows if r["state"] == "succeeded"][:top]:
-        value = (row["result"] or {}).get(metric)
-        table.add_row(str(row["job_id"]), row["state"],
-                      f"{value:.4f}" if isinstance(value, (int, float)) else "-",
-                      _short_config(row["config"], 90, keys) + f" seed={row['seed']}")
-    console.print(table)
+    from common.status_view import results_table  # the same table as `gridfleet status GRID`
+
+    console.print(results_table(summary, rows, top))
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
 

@@ -1,7 +1,12 @@
 """`gridfleet run`'s tables name configs by the leaves that differ, nested sections as dotted keys."""
 from __future__ import annotations
 
-from worker.local import _short_config, _swept_keys
+from common.plots.data import differing_keys
+from worker.local import _short_config
+
+
+def _swept_keys(configs):
+    return differing_keys({"config": c, "seed": 0} for c in configs)
 
 
 def test_nested_sections_show_the_dotted_leaves_that_differ():
