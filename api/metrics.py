@@ -150,6 +150,7 @@ def install(app, engine: Engine, public: bool, api_prefix: str) -> Metrics:
     app.add_middleware(RequestTimer, metrics=metrics, api_prefix=api_prefix)
 
     @app.get("/metrics", tags=["health"], dependencies=[] if public else [Depends(auth.any_role)],
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}},  # the Prometheus text format
              summary="Prometheus metrics: jobs by state, claims, heartbeats, lease expiries, retries, request latency")
     def prometheus_metrics():
         try:
