@@ -56,6 +56,8 @@ def serve(
     host: Optional[str] = typer.Option(None, help="interface to listen on (default: GRIDFLEET_HOST, else 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help="port (default: GRIDFLEET_PORT, else 8000)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log",
+                                    help="a log line per HTTP request (--no-access-log: quiet, with many workers heartbeating)"),
 ) -> None:
     """Run the API server (one process). Migrates the database and makes sure an admin token exists."""
     import uvicorn
@@ -80,7 +82,7 @@ def serve(
     except SQLAlchemyError as exc:
         fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
     uvicorn.run(application, host=host or settings.host, port=settings.port if port is None else port,
-                log_level=log_level)
+                log_level=log_level, access_log=access_log)
 
 
 # ---- submit --------------------------------------------------------------------------------------
