@@ -57,7 +57,8 @@ def serve(
     port: Optional[int] = typer.Option(None, help="port (default: GRIDFLEET_PORT, else 8000)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log",
-                                    help="a log line per HTTP request (--no-access-log: quiet, with many workers heartbeating)"),
+                                    help="a log line per HTTP request (--no-access-log: quiet, with many workers "
+                                         "heartbeating)"),
 ) -> None:
     """Run the API server (one process). Migrates the database and makes sure an admin token exists."""
     import uvicorn
