@@ -10,6 +10,7 @@ from common.cli import app
 from common.settings import Settings
 
 COMMANDS = [[], ["run"], ["status"], ["plots"], ["worker"], ["refine"], ["serve"], ["token", "create"], ["studios"],
+            ["analyze"], ["import"], ["pull"], ["submit"], ["token"], ["fleet", "status"],
             ["studios", "up"], ["fleet"]]
 
 
