@@ -21,3 +21,10 @@ def test_requests_are_not_logged_but_jobs_and_http_warnings_are(caplog, monkeypa
     assert ("worker.agent", "job 3 finished: succeeded -> succeeded") in lines
     assert ("httpx", "connection pool is full") in lines
     assert not any("HTTP Request" in message for _, message in lines), lines
+
+
+def test_a_finished_jobs_line_sums_it_up_without_curves():
+    assert logs.job_summary(40, {"loss": 0.025, "steps": 40, "loss_curve": [[1, 2.0]], "done": True}) == \
+        " (step 40; loss=0.025, steps=40)"
+    assert logs.job_summary(None, None) == ""
+    assert logs.job_summary(7, None) == " (step 7)"
