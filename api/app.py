@@ -6,13 +6,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import dashboard, errors, tokens
+from api import dashboard, docs, errors, metrics, tokens
 from api.responses import JSONResponse
 from api.routes import grids, health, jobs, workers
 from common.db import is_sqlite, make_engine, migrate
 from common.settings import Settings
 from scheduler.policy import RetryPolicy
-from scheduler.queue import Queue
 
 log = logging.getLogger("gridfleet.api")
 API_PREFIX = "/api/v1"
@@ -59,14 +58,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Grids of training configs on a fleet of GPU workers",
         default_response_class=JSONResponse,
         lifespan=lifespan,
+        docs_url=None,  # api/docs.py serves /docs and /redoc with local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     grace = settings.lease_seconds if settings.expiry_grace_after_start is None else settings.expiry_grace_after_start
-    app.state.queue = Queue(engine, RetryPolicy.from_settings(settings), expiry_grace_seconds=grace)
+    app.state.metrics = metrics.install(app, engine, public=settings.metrics_public,
+                                       api_prefix=API_PREFIX)
+    app.state.queue = metrics.CountedQueue(engine, RetryPolicy.from_settings(settings), expiry_grace_seconds=grace,
+                                           metrics=app.state.metrics)
     app.state.token_cache = tokens.TokenCache(ttl=TOKEN_CACHE_SECONDS)
     app.state.worker_secrets = {}  # worker id -> secret hash (api/worker_secrets.py)
     errors.install(app)
+    docs.install(app)
     app.include_router(health.router)
     for module in (grids, jobs, workers):
         app.include_router(module.router, prefix=API_PREFIX)

@@ -10,31 +10,28 @@ condition. Exit 2 for bad input, 1 when the grid cannot be read or holds nothing
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
+from cli.support import fail
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    from cli.main import fail  # late: cli.main imports this module
-
-    fail(message, code)
 
 
 def _levels(text: str) -> tuple[float, ...]:
     try:
         levels = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        _fail(f"--levels must be numbers separated by commas, e.g. -0.1857,0,0.1857; got '{text}'")
+        fail(f"--levels must be numbers separated by commas, e.g. -0.1857,0,0.1857; got '{text}'")
     if not levels:
-        _fail("--levels: give at least one signal level")
+        fail("--levels: give at least one signal level")
     return levels
 
 
 def _rows_from_db(grid: str, url: str) -> tuple[dict, list[dict]]:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from cli.main import _db_problem
+    from cli.support import db_problem
     from common.db import make_engine
     from scheduler.grids import NotFound
     from scheduler.reports import grid_results, grid_summary
@@ -43,9 +40,9 @@ def _rows_from_db(grid: str, url: str) -> tuple[dict, list[dict]]:
     try:
         return grid_summary(engine, grid), grid_results(engine, grid)
     except NotFound as exc:
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     except SQLAlchemyError as exc:
-        _fail(f"cannot read the database: {_db_problem(exc)}", 1)
+        fail(f"cannot read the database: {db_problem(exc)}", 1)
     finally:
         engine.dispose()
 
@@ -53,12 +50,12 @@ def _rows_from_db(grid: str, url: str) -> tuple[dict, list[dict]]:
 def _rows_from_api(grid: str, server: str, token: Optional[str]) -> tuple[dict, list[dict]]:
     from urllib.parse import quote
 
-    from cli.main import _client, _request
+    from cli.support import api_client, api_request
 
-    client, url = _client(server, token)
+    client, url = api_client(server, token)
     with client:
-        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
-        rows = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
+        summary = api_request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
+        rows = api_request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
     return summary, rows
 
 
@@ -89,7 +86,7 @@ def analyze(
     options_kwargs = dict(levels=_levels(levels), trials=trials, trial_length=trial_length, noise=noise,
                           starts=starts, iterations=iterations, seed=seed)
     if server and db:
-        _fail("give --db or --server, not both")
+        fail("give --db or --server, not both")
     summary, rows = _rows_from_api(grid, server, token) if server else _rows_from_db(grid, db or settings.database_url)
     import torch
 
@@ -104,12 +101,12 @@ def analyze(
     try:
         options = report.Options(**options_kwargs)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         models, problems = load_models(summary["trainer"], rows, settings.home / "checkpoints",
                                        settings.store_options())
     except NoModels as exc:
-        _fail(f"grid {summary['name']}: {exc}", 1)
+        fail(f"grid {summary['name']}: {exc}", 1)
     console = Console(width=max(120, Console().width))
     for problem in problems:
         console.print(f"[yellow]skipped {problem}[/]")
@@ -119,7 +116,7 @@ def analyze(
     try:
         result = report.analyze(models, options, target)
     except ValueError as exc:
-        _fail(f"grid {summary['name']}: {exc}", 1)
+        fail(f"grid {summary['name']}: {exc}", 1)
     columns, table_rows = report.table(result)
     table = Table(title=f"fixed points per condition (stable/saddle), {summary['name']}")
     for column in columns:

@@ -8,19 +8,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
+
+from cli.support import fail
 
 app = typer.Typer(help="Run gridfleet workers as actors on a Ray cluster.", invoke_without_command=True)
 RAY_ADDRESS = typer.Option(None, "--ray-address",
                            help="Ray cluster address (default: RAY_ADDRESS; 'local' starts a one-machine cluster)")
 
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    from cli.main import fail  # late: cli.main imports this module
-
-    fail(message, code)
 
 
 def _connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
@@ -36,7 +33,8 @@ def _connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
 def fleet(
     ctx: typer.Context,
     ray_address: Optional[str] = RAY_ADDRESS,
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: GRIDFLEET_SERVER_URL, else "
+                                         "http://127.0.0.1:8000)"),
     token: Optional[str] = typer.Option(None, help="a worker token (default: GRIDFLEET_TOKEN)"),
     workers: str = typer.Option("auto", help="how many worker actors, or 'auto' to fill the cluster's GPUs"),
     gpus_per_worker: float = typer.Option(1.0, min=0.0, help="GPUs per worker; fractions pack small jobs"),
@@ -50,18 +48,17 @@ def fleet(
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"ray_address": ray_address}
         return
-    import logging
-
-    from cli.main import trainer_names, worker_token  # late: cli.main imports this module
+    from cli.support import trainer_names, worker_token
     from common.settings import Settings
+    from worker import logs
     from worker.agent import AgentOptions
     from worker.fleet import FleetError, FleetOptions, RayFleet
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logs.configure()
     settings = Settings()
     secret = worker_token(settings, token)
     if workers != "auto" and not workers.isdigit():
-        _fail(f"--workers takes a number or 'auto', got '{workers}'")
+        fail(f"--workers takes a number or 'auto', got '{workers}'")
     agent = AgentOptions(
         trainers=trainer_names(trainers),
         grace_seconds=grace, home=settings.home, stores=settings.store_options(),
@@ -73,7 +70,7 @@ def fleet(
     try:
         fleet_ = RayFleet(options).start()
     except FleetError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     stop = threading.Event()
 
     def on_signal(signum, _frame):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -18,6 +18,9 @@ app = typer.Typer(help="Run grids of training configs on a fleet of GPU workers.
 token_app = typer.Typer(help="API tokens (stored hashed; each token is shown once, when created).",
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
+from cli.support import (  # noqa: E402
+    EXIT_FAILED, api_client, api_request, db_problem, fail, load_settings, trainer_names, worker_token,
+)
 from cli.studios import app as studios_app  # noqa: E402 - imports only typer until a command runs
 
 app.add_typer(studios_app, name="studios")
@@ -28,33 +31,16 @@ from cli.analyze import analyze as analyze_command  # noqa: E402 - imports only 
 
 app.command("analyze")(analyze_command)
 
-EXIT_FAILED = 1  # the server refused or could not be reached
-EXIT_USAGE = 2  # bad input on our side
-
-
-def _settings():
-    from common.settings import Settings
-
-    return Settings()
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _db_problem(exc: Exception) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
-
-
+SERVER_HELP = "API base URL (default: GRIDFLEET_SERVER_URL, else http://127.0.0.1:8000)"  # tests/unit/test_cli_help.py
 # ---- serve ---------------------------------------------------------------------------------------
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="interface to listen on (default: settings.host)"),
-    port: Optional[int] = typer.Option(None, help="port (default: settings.port)"),
+    host: Optional[str] = typer.Option(None, help="interface to listen on (default: GRIDFLEET_HOST, else 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default: GRIDFLEET_PORT, else 8000)"),
     log_level: str = typer.Option("info", help="uvicorn log level"),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log",
+                                    help="a log line per HTTP request (--no-access-log: quiet, with many workers "
+                                         "heartbeating)"),
 ) -> None:
     """Run the API server (one process). Migrates the database and makes sure an admin token exists."""
     import uvicorn
@@ -64,7 +50,7 @@ def serve(
     from api.app import bootstrap_admin, create_app
     from common.db import make_engine, migrate
 
-    settings = _settings()
+    settings = load_settings()
     try:
         migrate(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -77,9 +63,9 @@ def serve(
             engine.dispose()
         application = create_app(settings)
     except SQLAlchemyError as exc:
-        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+        fail(f"cannot use the database: {db_problem(exc)}", EXIT_FAILED)
     uvicorn.run(application, host=host or settings.host, port=settings.port if port is None else port,
-                log_level=log_level)
+                log_level=log_level, access_log=access_log)
 
 
 # ---- submit --------------------------------------------------------------------------------------
@@ -122,42 +108,10 @@ def load_grid_file(path: Path, force_new_run: bool = False) -> dict[str, Any]:
     return data
 
 
-def _client(server: Optional[str], token: Optional[str]):
-    import httpx
-
-    settings = _settings()
-    url = (server or settings.server_url).rstrip("/")
-    secret = token or (settings.token.get_secret_value() if settings.token else "")
-    if not secret:
-        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
-             "`gridfleet token create --role submit`)")
-    return httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {secret}"}, timeout=60.0), url
-
-
-def _request(client, url: str, method: str, path: str, **kwargs):
-    import httpx
-
-    try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        fail(f"cannot reach the server at {url}: {type(exc).__name__}: {exc}", EXIT_FAILED)
-    if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = error["message"]
-            for field in error.get("fields") or []:
-                if field["field"] not in message:
-                    message += f"\n  {field['field']}: {field['message']}"
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
-        fail(f"{response.status_code}: {message}", EXIT_FAILED)
-    return response
-
-
 @app.command()
 def submit(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
     force_new_run: bool = FORCE_NEW_RUN,
 ) -> None:
@@ -168,101 +122,110 @@ def submit(
         body = json.dumps(data, allow_nan=False)
     except (TypeError, ValueError) as exc:
         fail(f"{grid_file} holds a value JSON cannot carry (NaN, infinity, a date?): {exc}")
-    client, url = _client(server, token)
+    client, url = api_client(server, token)
     with client:
-        reply = _request(client, url, "POST", "/grids", content=body,
+        reply = api_request(client, url, "POST", "/grids", content=body,
                          headers={"Content-Type": "application/json"}).json()
     typer.echo(f"grid {reply['name']}: {reply['created']} created, {reply['existing']} already existed")
 
 
-# ---- status --------------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
+# ---- status and plots (the local database, or a server) ------------------------------------------------
+LOCAL = typer.Option(False, "--local", help="read this machine's database (DATABASE_URL, else "
+                     ".gridfleet/gridfleet.db) even when GRIDFLEET_SERVER_URL is set")
 
 
-def _best(best: Optional[dict]) -> str:
-    if not best:
-        return "-"
-    return f"{best['metric']}={_fmt(best['value'])} (job {best['job_id']})"
+def _grid_source(server: Optional[str], token: Optional[str], local: bool):
+    """The database `gridfleet run` writes (no token) unless a server is named by --server or GRIDFLEET_SERVER_URL."""
+    from contextlib import nullcontext
+
+    from cli import status_view as view
+
+    settings = load_settings()
+    if local or (server is None and "server_url" not in settings.model_fields_set):
+        try:
+            return view.LocalGrids(settings.database_url), nullcontext()
+        except view.SourceError as exc:
+            fail(str(exc), EXIT_FAILED)
+    client, url = api_client(server, token)
+    return view.RemoteGrids(lambda path, params=None: api_request(client, url, "GET", path, params=params).json()), client
+
+
+def _read(call, *args):
+    from cli.status_view import SourceError
+
+    try:
+        return call(*args)
+    except SourceError as exc:
+        fail(str(exc), EXIT_FAILED)
 
 
 @app.command()
 def status(
     grid: Optional[str] = typer.Argument(None, help="a grid name or id; all grids when left out"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
-    token: Optional[str] = typer.Option(None, help="any valid token (default: GRIDFLEET_TOKEN)"),
+    top: int = typer.Option(10, min=0, help="show the best N jobs of GRID (0: all)"),
+    as_json: bool = typer.Option(False, "--json", help="print everything (summary, configs, results) as JSON"),
     external_id: Optional[str] = typer.Option(
         None, "--external-id", "--seed-config-id",
         help="list the jobs (of GRID, or of every grid) with this external id, e.g. seed 001's config id"),
+    local: bool = LOCAL,
+    server: Optional[str] = typer.Option(None, help="API base URL; without it (and without GRIDFLEET_SERVER_URL) "
+                                         "the local database is read"),
+    token: Optional[str] = typer.Option(None, help="any valid token, for a server (default: GRIDFLEET_TOKEN)"),
 ) -> None:
-    """Progress of all grids, or one grid's summary and its top 10 results; or the jobs with an external id."""
+    """Progress of all grids, or one grid's summary and its best jobs (state, swept keys, metrics); or the jobs
+    with an external id."""
     from rich.console import Console
-    from rich.table import Table
 
-    from scheduler.policy import JOB_STATES
+    from scheduler import report_tables as view
 
     console = Console(width=max(120, Console().width))
-    client, url = _client(server, token)
-    with client:
+    source, connection = _grid_source(server, token, local)
+    with connection:
         if external_id is not None:
-            params = {"external_id": external_id, **({"grid": grid} if grid else {})}
-            jobs = _request(client, url, "GET", "/jobs", params=params).json()["jobs"]
+            jobs = _read(source.jobs, external_id, grid)
             if not jobs:
                 fail(f"no job with external id {external_id}" + (f" in grid {grid}" if grid else ""), EXIT_FAILED)
-            table = Table(title=f"jobs with external id {external_id}")
-            for column in ("job", "grid", "state", "seed", "config", "result"):
-                table.add_column(column)
-            for job in jobs:
-                table.add_row(str(job["job_id"]), job["grid"], job["state"], str(job["seed"]),
-                              json.dumps(job["config"], sort_keys=True), _short_result(job["result"]))
-            console.print(table)
-            return
-        if grid is None:
-            grids = _request(client, url, "GET", "/grids").json()["grids"]
-            table = Table(title="grids")
-            for column in ("name", "trainer", "state", *JOB_STATES, "total", "progress", "best"):
-                table.add_column(column, justify="right" if column in (*JOB_STATES, "total", "progress") else "left")
-            for g in grids:
-                table.add_row(g["name"], g["trainer"], g["state"], *(str(g["counts"][s]) for s in JOB_STATES),
-                              str(g["total"]), f"{100 * g['progress']:.1f}%", _best(g["best"]))
-            console.print(table)
-            return
-        from urllib.parse import quote
-
-        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
-        results = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
-    head = Table(title=f"grid {summary['name']}", show_header=False)
-    head.add_column("field")
-    head.add_column("value")
-    head.add_row("trainer", summary["trainer"])
-    head.add_row("state", summary["state"])
-    head.add_row("objective", summary["objective"] or "-")
-    head.add_row("jobs", f"{summary['total']} total: " + ", ".join(f"{summary['counts'][s]} {s}" for s in JOB_STATES))
-    head.add_row("progress", f"{100 * summary['progress']:.1f}%")
-    head.add_row("best", _best(summary["best"]))
-    if summary.get("parent"):
-        head.add_row("refined from", f"{summary['parent']['name']} (grid {summary['parent']['id']})")
-    if summary.get("children"):
-        head.add_row("refined into", ", ".join(c["name"] for c in summary["children"]))
-    console.print(head)
-    top = Table(title="top 10 results" + (f" by {summary['objective']}" if summary["objective"] else ""))
-    with_ids = any(row.get("external_id") for row in results[:10])  # e.g. seed 001's config id
-    for column in ("job", "state", "seed", *(["external id"] if with_ids else []), "config", "result"):
-        top.add_column(column)
-    for row in results[:10]:
-        top.add_row(str(row["job_id"]), row["state"], str(row["seed"]),
-                    *([row.get("external_id") or "-"] if with_ids else []), json.dumps(row["config"], sort_keys=True),
-                    json.dumps(row["result"], sort_keys=True) if row["result"] is not None else "-")
-    console.print(top)
+            out: Any = jobs
+            shown = [view.jobs_table(external_id, jobs)]
+        elif grid is None:
+            out = _read(source.grids)
+            shown = [view.grids_table(out)]
+        else:
+            summary, rows = _read(source.summary, grid), _read(source.results, grid)
+            out = {"grid": summary, "results": rows}
+            shown = [view.summary_table(summary), view.results_table(summary, rows, top or None)]
+    source.close()
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    for table in shown:
+        console.print(table)
 
 
-def _short_result(result: Optional[dict]) -> str:
-    """A result without its long lists (loss curves), for a table cell."""
-    if result is None:
-        return "-"
-    return json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, sort_keys=True)
+@app.command()
+def plots(
+    grid: str = typer.Argument(..., help="a grid name or id"),
+    out: Path = typer.Option(Path("."), help="folder for the PNG files"),
+    below: Optional[float] = typer.Option(None, help="also plot the runs whose objective is below this "
+                                          "(seed 001: 1.9, the loss of a net that uses its memory)"),
+    metric: str = typer.Option("loss", help="the metric whose curves are drawn"),
+    local: bool = LOCAL,
+    server: Optional[str] = typer.Option(None, help="API base URL; without it (and without GRIDFLEET_SERVER_URL) "
+                                         "the local database is read"),
+    token: Optional[str] = typer.Option(None, help="any valid token, for a server (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Seed 001's plots of a grid as PNG: all runs' curves, the best runs' curves with legends naming what
+    differs, the objective against each swept key, and with --below the same for the runs below a value."""
+    from common.plots.png import write_grid_plots
+
+    source, connection = _grid_source(server, token, local)
+    with connection:
+        summary, rows = _read(source.summary, grid), _read(source.results, grid)
+        written = write_grid_plots(rows, lambda job_id: _read(source.metrics, job_id), summary["objective"], out,
+                                   summary["name"], below=below, curve_metric=metric)
+    source.close()
+    for path in written:
+        typer.echo(str(path))
 
 
 # ---- import and refine (seed 001's own files and its next stage) ------------------------------------------
@@ -274,9 +237,9 @@ def import_results(
     results: list[Path] = typer.Argument(..., metavar="RESULTS...", help="result files or folders "
                                          "(results_01_all/)"),
     log_every: int = typer.Option(50, min=1, help="the seed's log_frequency when its files were written"),
-    local: bool = typer.Option(False, "--local", help="write into this machine's database (settings.database_url, "
-                               "the one `gridfleet run` uses) instead of through the API"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    local: bool = typer.Option(False, "--local", help="write into this machine's database (DATABASE_URL, else "
+                               ".gridfleet/gridfleet.db: the one `gridfleet run` uses) instead of through the API"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Import seed 001's rnn_configs.json and result files into a grid: its configs become the grid's jobs,
@@ -299,9 +262,9 @@ def import_results(
     if local:
         reply = _import_locally(body, grid_file)
     else:
-        client, url = _client(server, token)
+        client, url = api_client(server, token)
         with client:
-            reply = _request(client, url, "POST", "/grids/import", json=body).json()
+            reply = api_request(client, url, "POST", "/grids/import", json=body).json()
     typer.echo(f"grid {reply['name']}: {reply['total']} jobs ({reply['created']} created, {reply['existing']} "
                f"already there); {reply['imported']} imported as done, {len(reply['skipped'])} skipped")
     for skip in reply["skipped"]:
@@ -325,7 +288,7 @@ def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
         spec = GridSpec.model_validate(body["grid"])
     except ValidationError as exc:
         fail(f"{grid_file}: " + "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()))
-    settings = _settings()
+    settings = load_settings()
     try:
         migrate(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -338,7 +301,7 @@ def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
     except (GridError, trainers.InvalidConfig) as exc:
         fail(f"{grid_file}: {exc}")
     except SQLAlchemyError as exc:
-        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+        fail(f"cannot use the database: {db_problem(exc)}", EXIT_FAILED)
     return {"name": out.name, "total": out.total, "created": out.created, "existing": out.existing,
             "imported": out.imported, "skipped": out.skipped}
 
@@ -353,7 +316,7 @@ def refine(
     by: Optional[str] = typer.Option(None, help="rank by min:METRIC or max:METRIC (default: the grid's objective)"),
     name: Optional[str] = typer.Option(None, help="the new grid's name (default: made from the parent and changes)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the new grid spec as JSON, submit nothing"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a submit or admin token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Submit the top of GRID by its objective again with changed keys, as a new grid linked to GRID
@@ -370,13 +333,13 @@ def refine(
         fail(str(exc))
     if not changes:
         fail("nothing to change: give --set KEY=VALUE (e.g. --set state_size=512 n_layers=3)")
-    client, url = _client(server, token)
+    client, url = api_client(server, token)
     with client:
-        summary = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
+        summary = api_request(client, url, "GET", f"/grids/{quote(grid, safe='')}").json()
         objective = by or summary["objective"]
         if not objective:
             fail(f"grid {summary['name']} has no objective; pass --by min:METRIC or --by max:METRIC")
-        rows = _request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
+        rows = api_request(client, url, "GET", f"/grids/{quote(grid, safe='')}/results").json()["results"]
         try:
             chosen = r.choose(rows, objective, amount)
         except r.RefineError as exc:  # the grid has nothing to refine (yet)
@@ -388,7 +351,7 @@ def refine(
         if dry_run:
             typer.echo(json.dumps(spec, indent=2, sort_keys=True))
             return
-        reply = _request(client, url, "POST", "/grids", json=spec).json()
+        reply = api_request(client, url, "POST", "/grids", json=spec).json()
     typer.echo(f"grid {reply['name']} (refined from {summary['name']}: top {len(chosen)} by {objective}): "
                f"{reply['created']} created, {reply['existing']} already existed")
 
@@ -398,17 +361,17 @@ def refine(
 def pull(
     grid: str = typer.Argument(..., help="grid name or id"),
     dest: Optional[Path] = typer.Option(None, help="where to put the files (default: ./<grid name>)"),
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="any API token (default: GRIDFLEET_TOKEN)"),
 ) -> None:
     """Download a grid's results (CSV, JSON) and, per succeeded job, its final model and job files."""
     from cli.pull import pull_grid
 
-    settings = _settings()
-    client, url = _client(server, token)
+    settings = load_settings()
+    client, url = api_client(server, token)
     with client:
-        summary = _request(client, url, "GET", f"/grids/{grid}").json()
-        rows = _request(client, url, "GET", f"/grids/{grid}/results").json()["results"]
+        summary = api_request(client, url, "GET", f"/grids/{grid}").json()
+        rows = api_request(client, url, "GET", f"/grids/{grid}/results").json()["results"]
     target = dest or Path(summary["name"])
     pulled = pull_grid(summary, rows, target, settings.store_options(), settings.home / "checkpoints")
     for job in pulled:
@@ -443,29 +406,15 @@ def run(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'grid'}: {e['msg']}" for e in exc.errors())
         fail(f"{grid_file}: {problems}")
     try:
-        outcome = run_grid(spec, workers, _settings(), Console())
+        outcome = run_grid(spec, workers, load_settings(), Console())
     except (GridError, trainers.UnknownTrainer, trainers.InvalidConfig) as exc:
         fail(f"{grid_file}: {exc}")
     raise typer.Exit(0 if outcome.finished else 3)
 
 
-def worker_token(settings, token: Optional[str]) -> str:
-    """--token, else GRIDFLEET_TOKEN; exits 2 saying how to make one when there is none."""
-    secret = token or (settings.token.get_secret_value() if settings.token else "")
-    if not secret:
-        fail("no token: pass --token or set GRIDFLEET_TOKEN (an admin makes one with "
-             "`gridfleet token create --role worker`)")
-    return secret
-
-
-def trainer_names(trainers: Optional[str]) -> Optional[list[str]]:
-    """'a, b' -> ['a', 'b']; None (every trainer this install knows) when not given."""
-    return [t.strip() for t in trainers.split(",") if t.strip()] if trainers else None
-
-
 @app.command()
 def worker(
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help=SERVER_HELP),
     token: Optional[str] = typer.Option(None, help="a worker or admin token (default: GRIDFLEET_TOKEN)"),
     name: Optional[str] = typer.Option(None, help="a label for this worker (default: the host name)"),
     trainers: Optional[str] = typer.Option(None, help="comma-separated trainers to run (default: all known)"),
@@ -488,13 +437,12 @@ def worker(
         help="fork jobs from a pre-imported process, or spawn each anew (default: GRIDFLEET_WARM_STARTS, on)"),
 ) -> None:
     """Pull jobs from the API and train them, one at a time, each in a child process."""
-    import logging
-
+    from worker import logs
     from worker.agent import Agent, AgentOptions
     from worker.client import ApiClient
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = _settings()
+    logs.configure()
+    settings = load_settings()
     secret = worker_token(settings, token)
     options = AgentOptions(
         trainers=trainer_names(trainers),
@@ -527,7 +475,7 @@ def token_create(
     role: str = typer.Option(..., help="admin, submit or worker"),
     name: Optional[str] = typer.Option(None, help="a label to recognise the token by (default: the role)"),
 ) -> None:
-    """Create a token directly in the database (settings.database_url) and print it once."""
+    """Create a token directly in the database (DATABASE_URL, else .gridfleet/gridfleet.db) and print it once."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from api import tokens
@@ -537,7 +485,7 @@ def token_create(
         fail(f"--role must be one of {', '.join(tokens.ROLES)}; got '{role}'")
     if name is not None and not 1 <= len(name) <= tokens.MAX_NAME:
         fail(f"--name must be 1 to {tokens.MAX_NAME} characters")
-    settings = _settings()
+    settings = load_settings()
     try:
         migrate(settings.database_url)
         engine = make_engine(settings.database_url)
@@ -546,9 +494,14 @@ def token_create(
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:
-        fail(f"cannot use the database: {_db_problem(exc)}", EXIT_FAILED)
+        fail(f"cannot use the database: {db_problem(exc)}", EXIT_FAILED)
     typer.echo(token)
     typer.echo(f"({role} token; shown once, only its hash is stored)", err=True)
+
+
+from cli.help import tidy  # noqa: E402 - after every command: the help pages read as one line a paragraph
+
+tidy(app)
 
 
 def main() -> None:  # pragma: no cover - `python -m cli`

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
+
+from cli.support import fail
 
 app = typer.Typer(help="Lightning AI studios as workers: start them in batches, stop them when the queue drains.",
                   no_args_is_help=True)
@@ -17,11 +19,6 @@ STUDIOS_FILE = typer.Argument(..., metavar="STUDIOS.json", help="the studios (se
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _fail(message: str, code: int = 2) -> NoReturn:
-    from cli.main import fail  # late: cli.main imports this module
-
-    fail(message, code)
-
 
 def duration(value: Optional[str], option: str) -> Optional[float]:
     """Seconds from '90', '90s', '30m', '4h' or '3h50m'."""
@@ -29,7 +26,7 @@ def duration(value: Optional[str], option: str) -> Optional[float]:
         return None
     text = value.strip().lower()
     if not re.fullmatch(r"(?:\d+(?:\.\d+)?[hms])+|\d+(?:\.\d+)?", text):
-        _fail(f"{option} takes seconds or a duration like 90s, 30m, 4h, 3h50m; got '{value}'")
+        fail(f"{option} takes seconds or a duration like 90s, 30m, 4h, 3h50m; got '{value}'")
     return sum(float(number) * _UNITS[unit] for number, unit in re.findall(r"(\d+(?:\.\d+)?)([hms]?)", text))
 
 
@@ -41,7 +38,7 @@ def _specs(path: Path):
     try:
         return load_studios(path, settings.lightning_api_key, settings.lightning_user_id), settings
     except StudiosFileError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _lightning(specs):
@@ -50,13 +47,14 @@ def _lightning(specs):
     try:
         return studios.LightningStudios(specs)
     except RuntimeError as exc:  # lightning-sdk not installed
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
 def up(
     studios_file: Path = STUDIOS_FILE,
-    server: Optional[str] = typer.Option(None, help="API base URL (default: settings.server_url)"),
+    server: Optional[str] = typer.Option(None, help="API base URL (default: GRIDFLEET_SERVER_URL, else "
+                                         "http://127.0.0.1:8000)"),
     token: Optional[str] = typer.Option(None, help="any valid token, to read the queue (default: GRIDFLEET_TOKEN)"),
     batch_size: int = typer.Option(1, min=1, help="studios started together"),
     batch_delay: str = typer.Option("0", help="time from one batch's start to the next (e.g. 4h, seed 002's)"),
@@ -80,13 +78,13 @@ def up(
     )
     secret = token or (settings.token.get_secret_value() if settings.token else "")
     if not secret:
-        _fail("no token: pass --token or set GRIDFLEET_TOKEN (any role can read the queue)")
+        fail("no token: pass --token or set GRIDFLEET_TOKEN (any role can read the queue)")
     api = studios.QueueApi(server or settings.server_url, secret)
     try:
         queued, running = api.pending()  # fail here, before any studio costs money
     except (httpx.HTTPError, RuntimeError) as exc:
         api.close()
-        _fail(f"cannot read the queue from {api.url}: {studios._problem(exc)}", 1)
+        fail(f"cannot read the queue from {api.url}: {studios._problem(exc)}", 1)
     typer.echo(f"queue: {queued} queued, {running} running; {len(specs)} studios in {studios_file}")
     client = _lightning(specs)
     launcher = studios.Launcher(client, api, options, echo=typer.echo)
@@ -96,7 +94,7 @@ def up(
         typer.echo("interrupted: the studios this command started were stopped", err=True)
         raise typer.Exit(130)
     except RuntimeError as exc:  # the API refused the first listing of workers: nothing was started
-        _fail(str(exc), 1)
+        fail(str(exc), 1)
     finally:
         api.close()
     silent = [name for name in outcome.started if name not in outcome.reported]

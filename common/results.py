@@ -1,9 +1,11 @@
-"""Result exports: CSV of a grid's results and a PNG of loss curves."""
+"""Result exports: CSV of a grid's results and a PNG of the best jobs' loss curves (common/plots)."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 from typing import Any
+
+from common.plots import data
 
 CURVES_IN_PLOT = 10
 
@@ -17,37 +19,14 @@ def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Pat
     return path
 
 
-def plot_loss_curves(engine, rows: list[dict[str, Any]], path: Path, objective: str | None,
+def plot_loss_curves(metrics_of: data.MetricsOf, rows: list[dict[str, Any]], path: Path, objective: str | None,
                      metric: str = "loss") -> Path | None:
-    """Loss against step for the best jobs (rows come sorted best first). None when there is nothing to plot."""
-    import matplotlib
+    """Loss against step for the best jobs (rows come sorted best first), each line labelled by what differs
+    between their configs. None when there is nothing to plot."""
+    from common.plots import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scheduler.reports import job_metrics
-
-    curves = []
-    for row in rows:
-        if row["state"] != "succeeded":
-            continue
-        points = [(m["step"], m[metric]) for m in job_metrics(engine, row["job_id"]) if isinstance(m.get(metric), (int, float))]
-        if len(points) > 1:
-            curves.append((row, points))
-        if len(curves) >= CURVES_IN_PLOT:
-            break
+    curves = data.curves(rows, metrics_of, metric, limit=CURVES_IN_PLOT)
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for row, points in curves:
-        steps, values = zip(*points)
-        ax.plot(steps, values, label=f"job {row['job_id']}", linewidth=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} curves, best {len(curves)}" + (f" by {objective}" if objective else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    title = f"{metric} curves, best {len(curves)}" + (f" by {objective}" if objective else "")
+    return png.save(png.loss_figure(curves, metric, title), path)

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     admin_token: SecretStr | None = None  # the first admin token; else `serve` makes one and prints it
+    metrics_public: bool = False  # GET /metrics without a token (a scraper on a trusted network); docs/see_results.md
 
     # Clients (CLI, workers)
     server_url: str = "http://127.0.0.1:8000"

@@ -219,10 +219,10 @@ def running_jobs(engine: Engine, grid_id: int) -> list[dict[str, Any]]:
     with read_tx(engine) as conn:
         rows = conn.execute(
             select(t.jobs.c.id, t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.progress_done, t.jobs.c.progress_total,
-                   t.jobs.c.config)
+                   t.jobs.c.config, t.jobs.c.attempt_id, t.jobs.c.checkpoint)
             .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "running").order_by(t.jobs.c.id)
         ).mappings().all()
-    return [{**r, "config": _loads(r["config"])} for r in rows]
+    return [{**r, "config": _loads(r["config"]), "checkpoint": _loads(r["checkpoint"])} for r in rows]
 
 
 def latest_metrics(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -235,3 +235,16 @@ def latest_metrics(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, An
         )
         rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c["values"]).where(t.metrics.c.id.in_(newest))).all()
     return {job_id: _loads(values) for job_id, values in rows}
+
+
+def latest_metric_rows(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """The newest metrics row of each job: its step, attempt_id and values."""
+    if not job_ids:
+        return {}
+    with read_tx(engine) as conn:
+        newest = (
+            select(func.max(t.metrics.c.id)).where(t.metrics.c.job_id.in_(job_ids)).group_by(t.metrics.c.job_id)
+        )
+        rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c.step, t.metrics.c.attempt_id, t.metrics.c["values"])
+                            .where(t.metrics.c.id.in_(newest))).all()
+    return {r.job_id: {"step": r.step, "attempt_id": r.attempt_id, "values": _loads(r[3])} for r in rows}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoints import StoreOptions
-from worker import runner, self_update
+from worker import logs, runner, self_update
 from worker.code_cache import CodeUnavailable
 from worker.checkpoint_sync import CheckpointSync
 from worker.client import Refused, ServerUnavailable
@@ -408,7 +408,8 @@ class Agent:
             outcome = "error"
             reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
                                        outcome=outcome, error=f"the trainer's result was refused: {exc}")
-        log.info("job %s finished: %s -> %s", job["id"], outcome, reply.get("state"))
+        log.info("job %s finished: %s -> %s%s", job["id"], outcome, reply.get("state"),
+                 logs.job_summary(run.step, run.result if outcome == "succeeded" else None))
 
     # ---- stopping ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

@@ -7,7 +7,6 @@ and a PNG of the loss curves. Ctrl-C preempts: running jobs checkpoint, and the 
 from __future__ import annotations
 
 import fcntl
-import logging
 import multiprocessing
 import signal
 import time
@@ -26,8 +25,10 @@ from common.settings import Settings
 from scheduler.grids import submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
-from scheduler.reports import grid_results, grid_summary, latest_metrics, results_table, running_jobs
+from scheduler.reports import (grid_results, grid_summary, job_metrics, latest_metric_rows, results_table,
+                               running_jobs)
 from scheduler.spec import GridSpec
+from worker import logs
 from worker.agent import Agent, AgentOptions
 from worker.client import DirectClient
 from common.results import plot_loss_curves, write_csv
@@ -45,7 +46,7 @@ class RunOutcome:
 def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: int, trainer: str, index: int,
                  log_path: str) -> None:
     """One local agent process. Logs to a file so the live display stays readable."""
-    logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
+    logs.configure(filename=log_path, format="%(asctime)s %(message)s")
     settings = Settings(**settings_dump)
     queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
     # The grid's one trainer: its warm process imports that, not every trainer this install knows.
@@ -90,6 +91,8 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     finished = False
     try:
         finished = _watch(engine, submitted.grid_id, procs, console, _spec_keys(spec))
+        if not console.is_terminal:  # rich ends a live display's last frame with a newline only on a terminal
+            console.line()
     except KeyboardInterrupt:
         console.print("\n[yellow]interrupted: running jobs are checkpointing and will be released "
                       "(Ctrl-C again to kill)[/]")
@@ -100,7 +103,8 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     _print_results(console, summary, rows)
     columns, flat = results_table(rows)
     write_csv(out_dir / "results.csv", columns, flat)
-    png = plot_loss_curves(engine, rows, out_dir / "loss_curves.png", objective=summary["objective"])
+    png = plot_loss_curves(lambda job_id: job_metrics(engine, job_id), rows, out_dir / "loss_curves.png",
+                           objective=summary["objective"])
     console.print(f"results: {out_dir / 'results.csv'}" + (f", loss curves: {png}" if png else ""))
     if not finished:
         console.print("[yellow]not finished: run the same command again to continue where it stopped[/]")
@@ -108,24 +112,39 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     return RunOutcome(finished=finished, summary=summary, out_dir=out_dir)
 
 
-def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None) -> bool:
-    """Live display until every job of the grid has ended. True when finished."""
+def _counts(summary: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v}" for k, v in summary["counts"].items() if v)
+
+
+def _progress_bar(console: Console, summary: dict[str, Any]):
+    """The grid's bar, made from its first summary: the first frame already names the grid and its counts."""
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                    TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), console=console)
-    task = bar.add_task("grid", total=1.0, counts="")
-    with Live(Group(bar), console=console, refresh_per_second=4, transient=False) as live:
+    task = bar.add_task(summary["name"], total=1.0, completed=summary["progress"], counts=_counts(summary))
+    return bar, task
+
+
+def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None) -> bool:
+    """Live display until every job of the grid has ended. True when finished."""
+    summary = grid_summary(engine, grid_id)
+    bar, task = _progress_bar(console, summary)
+    with Live(_frame(bar, engine, grid_id, keys), console=console, refresh_per_second=4, transient=False) as live:
         while True:
-            summary = grid_summary(engine, grid_id)
             counts = summary["counts"]
-            bar.update(task, completed=summary["progress"], description=summary["name"],
-                       counts=" ".join(f"{k} {v}" for k, v in counts.items() if v))
-            live.update(Group(bar, _running_table(engine, grid_id, keys)))
+            bar.update(task, completed=summary["progress"], counts=_counts(summary))
+            live.update(_frame(bar, engine, grid_id, keys))
             if counts["queued"] == 0 and counts["running"] == 0:
                 return True
             if not any(p.is_alive() for p in procs):
                 console.print("[red]all workers exited before the grid finished; see worker-*.log[/]")
                 return False
             time.sleep(REFRESH_SECONDS)
+            summary = grid_summary(engine, grid_id)
+
+
+def _frame(bar, engine, grid_id: int, keys: list[str] | None) -> Group:
+    running = _running_table(engine, grid_id, keys)
+    return Group(bar, running) if running.row_count else Group(bar)  # no empty header once nothing runs
 
 
 def _running_table(engine, grid_id: int, keys: list[str] | None) -> Table:
@@ -133,18 +152,27 @@ def _running_table(engine, grid_id: int, keys: list[str] | None) -> Table:
     for column in ("job", "attempt", "step", "progress", "loss", "config"):
         table.add_column(column)
     jobs = running_jobs(engine, grid_id)
-    latest = latest_metrics(engine, [job["id"] for job in jobs])
+    latest = latest_metric_rows(engine, [job["id"] for job in jobs])
     for job in jobs:
-        values = latest.get(job["id"], {})
-        loss = values.get("loss")
-        done, total = job["progress_done"], job["progress_total"]
+        step, done, total, loss = _now(job, latest.get(job["id"]))
         table.add_row(
-            str(job["id"]), str(job["attempts"]), str(job["step"] or 0),
+            str(job["id"]), str(job["attempts"]), "" if step is None else str(step),
             f"{100 * done / total:.0f}%" if done is not None and total else "",
             f"{loss:.4f}" if isinstance(loss, (int, float)) else "",
             _short_config(job["config"], keys=keys),
         )
     return table
+
+
+def _now(job: dict[str, Any], newest: dict[str, Any] | None):
+    """(step, done, total, loss) of a running job, all from one moment: the newest report of the current attempt
+    (its step, progress and loss come together); before that attempt reports, the checkpoint it resumes from.
+    jobs.step alone would not do: a checkpoint pointer recorded late sets it back to an older step."""
+    total = job["progress_total"]
+    if newest is not None and newest["attempt_id"] == job["attempt_id"]:
+        return newest["step"], job["progress_done"], total, newest["values"].get("loss")
+    resumed = (job["checkpoint"] or {}).get("step")
+    return resumed, resumed if total else None, total, None
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,13 +211,6 @@ def _spec_keys(spec: GridSpec) -> list[str] | None:
     return keys or None
 
 
-def _swept_keys(configs: list[dict[str, Any]]) -> list[str] | None:
-    flat = [_flat(c) for c in configs]
-    keys = sorted({k for c in flat for k in c})
-    varying = [k for k in keys if len({repr(c.get(k)) for c in flat}) > 1]
-    return varying or None
-
-
 def _stop_workers(procs, console: Console) -> None:
     for proc in procs:
         if proc.is_alive():
@@ -205,20 +226,9 @@ def _stop_workers(procs, console: Console) -> None:
 
 
 def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[str, Any]], top: int = 10) -> None:
-    objective = summary["objective"] or "min:loss"
-    metric = objective.split(":", 1)[1]
-    table = Table(title=f"{summary['name']}: top {top} by {objective}")
-    table.add_column("job")
-    table.add_column("state")
-    table.add_column(metric, justify="right")
-    table.add_column("config")
-    keys = _swept_keys([r["config"] for r in rows])
-    for row in [r for r in rows if r["state"] == "succeeded"][:top]:
-        value = (row["result"] or {}).get(metric)
-        table.add_row(str(row["job_id"]), row["state"],
-                      f"{value:.4f}" if isinstance(value, (int, float)) else "-",
-                      _short_config(row["config"], 90, keys) + f" seed={row['seed']}")
-    console.print(table)
+    from scheduler.report_tables import results_table  # the same table as `gridfleet status GRID`
+
+    console.print(results_table(summary, rows, top))
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
 

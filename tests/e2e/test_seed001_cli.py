@@ -52,7 +52,7 @@ def test_import_then_find_then_refine(db_url, fleet: Fleet):
     missing = cli("status", "--seed-config-id", "f" * 64)
     assert missing.returncode == 1 and "no job with external id" in missing.stderr
     table = cli("status", "seed-e2e")
-    assert "external id" in table.stdout and picked[1]["id"][:20] in table.stdout
+    assert "external id" in table.stdout and picked[1]["id"][:12] in table.stdout  # short, as git shows a sha
 
     refined = cli("refine", "seed-e2e", "--top", "40%", "--set", "state_size=512", "n_layers=3", "steps=50000",
                   "--name", "seed-e2e-big")
