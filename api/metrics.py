@@ -69,6 +69,22 @@ class Metrics:
         for result in ("ok", "stale"):
             self.heartbeats.labels(result)
 
+    def note_claims(self, jobs: int) -> None:
+        """A claim call that took `jobs` jobs (a gang counts each member, as that many single claims would)."""
+        if jobs:
+            self.claims.labels("job").inc(jobs)
+        else:
+            self.claims.labels("none").inc()
+
+    def note_heartbeat(self, reply) -> None:
+        self.heartbeats.labels("ok" if reply.ok else "stale").inc()
+
+    def note_finish(self, outcome: str, reply) -> None:
+        if reply.ok:
+            self.finishes.labels(outcome).inc()
+            if reply.state == "queued":
+                self.retries.labels(outcome).inc()
+
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -83,20 +99,17 @@ class CountedQueue(Queue):
 
     def claim(self, *args: Any, **kwargs: Any):
         job = super().claim(*args, **kwargs)
-        self.metrics.claims.labels("job" if job is not None else "none").inc()
+        self.metrics.note_claims(0 if job is None else 1)
         return job
 
     def heartbeat(self, *args: Any, **kwargs: Any):
         reply = super().heartbeat(*args, **kwargs)
-        self.metrics.heartbeats.labels("ok" if reply.ok else "stale").inc()
+        self.metrics.note_heartbeat(reply)
         return reply
 
     def finish(self, job_id: int, attempt_id: str, outcome: str, *args: Any, **kwargs: Any):
         reply = super().finish(job_id, attempt_id, outcome, *args, **kwargs)
-        if reply.ok:
-            self.metrics.finishes.labels(outcome).inc()
-            if reply.state == "queued":
-                self.metrics.retries.labels(outcome).inc()
+        self.metrics.note_finish(outcome, reply)
         return reply
 
     def _requeue_expired(self, conn, now: float) -> int:  # every expiry path (claim scan, reaper) comes here

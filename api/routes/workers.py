@@ -82,6 +82,7 @@ def claim(worker_id: ProvenWorkerId, body: Claim, request: Request, queue: Queue
         return JSONResponse({"job": dataclasses.asdict(job) if job else None})
     _gang_size(request, body.max_jobs, "max_jobs")
     jobs = [dataclasses.asdict(job) for job in gang.claim_gang(queue, worker_id, body.max_jobs, **filters)]
+    request.app.state.metrics.note_claims(len(jobs))
     return JSONResponse({"job": jobs[0] if jobs else None, "jobs": jobs})
 
 
@@ -99,6 +100,8 @@ def heartbeat_gang(worker_id: ProvenWorkerId, body: GangHeartbeat, request: Requ
         replies = gang.heartbeat_gang(queue, worker_id, members, now=now)
     except gang.GangError as exc:
         raise _gang_error(exc) from None
+    for reply in replies:
+        request.app.state.metrics.note_heartbeat(reply)
     out = []
     for m, reply in zip(body.members, replies):
         events = [(e.kind, e.message) for e in m.events]
@@ -135,6 +138,8 @@ def finish_gang(worker_id: ProvenWorkerId, body: GangFinish, request: Request, q
         replies = dict(zip([m.job_id for m in members], gang.finish_gang(queue, worker_id, members))) if members else {}
     except gang.GangError as exc:
         raise _gang_error(exc) from None
+    for m in members:
+        request.app.state.metrics.note_finish(m.outcome, replies[m.job_id])
     return JSONResponse({"members": [_member(m.job_id, refused.get(m.job_id) or replies[m.job_id])
                                      for m in body.members]})
 

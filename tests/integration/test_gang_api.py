@@ -161,3 +161,31 @@ def test_direct_client_gang(engine, queue):
             client.claim_gang(worker_id, bad)
     with pytest.raises(Refused, match="members.0.job_id"):
         client.finish_gang(worker_id, [{"job_id": 999_999, "attempt_id": "x", "outcome": "succeeded"}])
+
+
+def test_a_gang_moves_the_metrics_counters_member_by_member(api):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, http, worker_id, engine = api
+
+    def counts() -> dict[tuple[str, tuple], float]:
+        reply = http.get("/metrics")
+        assert reply.status_code == 200, reply.text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.text) for s in family.samples}
+
+    before = counts()
+    jobs = client.claim_gang(worker_id, 3, trainers=["noop"])
+    client.heartbeat_gang(worker_id, [{"job_id": j["id"], "attempt_id": j["attempt_id"]} for j in jobs])
+    client.finish_gang(worker_id, [{"job_id": j["id"], "attempt_id": j["attempt_id"], "outcome": "succeeded"}
+                                   for j in jobs])
+    after = counts()
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert len(jobs) == 3
+    assert moved("gridfleet_claims_total", result="job") == 3
+    assert moved("gridfleet_heartbeats_total", result="ok") == 3
+    assert moved("gridfleet_finishes_total", outcome="succeeded") == 3
