@@ -246,3 +246,28 @@ def test_dashboard_pages_in_a_real_browser(fleet, tmp_path, browser):
         docs.mkdir(exist_ok=True)
         for shot in shots.glob("*.png"):
             shutil.copy(shot, docs / shot.name)
+
+
+def test_docs_and_redoc_render_offline_in_a_real_browser(fleet, tmp_path, browser):
+    """Swagger UI and ReDoc come up with every operation while any request to another host is cut off."""
+    server = fleet.start_server(f"sqlite:///{tmp_path / 'gridfleet.db'}")
+    origin = urlsplit(server.url).netloc
+    paths = ok(httpx.get(server.url + "/openapi.json", timeout=30.0))["paths"]
+    operations = sum(len(methods) for methods in paths.values())
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.route("**/*", lambda route: route.continue_() if urlsplit(route.request.url).netloc == origin
+               else route.abort())  # as on a machine without internet
+
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock")
+    assert page.locator(".swagger-ui .opblock").count() == operations
+    page.goto(server.url + "/redoc")
+    page.wait_for_selector("[data-section-id^='tag/'], [data-section-id^='operation/']")
+    assert page.locator("[data-section-id^='operation/']").count() == operations
+
+    strangers = [u for u in requests if urlsplit(u).netloc != origin]
+    assert not strangers, f"the docs pages asked other hosts: {strangers}"
+    fleet.assert_clean()
