@@ -64,8 +64,10 @@ def serve(
         application = create_app(settings)
     except SQLAlchemyError as exc:
         fail(f"cannot use the database: {db_problem(exc)}", EXIT_FAILED)
-    uvicorn.run(application, host=host or settings.host, port=settings.port if port is None else port,
-                log_level=log_level, access_log=access_log)
+    host, port = host or settings.host, settings.port if port is None else port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    typer.echo(f"dashboard: http://{shown}:{port}/  (sign in with a token; API docs at /docs)", err=True)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=access_log)
 
 
 # ---- submit --------------------------------------------------------------------------------------
