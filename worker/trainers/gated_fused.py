@@ -6,12 +6,13 @@ failure, as `gated_rnn.train` does them). `_Gang` holds the stacked tensors; `_f
 a leading member dimension; `_to_solo`/`_from_solo` convert one member between the stacked layout and the
 solo checkpoint format, so a member can resume solo or in a gang.
 
-The stacked layout has every gate for every member: a disabled gate is a per-member mask (the gate's value
-is replaced by the constant the solo layer uses: 1 for the input/state/forget gates, swish instead of the
-output gate), and the readout reads all three slots (new state, old state, x) with the unused ones zeroed.
-Masked parameters get exactly zero gradient, so Adam leaves them as they are, and each member's numbers
-equal its solo run to float tolerance. Members are independent rows of batched matmuls: a member whose
-loss turns NaN cannot touch the others.
+Each parameter is stacked over the members that have it: the shared ones over all, a gate over its users
+only, and a gate runs on its users' rows (members without it keep the value the solo layer has without
+it: the input unchanged for the input/state/forget gates, swish instead of the output gate). The readout
+reads all three slots (new state, old state, x) with the unused ones zeroed, so its padded columns get
+exactly zero gradient and Adam leaves them as they are. Each member's numbers therefore equal its solo run
+to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns NaN
+cannot touch the others.
 
 Gangs join only members at the same step (a member resumed from step 1000 is not ganged with one at 0):
 `train_many` runs one gang per distinct start step, one after the other.
@@ -41,23 +42,32 @@ def _columns(cfg: Config, size: int) -> dict[str, torch.Tensor]:
     return {"readout.weight": reads, "output_gate.weight": torch.cat([torch.arange(size), size + reads])}
 
 
-def _full_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+def _gate(name: str) -> str | None:
+    """"layers.0.input_gate" for "layers.0.input_gate.weight"; None for parameters every member has."""
+    prefix = name.rsplit(".", 1)[0]
+    return prefix if prefix.split(".")[-1] in GATES else None
+
+
+def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The member's parameters in the stacked layout: its own gates only, the readout 3 slots wide."""
     s, v = cfg.state_size, gated_rnn.VOCAB
     layer = {"candidate": (s, 2 * s), "input_gate": (2 * s, 2 * s), "state_gate": (s, 3 * s),
              "forget_gate": (s, 3 * s), "readout": (s, 3 * s), "output_gate": (s, 4 * s)}
     shapes = {"embed.weight": (s, v), "embed.bias": (s,), "head.weight": (v, s), "head.bias": (v,)}
     for i in range(cfg.n_layers):
         for name, (out, inp) in layer.items():
+            if name in GATES and not getattr(cfg, "use_" + name):
+                continue
             shapes[f"layers.{i}.{name}.weight"] = (out, inp)
             shapes[f"layers.{i}.{name}.bias"] = (out,)
     return shapes
 
 
 def _from_solo(solo: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """A solo state dict (model weights or an Adam moment) in the stacked layout; absent gates are zeros."""
+    """A solo state dict (model weights or an Adam moment) in the stacked layout; what it lacks is zeros."""
     columns = _columns(cfg, cfg.state_size)
     full = {}
-    for name, shape in _full_shapes(cfg).items():
+    for name, shape in _shapes(cfg).items():
         full[name] = torch.zeros(shape)
         if name in solo:
             cols = columns.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
@@ -82,26 +92,42 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
-def _forward(p: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], byte: torch.Tensor,
-             states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """GatedRNN.forward for M members at once: byte [M, B], states [M, B, S] per layer."""
-    members = torch.arange(byte.shape[0], device=byte.device).unsqueeze(1)
-    x = p["embed.weight"].transpose(1, 2)[members, byte] + p["embed.bias"].unsqueeze(1)
+def _forward(p: dict[str, torch.Tensor], users: dict[str, torch.Tensor], slots: torch.Tensor,
+             byte: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """GatedRNN.forward for M members at once: byte [M, B], states [M, B, S] per layer. A gate runs on
+    the rows of its users only (`users[gate]`, absent when no member has it); the others keep the value
+    the solo layer has without it."""
+    members = byte.shape[0]
+    # embed(one_hot(byte)) as a lookup in the members' tables laid end to end
+    table = p["embed.weight"].transpose(1, 2).reshape(members * gated_rnn.VOCAB, -1)
+    offsets = torch.arange(members, device=byte.device).unsqueeze(1) * gated_rnn.VOCAB
+    x = F.embedding(byte + offsets, table) + p["embed.bias"].unsqueeze(1)
     size = x.shape[-1]
     new_states = []
     for i, state in enumerate(states):
         w = lambda name: (p[f"layers.{i}.{name}.weight"], p[f"layers.{i}.{name}.bias"])  # noqa: E731
+        rows = lambda name: users.get(f"layers.{i}.{name}")  # noqa: E731
+        pick = lambda t, r: t if r.numel() == members else t.index_select(0, r)  # noqa: E731
+        put = lambda t, r, v: v if r.numel() == members else t.index_copy(0, r, v)  # noqa: E731
         xs = torch.cat([x, state], dim=-1)
-        xs = torch.where(masks["input_gate"], xs * torch.sigmoid(_linear(xs, *w("input_gate"))), xs)
+        if (r := rows("input_gate")) is not None:
+            sel = pick(xs, r)
+            xs = put(xs, r, sel * torch.sigmoid(_linear(sel, *w("input_gate"))))
         new = torch.tanh(_linear(xs, *w("candidate")))
-        z = torch.sigmoid(_linear(torch.cat([xs, new], dim=-1), *w("state_gate")))
-        new = torch.where(masks["state_gate"], z * new + (1.0 - z) * state, new)
-        forget = torch.sigmoid(_linear(torch.cat([xs, new], dim=-1), *w("forget_gate")))
-        new = torch.where(masks["forget_gate"], forget * new, new)
-        reads = torch.cat([new, xs[..., size:], x], dim=-1) * masks["slots"]
+        if (r := rows("state_gate")) is not None:
+            sel_new, sel_state = pick(new, r), pick(state, r)
+            z = torch.sigmoid(_linear(torch.cat([pick(xs, r), sel_new], dim=-1), *w("state_gate")))
+            new = put(new, r, z * sel_new + (1.0 - z) * sel_state)
+        if (r := rows("forget_gate")) is not None:
+            sel_new = pick(new, r)
+            forget = torch.sigmoid(_linear(torch.cat([pick(xs, r), sel_new], dim=-1), *w("forget_gate")))
+            new = put(new, r, forget * sel_new)
+        reads = torch.cat([new, xs[..., size:], x], dim=-1) * slots
         y = _linear(reads, *w("readout"))
-        gated = y * torch.sigmoid(_linear(torch.cat([y, reads], dim=-1), *w("output_gate")))
-        x = torch.where(masks["output_gate"], gated, F.silu(y))
+        x = F.silu(y)
+        if (r := rows("output_gate")) is not None:
+            sel_y = pick(y, r)
+            x = put(x, r, sel_y * torch.sigmoid(_linear(torch.cat([sel_y, pick(reads, r)], dim=-1), *w("output_gate"))))
         new_states.append(new)
     return _linear(x, p["head.weight"], p["head.bias"]), new_states
 
@@ -162,36 +188,48 @@ class _Gang:
             params.append(_from_solo(solo, cfg))
             moments.append((_from_solo(exp_avg, cfg), _from_solo(exp_avg_sq, cfg)))
             self.members.append(member)
-        stack = lambda dicts, name: torch.stack([d[name] for d in dicts]).to(device)  # noqa: E731
-        self.params = {name: stack(params, name).requires_grad_() for name in params[0]}
-        self.exp_avg = {name: stack([m[0] for m in moments], name) for name in params[0]}
-        self.exp_avg_sq = {name: stack([m[1] for m in moments], name) for name in params[0]}
+        # Each parameter is stacked over the members that have it (a gate: its users, in member order).
+        names = list(dict.fromkeys(name for member in params for name in member))
+        self.users = {name: [row for row, member in enumerate(params) if name in member] for name in names}
+        stack = lambda dicts, name: torch.stack([d[name] for d in dicts if name in d]).to(device)  # noqa: E731
+        self.params = {name: stack(params, name).requires_grad_() for name in names}
+        self.exp_avg = {name: stack([m[0] for m in moments], name) for name in names}
+        self.exp_avg_sq = {name: stack([m[1] for m in moments], name) for name in names}
         self.lr = torch.tensor([c.lr for c in cfgs], device=device)
         self.avg = torch.tensor([m.avg for m in self.members], device=device)
-        self.masks = self._masks(cfgs)
+        self._index_users()
         self.step = states[0]["step"] if states[0] is not None else 0
         self.pos = states[0]["window_pos"] if states[0] is not None else 0
         self.hidden = ([torch.stack(layer).to(device) for layer in zip(*hidden)] if hidden else None)
         self.starts = torch.stack(starts) if starts and starts[0] is not None else None
 
-    def _masks(self, cfgs: list[Config]) -> dict[str, torch.Tensor]:
-        size, d = self.cfg.state_size, self.device
-        flags = lambda name: torch.tensor([getattr(c, name) for c in cfgs], device=d).view(-1, 1, 1)  # noqa: E731
-        masks = {gate: flags("use_" + gate) for gate in GATES}
-        slots = torch.tensor([[float(getattr(c, slot)) for slot in SLOTS] for c in cfgs], device=d)
-        masks["slots"] = slots.repeat_interleave(size, dim=1).unsqueeze(1)
-        return masks
+    def _index_users(self) -> None:
+        """The device-side views of `users`: row indices per gate, lr per parameter, the readout's slots."""
+        d, size = self.device, self.cfg.state_size
+        self.gate_rows = {_gate(name): torch.tensor(rows, dtype=torch.long, device=d)
+                          for name, rows in self.users.items() if _gate(name) is not None}
+        self.lr_of = {name: self.lr[torch.tensor(rows, dtype=torch.long, device=d)] for name, rows in self.users.items()}
+        slots = torch.tensor([[float(getattr(m.cfg, slot)) for slot in SLOTS] for m in self.members],
+                             device=d).view(-1, len(SLOTS))
+        self.slots = slots.repeat_interleave(size, dim=1).unsqueeze(1)
 
     def keep(self, rows: list[int]) -> None:
         """Only these members go on (the others left: finished, stopped, diverged or failed)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        new_row = {old: new for new, old in enumerate(rows)}
         self.members = [self.members[i] for i in rows]
-        self.params = {n: p.detach()[index].requires_grad_() for n, p in self.params.items()}
-        for moments in (self.exp_avg, self.exp_avg_sq):
-            for name in moments:
-                moments[name] = moments[name][index]
-        self.masks = {name: mask[index] for name, mask in self.masks.items()}
+        for name in list(self.params):
+            kept = [j for j, row in enumerate(self.users[name]) if row in new_row]
+            if not kept:  # the last member with this gate left
+                for tensors in (self.params, self.exp_avg, self.exp_avg_sq, self.users):
+                    del tensors[name]
+                continue
+            at = torch.tensor(kept, dtype=torch.long, device=self.device)
+            self.params[name] = self.params[name].detach()[at].requires_grad_()
+            self.exp_avg[name], self.exp_avg_sq[name] = self.exp_avg[name][at], self.exp_avg_sq[name][at]
+            self.users[name] = [new_row[self.users[name][j]] for j in kept]
         self.lr, self.avg = self.lr[index], self.avg[index]
+        self._index_users()
         if self.hidden is not None:
             self.hidden = [h[index] for h in self.hidden]
         if self.starts is not None:
@@ -200,11 +238,13 @@ class _Gang:
     def _adam(self) -> None:
         """torch.optim.Adam's update (its single-tensor formula) with a learning rate per member."""
         (beta1, beta2), step = BETAS, self.step + 1
-        step_size = (self.lr / (1 - beta1 ** step)).view(-1, 1)
         correction = math.sqrt(1 - beta2 ** step)
         with torch.no_grad():
             for name, p in self.params.items():
+                step_size = self.lr_of[name] / (1 - beta1 ** step)
                 grad = p.grad
+                if grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
+                    continue
                 self.exp_avg[name].lerp_(grad, 1 - beta1)
                 self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (self.exp_avg_sq[name].sqrt() / correction).add_(EPS)
@@ -221,7 +261,7 @@ class _Gang:
             self.hidden = [torch.zeros(members, cfg.batch_size, cfg.state_size, device=self.device)
                            for _ in range(cfg.n_layers)]
         index = self.starts.to(self.device) + self.pos
-        logits, hidden = _forward(self.params, self.masks, self.data[index], self.hidden)
+        logits, hidden = _forward(self.params, self.gate_rows, self.slots, self.data[index], self.hidden)
         loss = F.cross_entropy(logits.reshape(-1, gated_rnn.VOCAB), self.data[index + 1].reshape(-1),
                                reduction="none").view(members, -1).mean(dim=1)
         loss.sum().backward()  # members share no parameter: each gets its own solo gradient
@@ -234,7 +274,8 @@ class _Gang:
 
     def checkpoint(self, row: int) -> None:
         m = self.members[row]
-        full = lambda tensors: {n: t[row].cpu() for n, t in tensors.items()}  # noqa: E731
+        full = lambda tensors: {n: t[self.users[n].index(row)].cpu() for n, t in tensors.items()  # noqa: E731
+                                if row in self.users[n]}
         model = _to_solo(full(self.params), m.names, m.cfg)
         exp_avg, exp_avg_sq = _to_solo(full(self.exp_avg), m.names, m.cfg), _to_solo(full(self.exp_avg_sq), m.names, m.cfg)
         step = torch.tensor(float(self.step))
