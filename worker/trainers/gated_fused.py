@@ -236,21 +236,24 @@ class _Gang:
             self.starts = self.starts[rows]
 
     def _adam(self) -> None:
-        """torch.optim.Adam's update (its single-tensor formula) with a learning rate per member."""
-        (beta1, beta2), step = BETAS, self.step + 1
-        correction = math.sqrt(1 - beta2 ** step)
-        with torch.no_grad():
-            for name, p in self.params.items():
-                step_size = self.lr_of[name] / (1 - beta1 ** step)
-                grad = p.grad
-                if grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
-                    continue
-                self.exp_avg[name].lerp_(grad, 1 - beta1)
-                self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (self.exp_avg_sq[name].sqrt() / correction).add_(EPS)
-                size = step_size.view(-1, *([1] * (p.dim() - 1)))
-                p.sub_(size * self.exp_avg[name] / denom)
-                p.grad = None
+        """torch.optim.Adam's update with a learning rate per member: torch's fused Adam kernel (what
+        Adam(fused=True) runs) over each member's rows, one call per distinct lr. It works through a
+        member's tensors one at a time, so on a CPU they stay in cache, as in the solo run."""
+        (beta1, beta2), by_lr = BETAS, {}
+        for name, p in self.params.items():
+            if p.grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
+                continue
+            for j, row in enumerate(self.users[name]):
+                lists = by_lr.setdefault(self.members[row].cfg.lr, ([], [], [], []))
+                for tensors, t in zip(lists, (p.detach(), p.grad, self.exp_avg[name], self.exp_avg_sq[name])):
+                    tensors.append(t[j])
+        step = torch.tensor(float(self.step + 1), device=self.device)  # the kernel reads it, does not add
+        for lr, (params, grads, exp_avg, exp_avg_sq) in by_lr.items():
+            torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step] * len(params), lr=lr,
+                               beta1=beta1, beta2=beta2, weight_decay=0.0, eps=EPS, amsgrad=False,
+                               maximize=False)
+        for p in self.params.values():
+            p.grad = None
 
     def train_step(self) -> torch.Tensor:
         cfg, members = self.cfg, len(self.members)
