@@ -140,7 +140,8 @@ def cpu_table(sizes: list[int], steps: dict[int, int], n_layers: int, count: int
     context = multiprocessing.get_context("spawn")
     with context.Pool(2, initializer=_one_thread) as pool:
         pool.starmap(fused, [(warm, [0, 1])] * 2)
-        print(f"CPU, one thread per process; {count} configs, n_layers {n_layers}, batch 256, window 1000")
+        print(f"CPU, one thread per process; {count} configs, n_layers {n_layers}, "
+              f"batch {SEED_TRAINING['batch_size']}, window 1000")
         print(f"{'state':>6} {'steps':>6} {'fused x1 s':>11} {'sequential s':>13} {'fused x2 s':>11} "
               f"{'seed way s':>11} {'x1/sequential':>14} {'x2/seed way':>12}")
         ratios = []
@@ -165,8 +166,9 @@ def gpu_projection(steps: int, device: str) -> None:
         group = [{**flags, **SEED_TRAINING, "n_layers": n_layers, "state_size": size}
                  for flags in seed_flag_combos(residual_only=size == 32)]
         time_fused([c | {"steps": 2} for c in group], device)  # warm-up: kernels, allocator
-        seconds = time_fused([c | {"steps": steps} for c in group], device)
-        per_step = seconds / steps
+        base = time_fused([c | {"steps": 2} for c in group], device)  # set-up and 2 steps
+        seconds = time_fused([c | {"steps": steps + 2} for c in group], device)
+        per_step = (seconds - base) / steps  # the set-up (models, corpus) is not part of the 10,989 steps
         total += per_step * SEED_END_STEP
         rows.append(f"L{n_layers} S{size}: {len(group)} members, {per_step * 1000:.1f} ms/step")
     print(f"{device} projection from {steps} measured steps per group: " + "; ".join(rows))
@@ -178,9 +180,10 @@ def gpu_projection(steps: int, device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="32,256", help="state sizes, comma-separated")
-    parser.add_argument("--steps", type=int, default=None, help="steps per config (default: 120 at 32, 6 at 256)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per config (default: 60 at 32, 10 at 256)")
     parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--configs", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=256, help="batch size (the seed's: 256)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the grid projection as well")
     parser.add_argument("--gpu-steps", type=int, default=30)
     args = parser.parse_args()
@@ -189,8 +192,9 @@ def main() -> None:
         corpus = folder / "stdlib.txt"
         corpus.write_bytes(bytes(gated_rnn.load_corpus("stdlib", SEED_TRAINING["corpus_bytes"]).to(torch.uint8).tolist()))
         SEED_TRAINING["corpus"] = str(corpus)
+        SEED_TRAINING["batch_size"] = args.batch
         sizes = [int(s) for s in args.sizes.split(",")]
-        steps = {size: args.steps or (120 if size <= 64 else 6) for size in sizes}
+        steps = {size: args.steps or (60 if size <= 64 else 10) for size in sizes}
         cpu_table(sizes, steps, args.n_layers, args.configs)
         if args.device == "cuda" and torch.cuda.is_available():
             gpu_projection(args.gpu_steps, "cuda")
