@@ -190,7 +190,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="gf_fused_"))
     try:
         corpus = folder / "stdlib.txt"
-        corpus.write_bytes(bytes(gated_rnn.load_corpus("stdlib", SEED_TRAINING["corpus_bytes"]).to(torch.uint8).tolist()))
+        text = gated_rnn.load_corpus("stdlib", SEED_TRAINING["corpus_bytes"])
+        corpus.write_bytes(bytes(text.to(torch.uint8).tolist()))
         SEED_TRAINING["corpus"] = str(corpus)
         SEED_TRAINING["batch_size"] = args.batch
         sizes = [int(s) for s in args.sizes.split(",")]

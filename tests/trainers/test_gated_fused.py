@@ -201,3 +201,39 @@ def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path, corpus):
     gang = Gang(tmp_path, [0, 1])
     with pytest.raises(ValueError, match="different fuse keys"):
         gang.train([small(corpus), small(corpus, state_size=8)])
+
+
+def test_solo_checkpoints_join_a_gang_and_finish_as_the_uninterrupted_runs(tmp_path, corpus):
+    cfgs = [small(corpus, **m) for m in MEMBERS[1:3]]
+    pointers = []
+    for i, cfg in enumerate(cfgs):
+        first = Solo(tmp_path / f"m{i}", seed=SEEDS[i], job_id=10 + i, stop_at=25)
+        assert first.run(cfg) == {"stopped_at": 25}
+        pointers.append(first.checkpoints[-1])
+    gang = Gang(tmp_path, SEEDS[:2], checkpoints=pointers)
+    results = gang.train(cfgs)
+    assert [h.reports[0][0] for h in gang.members] == [30, 30]
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS[:2]), gang.members, results):
+        for key in ("min_loss", "final_loss"):
+            assert solo_result[key] == pytest.approx(result[key], rel=1e-5), key
+        a, b = solo.store.load(solo.checkpoints[-1]), fused.store.load(fused.checkpoints[-1])
+        for name in a["model"]:
+            assert torch.allclose(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5), name
+
+
+def test_a_member_whose_reporting_fails_leaves_with_its_error(tmp_path, corpus):
+    cfgs = [small(corpus, **m) for m in MEMBERS[:2]]
+    gang = Gang(tmp_path / "gang", SEEDS[:2])
+    real_report = gang.members[0].ctx.report
+
+    def report(step, **metrics):
+        if step >= 20:
+            raise ConnectionError("pipe to the agent closed")
+        real_report(step, **metrics)
+
+    gang.members[0].ctx.report = report
+    results = gang.train(cfgs)
+    assert isinstance(results[0], ConnectionError)
+    assert gang.members[0].reports[-1][0] == 15
+    (solo, solo_result), = solo_runs(tmp_path, cfgs[1:], SEEDS[1:2])
+    assert_same_run(solo, gang.members[1], solo_result, results[1])

@@ -195,7 +195,6 @@ class _Gang:
         self.params = {name: stack(params, name).requires_grad_() for name in names}
         self.exp_avg = {name: stack([m[0] for m in moments], name) for name in names}
         self.exp_avg_sq = {name: stack([m[1] for m in moments], name) for name in names}
-        self.lr = torch.tensor([c.lr for c in cfgs], device=device)
         self.avg = torch.tensor([m.avg for m in self.members], device=device)
         self._index_users()
         self.step = states[0]["step"] if states[0] is not None else 0
@@ -204,11 +203,10 @@ class _Gang:
         self.starts = torch.stack(starts) if starts and starts[0] is not None else None
 
     def _index_users(self) -> None:
-        """The device-side views of `users`: row indices per gate, lr per parameter, the readout's slots."""
+        """The device-side views of `users`: row indices per gate, and the readout's slots."""
         d, size = self.device, self.cfg.state_size
         self.gate_rows = {_gate(name): torch.tensor(rows, dtype=torch.long, device=d)
                           for name, rows in self.users.items() if _gate(name) is not None}
-        self.lr_of = {name: self.lr[torch.tensor(rows, dtype=torch.long, device=d)] for name, rows in self.users.items()}
         slots = torch.tensor([[float(getattr(m.cfg, slot)) for slot in SLOTS] for m in self.members],
                              device=d).view(-1, len(SLOTS))
         self.slots = slots.repeat_interleave(size, dim=1).unsqueeze(1)
@@ -228,7 +226,7 @@ class _Gang:
             self.params[name] = self.params[name].detach()[at].requires_grad_()
             self.exp_avg[name], self.exp_avg_sq[name] = self.exp_avg[name][at], self.exp_avg_sq[name][at]
             self.users[name] = [new_row[self.users[name][j]] for j in kept]
-        self.lr, self.avg = self.lr[index], self.avg[index]
+        self.avg = self.avg[index]
         self._index_users()
         if self.hidden is not None:
             self.hidden = [h[index] for h in self.hidden]
@@ -280,7 +278,8 @@ class _Gang:
         full = lambda tensors: {n: t[self.users[n].index(row)].cpu() for n, t in tensors.items()  # noqa: E731
                                 if row in self.users[n]}
         model = _to_solo(full(self.params), m.names, m.cfg)
-        exp_avg, exp_avg_sq = _to_solo(full(self.exp_avg), m.names, m.cfg), _to_solo(full(self.exp_avg_sq), m.names, m.cfg)
+        exp_avg = _to_solo(full(self.exp_avg), m.names, m.cfg)
+        exp_avg_sq = _to_solo(full(self.exp_avg_sq), m.names, m.cfg)
         step = torch.tensor(float(self.step))
         optimizer = {"state": {i: {"step": step.clone(), "exp_avg": exp_avg[n], "exp_avg_sq": exp_avg_sq[n]}
                                for i, n in enumerate(m.names) if n in m.trained and self.step > 0},
