@@ -10,6 +10,7 @@ offsets; the state resets at each window. The logged loss is the seed's moving a
 window that passes `steps` (10,000 asked, windows of 999 steps: 11 windows = 10,989 steps, and a curve of
 10,989 // 50 = 219 points, as in the seed's result files). `external_id` is the seed's config id, stored
 with each job so old result files can be joined with ours (worker/trainers/slmfun.py reads those files).
+`fuse_key` and `train_many` train a gang of same-shape configs as one stacked model (gated_fused.py).
 """
 from __future__ import annotations
 
