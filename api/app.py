@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors, tokens
+from api import dashboard, errors, tokens
 from api.responses import JSONResponse
 from api.routes import grids, health, jobs, workers
 from common.db import is_sqlite, make_engine, migrate
@@ -70,4 +70,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for module in (grids, jobs, workers):
         app.include_router(module.router, prefix=API_PREFIX)
+    dashboard.install(app, API_PREFIX)  # `/` and its read endpoints
     return app

@@ -18,6 +18,7 @@ from scheduler.spec import GridSpec
 
 INT32_MAX = 2**31 - 1
 MAX_TEXT = 65_536
+GANG_LIMIT = 1024  # the bound of Settings.max_gang_jobs; the route checks the configured one
 
 
 # Before pydantic's own str check, which refuses a lone surrogate with "unable to parse raw data as a
@@ -78,6 +79,9 @@ class Claim(Body):
     can_pin_code: bool = False
     code_rev: Short(100) | None = None
     grid_id: Id | None = None  # only this grid's jobs (e.g. a worker dedicated to one grid)
+    # Up to this many jobs of one grid sharing a fuse key (a gang, docs/gang_claims.md); at most the server's
+    # max_gang_jobs setting. 1: today's single claim.
+    max_jobs: int = Field(default=1, ge=1, le=GANG_LIMIT)
 
 
 class MetricIn(Body):
@@ -188,3 +192,17 @@ class ImportGrid(Body):
     """POST /grids/import (`gridfleet import`): the grid, and those of its jobs that need no training."""
     grid: GridSpec
     done: list[DoneJob] = Field(default_factory=list, max_length=100_000)
+
+
+class MemberHeartbeat(Heartbeat):
+    """One gang member's heartbeat: as a single heartbeat, for one job of the gang."""
+    job_id: Id
+    attempt_id: AttemptId
+
+
+class GangHeartbeat(Body):
+    members: list[MemberHeartbeat] = Field(min_length=1, max_length=GANG_LIMIT)
+
+
+class GangFinish(Body):
+    members: list[Finish] = Field(min_length=1, max_length=GANG_LIMIT)

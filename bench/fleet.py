@@ -38,20 +38,25 @@ def export_rev(rev: str, dest: Path) -> Path:
 
 
 def job_children(pid: int) -> list[int]:
-    """The job processes an agent spawned (not multiprocessing's resource tracker), from /proc."""
-    found = []
+    """The job processes of agent `pid`, from /proc: spawned by it cold, or forked by its warm process
+    (worker/warm.py names those gridfleet-warm and gridfleet-job); not multiprocessing's resource tracker."""
+    procs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes()
+            comm = (entry / "comm").read_text().strip()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] not in ("Z", "X") and int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
+        if fields[0] not in ("Z", "X"):
+            procs[int(entry.name)] = (int(fields[1]), cmdline, comm)
+    warm = {p for p, (ppid, _, comm) in procs.items() if ppid == pid and comm == "gridfleet-warm"}
+    return [p for p, (ppid, cmdline, comm) in procs.items()
+            if (ppid in warm and comm == "gridfleet-job")
+            or (ppid == pid and b"spawn_main" in cmdline and comm != "gridfleet-warm")]
 
 
 class Fleet:

@@ -5,6 +5,8 @@
     .venv/bin/python bench/queue_throughput.py --backends postgres,api --workers 1,16 --seconds 10
     .venv/bin/python bench/queue_throughput.py --backends api --uvicorn-workers 1,2   # compare server setups
     .venv/bin/python bench/queue_throughput.py --compare HEAD,. --rounds 2   # last commit vs this checkout
+    .venv/bin/python bench/queue_throughput.py --gang 16            # gang claims of 16 beside single claims
+                                                                    # (bench/gang_throughput.py)
 
 What it measures
 - cycles/s: N worker processes (separate OS processes, started together after warm-up) each loop
@@ -1018,6 +1020,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="direct backends: do not ANALYZE after submitting jobs (submit_grid does); shows the "
                              "stale-statistics claim plan on Postgres")
     parser.add_argument("--no-heartbeat", action="store_true", help="skip the heartbeat latency measurement")
+    parser.add_argument("--gang", type=int, default=None, metavar="K",
+                        help="instead: gang claims of K jobs beside single claims on Postgres (bench/gang_throughput.py)")
     parser.add_argument("--no-vacuum", action="store_true",
                         help="Postgres: do not VACUUM the queue's tables before each window (see JobFeeder.vacuum_tables)")
     parser.add_argument("--compare", default=".",
@@ -1063,6 +1067,11 @@ def report(args: argparse.Namespace, cycle_rows: list[CycleRow], hb_rows: list[H
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gang:  # its own short file (bench/gang_throughput.py); Postgres only
+        from bench import gang_throughput
+
+        return gang_throughput.main(["--k", str(args.gang), "--seconds", str(args.seconds),
+                                     "--workers", ",".join(map(str, args.workers)), "--pg-admin-url", args.pg_admin_url])
 
     def on_sigterm(_signum, _frame):
         raise KeyboardInterrupt

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from common.store_uri import job_folder, split_hf_pointer
+from common.store_uri import job_folder
 
 CHECKPOINT_RE = re.compile(r"^ckpt-(\d{12})\.pt$")
 # In a job's folder: the checkpoints the agent recorded on the job or is recording now, one name a line.
@@ -39,19 +39,6 @@ class StoreOptions:
         return job.get("store") or self.default_store
 
 
-def load_checkpoint(pointer: dict[str, Any], local_root: str | Path, options: StoreOptions) -> Any:
-    """The checkpoint a job row points to, from whichever store wrote it (local copy first)."""
-    uri = pointer["uri"]
-    if uri.startswith("hf://"):
-        from common.hub_store import HubStore  # huggingface_hub only where a Hub checkpoint is read
-
-        repo_id, _ = split_hf_pointer(uri)
-        store = HubStore(f"hf://{repo_id}", local_root, endpoint=options.hub_endpoint,
-                         read_token=options.hub_read_token or options.hub_write_token)
-        return store.load(pointer)
-    return LocalStore(local_root).load(pointer)
-
-
 def _serialize(state: Any) -> bytes:
     import torch  # only workers save checkpoints; the queue never imports torch
 
@@ -60,7 +47,7 @@ def _serialize(state: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _deserialize(data: bytes) -> Any:
+def deserialize(data: bytes) -> Any:
     import torch
 
     # weights_only=False: checkpoints hold optimizer state, RNG states and replay buffers we wrote ourselves.
@@ -114,7 +101,7 @@ class LocalStore:
             raise FileNotFoundError(
                 f"checkpoint {path} is gone (was it written on another machine? use a shared or hf:// store)"
             )
-        return _deserialize(path.read_bytes())
+        return deserialize(path.read_bytes())
 
 
 def pin_checkpoints(pointers: list[dict[str, Any]]) -> None:

@@ -331,6 +331,7 @@ def _import_locally(body: dict[str, Any], grid_file: Path) -> dict[str, Any]:
         engine = make_engine(settings.database_url)
         try:
             out = submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id,
+                              fuse_key=trainers.fuse_key,
                               done=[DoneJob(**d) for d in body["done"]])
         finally:
             engine.dispose()
@@ -482,6 +483,9 @@ def worker(
                    "code_base_link, else origin)"),
     git_ref: Optional[str] = typer.Option(None, help="ref --self-update follows (default: the remote's HEAD)"),
     update_interval: Optional[float] = typer.Option(None, min=0.0, help="seconds between self-update fetches"),
+    warm_starts: Optional[bool] = typer.Option(
+        None, "--warm-starts/--cold-starts",
+        help="fork jobs from a pre-imported process, or spawn each anew (default: GRIDFLEET_WARM_STARTS, on)"),
 ) -> None:
     """Pull jobs from the API and train them, one at a time, each in a child process."""
     import logging
@@ -496,6 +500,7 @@ def worker(
         trainers=trainer_names(trainers),
         gpus=gpus, max_jobs=max_jobs, max_run_time=max_run_time, grace_seconds=grace, home=settings.home,
         stores=settings.store_options(),
+        warm_starts=settings.warm_starts if warm_starts is None else warm_starts,
     )
     if name:
         options.name = name

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from pydantic import SecretStr
 
-from common.checkpoints import LocalStore, _deserialize
+from common.checkpoints import LocalStore, deserialize
 from common.store_uri import job_folder, normalize_hf_uri, parse_hf_uri, split_hf_pointer
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,30 @@ class HubStore:
     def pointer(self, path: str, sha: str, step: int, saved_at: float) -> dict[str, Any]:
         return {"uri": f"hf://{self.repo_id}/{path}", "revision": sha, "step": step, "time": saved_at}
 
-    def upload(self, files: dict[str, Path], message: str) -> str:
-        """Commit {path in repo: local file} to the branch in one commit (retried); return the commit sha."""
+    def upload(self, files: dict[str, Path], message: str) -> str | None:
+        """Commit {path in repo: local file} to the branch in one commit (retried); return the commit sha.
+
+        The job's child prunes old checkpoints while an upload waits for the Hub (retries, an outage). A file
+        gone by the time of an attempt is left out and removed from `files`, so the caller records pointers
+        only for what the commit holds (newer checkpoints of that job are queued); None when none is left.
+        Each file is opened for the attempt, so one pruned while it uploads is still read whole."""
         self.ensure_repo()
         api = self._api(self._write_token)
 
-        def commit() -> str:
-            operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
-            return api.create_commit(self.repo_id, operations=operations, commit_message=message,
-                                     revision=self.branch).oid
+        def commit() -> str | None:
+            with ExitStack() as opened:
+                operations = []
+                for path, local in list(files.items()):
+                    try:
+                        handle = opened.enter_context(open(local, "rb"))
+                    except FileNotFoundError:
+                        del files[path]
+                        continue
+                    operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=handle))
+                if not operations:
+                    return None
+                return api.create_commit(self.repo_id, operations=operations, commit_message=message,
+                                         revision=self.branch).oid
 
         return self._retry(f"upload of {len(files)} file(s)", commit)
 
@@ -105,8 +121,8 @@ class HubStore:
             raise ValueError(f"checkpoint {pointer['uri']} is not in this store's repo {self.repo_id}")
         local_path = self.local.root / path
         if local_path.exists():
-            return _deserialize(local_path.read_bytes())
-        return _deserialize(self.download(path, pointer["revision"]).read_bytes())
+            return deserialize(local_path.read_bytes())
+        return deserialize(self.download(path, pointer["revision"]).read_bytes())
 
     def download(self, path: str, revision: str | None = None) -> Path:
         """One file of the repo at `revision` (default: the branch head), into the cache; its local path."""
@@ -229,8 +245,8 @@ class Uploader:
                 self._pending = dict(batch)
             if not batch:
                 return []
-            sha = self.store.upload({p: item.local for p, item in batch.items()},
-                                    f"{len(batch)} file(s) from a gridfleet worker")
+            uploaded = {p: item.local for p, item in batch.items()}  # upload() drops the files pruned meanwhile
+            sha = self.store.upload(uploaded, f"{len(batch)} file(s) from a gridfleet worker")
             with self._lock:
                 for path, item in batch.items():
                     if self._pending.get(path) is item:
@@ -238,7 +254,7 @@ class Uploader:
                 self._write_journal()
             pointers = []
             for path, item in batch.items():
-                if item.step is None:
+                if item.step is None or sha is None or path not in uploaded:
                     continue
                 pointer = self.store.pointer(path, sha, item.step, item.saved_at)
                 pointers.append(pointer)

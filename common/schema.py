@@ -76,6 +76,9 @@ jobs = Table(
     # The id the trainer's users know the config by outside gridfleet (trainer.external_id; seed 001's config
     # id), so their old result files can be joined with ours; NULL when the trainer offers none.
     Column("external_id", String(200)),
+    # Jobs of one grid with the same fuse key can be trained as one stacked model (trainer.fuse_key); a gang
+    # claim takes up to K of them at once. NULL: never fused, claimed one at a time.
+    Column("fuse_key", String(200)),
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
     Index("ix_jobs_external_id", "external_id"),
     Index("ix_jobs_lease", "state", "lease_expires_at"),
@@ -84,6 +87,8 @@ jobs = Table(
 
 # The claim scans queued jobs by priority (high first), then age.
 Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
+# A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order.
+Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 
 attempts = Table(
     "attempts",

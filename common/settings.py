@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     # workers that could not reach it keep their jobs if they heartbeat again (docs/reliability.md).
     # None: one lease.
     expiry_grace_after_start: float | None = Field(default=None, ge=0.0)
+    # The most jobs one gang claim may take (POST /workers/{id}/claim's max_jobs; docs/gang_claims.md).
+    max_gang_jobs: int = Field(default=64, ge=1, le=1024)
 
     # API
     host: str = "127.0.0.1"
@@ -49,6 +51,9 @@ class Settings(BaseSettings):
     finish_retry_for: float | None = Field(default=None, ge=0.0)
 
     home: Path = DEFAULT_HOME  # local state: SQLite file, checkpoints, run outputs
+    # Workers fork each job's child from a process that has torch and the trainers imported (worker/warm.py).
+    # False: every child is spawned and imports them anew (seconds per job).
+    warm_starts: bool = True
 
     # Checkpoint stores. A grid's `store:` wins; this is the deployment's default ("local" or hf://owner/repo).
     checkpoint_store: str = "local"

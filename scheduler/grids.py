@@ -17,6 +17,7 @@ from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
 from scheduler.spec import ConfigValidator, GridError, GridSpec, canonical_json, expand, job_key, validate_jobs
 
 ExternalId = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> the id its users know
+FuseKey = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> jobs sharing it may form a gang
 
 
 class NotFound(LookupError):
@@ -66,30 +67,33 @@ def _done_by_key(spec: GridSpec, keys: set[str], done: list[DoneJob]) -> dict[st
     return out
 
 
-def _external_ids(trainer: str, jobs, external_id: ExternalId) -> dict[str, str | None]:
+def _per_config(trainer: str, jobs, hook: ExternalId | FuseKey) -> dict[str, str | None]:
     by_config: dict[str, str | None] = {}  # once per distinct config: seeds share one
     out = {}
     for job in jobs:
         marker = canonical_json(job.config)
         if marker not in by_config:
-            by_config[marker] = external_id(trainer, job.config)
+            by_config[marker] = hook(trainer, job.config)
         out[job.key] = by_config[marker]
     return out
 
 
 def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator, analyze: bool = True,
-                external_id: ExternalId | None = None, done: list[DoneJob] | None = None) -> SubmitResult:
+                external_id: ExternalId | None = None, done: list[DoneJob] | None = None,
+                fuse_key: FuseKey | None = None) -> SubmitResult:
     """Store a grid and the jobs it expands to that are not already there. All or nothing.
 
     After adding ANALYZE_AFTER_ROWS jobs or more it refreshes the planner's statistics (`analyze=False`:
     don't; the benchmark uses it to show the slow plan). `external_id` gives each new job its
-    jobs.external_id. `done` (import): those jobs are stored as succeeded with their result in the same
-    transaction, so no worker can claim them first; a done job that is already there is imported only if it
-    never ran (queued, no attempt), and otherwise skipped and listed in `skipped`."""
+    jobs.external_id, and `fuse_key` its jobs.fuse_key (a hook of the same shape). `done` (import): those
+    jobs are stored as succeeded with their result in the same transaction, so no worker can claim them
+    first; a done job that is already there is imported only if it never ran (queued, no attempt), and
+    otherwise skipped and listed in `skipped`."""
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
     validate_jobs(spec, jobs, validate_config)
     done_by_key = _done_by_key(spec, {job.key for job in jobs}, done or [])
-    external = _external_ids(spec.trainer, jobs, external_id) if external_id else {}
+    external = _per_config(spec.trainer, jobs, external_id) if external_id else {}
+    fuse_keys = _per_config(spec.trainer, jobs, fuse_key) if fuse_key else {}
     now = time.time()
     spec_json = spec.model_dump(mode="json")
     dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
@@ -141,7 +145,7 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                 "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
                 "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
                 "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
-                "external_id": external.get(job.key),
+                "external_id": external.get(job.key), "fuse_key": fuse_keys.get(job.key),
             }
             for job in jobs
             if job.key not in existing_keys

@@ -1,8 +1,10 @@
 """The worker agent: register, then claim -> run the job in a child process -> finish, until told to stop.
 
 Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job. Heartbeats go from a side thread
-(`_heartbeat_loop`), never from the training loop. SIGTERM/SIGINT ask the running job to checkpoint and
-stop; after `grace_seconds` the child is killed, and the job is released as `preempted` either way.
+(`_heartbeat_loop`), never from the training loop. The child is forked from a warm process that has torch
+and the trainers imported (worker/warm.py), or spawned cold when there is none. SIGTERM/SIGINT ask the
+running job to checkpoint and stop; after `grace_seconds` the child is killed, and the job is released as
+`preempted` either way.
 While the API cannot be reached the job trains on: heartbeats keep their metrics and retry every beat,
 checkpoint pointers are recorded later (worker/pointers.py), a finish waits for the server. On reconnect
 the server either gives the job back to this attempt or answers 409, and the child is killed at once.
@@ -10,8 +12,6 @@ the server either gives the job back to this attempt or answers 409, and the chi
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 import signal
 import socket
 import subprocess
@@ -24,9 +24,10 @@ from typing import Any
 
 from common.checkpoints import StoreOptions
 from worker import runner, self_update
-from worker.code_cache import CodeUnavailable, start_child
+from worker.code_cache import CodeUnavailable
 from worker.checkpoint_sync import CheckpointSync
 from worker.client import Refused, ServerUnavailable
+from worker.warm import Launcher
 
 log = logging.getLogger("gridfleet.worker")
 OUTPUT_TAIL_LINES = 60
@@ -50,6 +51,7 @@ class AgentOptions:
     home: Path = Path(".gridfleet")
     keep_checkpoints: int = 3
     stores: StoreOptions = field(default_factory=StoreOptions)  # checkpoint stores and Hub access
+    warm_starts: bool = True  # fork job children from a pre-imported process (worker/warm.py); False: spawn
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Agent:
         self.worker_id: str | None = None
         self.heartbeat_seconds = 5.0
         self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
-        self._mp = multiprocessing.get_context("spawn")
+        self.launcher = Launcher(self.trainers, warm=options.warm_starts)  # starts each job's child
         self.updater = updater  # worker/self_update.SelfUpdater: checked between jobs
         self.code_cache = code_cache  # worker/code_cache.CodeCache: worktrees for jobs with a pinned code_rev
         self.update_report: dict[str, Any] | None = None  # the last self-update outcome, shown in registration
@@ -118,8 +120,15 @@ class Agent:
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.launcher.close()  # before a re-exec too: the new code starts warm processes of its own
+
+    def _run(self) -> int:
         self._install_signal_handlers()
         self._resume_after_reexec()
+        self.launcher.prewarm()  # its imports overlap registering and the first claim
         self.gpus = gpus = visible_gpus()
         self.code_rev = code_revision()
         reply = self.client.register(self._registration())
@@ -141,6 +150,7 @@ class Agent:
                 break
             if self.updater is not None and self._self_update():
                 break  # re-exec on the new commit once the loop has closed up
+            self.launcher.wait_warm(lambda: self.stopping)  # once: a claimed job's lease is not spent importing
             try:
                 job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
                                         can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
@@ -160,6 +170,7 @@ class Agent:
         self.sync.close()
         self.client.close()
         if self.reexec_pending:
+            self.launcher.close()
             self_update.reexec()  # same pid and command line, new code; does not return
         return 0
 
@@ -217,16 +228,10 @@ class Agent:
             self.current = None
             return
         workdir = self.options.home / "work" / f"job-{job['id']}"
-        stop_event = self._mp.Event()
-        receiver, sender = self._mp.Pipe(duplex=False)
-        child = self._mp.Process(
-            target=runner.run_job, daemon=True,
-            args=(job, str(workdir), str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
-                  sender, stop_event, os.getpid(), self.options.stores),
-        )
         self.sync.job_started(job)
-        start_child(child, code_root)  # a pinned job's child imports the worktree's code
-        sender.close()
+        started = self.launcher.start((job, str(workdir), str(self.options.home / "checkpoints"),
+                                       self.options.keep_checkpoints, self.options.stores), code_root)
+        child, receiver, stop_event = started.child, started.receiver, started.stop
         heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run,), daemon=True)
         heartbeats.start()
         kill_at: float | None = None
@@ -251,6 +256,7 @@ class Agent:
             if self._time_left() < self.options.grace_seconds:
                 run.request_stop("preempted")
         child.join()
+        started.close()
         run.done.set()
         heartbeats.join()
         self._finish(run, child.exitcode, workdir)

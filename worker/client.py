@@ -1,6 +1,8 @@
 """How an agent talks to the queue: over HTTP (`ApiClient`) or, in embedded mode, directly (`DirectClient`).
 
 Both return plain dicts: claim -> job dict or None; fenced writes -> {"ok", "stop", "cancel", "reason"}.
+A gang (docs/gang_claims.md): claim_gang -> a list of job dicts; heartbeat_gang and finish_gang take a list of
+members (each the body of a single heartbeat or finish) and return one such dict per member, with its job_id.
 An ApiClient speaks for the worker it registered last: it sends that registration's worker secret with
 every call (api/worker_secrets.py), and keeps it only in memory.
 """
@@ -100,6 +102,17 @@ class ApiClient:
     def claim(self, worker_id: str, **filters: Any) -> dict[str, Any] | None:
         return self._post(f"/workers/{worker_id}/claim", filters)["job"]
 
+    def claim_gang(self, worker_id: str, max_jobs: int, **filters: Any) -> list[dict[str, Any]]:
+        return self._post(f"/workers/{worker_id}/claim", {**filters, "max_jobs": max_jobs})["jobs"]
+
+    def heartbeat_gang(self, worker_id: str, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tried once, as a running job's heartbeat: the caller beats again with fresh data."""
+        return self._post(f"/workers/{worker_id}/heartbeat-gang", {"members": members}, retry_for=0.0)["members"]
+
+    def finish_gang(self, worker_id: str, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._post(f"/workers/{worker_id}/finish-gang", {"members": members},
+                          retry_for=self.finish_retry_for)["members"]
+
     def heartbeat(self, worker_id: str, **body: Any) -> dict[str, Any]:
         running = body.get("job_id") is not None  # the heartbeat thread retries with fresh data next beat
         return self._post(f"/workers/{worker_id}/heartbeat", body, retry_for=0.0 if running else _CLIENT_DEFAULT)
@@ -155,25 +168,61 @@ class DirectClient:
 
     def heartbeat(self, worker_id: str, job_id=None, attempt_id=None, step=None, progress=None,
                   metrics=(), events=()) -> dict[str, Any]:
-        from scheduler.queue import Metric
-
         if job_id is None:
             return {"ok": self.queue.worker_seen(worker_id)}
-        # The API's rules for what a string may hold (common/json_checks.py), here without the API.
-        repaired: list[str] = []
-        batch = []
-        for i, m in enumerate(metrics):
-            values, changed = _cleaned(m["values"], f"metrics.{i}.values")
-            repaired += changed
-            batch.append(Metric(step=m["step"], values=values, time=m["time"]))
-        events = [(e["kind"], clean_text(e["message"])[0]) for e in events]
-        if repaired:
-            events.append(("input_cleaned", cleaned_note(repaired)))
+        batch, events = _cleaned_beat(metrics, events)
         reply = self.queue.heartbeat(job_id, attempt_id, step=step, progress=tuple(progress) if progress else None,
                                      metrics=batch, worker_id=worker_id)
         if reply.ok and events:
             self.queue.add_events(job_id, attempt_id, events, worker_id=worker_id)
         return self._reply(reply)
+
+    def claim_gang(self, worker_id: str, max_jobs: int, **filters: Any) -> list[dict[str, Any]]:
+        from scheduler.gang import GangError, claim_gang
+
+        try:
+            return [asdict(job) for job in claim_gang(self.queue, worker_id, max_jobs, **filters)]
+        except GangError as exc:
+            raise Refused(f"refused {exc.field}: {exc.message}") from None
+
+    def heartbeat_gang(self, worker_id: str, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from scheduler.gang import GangError, MemberBeat, heartbeat_gang
+
+        beats, notes = [], []
+        for m in members:
+            batch, events = _cleaned_beat(m.get("metrics", ()), m.get("events", ()))
+            progress = m.get("progress")
+            beats.append(MemberBeat(m["job_id"], m["attempt_id"], step=m.get("step"),
+                                    progress=tuple(progress) if progress else None, metrics=batch))
+            notes.append(events)
+        try:
+            replies = heartbeat_gang(self.queue, worker_id, beats)
+        except GangError as exc:
+            raise Refused(f"refused {exc.field}: {exc.message}") from None
+        for beat, events, reply in zip(beats, notes, replies):
+            if reply.ok and events:
+                self.queue.add_events(beat.job_id, beat.attempt_id, events, worker_id=worker_id)
+        return [{"job_id": beat.job_id, **self._reply(reply)} for beat, reply in zip(beats, replies)]
+
+    def finish_gang(self, worker_id: str, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from scheduler.gang import GangError, MemberFinish, finish_gang
+
+        ends = []
+        for i, m in enumerate(members):
+            result = m.get("result")
+            if result is not None:
+                result, repaired = _cleaned(result, f"members.{i}.result")
+                if repaired:
+                    self.queue.add_events(m["job_id"], m["attempt_id"], [("input_cleaned", cleaned_note(repaired))],
+                                          worker_id=worker_id)
+            error = m.get("error")
+            ends.append(MemberFinish(m["job_id"], m["attempt_id"], m["outcome"], result=result,
+                                     error=None if error is None else clean_text(error)[0]))
+        try:
+            replies = finish_gang(self.queue, worker_id, ends)
+        except GangError as exc:
+            raise Refused(f"refused {exc.field}: {exc.message}") from None
+        return [{"job_id": end.job_id, **self._reply(reply)} for end, reply in zip(ends, replies)]
 
     def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
                        worker_secret: str | None = None) -> dict[str, Any]:
@@ -199,6 +248,23 @@ class DirectClient:
     def worker_event(self, worker_id: str, kind: str, message: str,
                      resources: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"ok": self.queue.worker_event(worker_id, kind, message, resources)}
+
+
+def _cleaned_beat(metrics, events) -> tuple[list, list[tuple[str, str]]]:
+    """A heartbeat's metrics and events under the API's rules for what a string may hold
+    (common/json_checks.py), here without the API; an event says which metric values were repaired."""
+    from scheduler.queue import Metric
+
+    repaired: list[str] = []
+    batch = []
+    for i, m in enumerate(metrics):
+        values, changed = _cleaned(m["values"], f"metrics.{i}.values")
+        repaired += changed
+        batch.append(Metric(step=m["step"], values=values, time=m["time"]))
+    events = [(e["kind"], clean_text(e["message"])[0]) for e in events]
+    if repaired:
+        events.append(("input_cleaned", cleaned_note(repaired)))
+    return batch, events
 
 
 def _cleaned(value: Any, field: str) -> tuple[Any, list[str]]:

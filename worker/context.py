@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.checkpoints import LocalStore, StoreOptions, load_checkpoint
+from common.checkpoints import LocalStore, StoreOptions
+from common.stores import load_checkpoint
 
 
 def _plain(value: Any) -> Any:

@@ -42,21 +42,22 @@ class RunOutcome:
     out_dir: Path
 
 
-def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: int, index: int,
+def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: int, trainer: str, index: int,
                  log_path: str) -> None:
     """One local agent process. Logs to a file so the live display stays readable."""
     logging.basicConfig(filename=log_path, level=logging.INFO, format="%(asctime)s %(message)s")
     settings = Settings(**settings_dump)
     queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
-    options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0,
-                           stores=stores)
+    # The grid's one trainer: its warm process imports that, not every trainer this install knows.
+    options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0, trainers=[trainer],
+                           stores=stores, warm_starts=settings.warm_starts)
     agent = Agent(DirectClient(queue, settings.heartbeat_seconds), options)
     agent.claim_filters = {"grid_id": grid_id}
     agent.run()
 
 
 def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console) -> RunOutcome:
-    from worker.trainers import external_id, validate_config
+    from worker.trainers import external_id, fuse_key, validate_config
 
     settings.home.mkdir(parents=True, exist_ok=True)
     lock = _single_run_lock(settings.home)  # noqa: F841 - held until the process exits
@@ -64,7 +65,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     engine = make_engine(settings.database_url)
     policy = RetryPolicy.from_settings(settings)
     queue = Queue(engine, policy)
-    submitted = submit_grid(engine, spec, validate_config, external_id=external_id)
+    submitted = submit_grid(engine, spec, validate_config, external_id=external_id, fuse_key=fuse_key)
     console.print(f"grid [bold]{spec.name}[/]: {submitted.created} new configs, "
                   f"{submitted.existing} already stored ({submitted.total} in all)")
     # Whatever a previous run left 'running' died with it (we hold the run lock): requeue it now.
@@ -80,7 +81,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
                                                      "hf_write_token"})
     procs = [
         mp.Process(target=_worker_main, args=(settings.database_url, dump, settings.store_options(),
-                                              submitted.grid_id, i,
+                                              submitted.grid_id, spec.trainer, i,
                                               str(out_dir / f"worker-{i}.log")))
         for i in range(workers)
     ]

@@ -19,16 +19,17 @@ OUTPUT_LOG = "output.log"
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_agent(agent_pid: int) -> None:
-    """Linux: SIGKILL this process when the agent dies (kill -9), so an orphan never keeps training a
-    job whose lease will pass to another worker."""
+def die_with(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (kill -9), so an orphan never keeps training a
+    job whose lease will pass to another worker. The parent is the agent, or the agent's warm process
+    (worker/warm.py), which dies with the agent the same way."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the next pipe write to the dead agent ends us instead
         return
-    if os.getppid() != agent_pid:  # the agent died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
 
@@ -50,10 +51,10 @@ def _json_safe(result: Any) -> dict[str, Any]:
 
 
 def run_job(job: dict[str, Any], workdir: str, store_root: str, keep: int, conn, stop_event,
-            agent_pid: int, stores: StoreOptions | None = None) -> None:
+            parent_pid: int, stores: StoreOptions | None = None) -> None:
     from worker import trainers
 
-    _die_with_agent(agent_pid)
+    die_with(parent_pid)
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     _redirect_output(path)

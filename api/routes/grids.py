@@ -41,9 +41,11 @@ def _submit(engine: Engine, spec: GridSpec, done: list[g.DoneJob] | None = None)
     try:
         _check_storable(spec)
         try:
-            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done)
+            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done,
+                                 fuse_key=trainers.fuse_key)
         except IntegrityError:  # a concurrent POST created the same grid first: add to it instead
-            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done)
+            return g.submit_grid(engine, spec, trainers.validate_config, external_id=trainers.external_id, done=done,
+                                 fuse_key=trainers.fuse_key)
     except trainers.UnknownTrainer as exc:
         raise ApiError(422, "unknown_trainer", str(exc), [{"field": "trainer", "message": str(exc)}],
                        extra={"known_trainers": trainers.known_trainers()}) from None

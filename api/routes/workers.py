@@ -1,5 +1,9 @@
 """The worker protocol (the hot path): register, claim, heartbeat, checkpoint, events, finish.
 
+A gang (docs/gang_claims.md) is claimed with `max_jobs` > 1 and heartbeated and finished with one batched
+call each (`heartbeat-gang`, `finish-gang`): those answer 200 with one reply per member, and a member the
+queue refuses gets `"ok": false, "stop": true` there while the others are written.
+
 Every call under /workers/{worker_id}/ carries the worker secret register returned (api/worker_secrets.py:
 403 without it), and every write after a claim carries the attempt id; a write the queue refuses (the attempt
 is no longer current, or another worker holds the job) is a 409 `stale_attempt` with `"stop": true`, and the
@@ -17,12 +21,13 @@ from sqlalchemy import Engine
 from api import auth, worker_secrets
 from api.deps import get_engine, get_queue
 from api.errors import ApiError, error_response
-from api.models import Checkpoint, Claim, CodeRev, Events, Finish, Heartbeat, RegisterWorker, WorkerEvent
+from api.models import Checkpoint, Claim, CodeRev, Events, Finish, GangFinish, GangHeartbeat, Heartbeat, \
+    RegisterWorker, WorkerEvent
 from api.responses import JSONResponse
 from api.routes.common import router as make_router
 from api.worker_secrets import WorkerId
 from common.json_checks import cleaned_note
-from scheduler import reports
+from scheduler import gang, reports
 from scheduler.queue import Metric, Queue, Reply
 
 router = make_router("workers")
@@ -49,13 +54,89 @@ def register(body: RegisterWorker, request: Request, queue: Queue = Depends(get_
                          "heartbeat_seconds": settings.heartbeat_seconds}, status_code=201)
 
 
+def _gang_size(request: Request, n: int, field: str) -> None:
+    limit = request.app.state.settings.max_gang_jobs
+    if n > limit:
+        raise ApiError(422, "invalid_request", f"{field}: at most {limit} jobs in one gang on this server; got {n}",
+                       [{"field": field, "message": f"at most {limit} (the server's max_gang_jobs)"}])
+
+
+def _gang_error(exc: gang.GangError) -> ApiError:
+    return ApiError(422, "invalid_request", str(exc), [{"field": exc.field, "message": exc.message}])
+
+
+def _member(job_id: int, reply: Reply) -> dict:
+    return {"job_id": job_id, "ok": reply.ok, "stop": reply.stop, "cancel": reply.cancel, "reason": reply.reason,
+            "state": reply.state, "lease_expires_at": reply.lease_expires_at}
+
+
 @router.post("/workers/{worker_id}/claim",
-             summary="Take the best runnable job, or {\"job\": null}")
-def claim(worker_id: ProvenWorkerId, body: Claim, queue: Queue = Depends(get_queue)):
+             summary="Take the best runnable job, or {\"job\": null}; with max_jobs > 1 a gang: also "
+                     "\"jobs\", up to max_jobs jobs of one grid sharing a fuse key")
+def claim(worker_id: ProvenWorkerId, body: Claim, request: Request, queue: Queue = Depends(get_queue)):
     only_grid = {"grid_id": body.grid_id} if body.grid_id is not None else {}
-    job = queue.claim(worker_id, trainers=body.trainers, gpus=body.gpus, can_pin_code=body.can_pin_code,
-                      code_rev=body.code_rev, **only_grid)
-    return JSONResponse({"job": dataclasses.asdict(job) if job else None})
+    filters = dict(trainers=body.trainers, gpus=body.gpus, can_pin_code=body.can_pin_code, code_rev=body.code_rev,
+                   **only_grid)
+    if body.max_jobs == 1:  # the single claim, as before gangs
+        job = queue.claim(worker_id, **filters)
+        return JSONResponse({"job": dataclasses.asdict(job) if job else None})
+    _gang_size(request, body.max_jobs, "max_jobs")
+    jobs = [dataclasses.asdict(job) for job in gang.claim_gang(queue, worker_id, body.max_jobs, **filters)]
+    return JSONResponse({"job": jobs[0] if jobs else None, "jobs": jobs})
+
+
+@router.post("/workers/{worker_id}/heartbeat-gang",
+             summary="Heartbeat every member of a gang in one call; one reply per member")
+def heartbeat_gang(worker_id: ProvenWorkerId, body: GangHeartbeat, request: Request,
+                   queue: Queue = Depends(get_queue)):
+    _gang_size(request, len(body.members), "members")
+    now = time.time()
+    members = [gang.MemberBeat(m.job_id, m.attempt_id, step=m.step, progress=m.progress,
+                               metrics=[Metric(step=x.step, values=x.values, time=now if x.time is None else x.time)
+                                        for x in m.metrics])
+               for m in body.members]
+    try:
+        replies = gang.heartbeat_gang(queue, worker_id, members, now=now)
+    except gang.GangError as exc:
+        raise _gang_error(exc) from None
+    out = []
+    for m, reply in zip(body.members, replies):
+        events = [(e.kind, e.message) for e in m.events]
+        if m._cleaned:
+            events.append(("input_cleaned", cleaned_note(m._cleaned)))
+        if reply.ok and events:  # rare: a statement per member that has any
+            noted = queue.add_events(m.job_id, m.attempt_id, events, worker_id=worker_id)
+            reply = reply if noted.ok else noted
+        out.append(_member(m.job_id, reply))
+    return JSONResponse({"members": out})
+
+
+@router.post("/workers/{worker_id}/finish-gang",
+             summary="End the attempts of a gang's members in one call, each with its own outcome; one reply "
+                     "per member")
+def finish_gang(worker_id: ProvenWorkerId, body: GangFinish, request: Request, queue: Queue = Depends(get_queue)):
+    _gang_size(request, len(body.members), "members")
+    members = [gang.MemberFinish(m.job_id, m.attempt_id, m.outcome, result=m.result, error=m.error)
+               for m in body.members]
+    refused: dict[int, Reply] = {}
+    if any(m._cleaned for m in body.members):  # rare; the batch must be whole before any note is written
+        try:
+            gang.check_members(queue, members)
+        except gang.GangError as exc:
+            raise _gang_error(exc) from None
+    for m in body.members:
+        if m._cleaned:  # said on the job before its attempt ends, as the single finish does
+            noted = queue.add_events(m.job_id, m.attempt_id, [("input_cleaned", cleaned_note(m._cleaned))],
+                                     worker_id=worker_id)
+            if not noted.ok:
+                refused[m.job_id] = noted
+    members = [m for m in members if m.job_id not in refused]
+    try:
+        replies = dict(zip([m.job_id for m in members], gang.finish_gang(queue, worker_id, members))) if members else {}
+    except gang.GangError as exc:
+        raise _gang_error(exc) from None
+    return JSONResponse({"members": [_member(m.job_id, refused.get(m.job_id) or replies[m.job_id])
+                                     for m in body.members]})
 
 
 @router.post("/workers/{worker_id}/heartbeat",

@@ -1,5 +1,5 @@
-"""Real processes for end-to-end tests: `gridfleet serve`, `gridfleet worker` agents (each training in a spawned
-child process), each in its own session/process group so a test can kill an agent *and* its job child
+"""Real processes for end-to-end tests: `gridfleet serve`, `gridfleet worker` agents (each training in a child
+process forked from its warm process), each in its own session/process group so a test can kill an agent *and* its job child
 together, and teardown never leaves anything behind. `Fleet` starts and tracks them (the `fleet` fixture
 in tests/conftest.py); the API helpers below read what the server says.
 
@@ -52,6 +52,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def group_members(pgid: int) -> dict[int, tuple[int, str]]:
     """Live (not zombie) processes of process group `pgid`: pid -> (ppid, command line)."""
     members = {}
@@ -86,9 +93,17 @@ class Proc:
         return group_members(self.pid)
 
     def job_children(self) -> list[int]:
-        """The agent's spawned job processes (not multiprocessing's resource tracker)."""
-        return [pid for pid, (ppid, cmd) in self.group().items()
-                if ppid == self.pid and "spawn_main" in cmd]
+        """The agent's job processes: forked by its warm process (named gridfleet-job, worker/warm.py) or
+        spawned cold by the agent itself (not the warm process, not multiprocessing's resource tracker)."""
+        found = []
+        for pid, (ppid, cmd) in self.group().items():
+            name = _comm(pid)
+            if name == "gridfleet-job" or (ppid == self.pid and "spawn_main" in cmd and name != "gridfleet-warm"):
+                found.append(pid)
+        return found
+
+    def warm_processes(self) -> list[int]:
+        return [pid for pid, (ppid, _) in self.group().items() if ppid == self.pid and _comm(pid) == "gridfleet-warm"]
 
     def send(self, sig: int) -> None:
         if self.alive():

@@ -9,7 +9,8 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from common import schema as t
-from common.checkpoints import LocalStore, StoreOptions, load_checkpoint
+from common.checkpoints import LocalStore, StoreOptions
+from common.stores import load_checkpoint
 from common.settings import Settings
 from scheduler.grids import submit_grid
 from scheduler.spec import GridSpec

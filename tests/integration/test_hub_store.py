@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,21 @@ def test_uploader_keeps_a_failed_batch_for_the_next_flush(hub, tmp_path):
     [pointer] = uploader.flush()
     assert uploader.pending() == 0
     assert_same_state(make_store(hub, tmp_path / "b").load(pointer), make_state(1))
+
+
+def test_upload_leaves_out_a_checkpoint_pruned_while_it_waited(hub, tmp_path):
+    """The job's child prunes old checkpoints while an upload waits on the Hub (an outage, retries): the
+    commit holds what is still there, and says so, instead of failing (it killed the uploader thread)."""
+    store = make_store(hub, tmp_path / "a", keep=5)
+    old = store.local.save(1, 1, 1, make_state(1))
+    new = store.local.save(1, 1, 2, make_state(2))
+    files = {store.path_in_repo(1, 1, step): Path(p["uri"][len("local:"):]) for step, p in ((1, old), (2, new))}
+    files[store.path_in_repo(1, 1, 1)].unlink()  # pruned after it was queued
+    sha = store.upload(files, "two checkpoints, one left")
+    assert list(files) == [store.path_in_repo(1, 1, 2)]
+    tree = hub.repos["alice/ckpts"].resolve("main").files
+    assert store.path_in_repo(1, 1, 2) in tree and store.path_in_repo(1, 1, 1) not in tree
+    assert_same_state(make_store(hub, tmp_path / "b").load(store.pointer(store.path_in_repo(1, 1, 2), sha, 2, 0.0)),
+                      make_state(2))
+    gone = {store.path_in_repo(1, 1, 3): tmp_path / "never-written.pt"}
+    assert store.upload(gone, "nothing left") is None and gone == {}

@@ -1,5 +1,6 @@
 """Trainers: one file each, with a pydantic `Config` and `train(config, ctx) -> dict` (and, optionally,
-`external_id(config)`: the id its users know a config by).
+`external_id(config)`: the id its users know a config by, and `fuse_key(config)`: configs sharing it can be
+trained as one stacked model, so a gang claim takes them together).
 
 Modules are imported lazily so validating a `noop` grid never imports torch.
 """
@@ -74,4 +75,15 @@ def external_id(name: str, config: dict[str, Any]) -> str | None:
     (jobs.external_id, searchable with GET /jobs?external_id=...)."""
     module = load(name)
     make = getattr(module, "external_id", None)
+    return None if make is None else make(parse_config(name, config))
+
+
+def fuse_key(name: str, config: dict[str, Any]) -> str | None:
+    """The key under which jobs of one grid may be claimed as a gang and trained as one stacked model, or
+    None (never fused: claimed one at a time).
+
+    A trainer offers it as `fuse_key(cfg: Config) -> str | None`; the scheduler stores it with each job at
+    submit (jobs.fuse_key, docs/gang_claims.md)."""
+    module = load(name)
+    make = getattr(module, "fuse_key", None)
     return None if make is None else make(parse_config(name, config))

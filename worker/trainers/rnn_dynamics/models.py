@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.checkpoints import StoreOptions, load_checkpoint
+from common.checkpoints import StoreOptions
+from common.stores import load_checkpoint
 from worker.trainers import learning_rules
 from worker.trainers.rnn_dynamics.network import BadNetwork, Network
 
