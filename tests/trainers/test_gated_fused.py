@@ -7,6 +7,7 @@ import harness  # tests/trainers/harness.py
 import pytest
 import torch
 
+from worker import trainers
 from worker.trainers import gated_rnn
 from worker.trainers.gated_rnn import Config
 
@@ -190,6 +191,9 @@ def test_the_seeds_grid_fuses_into_six_shape_groups():
     assert len(grid) == 432
     keys = {gated_rnn.fuse_key(c) for c in grid}
     assert len(keys) == 6
+    # the registry's hook (stored as jobs.fuse_key at submit) is this one, from the config as submitted
+    assert trainers.fuse_key("gated_rnn", {"state_size": 32, "n_layers": 3, "lr": 0.01}) == gated_rnn.fuse_key(
+        Config(state_size=32, n_layers=3))
     base = Config()
     for change in ({"batch_size": 8}, {"history": 50}, {"steps": 5}, {"corpus": "x.txt"}, {"n_layers": 3}):
         assert gated_rnn.fuse_key(base.model_copy(update=change)) != gated_rnn.fuse_key(base), change
