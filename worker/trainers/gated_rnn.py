@@ -10,9 +10,11 @@ offsets; the state resets at each window. The logged loss is the seed's moving a
 window that passes `steps` (10,000 asked, windows of 999 steps: 11 windows = 10,989 steps, and a curve of
 10,989 // 50 = 219 points, as in the seed's result files). `external_id` is the seed's config id, stored
 with each job so old result files can be joined with ours (worker/trainers/slmfun.py reads those files).
+`fuse_key` and `train_many` train a gang of same-shape configs as one stacked model (gated_fused.py).
 """
 from __future__ import annotations
 
+import math
 import sysconfig
 import time
 from pathlib import Path
@@ -27,6 +29,14 @@ from worker.trainers import slmfun
 
 VOCAB = 256
 STDLIB_CORPUS = "stdlib"
+
+
+class Diverged(ArithmeticError):
+    """The moving-average loss is no longer finite (NaN or inf): the run has diverged and ends here."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss diverged to {value} at step {step} (try a smaller lr)")
+        self.step = step
 
 
 class Config(BaseModel):
@@ -72,6 +82,21 @@ class Config(BaseModel):
 def external_id(cfg: Config) -> str:
     """The seed's config id (init_experiments.py): sha256 of its sorted-keys JSON of the nine RNN keys."""
     return slmfun.seed_config_id(cfg.model_dump(include=set(slmfun.RNN_KEYS)))
+
+
+def fuse_key(cfg: Config) -> str:
+    """What the members of one stacked model (`train_many`) must share: the shape, the data and the run
+    length. Gate flags, lr, log_every and checkpoint_every may differ: the seed's 432 configs are 6 keys."""
+    return (f"gated_rnn/L{cfg.n_layers}/S{cfg.state_size}/B{cfg.batch_size}/H{cfg.history}/end{cfg.end_step}"
+            f"/{cfg.corpus}:{cfg.corpus_bytes}")
+
+
+def train_many(cfgs: list[Config], ctxs: list) -> list:
+    """Fused training of a gang (worker/trainers/gated_fused.py; imported here, not at the top, because
+    it builds on this module's model)."""
+    from worker.trainers import gated_fused
+
+    return gated_fused.train_many(cfgs, ctxs)
 
 
 def dataset_name(corpus: str) -> str:
@@ -213,6 +238,8 @@ def train(cfg: Config, ctx) -> dict:
                 curve.append([step, value])
             ctx.report(step, loss=value, raw_loss=loss.item())
             ctx.progress(step, end)
+            if not math.isfinite(value):  # checked at log points only: no device sync on every step
+                raise Diverged(step, value)
         if step % cfg.checkpoint_every == 0 or ctx.should_stop():
             checkpoint()
             if ctx.should_stop():

@@ -1,0 +1,209 @@
+"""gated_rnn (seed 001): 16 same-shape configs fused into one model vs run one by one vs the seed's way.
+
+Four ways to train the same 16 configs (seed 001's gate-flag combos at one n_layers/state_size, batch 256,
+window 1000, Adam lr 1e-3, a few steps each), measured in the same run so the ratios compare like with like,
+every process with one torch thread (two threads per process on two shared cores only oversubscribe them):
+- fused x1: `gated_rnn.train_many` on all 16 in one process (worker/trainers/gated_fused.py);
+- fused x2: two processes, a gang of 8 in each (two workers, each running one gang);
+- sequential: 16 `gated_rnn.train` runs one after another in one process (one job at a time);
+- seed's way: two processes, each running its 8 configs one after another, as the seed ran two
+  training processes side by side.
+The worker processes are started and warmed (torch imported, one tiny run) before the clock starts.
+Each solo run loads its corpus, as a job does, and the fused run once: 1 MB of the stdlib's sources,
+written to a temporary file first so that reading it costs little. Target: fused x2 >= 3x the seed's
+way on 2 CPU cores.
+
+With --device cuda it also times one fused gang per shape group of the seed's 432-config grid (48 or 96
+members) for --gpu-steps steps and projects the whole grid at the seed's 10,989 steps (10,000 asked,
+finish_window). Without a GPU that line says "not measured".
+
+    python bench/fused.py                            # state 32 and 256 on the CPU (about 3 minutes)
+    python bench/fused.py --sizes 32 --steps 200
+    python bench/fused.py --device cuda --gpu-steps 30
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from worker.trainers import gated_rnn
+
+FLAGS = ["use_input_gate", "use_forget_gate", "use_output_gate", "use_state_gate",
+         "use_new_state", "use_old_state", "use_residual"]
+SEED_TRAINING = {"batch_size": 256, "history": 1000, "lr": 1e-3, "log_every": 50,
+                 "corpus_bytes": 1_000_000, "checkpoint_every": 10 ** 9}  # corpus: a file, set in main()
+SEED_END_STEP = 10_989  # 10,000 asked, windows of 999: the seed's run length
+
+
+class BenchContext:
+    """What train() and train_many() need from a TrainerContext, in memory (no checkpoints written)."""
+
+    def __init__(self, device: str, seed: int):
+        self.seed, self.device = seed, device
+
+    def report(self, step: int, **metrics: Any) -> None:
+        pass
+
+    def progress(self, done: float, total: float) -> None:
+        pass
+
+    def save_checkpoint(self, state: dict, step: int | None = None) -> dict:
+        return {}
+
+    def load_checkpoint(self) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def seed_flag_combos(residual_only: bool) -> list[dict]:
+    combos = []
+    for values in itertools.product([False, True], repeat=7):
+        flags = dict(zip(FLAGS, values))
+        if (flags["use_new_state"] or flags["use_old_state"]) and (flags["use_residual"] or not residual_only):
+            combos.append(flags)
+    return combos
+
+
+def configs(size: int, n_layers: int, steps: int, count: int) -> list[dict]:
+    """`count` of the seed's flag combos for this shape, spread over the list (size 32: residual only)."""
+    combos = seed_flag_combos(residual_only=size == 32)
+    chosen = combos[:: max(1, len(combos) // count)][:count]
+    return [{**flags, **SEED_TRAINING, "n_layers": n_layers, "state_size": size, "steps": steps} for flags in chosen]
+
+
+def solo(config: dict, seed: int, device: str = "cpu") -> float:
+    result = gated_rnn.train(gated_rnn.Config.model_validate(config), BenchContext(device, seed))
+    return result["final_loss"]
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def fused(cfgs: list[dict], seeds: list[int], device: str = "cpu") -> list:
+    models = [gated_rnn.Config.model_validate(c) for c in cfgs]
+    return gated_rnn.train_many(models, [BenchContext(device, seed) for seed in seeds])
+
+
+def time_fused(cfgs: list[dict], device: str) -> float:
+    began = time.perf_counter()
+    results = fused(cfgs, list(range(len(cfgs))), device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - began
+    failed = [r for r in results if isinstance(r, Exception)]
+    if failed:
+        raise RuntimeError(f"fused members failed: {failed[:3]}")
+    return elapsed
+
+
+def time_sequential(cfgs: list[dict]) -> float:
+    began = time.perf_counter()
+    for seed, config in enumerate(cfgs):
+        solo(config, seed)
+    return time.perf_counter() - began
+
+
+def time_seeds_way(cfgs: list[dict], pool) -> float:
+    began = time.perf_counter()
+    pool.starmap(solo, [(config, seed) for seed, config in enumerate(cfgs)], chunksize=1)
+    return time.perf_counter() - began
+
+
+def time_fused_pair(cfgs: list[dict], pool) -> float:
+    half = len(cfgs) // 2
+    began = time.perf_counter()
+    outcomes = pool.starmap(fused, [(cfgs[:half], list(range(half))), (cfgs[half:], list(range(half, len(cfgs))))])
+    elapsed = time.perf_counter() - began
+    if any(isinstance(r, Exception) for results in outcomes for r in results):
+        raise RuntimeError("fused members failed")
+    return elapsed
+
+
+def cpu_table(sizes: list[int], steps: dict[int, int], n_layers: int, count: int) -> None:
+    _one_thread()
+    warm = [configs(8, 1, 2, 2)[0] | {"state_size": 8}] * 2
+    fused(warm, [0, 1])  # imports (the first optimizer imports torch._dynamo: 1-2 s) in this process too
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2, initializer=_one_thread) as pool:
+        pool.starmap(fused, [(warm, [0, 1])] * 2)
+        print(f"CPU, one thread per process; {count} configs, n_layers {n_layers}, "
+              f"batch {SEED_TRAINING['batch_size']}, window 1000")
+        print(f"{'state':>6} {'steps':>6} {'fused x1 s':>11} {'sequential s':>13} {'fused x2 s':>11} "
+              f"{'seed way s':>11} {'x1/sequential':>14} {'x2/seed way':>12}")
+        ratios = []
+        for size in sizes:
+            cfgs = configs(size, n_layers, steps[size], count)
+            one = time_fused(cfgs, "cpu")
+            sequential = time_sequential(cfgs)
+            two = time_fused_pair(cfgs, pool)
+            seeds_way = time_seeds_way(cfgs, pool)
+            ratios.append(seeds_way / two)
+            print(f"{size:>6} {steps[size]:>6} {one:>11.2f} {sequential:>13.2f} {two:>11.2f} {seeds_way:>11.2f} "
+                  f"{sequential / one:>13.2f}x {seeds_way / two:>11.2f}x")
+    verdict = "met" if min(ratios) >= 3.0 else "NOT met"
+    print(f"fused x2 vs the seed's way: {min(ratios):.2f}x to {max(ratios):.2f}x "
+          f"(target >= 3x in every row: {verdict})")
+
+
+def gpu_projection(steps: int, device: str) -> None:
+    """Time one fused gang per shape group of the seed's grid; project the grid at 10,989 steps."""
+    total, rows = 0.0, []
+    for n_layers, size in itertools.product([1, 2, 3], [32, 256]):
+        group = [{**flags, **SEED_TRAINING, "n_layers": n_layers, "state_size": size}
+                 for flags in seed_flag_combos(residual_only=size == 32)]
+        time_fused([c | {"steps": 2} for c in group], device)  # warm-up: kernels, allocator
+        base = time_fused([c | {"steps": 2} for c in group], device)  # set-up and 2 steps
+        seconds = time_fused([c | {"steps": steps + 2} for c in group], device)
+        per_step = (seconds - base) / steps  # the set-up (models, corpus) is not part of the 10,989 steps
+        total += per_step * SEED_END_STEP
+        rows.append(f"L{n_layers} S{size}: {len(group)} members, {per_step * 1000:.1f} ms/step")
+    print(f"{device} projection from {steps} measured steps per group: " + "; ".join(rows))
+    verdict = "met" if total <= 15 * 60 else "NOT met"
+    print(f"projected: the 432-config grid at {SEED_END_STEP} steps in {total / 60:.1f} min on one device, 6 gangs "
+          f"one after another (target <= 15 min: {verdict})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="32,256", help="state sizes, comma-separated")
+    parser.add_argument("--steps", type=int, default=None, help="steps per config (default: 60 at 32, 10 at 256)")
+    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--configs", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=256, help="batch size (the seed's: 256)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the grid projection as well")
+    parser.add_argument("--gpu-steps", type=int, default=30)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="gf_fused_"))
+    try:
+        corpus = folder / "stdlib.txt"
+        text = gated_rnn.load_corpus("stdlib", SEED_TRAINING["corpus_bytes"])
+        corpus.write_bytes(bytes(text.to(torch.uint8).tolist()))
+        SEED_TRAINING["corpus"] = str(corpus)
+        SEED_TRAINING["batch_size"] = args.batch
+        sizes = [int(s) for s in args.sizes.split(",")]
+        steps = {size: args.steps or (60 if size <= 64 else 10) for size in sizes}
+        cpu_table(sizes, steps, args.n_layers, args.configs)
+        if args.device == "cuda" and torch.cuda.is_available():
+            gpu_projection(args.gpu_steps, "cuda")
+        else:
+            print("GPU projection for the 432-config grid: not measured (no CUDA device; run with --device cuda)")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

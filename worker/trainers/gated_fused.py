@@ -1,0 +1,379 @@
+"""Fused training for gated_rnn: a gang of same-shape configs trained as one stacked model.
+
+How to read it: `train_many` groups the members by the step they resume from and runs each group with
+`_Gang.run`, the loop (one step for all members, then each member's own reports, checkpoint, stop and
+failure, as `gated_rnn.train` does them). `_Gang` holds the stacked tensors; `_forward` is GatedLayer over
+a leading member dimension; `_to_solo`/`_from_solo` convert one member between the stacked layout and the
+solo checkpoint format, so a member can resume solo or in a gang.
+
+Each parameter is stacked over the members that have it: the shared ones over all, a gate over its users
+only, and a gate runs on its users' rows (members without it keep the value the solo layer has without
+it: the input unchanged for the input/state/forget gates, swish instead of the output gate). The readout
+reads all three slots (new state, old state, x) with the unused ones zeroed, so its padded columns get
+exactly zero gradient and Adam leaves them as they are. Each member's numbers therefore equal its solo run
+to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns NaN
+cannot touch the others.
+
+Gangs join only members at the same step (a member resumed from step 1000 is not ganged with one at 0):
+`train_many` runs one gang per distinct start step, one after the other.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from worker.trainers import gated_rnn
+from worker.trainers.gated_rnn import Config, Diverged, GatedRNN, fuse_key
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which the solo run uses
+SLOTS = ("use_new_state", "use_old_state", "use_residual")  # the readout's inputs, in the solo order
+GATES = ("input_gate", "state_gate", "forget_gate", "output_gate")
+
+
+def _columns(cfg: Config, size: int) -> dict[str, torch.Tensor]:
+    """For the two weights whose solo width depends on the flags: the stacked columns of the solo ones."""
+    used = [slot for slot, name in enumerate(SLOTS) if getattr(cfg, name)]
+    reads = torch.cat([torch.arange(slot * size, (slot + 1) * size) for slot in used])
+    return {"readout.weight": reads, "output_gate.weight": torch.cat([torch.arange(size), size + reads])}
+
+
+def _gate(name: str) -> str | None:
+    """"layers.0.input_gate" for "layers.0.input_gate.weight"; None for parameters every member has."""
+    prefix = name.rsplit(".", 1)[0]
+    return prefix if prefix.split(".")[-1] in GATES else None
+
+
+def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The member's parameters in the stacked layout: its own gates only, the readout 3 slots wide."""
+    s, v = cfg.state_size, gated_rnn.VOCAB
+    layer = {"candidate": (s, 2 * s), "input_gate": (2 * s, 2 * s), "state_gate": (s, 3 * s),
+             "forget_gate": (s, 3 * s), "readout": (s, 3 * s), "output_gate": (s, 4 * s)}
+    shapes = {"embed.weight": (s, v), "embed.bias": (s,), "head.weight": (v, s), "head.bias": (v,)}
+    for i in range(cfg.n_layers):
+        for name, (out, inp) in layer.items():
+            if name in GATES and not getattr(cfg, "use_" + name):
+                continue
+            shapes[f"layers.{i}.{name}.weight"] = (out, inp)
+            shapes[f"layers.{i}.{name}.bias"] = (out,)
+    return shapes
+
+
+def _from_solo(solo: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """A solo state dict (model weights or an Adam moment) in the stacked layout; what it lacks is zeros."""
+    columns = _columns(cfg, cfg.state_size)
+    full = {}
+    for name, shape in _shapes(cfg).items():
+        full[name] = torch.zeros(shape)
+        if name in solo:
+            cols = columns.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+            if cols is None:
+                full[name].copy_(solo[name])
+            else:
+                full[name][:, cols] = solo[name].float()
+    return full
+
+
+def _to_solo(full: dict[str, torch.Tensor], names: list[str], cfg: Config) -> dict[str, torch.Tensor]:
+    columns = _columns(cfg, cfg.state_size)
+    solo = {}
+    for name in names:
+        cols = columns.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+        solo[name] = (full[name] if cols is None else full[name][:, cols]).detach().clone()
+    return solo
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """nn.Linear per member: x [M, B, in], weight [M, out, in], bias [M, out]."""
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def _forward(p: dict[str, torch.Tensor], users: dict[str, torch.Tensor], slots: torch.Tensor,
+             byte: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """GatedRNN.forward for M members at once: byte [M, B], states [M, B, S] per layer. A gate runs on
+    the rows of its users only (`users[gate]`, absent when no member has it); the others keep the value
+    the solo layer has without it."""
+    members = byte.shape[0]
+    # embed(one_hot(byte)) as a lookup in the members' tables laid end to end
+    table = p["embed.weight"].transpose(1, 2).reshape(members * gated_rnn.VOCAB, -1)
+    offsets = torch.arange(members, device=byte.device).unsqueeze(1) * gated_rnn.VOCAB
+    x = F.embedding(byte + offsets, table) + p["embed.bias"].unsqueeze(1)
+    size = x.shape[-1]
+    new_states = []
+    for i, state in enumerate(states):
+        w = lambda name: (p[f"layers.{i}.{name}.weight"], p[f"layers.{i}.{name}.bias"])  # noqa: E731
+        rows = lambda name: users.get(f"layers.{i}.{name}")  # noqa: E731
+        pick = lambda t, r: t if r.numel() == members else t.index_select(0, r)  # noqa: E731
+        put = lambda t, r, v: v if r.numel() == members else t.index_copy(0, r, v)  # noqa: E731
+        xs = torch.cat([x, state], dim=-1)
+        if (r := rows("input_gate")) is not None:
+            sel = pick(xs, r)
+            xs = put(xs, r, sel * torch.sigmoid(_linear(sel, *w("input_gate"))))
+        new = torch.tanh(_linear(xs, *w("candidate")))
+        if (r := rows("state_gate")) is not None:
+            sel_new, sel_state = pick(new, r), pick(state, r)
+            z = torch.sigmoid(_linear(torch.cat([pick(xs, r), sel_new], dim=-1), *w("state_gate")))
+            new = put(new, r, z * sel_new + (1.0 - z) * sel_state)
+        if (r := rows("forget_gate")) is not None:
+            sel_new = pick(new, r)
+            forget = torch.sigmoid(_linear(torch.cat([pick(xs, r), sel_new], dim=-1), *w("forget_gate")))
+            new = put(new, r, forget * sel_new)
+        reads = torch.cat([new, xs[..., size:], x], dim=-1) * slots
+        y = _linear(reads, *w("readout"))
+        x = F.silu(y)
+        if (r := rows("output_gate")) is not None:
+            sel_y = pick(y, r)
+            x = put(x, r, sel_y * torch.sigmoid(_linear(torch.cat([sel_y, pick(reads, r)], dim=-1), *w("output_gate"))))
+        new_states.append(new)
+    return _linear(x, p["head.weight"], p["head.bias"]), new_states
+
+
+@dataclass
+class _Member:
+    cfg: Config
+    ctx: Any
+    sampler: torch.Generator
+    names: list[str]  # the solo model's parameters, in its order (the Adam state's indices)
+    trained: set[str]  # those that get a gradient in the solo run (the others have no Adam state there)
+    param_groups: list[dict]
+    parameters: int
+    torch_rng: torch.Tensor  # the global RNG after the solo init; training draws nothing from it
+    avg: float = 3.0
+    min_loss: float = float("inf")
+    curve: list = field(default_factory=list)
+    elapsed: float = 0.0
+    start_time: float = 0.0
+
+
+def _solo_template(cfg: Config, seed: int) -> tuple[GatedRNN, torch.Tensor, set[str]]:
+    """The member's solo model, initialised as `train` does, and which parameters get gradients."""
+    torch.manual_seed(seed)
+    model = GatedRNN(cfg)
+    rng = torch.get_rng_state()
+    size = cfg.state_size
+    logits, _ = model(torch.zeros(1, dtype=torch.long), [torch.zeros(1, size) for _ in range(cfg.n_layers)])
+    logits.sum().backward()  # the graph's shape, not its values, decides which parameters train
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return model, rng, trained
+
+
+class _Gang:
+    def __init__(self, cfgs: list[Config], ctxs: list, states: list[dict | None], data: torch.Tensor,
+                 device: torch.device):
+        self.data, self.device, self.cfg = data, device, cfgs[0]
+        self.members: list[_Member] = []
+        params, moments, hidden, starts = [], [], [], []
+        for cfg, ctx, state in zip(cfgs, ctxs, states):
+            model, rng, trained = _solo_template(cfg, ctx.seed)
+            names = [name for name, _ in model.named_parameters()]
+            groups = torch.optim.Adam(model.parameters(), lr=cfg.lr).state_dict()["param_groups"]
+            member = _Member(cfg, ctx, torch.Generator().manual_seed(ctx.seed), names, trained, groups,
+                             sum(p.numel() for p in model.parameters()), rng, start_time=time.time())
+            solo, exp_avg, exp_avg_sq = model.state_dict(), {}, {}
+            if state is not None:
+                solo = state["model"]
+                for index, entry in state["optimizer"]["state"].items():
+                    exp_avg[names[index]], exp_avg_sq[names[index]] = entry["exp_avg"], entry["exp_avg_sq"]
+                member.sampler.set_state(state["sampler"])
+                member.torch_rng = state["torch_rng"]
+                member.avg, member.min_loss, member.curve = state["avg"], state["min_loss"], state["curve"]
+                member.elapsed, member.start_time = state["elapsed"], state.get("start_time", member.start_time)
+                hidden.append(state["hidden"])
+                starts.append(state["starts"])
+            params.append(_from_solo(solo, cfg))
+            moments.append((_from_solo(exp_avg, cfg), _from_solo(exp_avg_sq, cfg)))
+            self.members.append(member)
+        # Each parameter is stacked over the members that have it (a gate: its users, in member order).
+        names = list(dict.fromkeys(name for member in params for name in member))
+        self.users = {name: [row for row, member in enumerate(params) if name in member] for name in names}
+        stack = lambda dicts, name: torch.stack([d[name] for d in dicts if name in d]).to(device)  # noqa: E731
+        self.params = {name: stack(params, name).requires_grad_() for name in names}
+        self.exp_avg = {name: stack([m[0] for m in moments], name) for name in names}
+        self.exp_avg_sq = {name: stack([m[1] for m in moments], name) for name in names}
+        self.avg = torch.tensor([m.avg for m in self.members], device=device)
+        self._index_users()
+        self.step = states[0]["step"] if states[0] is not None else 0
+        self.pos = states[0]["window_pos"] if states[0] is not None else 0
+        self.hidden = ([torch.stack(layer).to(device) for layer in zip(*hidden)] if hidden else None)
+        self.starts = torch.stack(starts) if starts and starts[0] is not None else None
+
+    def _index_users(self) -> None:
+        """The device-side views of `users`: row indices per gate, and the readout's slots."""
+        d, size = self.device, self.cfg.state_size
+        self.gate_rows = {_gate(name): torch.tensor(rows, dtype=torch.long, device=d)
+                          for name, rows in self.users.items() if _gate(name) is not None}
+        slots = torch.tensor([[float(getattr(m.cfg, slot)) for slot in SLOTS] for m in self.members],
+                             device=d).view(-1, len(SLOTS))
+        self.slots = slots.repeat_interleave(size, dim=1).unsqueeze(1)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these members go on (the others left: finished, stopped, diverged or failed)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        new_row = {old: new for new, old in enumerate(rows)}
+        self.members = [self.members[i] for i in rows]
+        for name in list(self.params):
+            kept = [j for j, row in enumerate(self.users[name]) if row in new_row]
+            if not kept:  # the last member with this gate left
+                for tensors in (self.params, self.exp_avg, self.exp_avg_sq, self.users):
+                    del tensors[name]
+                continue
+            at = torch.tensor(kept, dtype=torch.long, device=self.device)
+            self.params[name] = self.params[name].detach()[at].requires_grad_()
+            self.exp_avg[name], self.exp_avg_sq[name] = self.exp_avg[name][at], self.exp_avg_sq[name][at]
+            self.users[name] = [new_row[self.users[name][j]] for j in kept]
+        self.avg = self.avg[index]
+        self._index_users()
+        if self.hidden is not None:
+            self.hidden = [h[index] for h in self.hidden]
+        if self.starts is not None:
+            self.starts = self.starts[rows]
+
+    def _adam(self) -> None:
+        """torch.optim.Adam's update with a learning rate per member: torch's fused Adam kernel (what
+        Adam(fused=True) runs) over each member's rows, one call per distinct lr. It works through a
+        member's tensors one at a time, so on a CPU they stay in cache, as in the solo run."""
+        (beta1, beta2), by_lr = BETAS, {}
+        for name, p in self.params.items():
+            if p.grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
+                continue
+            for j, row in enumerate(self.users[name]):
+                lists = by_lr.setdefault(self.members[row].cfg.lr, ([], [], [], []))
+                for tensors, t in zip(lists, (p.detach(), p.grad, self.exp_avg[name], self.exp_avg_sq[name])):
+                    tensors.append(t[j])
+        step = torch.tensor(float(self.step + 1), device=self.device)  # the kernel reads it, does not add
+        for lr, (params, grads, exp_avg, exp_avg_sq) in by_lr.items():
+            torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step] * len(params), lr=lr,
+                               beta1=beta1, beta2=beta2, weight_decay=0.0, eps=EPS, amsgrad=False,
+                               maximize=False)
+        for p in self.params.values():
+            p.grad = None
+
+    def train_step(self) -> torch.Tensor:
+        cfg, members = self.cfg, len(self.members)
+        if self.pos == 0:  # a new window for every member: its own offsets, state reset
+            high = len(self.data) - cfg.history + 1
+            self.starts = torch.stack([torch.randint(0, high, (cfg.batch_size,), generator=m.sampler)
+                                       for m in self.members])
+            self.hidden = [torch.zeros(members, cfg.batch_size, cfg.state_size, device=self.device)
+                           for _ in range(cfg.n_layers)]
+        index = self.starts.to(self.device) + self.pos
+        logits, hidden = _forward(self.params, self.gate_rows, self.slots, self.data[index], self.hidden)
+        loss = F.cross_entropy(logits.reshape(-1, gated_rnn.VOCAB), self.data[index + 1].reshape(-1),
+                               reduction="none").view(members, -1).mean(dim=1)
+        loss.sum().backward()  # members share no parameter: each gets its own solo gradient
+        self._adam()
+        self.hidden = [h.detach() for h in hidden]  # no BPTT
+        self.avg = 0.95 * self.avg + 0.05 * loss.detach()
+        self.step += 1
+        self.pos = (self.pos + 1) % (cfg.history - 1)
+        return loss.detach()
+
+    def checkpoint(self, row: int) -> None:
+        m = self.members[row]
+        full = lambda tensors: {n: t[self.users[n].index(row)].cpu() for n, t in tensors.items()  # noqa: E731
+                                if row in self.users[n]}
+        model = _to_solo(full(self.params), m.names, m.cfg)
+        exp_avg = _to_solo(full(self.exp_avg), m.names, m.cfg)
+        exp_avg_sq = _to_solo(full(self.exp_avg_sq), m.names, m.cfg)
+        step = torch.tensor(float(self.step))
+        optimizer = {"state": {i: {"step": step.clone(), "exp_avg": exp_avg[n], "exp_avg_sq": exp_avg_sq[n]}
+                               for i, n in enumerate(m.names) if n in m.trained and self.step > 0},
+                     "param_groups": m.param_groups}
+        m.ctx.save_checkpoint({
+            "step": self.step, "window_pos": self.pos, "starts": None if self.starts is None else self.starts[row],
+            "hidden": None if self.hidden is None else [h[row].cpu() for h in self.hidden],
+            "avg": float(self.avg[row]), "min_loss": m.min_loss, "curve": m.curve,
+            "elapsed": m.elapsed + time.monotonic() - self.began, "start_time": m.start_time,
+            "model": model, "optimizer": optimizer, "sampler": m.sampler.get_state(), "torch_rng": m.torch_rng,
+        })
+
+    def run(self) -> dict[int, dict | Exception]:
+        """Train to the end; the outcome of each member by its row at the start."""
+        ids = {id(m): row for row, m in enumerate(self.members)}
+        outcome: dict[int, dict | Exception] = {}
+        self.began = time.monotonic()
+        end = self.cfg.end_step
+        while self.members and self.step < end:
+            loss = self.train_step()
+            leaving = {}
+            logged = [row for row, m in enumerate(self.members)
+                      if self.step % m.cfg.log_every == 0 or self.step == end]
+            values = self.avg[logged].tolist() if logged else []
+            raws = loss[logged].tolist() if logged else []
+            for row, value, raw in zip(logged, values, raws):
+                m = self.members[row]
+                try:
+                    self._log(m, value, raw, end)
+                except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
+                    leaving[row] = exc
+            for row, m in enumerate(self.members):
+                if row in leaving:
+                    continue
+                try:
+                    if self.step % m.cfg.checkpoint_every == 0 or m.ctx.should_stop():
+                        self.checkpoint(row)
+                        if m.ctx.should_stop():
+                            leaving[row] = {"stopped_at": self.step}
+                except Exception as exc:  # noqa: BLE001
+                    leaving[row] = exc
+            if leaving:
+                for row, result in leaving.items():
+                    outcome[ids[id(self.members[row])]] = result
+                self.keep([row for row in range(len(self.members)) if row not in leaving])
+        for row, m in enumerate(self.members):
+            outcome[ids[id(m)]] = self._result(row, m)
+        return outcome
+
+    def _log(self, m: _Member, value: float, raw: float, end: int) -> None:
+        """As the solo loop at a log point: the curve, the report, progress, and a diverged loss ends it."""
+        if self.step % m.cfg.log_every == 0 or m.cfg.steps_mode == "exact" or not m.curve:
+            m.min_loss = min(m.min_loss, value)
+            m.curve.append([self.step, value])
+        m.ctx.report(self.step, loss=value, raw_loss=raw)
+        m.ctx.progress(self.step, end)
+        if not math.isfinite(value):
+            raise Diverged(self.step, value)
+
+    def _result(self, row: int, m: _Member) -> dict:
+        cfg = m.cfg
+        return {
+            "min_loss": m.min_loss, "final_loss": float(self.avg[row]), "steps": self.step, "steps_asked": cfg.steps,
+            "steps_mode": cfg.steps_mode, "loss_curve": m.curve,
+            "seconds": round(m.elapsed + time.monotonic() - self.began, 2), "parameters": m.parameters,
+            "start_time": m.start_time, "end_time": time.time(), "batch_size": cfg.batch_size,
+            "history_size": cfg.history, "dataset": gated_rnn.dataset_name(cfg.corpus), "fused": True,
+        }
+
+
+def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
+    """Train same-fuse-key configs as one stacked model; each entry is that member's result (as `train`
+    returns it, plus "fused": True), {"stopped_at": step}, or the exception that ended it."""
+    if len(cfgs) != len(ctxs) or not cfgs:
+        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
+    keys = {fuse_key(c) for c in cfgs}
+    if len(keys) > 1:
+        raise ValueError(f"configs of different fuse keys cannot share a model: {sorted(keys)}")
+    device = torch.device(ctxs[0].device)
+    data = gated_rnn.load_corpus(cfgs[0].corpus, cfgs[0].corpus_bytes).to(device)
+    if len(data) < cfgs[0].history:
+        raise ValueError(f"corpus has {len(data)} bytes; it needs at least history={cfgs[0].history}")
+    outcome: list[dict | Exception | None] = [None] * len(cfgs)
+    by_step: dict[int, list[tuple[int, dict | None]]] = {}
+    for i, ctx in enumerate(ctxs):
+        try:
+            state = ctx.load_checkpoint()
+        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint fails its member only
+            outcome[i] = exc
+            continue
+        by_step.setdefault(0 if state is None else state["step"], []).append((i, state))
+    for _step, group in sorted(by_step.items()):
+        rows = [i for i, _ in group]
+        gang = _Gang([cfgs[i] for i in rows], [ctxs[i] for i in rows], [s for _, s in group], data, device)
+        for row, result in gang.run().items():
+            outcome[rows[row]] = result
+    return outcome
