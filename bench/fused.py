@@ -3,7 +3,7 @@
 Four ways to train the same 16 configs (seed 001's gate-flag combos at one n_layers/state_size, batch 256,
 window 1000, Adam lr 1e-3, a few steps each), measured in the same run so the ratios compare like with like,
 every process with one torch thread (two threads per process on two shared cores only oversubscribe them):
-- fused x1: `gated_rnn.train_many` on all 16 in one process (worker/trainers/gated_fused.py);
+- fused x1: `gated_fused.train_many` on all 16 in one process (worker/trainers/gated_fused.py);
 - fused x2: two processes, a gang of 8 in each (two workers, each running one gang);
 - sequential: 16 `gated_rnn.train` runs one after another in one process (one job at a time);
 - seed's way: two processes, each running its 8 configs one after another, as the seed ran two
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from worker.trainers import gated_rnn
+from worker.trainers import gated_fused, gated_rnn
 
 FLAGS = ["use_input_gate", "use_forget_gate", "use_output_gate", "use_state_gate",
          "use_new_state", "use_old_state", "use_residual"]
@@ -95,7 +95,7 @@ def _one_thread() -> None:
 
 def fused(cfgs: list[dict], seeds: list[int], device: str = "cpu") -> list:
     models = [gated_rnn.Config.model_validate(c) for c in cfgs]
-    return gated_rnn.train_many(models, [BenchContext(device, seed) for seed in seeds])
+    return gated_fused.train_many(models, [BenchContext(device, seed) for seed in seeds])
 
 
 def time_fused(cfgs: list[dict], device: str) -> float:

@@ -50,7 +50,7 @@ class Gang:
 
     def train(self, cfgs):
         try:
-            return gated_rnn.train_many(cfgs, [h.ctx for h in self.members])
+            return trainers.load_fused("gated_rnn").train_many(cfgs, [h.ctx for h in self.members])
         finally:
             for h in self.members:
                 h._done.set()
@@ -199,6 +199,13 @@ def test_the_seeds_grid_fuses_into_six_shape_groups():
         assert gated_rnn.fuse_key(base.model_copy(update=change)) != gated_rnn.fuse_key(base), change
     for same in ({"lr": 0.1}, {"use_input_gate": True}, {"log_every": 7}):
         assert gated_rnn.fuse_key(base.model_copy(update=same)) == gated_rnn.fuse_key(base), same
+
+
+def test_the_registry_finds_fused_training_only_where_a_trainer_offers_it():
+    assert trainers.load_fused("gated_rnn").train_many is not None
+    assert trainers.load_fused("noop") is None
+    with pytest.raises(trainers.UnknownTrainer):
+        trainers.load_fused("no_such_trainer")
 
 
 def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path, corpus):

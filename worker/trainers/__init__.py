@@ -1,6 +1,8 @@
 """Trainers: one file each, with a pydantic `Config` and `train(config, ctx) -> dict` (and, optionally,
 `external_id(config)`: the id its users know a config by, and `fuse_key(config)`: configs sharing it can be
-trained as one stacked model, so a gang claim takes them together).
+trained as one stacked model, so a gang claim takes them together). A trainer that fuses has a module of its
+own beside it, named in FUSED, with `train_many(configs, ctxs)`: it builds on the trainer's model, so the
+trainer does not import it back.
 
 Modules are imported lazily so validating a `noop` grid never imports torch.
 """
@@ -21,6 +23,10 @@ TRAINERS: dict[str, str] = {
     "snn_ddqn": "worker.trainers.snn_ddqn",
     "learning_rules": "worker.trainers.learning_rules",
     "perturbation": "worker.trainers.perturbation",
+}
+
+FUSED: dict[str, str] = {
+    "gated_rnn": "worker.trainers.gated_fused",
 }
 
 
@@ -49,6 +55,12 @@ def load(name: str) -> ModuleType:
     if name not in TRAINERS:
         raise UnknownTrainer(name)
     return importlib.import_module(TRAINERS[name])
+
+
+def load_fused(name: str) -> ModuleType | None:
+    """The module with `train_many(configs, ctxs)` for a trainer that trains gangs as one model, or None."""
+    load(name)  # an unknown name is UnknownTrainer here too
+    return importlib.import_module(FUSED[name]) if name in FUSED else None
 
 
 def parse_config(name: str, config: dict[str, Any]) -> BaseModel:

@@ -10,7 +10,7 @@ offsets; the state resets at each window. The logged loss is the seed's moving a
 window that passes `steps` (10,000 asked, windows of 999 steps: 11 windows = 10,989 steps, and a curve of
 10,989 // 50 = 219 points, as in the seed's result files). `external_id` is the seed's config id, stored
 with each job so old result files can be joined with ours (worker/trainers/slmfun.py reads those files).
-`fuse_key` and `train_many` train a gang of same-shape configs as one stacked model (gated_fused.py).
+`fuse_key` names the configs that gated_fused.py's `train_many` trains as one stacked model (a gang).
 """
 from __future__ import annotations
 
@@ -89,14 +89,6 @@ def fuse_key(cfg: Config) -> str:
     length. Gate flags, lr, log_every and checkpoint_every may differ: the seed's 432 configs are 6 keys."""
     return (f"gated_rnn/L{cfg.n_layers}/S{cfg.state_size}/B{cfg.batch_size}/H{cfg.history}/end{cfg.end_step}"
             f"/{cfg.corpus}:{cfg.corpus_bytes}")
-
-
-def train_many(cfgs: list[Config], ctxs: list) -> list:
-    """Fused training of a gang (worker/trainers/gated_fused.py; imported here, not at the top, because
-    it builds on this module's model)."""
-    from worker.trainers import gated_fused
-
-    return gated_fused.train_many(cfgs, ctxs)
 
 
 def dataset_name(corpus: str) -> str:
