@@ -180,7 +180,7 @@ def status(
 
     from scheduler import report_tables as view
 
-    console = Console(width=max(120, Console().width))
+    console = Console(width=max(view.TABLE_WIDTH, Console().width))
     source, connection = _grid_source(server, token, local)
     with connection:
         if external_id is not None:

@@ -9,6 +9,7 @@ from common.plots import data
 
 OTHER_METRICS = 3  # result columns besides the objective; `--json` has them all
 KEY_COLUMNS = 5  # more swept keys than this share one column of k=v pairs (seed 001 sweeps nine)
+TABLE_WIDTH = 120  # columns the tables are printed in at least: at 80 (a pipe, CI) the swept keys vanish
 SHORT_ID = 12  # an external id (seed 001's sha256) as a table shows it; --json has it whole
 
 

@@ -226,9 +226,10 @@ def _stop_workers(procs, console: Console) -> None:
 
 
 def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[str, Any]], top: int = 10) -> None:
-    from scheduler.report_tables import results_table  # the same table as `gridfleet status GRID`
+    from scheduler.report_tables import TABLE_WIDTH, results_table  # the same table as `gridfleet status GRID`
 
-    console.print(results_table(summary, rows, top))
+    wide = console if console.width >= TABLE_WIDTH else Console(width=TABLE_WIDTH, file=console.file)
+    wide.print(results_table(summary, rows, top))
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
 

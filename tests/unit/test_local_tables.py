@@ -90,3 +90,25 @@ def test_running_rows_show_step_and_progress_of_one_report_and_the_checkpoint_on
                     worker_id=worker)
     assert _row(engine, grid_id)[job.id][:4] == ["2", "12", "60%", "0.4000"]
     engine.dispose()
+
+
+def test_the_results_table_keeps_the_swept_keys_on_an_80_column_pipe():
+    """`gridfleet run` piped or in CI: rich's 80 columns used to squeeze the swept-key columns to nothing."""
+    import io
+
+    from rich.console import Console
+
+    from worker.local import _print_results
+
+    summary = {"objective": "min:loss", "spec": {"axes": {"state_size": [32, 64], "use_forget_gate": [True, False],
+                                                         "use_state_gate": [True], "use_input_gate": [False]}},
+               "counts": {"queued": 0, "succeeded": 2}}
+    rows = [{"job_id": i, "state": "succeeded", "seed": 0, "external_id": "ab" * 32, "result": {"loss": 2.0 + i, "final_loss": 2.5, "steps_asked": 600, "seconds": 3.03},
+             "config": {"state_size": size, "use_forget_gate": gate, "use_state_gate": True, "use_input_gate": False}}
+            for i, (size, gate) in enumerate([(32, True), (64, False)], start=1)]
+    out = io.StringIO()
+    _print_results(Console(file=out, width=80), summary, rows)
+    lines = out.getvalue().splitlines()
+    row_1 = next(line for line in lines if line.count("│") > 2 and line.split("│")[1].strip() == "1")
+    cells = [cell.strip() for cell in row_1.split("│")]
+    assert "32" in cells and "true" in cells and "3" in cells
