@@ -21,6 +21,7 @@ from rich.table import Table
 
 from common.checkpoints import StoreOptions
 from common.db import make_engine, migrate
+from common.plots import data
 from common.settings import Settings
 from scheduler.grids import submit_grid
 from scheduler.policy import RetryPolicy
@@ -175,20 +176,9 @@ def _now(job: dict[str, Any], newest: dict[str, Any] | None):
     return resumed, resumed if total else None, total, None
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys ("training.lr"), as grid axes name them, so a table shows the leaf that differs."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _short_config(config: dict[str, Any], width: int = 70, keys: list[str] | None = None) -> str:
     """`k=v` pairs; only `keys` (what the grid sweeps) when given, so rows differ where the configs do."""
-    flat = _flat(config)
+    flat = data.flat(config)  # dotted keys ("training.lr"), as grid axes name them
     if keys is not None:
         keys = [_present(key, flat) for key in keys]
     shown = {k: v for k, v in flat.items() if keys is None or k in keys}
