@@ -130,19 +130,13 @@ def _stop(processes) -> None:
 
 
 # ---- tests -------------------------------------------------------------------------------------------
-def test_16_processes_race_to_claim_500_jobs_each_claimed_exactly_once(db_url, engine):
-    grid = _submit(engine, "race", axes={"value": [float(i) for i in range(N_JOBS)]})
-    assert grid.created == N_JOBS
-    with engine.connect() as conn:
-        all_ids = set(conn.execute(select(t.jobs.c.id).where(t.jobs.c.grid_id == grid.grid_id)).scalars())
-    assert len(all_ids) == N_JOBS
-
+def race(worker, db_url: str):
+    """N_WORKERS processes running `worker(db_url, name, barrier, results)`, started together at a barrier;
+    returns the processes (joined), each one's report, and the seconds from the barrier to the last report."""
     barrier = SPAWN.Barrier(N_WORKERS + 1)  # the workers and this process: all go at once
     results = SPAWN.Queue()
-    processes = [
-        SPAWN.Process(target=_race_worker, args=(db_url, f"w{i:02d}", barrier, results), daemon=True)
-        for i in range(N_WORKERS)
-    ]
+    processes = [SPAWN.Process(target=worker, args=(db_url, f"w{i:02d}", barrier, results), daemon=True)
+                 for i in range(N_WORKERS)]
     try:
         for p in processes:
             p.start()
@@ -154,6 +148,17 @@ def test_16_processes_race_to_claim_500_jobs_each_claimed_exactly_once(db_url, e
             p.join(timeout=60)
     finally:
         _stop(processes)
+    return processes, reports, race_seconds
+
+
+def test_16_processes_race_to_claim_500_jobs_each_claimed_exactly_once(db_url, engine):
+    grid = _submit(engine, "race", axes={"value": [float(i) for i in range(N_JOBS)]})
+    assert grid.created == N_JOBS
+    with engine.connect() as conn:
+        all_ids = set(conn.execute(select(t.jobs.c.id).where(t.jobs.c.grid_id == grid.grid_id)).scalars())
+    assert len(all_ids) == N_JOBS
+
+    processes, reports, race_seconds = race(_race_worker, db_url)
 
     errors = [f"{r['name']}:\n{r['error']}" for r in reports if r["error"]]
     assert not errors, "worker processes failed:\n" + "\n".join(errors)

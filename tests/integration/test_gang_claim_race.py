@@ -4,7 +4,6 @@ fuse), heartbeat and finish each gang in one batched call. Every job is claimed 
 once, and no gang mixes fuse keys. Plumbing as tests/integration/test_claim_race.py."""
 from __future__ import annotations
 
-import time
 import traceback
 from collections import Counter
 
@@ -14,8 +13,7 @@ from common import schema as t
 from common.db import make_engine
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
-from tests.integration.test_claim_race import LONG_LEASE, N_JOBS, N_WORKERS, RUN_TIMEOUT, SPAWN, START_TIMEOUT, \
-    _get, _stop
+from tests.integration.test_claim_race import LONG_LEASE, N_JOBS, START_TIMEOUT, race
 
 K = 8
 GROUPS = ["a", "b", "c", None]  # None: never fused, claimed one at a time
@@ -60,21 +58,7 @@ def test_16_processes_race_gang_claims_of_8_over_500_jobs_each_claimed_and_finis
         keys = dict(conn.execute(select(t.jobs.c.id, t.jobs.c.fuse_key)).all())
     assert len(keys) == N_JOBS and len(set(keys.values())) == len(GROUPS)
 
-    barrier = SPAWN.Barrier(N_WORKERS + 1)
-    results = SPAWN.Queue()
-    processes = [SPAWN.Process(target=_gang_worker, args=(db_url, f"w{i:02d}", barrier, results), daemon=True)
-                 for i in range(N_WORKERS)]
-    try:
-        for p in processes:
-            p.start()
-        barrier.wait(timeout=START_TIMEOUT)
-        started = time.monotonic()
-        reports = [_get(results, RUN_TIMEOUT) for _ in processes]
-        race_seconds = time.monotonic() - started
-        for p in processes:
-            p.join(timeout=60)
-    finally:
-        _stop(processes)
+    processes, reports, race_seconds = race(_gang_worker, db_url)
 
     errors = [f"{r['name']}:\n{r['error']}" for r in reports if r["error"]]
     assert not errors, "worker processes failed:\n" + "\n".join(errors)
