@@ -158,15 +158,10 @@ def transform(img: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tenso
 CACHE_BYTES = 512 * 2**20  # keep built samples when a split fits (small images); else build each time
 
 
-class OfflineAnomalies(Sequence[Pair]):
-    """Lazily built samples; sample i of a split depends only on (seed, split, i)."""
+class LazySamples(Sequence[Pair]):
+    """`count` samples built on demand by `_sample(i)` (0 <= i < count), indexed and sliced as a list."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor, count: int, seed: int,
-                 split: str):
-        self.images, self.labels, self.pool, self.count, self.seed, self.split = images, labels, pool, count, seed, split
-        self.by_label = {int(d): pool[labels[pool] == d] for d in labels[pool].unique()}
-        fits = count * (COPIES + 1) * images[0].numel() * 4 <= CACHE_BYTES
-        self._cache: dict[int, Pair] | None = {} if fits else None
+    count: int
 
     def __len__(self) -> int:
         return self.count
@@ -176,7 +171,23 @@ class OfflineAnomalies(Sequence[Pair]):
             return [self[j] for j in range(*i.indices(self.count))]
         if not -self.count <= i < self.count:
             raise IndexError(i)
-        i %= self.count
+        return self._sample(i % self.count)
+
+    def _sample(self, i: int) -> Pair:
+        raise NotImplementedError
+
+
+class OfflineAnomalies(LazySamples):
+    """Lazily built samples; sample i of a split depends only on (seed, split, i)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pool: torch.Tensor, count: int, seed: int,
+                 split: str):
+        self.images, self.labels, self.pool, self.count, self.seed, self.split = images, labels, pool, count, seed, split
+        self.by_label = {int(d): pool[labels[pool] == d] for d in labels[pool].unique()}
+        fits = count * (COPIES + 1) * images[0].numel() * 4 <= CACHE_BYTES
+        self._cache: dict[int, Pair] | None = {} if fits else None
+
+    def _sample(self, i: int) -> Pair:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         pair = self._build(i)

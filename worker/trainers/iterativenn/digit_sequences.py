@@ -19,33 +19,22 @@ Loss: 10-class cross-entropy wherever a step has a label (IGNORE elsewhere).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 
 import torch
 
-from .anomaly import _digits, transform
+from .anomaly import LazySamples, _digits, transform
 from .data import IGNORE, Pair, SequenceData
 
 KINDS = ("uniform", "random", "addition")
 
 
-class DigitSequences(Sequence[Pair]):
+class DigitSequences(LazySamples):
     def __init__(self, images, labels, pool, count: int, seed: int, split: str, kind: str, transform_name: str,
                  min_copies: int, max_copies: int, copies: int, evaluate_loss: str):
         self.images, self.labels, self.pool, self.count = images, labels, pool, count
         self.seed, self.split, self.kind, self.transform_name = seed, split, kind, transform_name
         self.min_copies, self.max_copies, self.copies, self.evaluate_loss = min_copies, max_copies, copies, evaluate_loss
         self.by_label = {int(d): pool[labels[pool] == d] for d in labels[pool].unique()}
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.count))]
-        if not -self.count <= i < self.count:
-            raise IndexError(i)
-        return self._build(i % self.count)
 
     def _image(self, index, gen: torch.Generator) -> torch.Tensor:
         return transform(self.images[int(index)], self.transform_name, gen).reshape(-1)
@@ -54,7 +43,7 @@ class DigitSequences(Sequence[Pair]):
         same = self.by_label[digit]
         return int(same[int(torch.randint(len(same), (1,), generator=gen))])
 
-    def _build(self, i: int) -> Pair:
+    def _sample(self, i: int) -> Pair:
         digest = hashlib.sha256(f"digit_sequences:{self.kind}:{self.seed}:{self.split}:{i}".encode()).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         base = int(self.pool[int(torch.randint(len(self.pool), (1,), generator=gen))])
