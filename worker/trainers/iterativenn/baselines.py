@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .blocks import BlockRNN, Description
+from .sampling import nearest_size
 
 
 class LSTMBaseline(nn.Module):
@@ -99,18 +100,7 @@ def hidden_for_parameters(model_type: str, input_size: int, output_size: int, bu
     def count(h: int) -> int:
         return baseline_parameters(model_type, input_size, h, output_size)
 
-    lo, hi = 1, largest
-    if count(lo) >= budget:
-        return lo
-    if count(hi) < budget:
-        return hi
-    while hi - lo > 1:  # the count grows with h
-        mid = (lo + hi) // 2
-        if count(mid) < budget:
-            lo = mid
-        else:
-            hi = mid
-    return lo if budget - count(lo) <= count(hi) - budget else hi
+    return nearest_size(count, budget, largest)
 
 
 class ReadUnits(nn.Module):

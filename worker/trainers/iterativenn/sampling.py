@@ -9,6 +9,8 @@ block types and any number of hidden blocks (each hidden block takes the same si
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .blocks import Description
 
 
@@ -25,11 +27,19 @@ def hidden_for_budget(desc: Description, budget: int, largest: int = 1_000_000) 
     def count(h: int) -> float:
         return with_hidden(desc, h).expected_trainable()
 
+    if count(largest) < budget:
+        raise ValueError(f"param_budget {budget:,} is out of reach: even hidden size {largest:,} has fewer")
+    return nearest_size(count, budget, largest)
+
+
+def nearest_size(count: Callable[[int], float], budget: float, largest: int) -> int:
+    """The size in 1..largest whose count is closest to `budget`, for a count non-decreasing in the size
+    (1 when even that reaches it, `largest` when even that falls short)."""
     if count(1) >= budget:
         return 1
     if count(largest) < budget:
-        raise ValueError(f"param_budget {budget:,} is out of reach: even hidden size {largest:,} has fewer")
-    lo, hi = 1, largest  # count is non-decreasing in h: count(lo) < budget <= count(hi)
+        return largest
+    lo, hi = 1, largest  # count(lo) < budget <= count(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if count(mid) < budget:
