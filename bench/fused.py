@@ -31,12 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from bench.memory_context import MemoryContext
 from worker.trainers import gated_fused, gated_rnn
 
 FLAGS = ["use_input_gate", "use_forget_gate", "use_output_gate", "use_state_gate",
@@ -44,28 +44,6 @@ FLAGS = ["use_input_gate", "use_forget_gate", "use_output_gate", "use_state_gate
 SEED_TRAINING = {"batch_size": 256, "history": 1000, "lr": 1e-3, "log_every": 50,
                  "corpus_bytes": 1_000_000, "checkpoint_every": 10 ** 9}  # corpus: a file, set in main()
 SEED_END_STEP = 10_989  # 10,000 asked, windows of 999: the seed's run length
-
-
-class BenchContext:
-    """What train() and train_many() need from a TrainerContext, in memory (no checkpoints written)."""
-
-    def __init__(self, device: str, seed: int):
-        self.seed, self.device = seed, device
-
-    def report(self, step: int, **metrics: Any) -> None:
-        pass
-
-    def progress(self, done: float, total: float) -> None:
-        pass
-
-    def save_checkpoint(self, state: dict, step: int | None = None) -> dict:
-        return {}
-
-    def load_checkpoint(self) -> None:
-        return None
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def seed_flag_combos(residual_only: bool) -> list[dict]:
@@ -85,7 +63,7 @@ def configs(size: int, n_layers: int, steps: int, count: int) -> list[dict]:
 
 
 def solo(config: dict, seed: int, device: str = "cpu") -> float:
-    result = gated_rnn.train(gated_rnn.Config.model_validate(config), BenchContext(device, seed))
+    result = gated_rnn.train(gated_rnn.Config.model_validate(config), MemoryContext(device, seed))
     return result["final_loss"]
 
 
@@ -95,7 +73,7 @@ def _one_thread() -> None:
 
 def fused(cfgs: list[dict], seeds: list[int], device: str = "cpu") -> list:
     models = [gated_rnn.Config.model_validate(c) for c in cfgs]
-    return gated_fused.train_many(models, [BenchContext(device, seed) for seed in seeds])
+    return gated_fused.train_many(models, [MemoryContext(device, seed) for seed in seeds])
 
 
 def time_fused(cfgs: list[dict], device: str) -> float:

@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from worker.trainers.sparse_rnn import Config, build_model, config_from_hydra  # noqa: E402

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from bench.memory_context import MemoryContext
 from worker.trainers import snn_ddqn
 
 SEED_NET = {"hidden_layers": [64, 64], "snn_tSteps": 25, "snn_beta": 0.95, "batch": 100, "update_every": 4,
@@ -41,34 +41,8 @@ CARTPOLE_SOLVE = {"env_id": "CartPole-v1", "hidden_layers": [64, 64], "learning_
                   "checkpoint_every": 10 ** 9}
 
 
-class BenchContext:
-    """What train() needs from a TrainerContext, in memory."""
-
-    def __init__(self, device: str, seed: int = 0):
-        self.seed, self.device = seed, device
-        self.reports: list[tuple[int, dict]] = []
-
-    def report(self, step: int, **metrics: Any) -> None:
-        self.reports.append((step, metrics))
-
-    def progress(self, done: float, total: float) -> None:
-        pass
-
-    def event(self, kind: str, message: str) -> None:
-        print(f"  event {kind}: {message}")
-
-    def save_checkpoint(self, state: dict, step: int | None = None) -> dict:
-        return {}
-
-    def load_checkpoint(self) -> None:
-        return None
-
-    def should_stop(self) -> bool:
-        return False
-
-
-def run(config: dict, device: str) -> tuple[dict, BenchContext]:
-    ctx = BenchContext(device)
+def run(config: dict, device: str) -> tuple[dict, MemoryContext]:
+    ctx = MemoryContext(device)
     result = snn_ddqn.train(snn_ddqn.Config.model_validate(config), ctx)
     return result, ctx
 
