@@ -226,15 +226,8 @@ def running_jobs(engine: Engine, grid_id: int) -> list[dict[str, Any]]:
 
 
 def latest_metrics(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """The newest metrics row of each job."""
-    if not job_ids:
-        return {}
-    with read_tx(engine) as conn:
-        newest = (
-            select(func.max(t.metrics.c.id)).where(t.metrics.c.job_id.in_(job_ids)).group_by(t.metrics.c.job_id)
-        )
-        rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c["values"]).where(t.metrics.c.id.in_(newest))).all()
-    return {job_id: _loads(values) for job_id, values in rows}
+    """The values of each job's newest metrics row."""
+    return {job_id: row["values"] for job_id, row in latest_metric_rows(engine, job_ids).items()}
 
 
 def latest_metric_rows(engine: Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
