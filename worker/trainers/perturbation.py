@@ -236,8 +236,10 @@ def input_drive(x: Tensor, wxh: Tensor, bh: Tensor, members: int, time_major: bo
         drive = population.linear(x.transpose(0, 1).reshape(members, steps * batch, -1), wxh, bh)
         return drive.view(members, steps, batch, hidden).transpose(0, 1).contiguous()
     batch, steps = x.shape[-3], x.shape[-2]
-    if x.dim() == 3 and x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
-        args = (bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1), wxh.view(1, members, 1, hidden))
+    if x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
+        # [T, 1, B, 1] shared by the members, or each member's own [T, M, B, 1] (a gang's own waves)
+        xt = x.transpose(0, 1).unsqueeze(1) if x.dim() == 3 else x.permute(2, 0, 1, 3)
+        args = (bh.view(1, members, 1, hidden), xt, wxh.view(1, members, 1, hidden))
         if torch.is_grad_enabled() and (wxh.requires_grad or bh.requires_grad):
             return torch.addcmul(*args)  # autograd refuses out=; recurrence() makes the layout contiguous
         # out=: broadcasting alone picks another layout than [T, M, B, H], and the copy costs as much again
