@@ -4,8 +4,10 @@ Techniques), every perturbation of a step in one batched forward.
 How to read it: `Config` takes the seed's config.yml as written (sections model / training / data / log);
 `elman_losses` is the one stacked forward (M members' weights on a leading dimension, built on
 worker/trainers/population.py), serving P perturbations of one config and K configs of one shape alike;
-`gradient` turns a step's member losses into a gradient for each `gradient_computation`; `train` is the
-epoch loop (one step on the whole training set per epoch, as the seed).
+`gradient` turns a step's member losses into a gradient for each `gradient_computation` (each method's
+probes and estimate are functions of their own, which perturbation_fused.py shares); `Run` is one config's
+run (data, weights, reports, checkpoints, result) and `train` its epoch loop (one step on the whole training
+set per epoch, as the seed). `fuse_key` says which configs perturbation_fused.py stacks into one forward.
 
 Model (the seed's rnn_1hl): h = tanh(x Wxh + h Whh + bh), y = h Why + by, weights drawn as the seed does
 (numpy randn under `training.seed`, zero biases), so `seed: 12` starts from the seed's own weights. `rnn_xhl`
