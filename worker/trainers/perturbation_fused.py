@@ -8,7 +8,8 @@ probes of all members at once, then each member updates, reports, checkpoints, s
 its solo run does (`Run.record`, `Run.finish`); a member that diverges, stops or fails leaves, the rest go on.
 
 `_step` per method: wp and spsa stack every member's weight vectors (M members x (P + 1) sets, P = its
-perturbations) as the rows of one forward (`_losses`, capped at members_per_forward rows a forward), np stacks
+perturbations) as the rows of one stacked forward (`_losses`; on a GPU up to members_per_forward rows a
+forward, on a CPU as many as stay in its cache, CPU_FORWARD_BYTES), np stacks
 the members' noisy copies and their noise, bptt stacks the members' weights as autograd leaves; each member's
 share of the losses becomes its gradient through the trainer's own estimate (perturbation.wp_estimate, ...),
 with its own sigma and its own generator's directions or noise. Members are independent rows of batched
@@ -28,6 +29,11 @@ from torch import Tensor
 from worker.trainers import perturbation as pt
 from worker.trainers import population
 from worker.trainers.perturbation import Config, Run, fuse_key
+
+# On a CPU a forward whose [T, rows, B, H] states outgrow the cache runs ~1.5x slower a row (bench/README.md,
+# perturbation.py --part fused): wp's 462 rows of the seed's net, T 100, fill 7.4 MB, so a gang's rows go in
+# forwards of about one member's. A GPU takes the whole stack (up to members_per_forward rows) at once.
+CPU_FORWARD_BYTES = 8 << 20
 
 
 def _same_data(runs: list[Run]) -> bool:
@@ -73,6 +79,15 @@ def _slices(counts: list[int]) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _rows_per_forward(runs: list[Run]) -> int:
+    rows = min(r.tc.members_per_forward for r in runs)
+    if runs[0].device.type != "cpu":
+        return rows
+    x = runs[0].pairs["train"][0]
+    per_row = x.shape[0] * x.shape[1] * runs[0].cfg.model.hidden_size * runs[0].cfg.model.num_layers * x.element_size()
+    return max(1, min(rows, CPU_FORWARD_BYTES // per_row))
+
+
 def _step(runs: list[Run], batch: _Batch) -> tuple[list[Tensor], Tensor, list[int]]:
     """One epoch's gradient for every member: (gradients, the unperturbed training losses [M], forwards each)."""
     tc = runs[0].tc
@@ -93,7 +108,7 @@ def _step(runs: list[Run], batch: _Batch) -> tuple[list[Tensor], Tensor, list[in
         else:
             probes.append(pt.spsa_vectors(w, r.tc.perturbation, r.tc.num_directions, r.generator))
     counts = [len(vectors) for vectors, _ in probes]
-    chunk = min(r.tc.members_per_forward for r in runs)
+    chunk = _rows_per_forward(runs)
     losses = _losses(torch.cat([vectors for vectors, _ in probes]), _owners(counts, device), runs[0].params, batch, chunk)
     grads, base = [], []
     for r, (_, d), rows in zip(runs, probes, _slices(counts)):
