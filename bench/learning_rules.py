@@ -8,20 +8,28 @@ One generation = the fitness of all P members on one batch of trials (T steps) +
 The block-diagonal network is slow enough on a CPU that it is timed on `--block-steps` steps and scaled to
 T (its per-step cost is constant; the printout says so). Fitness of the three is checked equal first.
 
+Part `fused`: M configs of one shape (own seed and variance: a grid's rule x variance x seeds) trained by
+learning_rules_fused.train_many in one process vs the same M configs one after another with `train` (one job
+at a time), for ga and bptt, side by side in one run, the members' results checked equal to the solo runs'.
+
   .venv/bin/python bench/learning_rules.py                         # P = 20 and 50, T = 750, batch 500 and 50
+  .venv/bin/python bench/learning_rules.py --part fused --members 8 --fused-trial-length 60 --fused-batch 64
   .venv/bin/python bench/learning_rules.py --batches 8 --threads 2    # the seed's batch is 500 trials
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's trainer, not an installed one
+from bench.memory_context import MemoryContext  # noqa: E402
 from worker.trainers import learning_rules as lr  # noqa: E402
+from worker.trainers import learning_rules_fused  # noqa: E402
 from worker.trainers import population  # noqa: E402
 
 
@@ -93,6 +101,45 @@ def kernel_floor(members: int, batch: int, units: int, steps: int, device: str, 
     return best * steps
 
 
+def fused_part(args) -> None:
+    """M configs fused vs M solo runs, per rule, taking turns; the clock as for the generations."""
+    clock = clock_for(args.device)
+    variances = (0.1, 0.5, 1.0)
+    print(f"\n{args.members} configs of one shape (CDI N=2, 50 units, T {args.fused_trial_length}, batch "
+          f"{args.fused_batch}, {args.fused_validation} validation trials; own seed and variance "
+          f"{'/'.join(map(str, variances))}), {args.fused_steps} steps each (stop rule off): train_many vs "
+          f"{args.members} solo runs one after another, {args.device}, {torch.get_num_threads()} thread(s), "
+          f"{'CPU' if clock is time.process_time else 'wall'} seconds, best of {args.repeats}, taking turns")
+    print(f"{'rule':>5} {'networks':>9} {'solo s':>8} {'fused s':>8} {'solo/fused':>11}  same accuracy curves")
+    for rule in ("ga", "bptt"):
+        cfgs = [lr.Config(rule=rule, variance=variances[i % 3], trial_length=args.fused_trial_length,
+                          batch_size=args.fused_batch, validation_trials=args.fused_validation,
+                          max_steps=args.fused_steps, stop_accuracy=1.0, log_every=10**6, checkpoint_every=10**6)
+                for i in range(args.members)]
+        best = {"solo": float("inf"), "fused": float("inf")}
+        with tempfile.TemporaryDirectory() as tmp:
+            def contexts(kind):
+                ctxs = [MemoryContext(args.device, seed=i) for i in range(len(cfgs))]
+                for i, ctx in enumerate(ctxs):
+                    ctx.workdir = Path(tmp) / kind / str(i)
+                return ctxs
+
+            for _ in range(args.repeats):
+                sync(args.device)
+                start = clock()
+                solo = [lr.train(cfg, ctx) for cfg, ctx in zip(cfgs, contexts("solo"))]
+                sync(args.device)
+                best["solo"] = min(best["solo"], clock() - start)
+                start = clock()
+                fused = learning_rules_fused.train_many(cfgs, contexts("fused"))
+                sync(args.device)
+                best["fused"] = min(best["fused"], clock() - start)
+        same = all(a["accuracy_curve"] == b["accuracy_curve"] for a, b in zip(solo, fused))
+        networks = args.members * (cfgs[0].population_size if rule == "ga" else 1)
+        print(f"{rule:>5} {networks:>9} {best['solo']:>8.2f} {best['fused']:>8.2f} "
+              f"{best['solo'] / best['fused']:>10.1f}x  {same}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--populations", default="20,50")
@@ -102,8 +149,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--part", choices=["generation", "fused"], default="generation")
+    parser.add_argument("--members", type=int, default=8, help="fused: configs in the gang")
+    parser.add_argument("--fused-trial-length", type=int, default=60, help="fused (the example grid's short trials)")
+    parser.add_argument("--fused-batch", type=int, default=64)
+    parser.add_argument("--fused-validation", type=int, default=200)
+    parser.add_argument("--fused-steps", type=int, default=10, help="fused: generations or epochs per config")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.part == "fused":
+        fused_part(args)
+        return
     device = args.device
     clock = "CPU" if clock_for(device) is time.process_time else "wall"
     print(f"device {device}, {torch.get_num_threads()} thread(s), CDI N=2, 50 units, T {args.trial_length}; "

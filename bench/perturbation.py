@@ -11,8 +11,13 @@ Part `train`: the real trainer on the seed's config (seed 12: the seed's own ini
 1e-3; spsa also at the grid's best, lr 1e-4 and sigma 1e-2), until the training loss is at or below the seed's final logged loss (14.99 after 2000 epochs of
 wp, src/log.txt) or 2000 epochs.
 
-    python bench/perturbation.py                       # CPU, both parts (about 3 minutes on 2 cores)
+Part `fused`: M configs of one shape (the seed's 1-20-1 net and wave; own sigma, lr and seed) trained by
+perturbation_fused.train_many in one process vs the same M configs one after another with `train` (one job at
+a time), per method, side by side in one run; the members' final losses are checked equal to the solo runs'.
+
+    python bench/perturbation.py                       # CPU, the step and train parts (about 3 minutes on 2 cores)
     python bench/perturbation.py --part step --device cuda
+    python bench/perturbation.py --part fused --members 8 --fused-epochs 20
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.memory_context import MemoryContext  # noqa: E402
 from worker.trainers import perturbation as wp  # noqa: E402
+from worker.trainers import perturbation_fused  # noqa: E402
 
 SEED_LOSS = 14.99  # the seed's last logged train loss: 'Epoch: 1999 | Train Loss: 14.9897'
 
@@ -132,9 +139,61 @@ def train_part(args) -> None:
         del result
 
 
+class FusedContext(MemoryContext):
+    """MemoryContext with the workdir the trainer writes weights.pt into and the pointer its result names."""
+
+    def __init__(self, device: str, seed: int, workdir: Path):
+        super().__init__(device, seed)
+        self.workdir = workdir
+
+    def save_checkpoint(self, state: dict, step: int | None = None) -> dict:
+        return {"uri": "memory:", "step": state["step"]}
+
+
+def fused_configs(method: str, members: int, epochs: int, device: str) -> list[wp.Config]:
+    """M members of a sigma x lr x seed grid around the seed's config, one fuse key."""
+    cfgs = []
+    for i in range(members):
+        sigma, lr = (1e-3, 3e-3, 1e-2)[i % 3], (1e-4, 3e-5)[(i // 3) % 2]
+        cfgs.append(wp.Config.model_validate({"training": {
+            "gradient_computation": method, "epochs": epochs, "learning_rate": lr, "perturbation": sigma,
+            "seed": 12 + i, "checkpoint_every": 10**6, "log_every": 10**6, "device": device}}))
+    return cfgs
+
+
+def fused_part(args) -> None:
+    clock = time.perf_counter if args.device == "cuda" else time.process_time  # see timed()
+    print(f"\n{args.members} configs of one shape (1-20-1, T 100, own sigma/lr/seed), {args.fused_epochs} epochs "
+          f"each: train_many vs {args.members} solo runs one after another, {args.device}, "
+          f"{torch.get_num_threads()} thread(s), {'wall' if args.device == 'cuda' else 'CPU'} seconds "
+          f"(best of {args.fused_repeats}, taking turns)")
+    print(f"{'method':>6} {'probes':>7} {'solo s':>8} {'fused s':>8} {'solo/fused':>11} {'max rel diff':>13}")
+    for method in args.methods:
+        cfgs = fused_configs(method, args.members, args.fused_epochs, args.device)
+        rows = {"wp": 462, "spsa": 2 * 16 + 1, "np": 17, "bptt": 1}[method] * args.members  # weight sets a step
+        best = {"solo": float("inf"), "fused": float("inf")}
+        with tempfile.TemporaryDirectory() as tmp:
+            def contexts(kind):
+                return [FusedContext(args.device, i, Path(tmp) / kind / str(i)) for i in range(len(cfgs))]
+
+            for _ in range(args.fused_repeats):
+                began = clock()
+                solo = [wp.train(cfg, ctx) for cfg, ctx in zip(cfgs, contexts("solo"))]
+                best["solo"] = min(best["solo"], clock() - began)
+                began = clock()
+                fused = perturbation_fused.train_many(cfgs, contexts("fused"))
+                best["fused"] = min(best["fused"], clock() - began)
+        diff = max(abs(a["train_loss"] - b["train_loss"]) / abs(a["train_loss"]) for a, b in zip(solo, fused))
+        print(f"{method:>6} {rows:>7} {best['solo']:>8.2f} {best['fused']:>8.2f} {best['solo'] / best['fused']:>10.1f}x"
+              f" {diff:>13.1e}", flush=True)
+    print("max rel diff: of the final training loss, fused vs solo (the seed's saturated initial weights make bptt "
+          "chaotic: rounding grows ~100x an epoch, see the train part's notes)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["step", "train", "all"], default="all")
+    parser.add_argument("--part", choices=["step", "train", "fused", "all"], default="all",
+                        help="all: step and train (fused on its own: --part fused)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
@@ -142,6 +201,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="best of this many, methods taking turns")
     parser.add_argument("--epochs", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--members", type=int, default=8, help="fused: configs in the gang")
+    parser.add_argument("--fused-epochs", type=int, default=20)
+    parser.add_argument("--fused-repeats", type=int, default=2)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["wp", "spsa", "np", "bptt"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,6 +212,8 @@ def main() -> None:
         step_part(args)
     if args.part in ("train", "all"):
         train_part(args)
+    if args.part == "fused":
+        fused_part(args)
 
 
 if __name__ == "__main__":

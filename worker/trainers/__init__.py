@@ -27,6 +27,8 @@ TRAINERS: dict[str, str] = {
 
 FUSED: dict[str, str] = {
     "gated_rnn": "worker.trainers.gated_fused",
+    "perturbation": "worker.trainers.perturbation_fused",
+    "learning_rules": "worker.trainers.learning_rules_fused",
 }
 
 

@@ -2,8 +2,10 @@
 
 How to read it: `Config` (the seed's command-line options as keys), then the task (`make_trials`,
 `validation_set`, `accuracy`), the rate network (`init_network`, `run`: one batched forward for P
-members, built on population.py), then one function per rule (`train_bptt`, `train_ga`, `train_ff`)
-and `train`, which dispatches on the rule and saves the trained matrices.
+members, built on population.py), then one function per rule (`train_bptt`, `train_ga`, `train_ff`; the first
+two set up by `bptt_start`/`ga_start`), `Progress` (the bookkeeping every rule's loop shares: stop rule, reports,
+checkpoints, result) and `train`, which dispatches on the rule and saves the trained matrices (`finish`).
+`fuse_key` says which configs learning_rules_fused.py trains as one batched forward (bptt and ga; ff never).
 
 The network (column convention, as the seed): h <- (1 - dt) h + dt (J_in u + J_rec phi(h) + b).
 `dynamics: tanh` (the issue's network, and the seed's full-FORCE one): phi = tanh, y = tanh(J_out tanh h).
@@ -204,12 +206,15 @@ def run(params: population.Params, inputs: Tensor, h0: Tensor, dt: float, dynami
     """All P members over a batch of trials in one batched matmul per step.
 
     params: J_in [P,H,I], J_rec [P,H,H], J_out [P,1,H], b [P,H]; inputs [T,B,I] (all members see the
-    same trials) or [T,P,B,I]; h0 [B,H] or [P,B,H]. Returns outputs [T,P,B] (only steps 0 and T-1, as
+    same trials), [T,P,B,I], or [T,G,B,I] for G groups of P/G consecutive members, each group its own trials
+    (a gang of GA configs: each config's population on its own trials); h0 [B,H] or [P,B,H]. Returns outputs [T,P,B] (only steps 0 and T-1, as
     [2,P,B], with all_outputs=False: all the loss and the accuracy read) and, with keep_states, [T,P,B,H].
 
     Without autograd (GA fitness, validation) it runs in place (`_run_in_place`); with it (BPTT)
     `_run_autograd` computes the same sums out of place."""
     members = population.size(params)
+    if inputs.dim() == 4 and members % inputs.shape[1]:
+        raise ValueError(f"inputs for {inputs.shape[1]} groups cannot be shared by {members} members")
     # [u, 1, phi(h)] @ [J_in, b, J_rec]^T: input, bias and recurrence in one baddbmm per step
     weight = torch.cat([params["J_in"], params["b"].unsqueeze(-1), params["J_rec"]], dim=2).transpose(1, 2)
     h0 = h0 if h0.dim() == 3 else h0.unsqueeze(0).expand(members, *h0.shape)
@@ -239,8 +244,12 @@ def _run_in_place(weight: Tensor, readout: Tensor, inputs: Tensor, h0: Tensor, d
             phi.add_(1.0)
 
     set_phi()
+    into = u1[..., :n_in]
+    grouped = inputs.dim() == 4 and inputs.shape[1] != members
+    if grouped:  # [G, P / G, B, I]: each group's trials broadcast over its members
+        into = into.view(inputs.shape[1], -1, trials, n_in)
     for t, u in enumerate(inputs):
-        u1[..., :n_in].copy_(u)  # [B, I] shared by the members, or [P, B, I]
+        into.copy_(u.unsqueeze(1) if grouped else u)  # [B, I] shared by the members, [P, B, I] or [G, 1, B, I]
         h.baddbmm_(phi, w_rec, beta=1.0 - dt, alpha=dt)
         h.baddbmm_(u1, w_in, alpha=dt)
         set_phi()
@@ -263,7 +272,10 @@ def _run_autograd(weight: Tensor, readout: Tensor, inputs: Tensor, h: Tensor, dt
     last = len(inputs) - 1
     outputs, states = [], []
     for t, u in enumerate(inputs):
-        u = u if u.dim() == 3 else u.unsqueeze(0).expand(members, *u.shape)
+        if u.dim() == 2:
+            u = u.unsqueeze(0).expand(members, *u.shape)
+        elif len(u) != members:  # groups of members sharing their trials
+            u = u.repeat_interleave(members // len(u), dim=0)
         h = torch.baddbmm(h, torch.cat([u, ones, phi], dim=-1), weight, beta=1.0 - dt, alpha=dt)
         phi = torch.tanh(h)
         if all_outputs or t == 0 or t == last:
@@ -314,9 +326,8 @@ class StopRule:
 
 
 # ---- bptt ---------------------------------------------------------------------------------------------
-def train_bptt(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict:
-    """Bptt.train: each epoch one batch of `batch_size` trials, loss summed over it, one Adam step on the
-    `trainable` matrices (the seed: J_rec only), then validation."""
+def bptt_start(cfg: Config, ctx, gen: torch.Generator, state: dict | None):
+    """A bptt run's validation set, network (a population of one), Adam and run state, fresh or restored."""
     device = gen.device
     valid = validation_set(cfg, str(device), ctx.seed)
     params = {k: v.clone().requires_grad_(k in cfg.trainable) for k, v in init_network(cfg, gen).items()}
@@ -329,6 +340,13 @@ def train_bptt(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> di
         optimizer.load_state_dict(state["optimizer"])
         run_state = state["run"]
         gen.set_state(state["generator"])  # after the init above drew from it
+    return valid, params, optimizer, run_state
+
+
+def train_bptt(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict:
+    """Bptt.train: each epoch one batch of `batch_size` trials, loss summed over it, one Adam step on the
+    `trainable` matrices (the seed: J_rec only), then validation."""
+    valid, params, optimizer, run_state = bptt_start(cfg, ctx, gen, state)
 
     def one_step() -> float:
         inputs, targets = make_trials(cfg, cfg.batch_size, gen)
@@ -368,9 +386,8 @@ def next_generation(cfg: Config, pop: population.Params, losses: Tensor, gen: to
     return children
 
 
-def train_ga(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict:
-    """Genetic.train: each generation a batch of trials shared by all members (and one start state, as the
-    seed's super-model), rank by mean loss, validate the best, breed the next generation."""
+def ga_start(cfg: Config, ctx, gen: torch.Generator, state: dict | None):
+    """A GA run's validation set, population and run state, fresh or restored."""
     valid = validation_set(cfg, str(gen.device), ctx.seed)
     pop = init_network(cfg, gen, members=cfg.population_size)
     run_state = {"step": 0, "history": [], "curve": [], "elapsed": 0.0}
@@ -378,6 +395,13 @@ def train_ga(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict
         pop = {k: v.to(gen.device) for k, v in state["population"].items()}
         run_state = state["run"]
         gen.set_state(state["generator"])  # after the init above drew from it
+    return valid, pop, run_state
+
+
+def train_ga(cfg: Config, ctx, gen: torch.Generator, state: dict | None) -> dict:
+    """Genetic.train: each generation a batch of trials shared by all members (and one start state, as the
+    seed's super-model), rank by mean loss, validate the best, breed the next generation."""
+    valid, pop, run_state = ga_start(cfg, ctx, gen, state)
     best: dict[str, population.Params] = {"params": population.expand(population.member(pop, 0), 1)}
     losses_box: dict[str, Tensor] = {}
 
@@ -474,38 +498,75 @@ def _detached(params: population.Params) -> dict[str, Tensor]:
     return {k: v.detach()[0] for k, v in params.items()}
 
 
-def _loop(cfg: Config, ctx, gen: torch.Generator, run_state: dict, one_step, validate_now, matrices, extra_state) -> dict:
-    """step (an epoch, a generation or a trial) -> validate -> stop rule; report, checkpoint, stop when asked."""
-    stop = StopRule(cfg.stop_window, cfg.stop_accuracy, run_state["history"])
-    began = time.monotonic() - run_state["elapsed"]
-    step = run_state["step"]
+class Diverged(ArithmeticError):
+    """A step's loss is no longer finite (NaN or inf): the run has diverged and ends here."""
 
-    def checkpoint() -> None:
-        ctx.save_checkpoint({
-            "step": step, "rule": cfg.rule, "generator": gen.get_state(),
-            "params": {k: v.cpu() for k, v in matrices().items()},
-            "run": {"step": step, "history": stop.history, "curve": run_state["curve"],
-                    "elapsed": time.monotonic() - began},
-            **extra_state(),
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss diverged to {value} at step {step}")
+        self.step = step
+
+
+class Progress:
+    """What every rule's loop keeps for one run: the step, the stop rule, reports, checkpoints and the result.
+    `_loop` drives one; learning_rules_fused drives a gang's, one batched step for all of them."""
+
+    def __init__(self, cfg: Config, ctx, gen: torch.Generator, run_state: dict, matrices, extra_state):
+        self.cfg, self.ctx, self.gen, self.run_state = cfg, ctx, gen, run_state
+        self.matrices, self.extra_state = matrices, extra_state
+        self.stop = StopRule(cfg.stop_window, cfg.stop_accuracy, run_state["history"])
+        self.began = time.monotonic() - run_state["elapsed"]
+        self.step = run_state["step"]
+
+    @property
+    def going(self) -> bool:
+        return self.step < self.cfg.step_cap and not self.stop.met
+
+    def checkpoint(self) -> None:
+        self.ctx.save_checkpoint({
+            "step": self.step, "rule": self.cfg.rule, "generator": self.gen.get_state(),
+            "params": {k: v.cpu() for k, v in self.matrices().items()},
+            "run": {"step": self.step, "history": self.stop.history, "curve": self.run_state["curve"],
+                    "elapsed": time.monotonic() - self.began},
+            **self.extra_state(),
         })
 
-    while step < cfg.step_cap and not stop.met:
-        loss = one_step()
-        stop.add(validate_now())
-        step += 1
+    def record(self, loss: float, accuracy: float) -> dict | None:
+        """After a step and its validation: report, the divergence check, stop and checkpoint.
+        Returns {"stopped_at": step} when the run must stop, else None."""
+        cfg, ctx, stop = self.cfg, self.ctx, self.stop
+        stop.add(accuracy)
+        self.step += 1
+        step = self.step
         if step % cfg.log_every == 0 or stop.met or step == cfg.step_cap:
-            run_state["curve"].append([step, stop.history[-1]])
+            self.run_state["curve"].append([step, stop.history[-1]])
             ctx.report(step, loss=loss, val_accuracy=stop.history[-1], stop_accuracy=stop.level)
             ctx.progress(step, cfg.step_cap)
+        if not math.isfinite(loss):
+            raise Diverged(step, loss)
         if ctx.should_stop():
-            checkpoint()
+            self.checkpoint()
             return {"stopped_at": step}
         if step % cfg.checkpoint_every == 0:
-            checkpoint()
-    checkpoint()
-    return {"steps": step, "converged": stop.met, "val_accuracy": stop.history[-1] if stop.history else 0.0,
-            "stop_accuracy": stop.level, "accuracy_curve": run_state["curve"],
-            "seconds": round(time.monotonic() - began, 3), "matrices": matrices()}
+            self.checkpoint()
+        return None
+
+    def result(self) -> dict:
+        self.checkpoint()
+        stop = self.stop
+        return {"steps": self.step, "converged": stop.met, "val_accuracy": stop.history[-1] if stop.history else 0.0,
+                "stop_accuracy": stop.level, "accuracy_curve": self.run_state["curve"],
+                "seconds": round(time.monotonic() - self.began, 3), "matrices": self.matrices()}
+
+
+def _loop(cfg: Config, ctx, gen: torch.Generator, run_state: dict, one_step, validate_now, matrices, extra_state) -> dict:
+    """step (an epoch, a generation or a trial) -> validate -> stop rule; report, checkpoint, stop when asked."""
+    progress = Progress(cfg, ctx, gen, run_state, matrices, extra_state)
+    while progress.going:
+        loss = one_step()
+        stopped = progress.record(loss, validate_now())
+        if stopped is not None:
+            return stopped
+    return progress.result()
 
 
 def save_matrices(path: Path, cfg: Config, matrices: dict[str, Tensor]) -> None:
@@ -537,9 +598,25 @@ def train(cfg: Config, ctx) -> dict:
     gen = torch.Generator(device=device).manual_seed(ctx.seed)
     state = ctx.load_checkpoint()
     result = RULES[cfg.rule](cfg, ctx, gen, state)
-    if "stopped_at" in result:
-        return result
+    return result if "stopped_at" in result else finish(cfg, ctx, result)
+
+
+def finish(cfg: Config, ctx, result: dict) -> dict:
+    """A finished rule's result as the job's: the matrices saved to matrices.npz, their path in their place."""
     path = Path(ctx.workdir) / "matrices.npz"
     save_matrices(path, cfg, result.pop("matrices"))
     return {"rule": cfg.rule, "task": cfg.task, "contexts": cfg.contexts or 0, "variance": cfg.variance,
             **result, "matrices": str(path)}
+
+
+def fuse_key(cfg: Config) -> str | None:
+    """What the members of one batched forward (`learning_rules_fused.train_many`) must share: the rule, the
+    task's and the network's shape, the batch and validation sizes, dt and the dynamics (and a GA's population
+    size). Seeds, variance, mean, g, init_scale, the stop rule, the cap, lr and trainable (bptt), parents and
+    mutation (ga) and the bookkeeping may differ. ff is never fused (None): full-FORCE runs one trial at a time
+    with RLS on its own P matrix, nothing a stacked forward would share."""
+    if cfg.rule == "ff":
+        return None
+    population_size = f"/P{cfg.population_size}" if cfg.rule == "ga" else ""
+    return (f"learning_rules/{cfg.rule}{population_size}/{cfg.task}{cfg.contexts or ''}/H{cfg.hidden_size}"
+            f"/T{cfg.trial_length}/B{cfg.batch_size}/V{cfg.validation_trials}/{cfg.dynamics}/dt{cfg.dt}")

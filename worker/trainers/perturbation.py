@@ -4,8 +4,10 @@ Techniques), every perturbation of a step in one batched forward.
 How to read it: `Config` takes the seed's config.yml as written (sections model / training / data / log);
 `elman_losses` is the one stacked forward (M members' weights on a leading dimension, built on
 worker/trainers/population.py), serving P perturbations of one config and K configs of one shape alike;
-`gradient` turns a step's member losses into a gradient for each `gradient_computation`; `train` is the
-epoch loop (one step on the whole training set per epoch, as the seed).
+`gradient` turns a step's member losses into a gradient for each `gradient_computation` (each method's
+probes and estimate are functions of their own, which perturbation_fused.py shares); `Run` is one config's
+run (data, weights, reports, checkpoints, result) and `train` its epoch loop (one step on the whole training
+set per epoch, as the seed). `fuse_key` says which configs perturbation_fused.py stacks into one forward.
 
 Model (the seed's rnn_1hl): h = tanh(x Wxh + h Whh + bh), y = h Why + by, weights drawn as the seed does
 (numpy randn under `training.seed`, zero biases), so `seed: 12` starts from the seed's own weights. `rnn_xhl`
@@ -236,8 +238,10 @@ def input_drive(x: Tensor, wxh: Tensor, bh: Tensor, members: int, time_major: bo
         drive = population.linear(x.transpose(0, 1).reshape(members, steps * batch, -1), wxh, bh)
         return drive.view(members, steps, batch, hidden).transpose(0, 1).contiguous()
     batch, steps = x.shape[-3], x.shape[-2]
-    if x.dim() == 3 and x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
-        args = (bh.view(1, members, 1, hidden), x.transpose(0, 1).unsqueeze(1), wxh.view(1, members, 1, hidden))
+    if x.shape[-1] == 1:  # the sine task: an outer product, one addcmul (3x an addmm with K = 1)
+        # [T, 1, B, 1] shared by the members, or each member's own [T, M, B, 1] (a gang's own waves)
+        xt = x.transpose(0, 1).unsqueeze(1) if x.dim() == 3 else x.permute(2, 0, 1, 3)
+        args = (bh.view(1, members, 1, hidden), xt, wxh.view(1, members, 1, hidden))
         if torch.is_grad_enabled() and (wxh.requires_grad or bh.requires_grad):
             return torch.addcmul(*args)  # autograd refuses out=; recurrence() makes the layout contiguous
         # out=: broadcasting alone picks another layout than [T, M, B, H], and the copy costs as much again
@@ -299,44 +303,63 @@ def member_losses(vectors: Tensor, like: Params, inputs: Tensor, targets: Tensor
 
 
 # ---- gradients ------------------------------------------------------------------------------------------
+# Each perturbation method is probes (the weight vectors or noise to evaluate) and an estimate (the gradient from
+# their losses), so that one config's probes and a gang's (worker/trainers/perturbation_fused.py) are the same.
+def wp_vectors(w: Tensor, sigma: float) -> Tensor:
+    """The seed's probes: the base net as member 0, then every weight moved by sigma alone -> [n + 1, n]."""
+    return torch.cat([w.unsqueeze(0), w + sigma * torch.eye(w.numel(), dtype=w.dtype, device=w.device)])
+
+
+def wp_estimate(losses: Tensor, sigma: float) -> Tensor:
+    return (losses[1:] - losses[0]) / sigma
+
+
 def wp_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, chunk: int) -> tuple[Tensor, Tensor, int]:
     """The seed's weight perturbation: every weight moved by sigma alone, the base net as member 0."""
-    w = flatten(params)
-    n = w.numel()
-    vectors = torch.cat([w.unsqueeze(0), w + sigma * torch.eye(n, dtype=w.dtype, device=w.device)])
+    vectors = wp_vectors(flatten(params), sigma)
     losses = member_losses(vectors, params, inputs, targets, chunk)
-    return (losses[1:] - losses[0]) / sigma, losses[0], n + 1
+    return wp_estimate(losses, sigma), losses[0], len(vectors)
+
+
+def spsa_vectors(w: Tensor, sigma: float, directions: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Random +-1 directions d and the probes [w, w + sigma d, w - sigma d] -> ([2 directions + 1, n], d)."""
+    d = (torch.randint(0, 2, (directions, w.numel()), generator=generator) * 2 - 1).to(w)
+    return torch.cat([w.unsqueeze(0), w + sigma * d, w - sigma * d]), d
+
+
+def spsa_estimate(losses: Tensor, d: Tensor, sigma: float) -> Tensor:
+    directions = len(d)
+    plus, minus = losses[1:1 + directions], losses[1 + directions:]
+    return ((plus - minus) / (2 * sigma)) @ d / directions
 
 
 def spsa_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, directions: int,
                   generator: torch.Generator, chunk: int) -> tuple[Tensor, Tensor, int]:
     """Central differences along random +-1 directions d: mean of (L(w + sigma d) - L(w - sigma d)) / (2 sigma) d."""
-    w = flatten(params)
-    d = (torch.randint(0, 2, (directions, w.numel()), generator=generator) * 2 - 1).to(w)
-    vectors = torch.cat([w.unsqueeze(0), w + sigma * d, w - sigma * d])
+    vectors, d = spsa_vectors(flatten(params), sigma, directions, generator)
     losses = member_losses(vectors, params, inputs, targets, chunk)
-    plus, minus = losses[1:1 + directions], losses[1 + directions:]
-    return ((plus - minus) / (2 * sigma)) @ d / directions, losses[0], 2 * directions + 1
+    return spsa_estimate(losses, d, sigma), losses[0], 2 * directions + 1
 
 
-def np_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, directions: int,
-                generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
-    """Node perturbation: noise xi ~ N(0, sigma^2) on every unit's input at every step; dL/dnet ~ dL xi / sigma^2,
-    and each weight's gradient is that times its presynaptic activity in the clean run."""
+def np_noise(params: Params, inputs: Tensor, sigma: float, directions: int,
+             generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    """The draws z ~ N(0, 1) per layer plus the output [directions, B, T, units], and the noise of the
+    directions + 1 members (member 0 is the clean run: zero noise) that the stacked forward adds."""
     batch, steps, _ = inputs.shape
-    layers = layers_of(params)
-    widths = [params[whh].shape[-1] for _, whh, _ in layers] + [params["Why"].shape[-1]]
+    widths = [params[whh].shape[-1] for _, whh, _ in layers_of(params)] + [params["Why"].shape[-1]]
     draws = [torch.randn(directions, batch, steps, width, generator=generator, dtype=torch.float64).to(inputs)
              for width in widths]
-    # member 0 is the clean run: zero noise
-    noise = [torch.cat([torch.zeros_like(z[:1]), sigma * z]) for z in draws]
-    stacked = population.expand(params, directions + 1)
-    y, states = elman_forward(stacked, inputs, noise, keep_states=True)
-    losses = sequence_loss(y, targets)
+    return draws, [torch.cat([torch.zeros_like(z[:1]), sigma * z]) for z in draws]
+
+
+def np_estimate(params: Params, inputs: Tensor, draws: list[Tensor], losses: Tensor, states: list[Tensor],
+                sigma: float) -> Tensor:
+    """The gradient from the directions + 1 members' losses and hidden states (member 0 clean)."""
+    directions = len(draws[0])
     scale = (losses[1:] - losses[0]) / sigma  # dL / sigma^2 times xi = dL / sigma times z
     grads: Params = {}
     previous = inputs
-    for (wxh, whh, bh), z, hidden in zip(layers, draws, states):
+    for (wxh, whh, bh), z, hidden in zip(layers_of(params), draws, states):
         dnet = torch.einsum("k,kbth->bth", scale, z) / directions
         clean = hidden[0]
         before = torch.cat([torch.zeros_like(clean[:, :1]), clean[:, :-1]], dim=1)  # h(t - 1)
@@ -347,7 +370,18 @@ def np_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, d
     dout = torch.einsum("k,kbto->bto", scale, draws[-1]) / directions
     grads["Why"] = torch.einsum("bth,bto->ho", previous, dout)
     grads["by"] = dout.sum(dim=(0, 1))
-    return flatten({key: grads[key] for key in params}), losses[0], directions + 1
+    return flatten({key: grads[key] for key in params})
+
+
+def np_gradient(params: Params, inputs: Tensor, targets: Tensor, sigma: float, directions: int,
+                generator: torch.Generator) -> tuple[Tensor, Tensor, int]:
+    """Node perturbation: noise xi ~ N(0, sigma^2) on every unit's input at every step; dL/dnet ~ dL xi / sigma^2,
+    and each weight's gradient is that times its presynaptic activity in the clean run."""
+    draws, noise = np_noise(params, inputs, sigma, directions, generator)
+    stacked = population.expand(params, directions + 1)
+    y, states = elman_forward(stacked, inputs, noise, keep_states=True)
+    losses = sequence_loss(y, targets)
+    return np_estimate(params, inputs, draws, losses, states, sigma), losses[0], directions + 1
 
 
 def bptt_gradient(params: Params, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -456,85 +490,134 @@ def plot_rollout(target: Tensor, generated: Tensor, path: Path, title: str) -> P
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
+class Diverged(ArithmeticError):
+    """The training loss is no longer finite (NaN or inf): the run has diverged and ends here."""
+
+    def __init__(self, epoch: int, value: float):
+        super().__init__(f"training loss diverged to {value} at epoch {epoch} (try a smaller learning_rate or "
+                         "clip: true)")
+        self.epoch = epoch
+
+
+def fuse_key(cfg: Config) -> str:
+    """What the members of one stacked forward (`perturbation_fused.train_many`) must share: the net's shape,
+    the method and its number of probes, the data's shape, dtype and device. sigma, the learning rate and its
+    schedule, clipping, the seed, epochs, the wave itself (amplitude, frequency, phase, noise), fsm and the
+    bookkeeping may differ: each member is its own rows of the stack."""
+    m, tc, d = cfg.model, cfg.training, cfg.data
+    probes = f"/D{tc.num_directions}" if tc.gradient_computation in ("spsa", "np") else ""
+    return (f"perturbation/{m.name}/{m.input_size}-{m.hidden_size}x{m.num_layers}-{m.output_size}"
+            f"/{tc.gradient_computation}{probes}/{tc.dtype}/{tc.device}"
+            f"/T{d.length}/N{d.n_samples}:{d.train_split}:{d.validation_split}")
+
+
+class Run:
+    """One config's run: its data, weights, generator and bookkeeping (reports, checkpoints, stop, result).
+    `train` drives one; perturbation_fused drives a gang of them, one stacked step for all."""
+
+    def __init__(self, cfg: Config, ctx):
+        tc = self.tc = cfg.training
+        self.cfg, self.ctx = cfg, ctx
+        self.device = torch.device(ctx.device if tc.device == "auto" else tc.device)
+        dtype = torch.float64 if tc.dtype == "float64" else torch.float32
+        seed = tc.seed if tc.seed is not None else ctx.seed
+        self.data = {key: value.to(self.device) for key, value in sine_data(cfg.data, seed, dtype).items()}
+        # next-step prediction: y[t] is scored against x[t + 1]; the last point is only a target
+        self.pairs = {key: (value[:, :-1], value[:, 1:]) for key, value in self.data.items()}
+        self.generator = torch.Generator().manual_seed(seed)  # spsa directions and np noise, drawn on the CPU
+        saved = ctx.load_checkpoint()
+        if saved is None:
+            self.params = {key: value.to(self.device) for key, value in init_params(cfg.model, seed, dtype).items()}
+            self.state = {"epoch": 0, "forwards": 0, "elapsed": 0.0, "curve": [], "best_val": math.inf}
+        else:
+            self.params = {key: value.to(self.device) for key, value in saved["params"].items()}
+            self.generator.set_state(saved["generator"])
+            self.state = saved["run"]
+        self.began = time.monotonic() - self.state["elapsed"]
+        self.n_weights = sum(value.numel() for value in self.params.values())
+
+    @property
+    def done(self) -> bool:
+        return self.state["epoch"] >= self.tc.epochs
+
+    def checkpoint(self) -> dict:
+        state = self.state
+        state["elapsed"] = time.monotonic() - self.began
+        return self.ctx.save_checkpoint({"step": state["epoch"], "run": dict(state),
+                                         "generator": self.generator.get_state(),
+                                         "params": {key: value.cpu() for key, value in self.params.items()}})
+
+    def record(self, train_loss: float, val_loss: float, forwards: int, lr: float, started: float) -> dict | None:
+        """The bookkeeping after one epoch's step (self.params already updated): report, the divergence check,
+        stop and checkpoint. Returns {"stopped_at": epoch} when the run must stop, else None."""
+        tc, cfg, ctx, state = self.tc, self.cfg, self.ctx, self.state
+        state["epoch"] += 1
+        state["forwards"] += forwards + 1
+        state["best_val"] = min(state["best_val"], val_loss)
+        epoch = state["epoch"]
+        if epoch % tc.log_every == 0 or epoch == tc.epochs:
+            points = (cfg.data.length - 1) * cfg.model.output_size
+            state["curve"].append([epoch, train_loss, val_loss])
+            ctx.report(epoch, train_loss=train_loss, val_loss=val_loss, loss=train_loss,
+                       train_mse=train_loss / points, val_mse=val_loss / points,
+                       epoch_seconds=time.monotonic() - started, forwards=state["forwards"], learning_rate=lr)
+            ctx.progress(epoch, tc.epochs)
+        if not math.isfinite(train_loss):
+            raise Diverged(epoch, train_loss)
+        if ctx.should_stop():
+            self.checkpoint()
+            return {"stopped_at": epoch}
+        if epoch % tc.checkpoint_every == 0:
+            self.checkpoint()
+        return None
+
+    def finish(self) -> dict:
+        """The last checkpoint, the final losses, the weights file and the FSM rollout: the job's result."""
+        cfg, tc, ctx, params, state = self.cfg, self.tc, self.ctx, self.params, self.state
+        with torch.no_grad():
+            pointer = self.checkpoint()
+            final = {key: float(elman_losses(population.expand(params, 1), *pair)[0]) for key, pair in self.pairs.items()}
+        ctx.workdir.mkdir(parents=True, exist_ok=True)
+        weights_path = ctx.workdir / "weights.pt"
+        torch.save({key: value.cpu() for key, value in params.items()}, weights_path)
+        points = (cfg.data.length - 1) * cfg.model.output_size
+        result = {
+            "train_loss": final["train"], "val_loss": final["val"], "best_val_loss": min(state["best_val"], final["val"]),
+            "train_mse": final["train"] / points, "val_mse": final["val"] / points,
+            "epochs": state["epoch"], "forwards": state["forwards"], "weights": self.n_weights,
+            "gradient_computation": tc.gradient_computation, "seconds": round(time.monotonic() - self.began, 3),
+            "weights_file": str(weights_path.resolve()), "checkpoint": pointer["uri"],
+            "loss_curve": state["curve"][-200:],
+        }
+        if "test" in final:
+            result["test_loss"] = final["test"]
+        if cfg.fsm:
+            target = self.data["val"][0, :, 0].cpu()
+            steps = cfg.fsm_steps or cfg.data.length - 1
+            cpu_params = {key: value.cpu() for key, value in params.items()}
+            with torch.no_grad():
+                generated = fsm_rollout(cpu_params, target[0], steps)
+            overlap = min(len(target), len(generated))
+            result["fsm_mse"] = float((generated[:overlap] - target[:overlap]).square().mean())
+            result["fsm_steps"] = steps
+            result["fsm_plot"] = str(plot_rollout(target, generated, ctx.workdir / "fsm.png",
+                                                  f"FSM rollout ({tc.gradient_computation}), mse {result['fsm_mse']:.3g}"))
+        return result
+
+
 def train(cfg: Config, ctx) -> dict:
     tc = cfg.training
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = torch.device(ctx.device if tc.device == "auto" else tc.device)
-    dtype = torch.float64 if tc.dtype == "float64" else torch.float32
-    seed = tc.seed if tc.seed is not None else ctx.seed
-    data = {key: value.to(device) for key, value in sine_data(cfg.data, seed, dtype).items()}
-    # next-step prediction: y[t] is scored against x[t + 1]; the last point is only a target
-    pairs = {key: (value[:, :-1], value[:, 1:]) for key, value in data.items()}
-    generator = torch.Generator().manual_seed(seed)  # spsa directions and np noise, drawn on the CPU
-
-    saved = ctx.load_checkpoint()
-    if saved is None:
-        params = {key: value.to(device) for key, value in init_params(cfg.model, seed, dtype).items()}
-        state = {"epoch": 0, "forwards": 0, "elapsed": 0.0, "curve": [], "best_val": math.inf}
-    else:
-        params = {key: value.to(device) for key, value in saved["params"].items()}
-        generator.set_state(saved["generator"])
-        state = saved["run"]
-    began = time.monotonic() - state["elapsed"]
-    n_weights = sum(value.numel() for value in params.values())
-
-    def checkpoint() -> dict:
-        state["elapsed"] = time.monotonic() - began
-        return ctx.save_checkpoint({"step": state["epoch"], "run": dict(state), "generator": generator.get_state(),
-                                    "params": {key: value.cpu() for key, value in params.items()}})
-
+    run = Run(cfg, ctx)
     with torch.no_grad():
-        train_loss = val_loss = math.nan
-        while state["epoch"] < tc.epochs:
+        while not run.done:
             started = time.monotonic()
-            grad, train_loss_t, forwards = gradient(tc, params, *pairs["train"], generator)
-            val_loss = float(elman_losses(population.expand(params, 1), *pairs["val"])[0])
-            train_loss = float(train_loss_t)
-            lr = learning_rate(tc, state["epoch"])
-            params = update(tc, params, grad, lr)
-            state["epoch"] += 1
-            state["forwards"] += forwards + 1
-            state["best_val"] = min(state["best_val"], val_loss)
-            epoch = state["epoch"]
-            if epoch % tc.log_every == 0 or epoch == tc.epochs:
-                points = (cfg.data.length - 1) * cfg.model.output_size
-                state["curve"].append([epoch, train_loss, val_loss])
-                ctx.report(epoch, train_loss=train_loss, val_loss=val_loss, loss=train_loss,
-                           train_mse=train_loss / points, val_mse=val_loss / points,
-                           epoch_seconds=time.monotonic() - started, forwards=state["forwards"], learning_rate=lr)
-                ctx.progress(epoch, tc.epochs)
-            if ctx.should_stop():
-                checkpoint()
-                return {"stopped_at": epoch}
-            if epoch % tc.checkpoint_every == 0:
-                checkpoint()
-        pointer = checkpoint()
-        final = {key: float(elman_losses(population.expand(params, 1), *pair)[0]) for key, pair in pairs.items()}
-
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
-    weights_path = ctx.workdir / "weights.pt"
-    torch.save({key: value.cpu() for key, value in params.items()}, weights_path)
-    points = (cfg.data.length - 1) * cfg.model.output_size
-    result = {
-        "train_loss": final["train"], "val_loss": final["val"], "best_val_loss": min(state["best_val"], final["val"]),
-        "train_mse": final["train"] / points, "val_mse": final["val"] / points,
-        "epochs": state["epoch"], "forwards": state["forwards"], "weights": n_weights,
-        "gradient_computation": tc.gradient_computation, "seconds": round(time.monotonic() - began, 3),
-        "weights_file": str(weights_path.resolve()), "checkpoint": pointer["uri"],
-        "loss_curve": state["curve"][-200:],
-    }
-    if "test" in final:
-        result["test_loss"] = final["test"]
-    if cfg.fsm:
-        target = data["val"][0, :, 0].cpu()
-        steps = cfg.fsm_steps or cfg.data.length - 1
-        cpu_params = {key: value.cpu() for key, value in params.items()}
-        with torch.no_grad():
-            generated = fsm_rollout(cpu_params, target[0], steps)
-        overlap = min(len(target), len(generated))
-        result["fsm_mse"] = float((generated[:overlap] - target[:overlap]).square().mean())
-        result["fsm_steps"] = steps
-        result["fsm_plot"] = str(plot_rollout(target, generated, ctx.workdir / "fsm.png",
-                                              f"FSM rollout ({tc.gradient_computation}), mse {result['fsm_mse']:.3g}"))
-    return result
+            grad, train_loss, forwards = gradient(tc, run.params, *run.pairs["train"], run.generator)
+            val_loss = float(elman_losses(population.expand(run.params, 1), *run.pairs["val"])[0])
+            lr = learning_rate(tc, run.state["epoch"])
+            run.params = update(tc, run.params, grad, lr)
+            stopped = run.record(float(train_loss), val_loss, forwards, lr, started)
+            if stopped is not None:
+                return stopped
+    return run.finish()

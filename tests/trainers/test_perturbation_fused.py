@@ -1,0 +1,219 @@
+"""perturbation's fused training (worker/trainers/perturbation_fused.py): a gang's members equal their solo runs."""
+from __future__ import annotations
+
+import harness  # tests/trainers/harness.py
+import pytest
+import torch
+
+from worker import trainers
+from worker.trainers import perturbation
+from worker.trainers.perturbation import Config
+
+METHODS = ["wp", "spsa", "np", "bptt"]
+SEEDS = [3, 4, 5, 6]
+# Three members of one shape: own sigma, learning rate (one a schedule) and seed (training.seed None: the job's).
+MEMBERS = [
+    {"perturbation": 1e-4, "learning_rate": 1e-3},
+    {"perturbation": 3e-4, "learning_rate": 5e-4, "clip": False},
+    {"perturbation": 2e-4, "learning_rate": "step", "base_learning_rate": 2e-3, "decay_rate": 0.5, "decay_steps": 10,
+     "warmup_epochs": 3, "max_clip_value": 0.05, "min_clip_value": -0.05},
+]
+
+
+def small(method: str, data: dict | None = None, **training) -> Config:
+    settings = {"gradient_computation": method, "epochs": 30, "num_directions": 6, "log_every": 5,
+                "checkpoint_every": 100, "seed": None, **training}
+    return Config.model_validate({"model": {"hidden_size": 5}, "training": settings,
+                                  "data": {"length": 20, "amplitude": 1.0, **(data or {})}})
+
+
+def configs(method: str, data: list[dict] | None = None) -> list[Config]:
+    return [small(method, None if data is None else data[i], **m) for i, m in enumerate(MEMBERS)]
+
+
+class Gang:
+    """One harness (context, pipe, store) per member, as the agent gives each job of a gang its own."""
+
+    def __init__(self, root, seeds, stop_at=None, checkpoints=None, first=0):
+        self.members = [harness.Harness(root / f"m{first + i}", seed=seed, job_id=10 + first + i,
+                                        stop_at=None if stop_at is None else stop_at[i],
+                                        checkpoint=None if checkpoints is None else checkpoints[i])
+                        for i, seed in enumerate(seeds)]
+
+    def train(self, cfgs):
+        try:
+            return trainers.load_fused("perturbation").train_many(cfgs, [h.ctx for h in self.members])
+        finally:
+            for h in self.members:
+                h._done.set()
+                h._thread.join(timeout=10)
+
+
+class Solo(harness.Harness):
+    def run(self, cfg: Config):
+        try:
+            return perturbation.train(cfg, self.ctx)
+        except perturbation.Diverged as exc:
+            return exc
+        finally:
+            self._done.set()
+            self._thread.join(timeout=10)
+
+
+def solo_runs(tmp_path, cfgs, seeds):
+    runs = []
+    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
+        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
+        runs.append((h, h.run(cfg)))
+    return runs
+
+
+def same_reports(solo: harness.Harness, fused: harness.Harness, after: int = 0) -> None:
+    expected = [(s, r) for s, r in solo.reports if s > after]
+    assert [s for s, _ in expected] == [s for s, _ in fused.reports]
+    for (_, a), (_, b) in zip(expected, fused.reports):
+        for key in ("train_loss", "val_loss", "forwards", "learning_rate"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+
+
+def same_weights(solo: harness.Harness, fused: harness.Harness) -> None:
+    a, b = solo.store.load(solo.checkpoints[-1]), fused.store.load(fused.checkpoints[-1])
+    assert a["step"] == b["step"] and a["run"]["forwards"] == b["run"]["forwards"]
+    assert a["params"].keys() == b["params"].keys()  # the solo format
+    for key in a["params"]:
+        assert a["params"][key].dtype == b["params"][key].dtype
+        assert torch.allclose(a["params"][key], b["params"][key], rtol=1e-9, atol=1e-12), key
+    assert torch.equal(a["generator"], b["generator"])  # the same directions and noise were drawn
+
+
+def same_result(solo_result: dict, fused_result: dict) -> None:
+    assert fused_result["fused"] is True
+    for key in ("train_loss", "val_loss", "best_val_loss"):
+        assert solo_result[key] == pytest.approx(fused_result[key], rel=1e-9), key
+    for key in ("epochs", "forwards", "weights", "gradient_computation"):
+        assert solo_result[key] == fused_result[key], key
+    assert torch.load(fused_result["weights_file"]).keys() == torch.load(solo_result["weights_file"]).keys()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_three_members_with_own_sigma_lr_and_seed_equal_their_solo_runs(tmp_path, method):
+    cfgs = configs(method)
+    assert len({perturbation.fuse_key(c) for c in cfgs}) == 1
+    gang = Gang(tmp_path / "gang", SEEDS[:3])
+    results = gang.train(cfgs)
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
+        same_reports(solo, fused)
+        same_weights(solo, fused)
+        same_result(solo_result, result)
+    # the members learned different things: the gang did not train one net for all
+    assert len({round(r["train_loss"], 12) for r in results}) == 3
+
+
+@pytest.mark.parametrize("method", ["wp", "np"])
+def test_members_with_their_own_waves_read_their_own_rows(tmp_path, method):
+    """Different amplitudes, a noisy and a random-phase wave: each row of the stack reads its member's data."""
+    waves = [{"amplitude": 1.0, "n_samples": 5}, {"amplitude": 2.0, "n_samples": 5, "noise": 0.1},
+             {"phase": "random", "n_samples": 5}]
+    cfgs = configs(method, waves)
+    gang = Gang(tmp_path / "gang", SEEDS[:3])
+    results = gang.train(cfgs)
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
+        same_reports(solo, fused)
+        same_weights(solo, fused)
+        same_result(solo_result, result)
+        assert "test_loss" in result and result["test_loss"] == pytest.approx(solo_result["test_loss"], rel=1e-9)
+
+
+def test_a_member_whose_loss_overflows_leaves_and_the_others_equal_their_solo_runs(tmp_path):
+    cfgs = configs("wp")
+    huge = cfgs[1].training.model_copy(update={"learning_rate": 1e300})  # past Config's limit: weights overflow
+    cfgs[1] = cfgs[1].model_copy(update={"training": huge})
+    gang = Gang(tmp_path / "gang", SEEDS[:3])
+    results = gang.train(cfgs)
+    assert isinstance(results[1], perturbation.Diverged), results[1]
+    solos = solo_runs(tmp_path, cfgs, SEEDS)
+    assert isinstance(solos[1][1], perturbation.Diverged) and solos[1][1].epoch == results[1].epoch < 30  # as solo
+    same_reports(solos[1][0], gang.members[1])
+    for i in (0, 2):
+        same_reports(solos[i][0], gang.members[i])
+        same_weights(solos[i][0], gang.members[i])
+        same_result(solos[i][1], results[i])
+
+
+def test_a_stopped_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path):
+    cfgs = configs("spsa")
+    gang = Gang(tmp_path / "gang", SEEDS[:3], stop_at=[None, 15, None])
+    results = gang.train(cfgs)
+    assert results[1] == {"stopped_at": 15}
+    assert [p["step"] for p in gang.members[1].checkpoints] == [15]
+    assert gang.members[1].reports[-1][0] == 15
+    solos = solo_runs(tmp_path, cfgs, SEEDS)
+    for i in (0, 2):
+        same_reports(solos[i][0], gang.members[i])
+        same_weights(solos[i][0], gang.members[i])
+        same_result(solos[i][1], results[i])
+
+
+def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(tmp_path):
+    cfgs = configs("spsa") + [small("spsa", perturbation=5e-4, learning_rate=2e-3)]
+    gang = Gang(tmp_path / "gang", SEEDS, stop_at=[15] * 4)  # SIGTERM: should_stop for all
+    assert gang.train(cfgs) == [{"stopped_at": 15}] * 4
+    pointers = [h.checkpoints[-1] for h in gang.members]
+    # member 0 goes on solo from the gang's checkpoint; 1 and 2 in a new gang, 3 from scratch beside them
+    # (a gang joins only members at the same epoch, so 3 trains in its own group)
+    alone = Solo(tmp_path / "gang" / "m0", seed=SEEDS[0], job_id=10, checkpoint=pointers[0])
+    alone_result = alone.run(cfgs[0])
+    again = Gang(tmp_path / "gang", SEEDS[1:3], checkpoints=pointers[1:3], first=1)
+    again.members.append(harness.Harness(tmp_path / "fresh3", seed=SEEDS[3], job_id=13))
+    resumed = again.train(cfgs[1:])
+    assert [h.reports[0][0] for h in again.members] == [20, 20, 5]
+    solos = solo_runs(tmp_path, cfgs, SEEDS)
+    for i, (h, result) in enumerate([(alone, alone_result), *zip(again.members, resumed)]):
+        solo, solo_result = solos[i]
+        same_reports(solo, h, after=15 if i < 3 else 0)
+        same_weights(solo, h)
+        assert result["train_loss"] == pytest.approx(solo_result["train_loss"], rel=1e-9)
+        assert [s for s, *_ in result["loss_curve"]] == [s for s, *_ in solo_result["loss_curve"]]
+
+
+def test_a_solo_checkpoint_joins_a_gang_and_finishes_as_the_uninterrupted_run(tmp_path):
+    cfgs = configs("bptt")[:2]
+    pointers = []
+    for i, cfg in enumerate(cfgs):
+        first = Solo(tmp_path / f"m{i}", seed=SEEDS[i], job_id=10 + i, stop_at=10)
+        assert first.run(cfg) == {"stopped_at": 10}
+        pointers.append(first.checkpoints[-1])
+    gang = Gang(tmp_path, SEEDS[:2], checkpoints=pointers)
+    results = gang.train(cfgs)
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
+        same_reports(solo, fused, after=10)
+        same_weights(solo, fused)
+        same_result(solo_result, result)
+
+
+def test_fuse_keys_split_on_shape_and_method_and_join_on_sigma_lr_seed_and_wave():
+    base = small("spsa")
+    key = perturbation.fuse_key(base)
+    for change in ({"model": {"hidden_size": 6}}, {"training": {"gradient_computation": "wp"}},
+                   {"training": {"num_directions": 7}}, {"training": {"dtype": "float32"}},
+                   {"data": {"length": 21}}, {"data": {"n_samples": 3}}):
+        section, values = next(iter(change.items()))
+        changed = base.model_copy(update={section: getattr(base, section).model_copy(update=values)})
+        assert perturbation.fuse_key(changed) != key, change
+    for same in ({"training": {"perturbation": 0.1, "learning_rate": 0.5, "seed": 9, "epochs": 7, "clip": False}},
+                 {"data": {"amplitude": 3.0, "phase": "random", "noise": 0.2}}, {"fsm": True}):
+        section, values = next(iter(same.items()))
+        update = {section: getattr(base, section).model_copy(update=values)} if isinstance(values, dict) else same
+        assert perturbation.fuse_key(base.model_copy(update=update)) == key, same
+    # wp's number of probes is the net's weights: num_directions does not split it
+    wp = small("wp")
+    assert perturbation.fuse_key(wp) == perturbation.fuse_key(small("wp", num_directions=99))
+    # the registry's hook (stored as jobs.fuse_key at submit) is this one
+    assert trainers.fuse_key("perturbation", {"training": {"gradient_computation": "np"}}) == perturbation.fuse_key(
+        Config.model_validate({"training": {"gradient_computation": "np"}}))
+
+
+def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path):
+    gang = Gang(tmp_path, [0, 1])
+    with pytest.raises(ValueError, match="different fuse keys"):
+        gang.train([small("wp"), small("spsa")])
