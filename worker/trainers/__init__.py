@@ -27,6 +27,8 @@ TRAINERS: dict[str, str] = {
 
 FUSED: dict[str, str] = {
     "gated_rnn": "worker.trainers.gated_fused",
+    "sparse_rnn": "worker.trainers.sparse_fused",
+    "snn_ddqn": "worker.trainers.snn_fused",
 }
 
 
