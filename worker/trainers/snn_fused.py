@@ -9,7 +9,8 @@ one update, and the gang answers it. Each round the gang answers every pending r
 targets and one forward + backward for the Q-values of all members that update; each member then takes
 its own Adam step and target update (its own torch.optim.Adam and nets, the solo objects, so its
 checkpoint is the solo format and it resumes solo or in a gang). Members run at their own pace (an
-episode's end, a time limit, a stop), so a round holds whichever members asked.
+episode's end, a time limit, a stop), so a round holds whichever members asked. (Holding a request back
+a round or two so that drifted members fall into step again was tried: on a CPU it was slower.)
 
 The batched network (`_forward`): each Linear is one `torch.baddbmm` over the members' stacked weights
 (`_Linear`, whose backward forms the weight gradient as nn.Linear's does, grad^T @ x, not bmm's default
@@ -55,6 +56,11 @@ from worker.trainers.snn_ddqn import (
 from worker.trainers.spiking.lif import LeakyLayer
 
 Request = tuple[str, Any]
+# On a CPU one batched update holds at most this many members x batch x widest layer: past it the spike
+# trains ([T, members * batch, width]) fall out of the caches one member's fit in and the elementwise LIF
+# work slows down more than the saved dispatch gains (measured, 1 thread, T 25: batch 100 x [64, 64] best
+# at 2 members, batch 32 x [64, 64] at 4-8, batch 100 x [16] at 8). No cap on a GPU.
+CPU_LEARN_ELEMENTS = 16_384
 
 
 class _Linear(torch.autograd.Function):
@@ -73,6 +79,21 @@ class _Linear(torch.autograd.Function):
         grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
+
+
+class _Regroup(torch.autograd.Function):
+    """A contiguous copy of x [A, C, rest...] as [C, A, rest...] whose gradient comes back contiguous too
+    (a transposed view's gradient would be strided, and LeakyLayer's backward is several times slower on
+    strided gradients). Moves between time-major spike trains [T, K, B, H] and member-major matmul
+    inputs [K, T, B, H]."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous()
 
 
 def _layers(nets: list[QNetwork]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,9 +116,9 @@ def _forward(net: QNetwork, layers, obs: torch.Tensor) -> torch.Tensor:
     current = _Linear.apply(obs, *layers[0]).reshape(members * batch, -1)  # a constant current
     for i, (w, b) in enumerate(layers):
         if i > 0:  # all time steps of this layer's input in one batched matmul, rows [t, b] per member
-            x = spikes.view(t_steps, members, batch, -1).transpose(0, 1).reshape(members, t_steps * batch, -1)
-            current = _Linear.apply(x, w, b).view(members, t_steps, batch, -1).transpose(0, 1)
-            current = current.reshape(t_steps, members * batch, -1)
+            x = _Regroup.apply(spikes.view(t_steps, members, batch, -1)).view(members, t_steps * batch, -1)
+            current = _Linear.apply(x, w, b).view(members, t_steps, batch, -1)
+            current = _Regroup.apply(current).view(t_steps, members * batch, -1)
         readout = net.membrane_readout and i == last
         neuron = net.neurons[i]
         spikes, _mems, total = LeakyLayer.apply(current, neuron.beta.clamp(0, 1), neuron.threshold, t_steps,
@@ -308,13 +329,23 @@ def _act(requests: list[tuple[_Member, torch.Tensor]]) -> dict[int, np.ndarray]:
     return out
 
 
+def _chunks(group: list, device: torch.device) -> list[list]:
+    """The learners of one row-count group in batches that keep a CPU's working set in its caches."""
+    if device.type != "cpu":
+        return [group]
+    member, obs = group[0]
+    size = max(1, CPU_LEARN_ELEMENTS // (obs.shape[0] * max(member.cfg.hidden_layers)))
+    return [group[i:i + size] for i in range(0, len(group), size)]
+
+
 def _learn(requests: list[tuple[_Member, tuple]]) -> dict[int, float]:
     """One update's gradients for every member that asked (left in its parameters' .grad for its own
     optimizer.step), and its loss. The TD target is snn_ddqn.td_target's, per member."""
-    out = {}
-    for group in _by_rows([(m, batch[0]) for m, batch in requests]):
+    out, batch_of = {}, {id(m): batch for m, batch in requests}
+    groups = _by_rows([(m, batch[0]) for m, batch in requests])
+    for group in [chunk for g in groups for chunk in _chunks(g, requests[0][0].device)]:
         members = [m for m, _ in group]
-        batches = [dict(requests)[m] for m in members]
+        batches = [batch_of[id(m)] for m in members]
         obs, actions, rewards, next_obs, terminated = (torch.stack(parts) for parts in zip(*batches))
         online, target = [m.online for m in members], [m.target for m in members]
         with torch.no_grad():
@@ -370,7 +401,7 @@ def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
             outcome[i] = exc
             continue
         advance(i, member, None)
-    while pending:
+    while pending:  # each round answers every pending request: one batched compute per kind
         acts = [(m, x) for m, (kind, x) in pending.values() if kind == "act"]
         learns = [(m, batch) for m, (kind, batch) in pending.values() if kind == "learn"]
         answers = {**(_act(acts) if acts else {}), **(_learn(learns) if learns else {})}

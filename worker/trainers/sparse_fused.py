@@ -391,10 +391,15 @@ def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
     device = torch.device(ctxs[0].device if cfgs[0].use_cuda else "cpu")
     outcome: list[dict | Exception | None] = [None] * len(cfgs)
     groups: dict[tuple[int, str], list[tuple[int, _Member, dict | None]]] = {}
+    loaded: dict[tuple[str, int | None], Any] = {}
     for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
         try:  # an unreadable checkpoint or missing data fails its member only
             state = ctx.load_checkpoint()
-            member = _member(cfg, ctx, state, sparse_rnn.load_data(cfg, ctx.seed), device)
+            # RandomAnomaly's real files are the same for every seed: read them once for the gang
+            key = (cfg.data.model_dump_json(), None if cfg.data.is_random_anomaly and cfg.data.path else ctx.seed)
+            if key not in loaded:
+                loaded[key] = sparse_rnn.load_data(cfg, ctx.seed)
+            member = _member(cfg, ctx, state, loaded[key], device)
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
             continue
