@@ -191,3 +191,13 @@ def test_train_many_refuses_configs_of_different_fuse_keys_or_unfused_models(tmp
         gang.train([small(), small(hidden_size=8)])
     with pytest.raises(ValueError, match="not fused"):
         Gang(tmp_path / "b", [0]).train([small(model_type="gru")])
+
+
+@pytest.mark.parametrize("overrides", [{"model_type": "mlp", "sizes": [36, 12, 10]},  # seed 000's MLP as blocks
+                                       {"bias": [False, True, False]}])  # a bias on some block rows only
+def test_the_mlp_block_model_and_per_row_biases_fuse_as_solo(tmp_path, overrides):
+    cfgs = [small(**overrides, learning_rate=lr, max_epochs=2) for lr in LRS[:2]]
+    gang = Gang(tmp_path / "gang", SEEDS[:2])
+    results = gang.train(cfgs)
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS[:2]), gang.members, results):
+        assert_same_run(solo, fused, solo_result, result)

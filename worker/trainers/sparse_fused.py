@@ -53,7 +53,7 @@ class _Member:
     param_groups: list[dict]
     names: list[str]  # its trainable parameters in the solo optimizer's order ("bias", "U")
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (exp_avg, exp_avg_sq), solo shapes
-    steps: list[torch.Tensor]  # Adam's step per parameter (the solo optimizer keeps one each)
+    steps: list[torch.Tensor]  # Adam's step per parameter, on the CPU as the solo optimizer keeps them
     order: list[int] | None = None
     window: list[float] = field(default_factory=list)
     curve: list = field(default_factory=list)
@@ -140,8 +140,6 @@ class _Gang:
             self.params[name] = stack([getattr(b, name).detach() for b in blocks]).clone().requires_grad_()
             self.exp_avg[name] = stack([m.moments[name][0] for m in members]).clone()
             self.exp_avg_sq[name] = stack([m.moments[name][1] for m in members]).clone()
-        for m in members:
-            m.steps = [s.to(d) for s in m.steps]
 
     def _part(self, name: str, tensor: torch.Tensor, row: int) -> torch.Tensor:
         """Member `row`'s share of a stacked tensor (a view): a row, or its span of the CSR values."""
