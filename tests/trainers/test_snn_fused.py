@@ -192,6 +192,9 @@ def test_fuse_key_is_the_network_and_batch_and_lets_learning_settings_differ():
                    {"batch": 16}, {"agents": 1}, {"env_id": "LunarLander-v3"}, {"snn_beta": 0.9}):
         assert snn_ddqn.fuse_key(tiny(**change)) != snn_ddqn.fuse_key(base), change
     assert snn_ddqn.fuse_key(tiny(snn_kernel="snntorch")) is None
+    long = tiny(hidden_layers=[8000 + i for i in range(16)], env_id="gymnasium.envs.classic_control:" + "C" * 120)
+    assert len(snn_ddqn.fuse_key(long)) <= 200  # what jobs.fuse_key holds
+    assert snn_ddqn.fuse_key(long) != snn_ddqn.fuse_key(long.model_copy(update={"hidden_layers": [8000] * 16}))
     assert trainers.fuse_key("snn_ddqn", {"env_id": "CartPole-v1", "lr": 0.5}) == trainers.fuse_key(
         "snn_ddqn", {"env_id": "CartPole-v1"})
 

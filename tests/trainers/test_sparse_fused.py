@@ -179,6 +179,8 @@ def test_fuse_key_groups_by_layout_and_run_and_lets_lr_and_intervals_differ():
                    {"data": {"dataset": "random_anomaly", "image_size": 6, "train_size": 32, "batch_size": 4}}):
         assert sparse_rnn.fuse_key(small(**change)) != sparse_rnn.fuse_key(base), change
     assert sparse_rnn.fuse_key(small(model_type="lstm")) is None
+    many_blocks = small(row_sizes=[36] + [100 + i for i in range(40)] + [10], hidden_size=None)
+    assert len(sparse_rnn.fuse_key(many_blocks)) <= 200  # what jobs.fuse_key holds
     assert sparse_rnn.fuse_key(small(model_type="mlp")) is not None  # a block model too
     assert trainers.fuse_key("sparse_rnn", {"hidden_size": 16, "lr": 0.5}) == trainers.fuse_key(
         "sparse_rnn", {"hidden_size": 16})

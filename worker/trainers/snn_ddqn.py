@@ -34,6 +34,7 @@ network for all of them (each job keeps its own envs, buffer, RNG, nets and opti
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -189,7 +190,10 @@ def fuse_key(cfg: Config) -> str | None:
         return None
     net = (f"{cfg.architecture}/" + "x".join(map(str, cfg.hidden_layers)) +
            (f"/T{cfg.snn_tSteps}/beta{cfg.snn_beta}/{cfg.readout}" if cfg.architecture == "snn" else ""))
-    return f"snn_ddqn/{cfg.env_id}/{net}/B{cfg.batch}/A{cfg.agents}/{cfg.device}"
+    key = f"snn_ddqn/{cfg.env_id}/{net}/B{cfg.batch}/A{cfg.agents}/{cfg.device}"
+    if len(key) <= 200:  # jobs.fuse_key holds 200 characters: a longer key is cut and told apart by a digest
+        return key
+    return f"{key[:160]}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 # ---- the network -------------------------------------------------------------------------------------

@@ -307,7 +307,8 @@ def fuse_key(cfg: Config) -> str | None:
     shape = cfg.model_dump(mode="json", exclude=set(PER_MEMBER_KEYS))
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
     sizes = "x".join(str(s) for s in (cfg.row_sizes or cfg.sizes or [])) or f"h{cfg.hidden_size}"
-    return f"sparse_rnn/{cfg.model_type}/{sizes}/{cfg.data.dataset}/{digest}"
+    readable = f"sparse_rnn/{cfg.model_type}/{sizes}/{cfg.data.dataset}"
+    return f"{readable[:160]}/{digest}"  # jobs.fuse_key holds 200 characters; the digest decides
 
 
 # ---- data -------------------------------------------------------------------------------------------------
