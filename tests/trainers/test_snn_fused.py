@@ -204,3 +204,13 @@ def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path):
         Gang(tmp_path, [0, 1]).train([tiny(), tiny(hidden_layers=[8])])
     with pytest.raises(ValueError, match="not fused"):
         Gang(tmp_path / "b", [0]).train([tiny(snn_kernel="snntorch")])
+
+
+def test_a_member_whose_checkpoint_cannot_be_read_fails_alone(tmp_path):
+    cfgs = members()[:2]
+    missing = {"uri": "local:grid-1/job-10/step-2.pt", "step": 2}  # the pointer names a file that is gone
+    gang = Gang(tmp_path / "gang", SEEDS[:2], checkpoints=[missing, None])
+    results = gang.train(cfgs)
+    assert isinstance(results[0], FileNotFoundError) and gang.members[0].reports == []
+    (solo, solo_result), = solo_runs(tmp_path, cfgs[1:], SEEDS[1:2])
+    assert_same_run(solo, gang.members[1], solo_result, results[1])
