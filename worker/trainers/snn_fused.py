@@ -10,15 +10,16 @@ targets and one forward + backward for the Q-values of all members that update; 
 its own Adam step and target update (its own torch.optim.Adam and nets, the solo objects, so its
 checkpoint is the solo format and it resumes solo or in a gang). Members run at their own pace (an
 episode's end, a time limit, a stop), so a round holds whichever members asked. (Holding a request back
-a round or two so that drifted members fall into step again was tried: on a CPU it was slower.)
+a round or two so that drifted members fall into step again was tried: on a CPU it was slower.) The loop
+is a copy of train's: a change there must be made here too, and the fused == solo tests fail until it is.
 
 The batched network (`_forward`): each Linear is one `torch.baddbmm` over the members' stacked weights
 (`_Linear`, whose backward forms the weight gradient as nn.Linear's does, grad^T @ x, not bmm's default
 x^T @ grad, which rounds differently); the spiking layers are spiking/lif.py's LeakyLayer on the members'
 rows laid end to end (elementwise: the same numbers). Members with different numbers of active lanes are
 forwarded in separate groups, so each member's matmuls have its solo shapes. A batched matmul still may
-round a last bit differently from the solo one at some small shapes (measured: [8, 16] @ [16, 2] equal,
-[2, 16] @ [16, 2] not), so a member equals its solo run to float tolerance: the same episodes (greedy
+round a last bit differently from the solo one at some small shapes (measured on this CPU: [8, 16] @
+[16, 16] equal, [8, 16] @ [16, 2] not), so a member equals its solo run to float tolerance: the same episodes (greedy
 actions, returns), losses to ~1e-7 and weights to float tolerance (tests/trainers/test_snn_fused.py);
 one Q-value within an ulp of another would part the runs, as it would on another BLAS.
 
@@ -310,7 +311,7 @@ class _Member:
 
 
 def _by_rows(requests: list[tuple[_Member, torch.Tensor]]) -> list[list[tuple[_Member, torch.Tensor]]]:
-    """Requests grouped by row count: one batched matmul per group rounds each member as its solo run."""
+    """Requests grouped by row count, so each member's matmuls keep the shapes of its solo run."""
     groups: dict[int, list] = {}
     for member, x in requests:
         groups.setdefault(x.shape[0], []).append((member, x))
