@@ -29,6 +29,8 @@ FUSED: dict[str, str] = {
     "gated_rnn": "worker.trainers.gated_fused",
     "perturbation": "worker.trainers.perturbation_fused",
     "learning_rules": "worker.trainers.learning_rules_fused",
+    "sparse_rnn": "worker.trainers.sparse_fused",
+    "snn_ddqn": "worker.trainers.snn_fused",
 }
 
 

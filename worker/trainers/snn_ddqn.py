@@ -27,10 +27,14 @@ Exact resume: a checkpoint holds both nets, the optimizer, the replay buffer, ep
 the RNG states and, for each episode in flight, its reset seed and its actions so far. A Gymnasium env's
 internal state cannot be saved, but it is a function of its reset seed and the actions taken, so resume
 replays them. A resumed run therefore equals an uninterrupted one, even when it stopped mid-episode.
+
+`fuse_key` names the configs whose agents snn_fused.py's `train_many` trains together, one batched
+network for all of them (each job keeps its own envs, buffer, RNG, nets and optimizer).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import time
 from dataclasses import asdict, dataclass, field
@@ -175,6 +179,21 @@ class Config(BaseModel):
     def time_limit(self) -> float | None:
         limits = [t for t in (self.max_run_time, self.train_max_time) if t is not None]
         return min(limits) if limits else None
+
+
+def fuse_key(cfg: Config) -> str | None:
+    """What the members of one batched network (snn_fused.train_many) share: the env (observation and
+    action sizes), the network's shape and spiking settings, the replay batch, the lanes per job and the
+    device. lr, gamma, tau, epsilon schedule, buffer size, update rule and episode budget may differ. The
+    step-by-step snntorch reference is never fused."""
+    if cfg.snn_kernel != "fused" and cfg.architecture == "snn":
+        return None
+    net = (f"{cfg.architecture}/" + "x".join(map(str, cfg.hidden_layers)) +
+           (f"/T{cfg.snn_tSteps}/beta{cfg.snn_beta}/{cfg.readout}" if cfg.architecture == "snn" else ""))
+    key = f"snn_ddqn/{cfg.env_id}/{net}/B{cfg.batch}/A{cfg.agents}/{cfg.device}"
+    if len(key) <= 200:  # jobs.fuse_key holds 200 characters: a longer key is cut and told apart by a digest
+        return key
+    return f"{key[:160]}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 # ---- the network -------------------------------------------------------------------------------------

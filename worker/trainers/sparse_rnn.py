@@ -13,10 +13,14 @@ Seed 000's Hydra files are accepted as written: either their keys at the top lev
 sections {base: ..., data: ..., model: ..., logger: ...}; `config_from_hydra` reads the YAML files.
 Seed keys that only steered Lightning or W&B (factory_type, name, profiler, base_dir, logger,
 callbacks' idx_list strings) are accepted and ignored; `seed` is ignored too: the grid's `seeds` decide.
+`fuse_key` names the configs that sparse_fused.py's `train_many` trains as one stacked model (a gang).
+A run whose logged loss is no longer finite ends with `Diverged` (gated_rnn's), solo and fused alike.
 See docs/sparse_rnn.md.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from worker.trainers.gated_rnn import Diverged
 from worker.trainers.iterativenn import anomaly, seed_files
 from worker.trainers.iterativenn.baselines import ReadUnits, build_baseline, hidden_for_parameters
 from worker.trainers.iterativenn.blocks import (
@@ -286,6 +291,26 @@ def config_from_hydra(base: str | Path | dict, data: str | Path | dict, model: s
     return {"base": load(base), "data": data_part, "model": load(model)}
 
 
+# Keys a gang's members may differ in (the rest is the block layout, sizes, data and run length), and the
+# seed-plumbing keys that change nothing.
+PER_MEMBER_KEYS = ("learning_rate", "log_every", "checkpoint_every", "num_threads", "name", "seed", "profiler",
+                   "base_dir", "factory_type", "structure")
+FUSED_MODEL_TYPES = ("description", "mlp")  # the block models; lstm / gru / rnn are never fused
+
+
+def fuse_key(cfg: Config) -> str | None:
+    """What the members of one stacked model (sparse_fused.train_many) share: everything but lr, log and
+    checkpoint intervals and seed plumbing, i.e. the same block layout and sizes, data, loss and run length
+    (each member still draws its own blocks, data and order from its own seed). None for lstm/gru/rnn."""
+    if cfg.model_type not in FUSED_MODEL_TYPES:
+        return None
+    shape = cfg.model_dump(mode="json", exclude=set(PER_MEMBER_KEYS))
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    sizes = "x".join(str(s) for s in (cfg.row_sizes or cfg.sizes or [])) or f"h{cfg.hidden_size}"
+    readable = f"sparse_rnn/{cfg.model_type}/{sizes}/{cfg.data.dataset}"
+    return f"{readable[:160]}/{digest}"  # jobs.fuse_key holds 200 characters; the digest decides
+
+
 # ---- data -------------------------------------------------------------------------------------------------
 def load_data(cfg: Config, seed: int) -> SequenceData:
     d = cfg.data
@@ -451,6 +476,8 @@ def train(cfg: Config, ctx) -> dict:
             curve.append([step, value])
             ctx.report(step, loss=value, epoch=epoch)
             ctx.progress(step, total_steps)
+            if not math.isfinite(value):  # a NaN / inf loss never recovers: end here, as gated_rnn does
+                raise Diverged(step, value)
         if pos >= len(order):  # end of an epoch: validate
             epoch, order = epoch + 1, None
             metrics = evaluate(model, data.validation, cfg.data.batch_size, kind, position, device)

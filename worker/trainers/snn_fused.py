@@ -1,0 +1,411 @@
+"""Fused training for snn_ddqn: K agents (K jobs), each with its own envs, replay buffer, RNG, nets and
+optimizer, whose Q-network forward and backward passes run as one batched network.
+
+How to read it: `train_many` builds one `_Member` per config and drives their loops together. A member's
+loop (`_Member.run`) is snn_ddqn.train's loop, line for line, written as a generator: where the solo run
+calls its network it yields a request instead, ("act", obs) for greedy actions or ("learn", batch) for
+one update, and the gang answers it. Each round the gang answers every pending request at once:
+`_act` runs one no-grad forward for all members that want actions, `_learn` one forward for the TD
+targets and one forward + backward for the Q-values of all members that update; each member then takes
+its own Adam step and target update (its own torch.optim.Adam and nets, the solo objects, so its
+checkpoint is the solo format and it resumes solo or in a gang). Members run at their own pace (an
+episode's end, a time limit, a stop), so a round holds whichever members asked. (Holding a request back
+a round or two so that drifted members fall into step again was tried: on a CPU it was slower.) The loop
+is a copy of train's: a change there must be made here too, and the fused == solo tests fail until it is.
+
+The batched network (`_forward`): each Linear is one `torch.baddbmm` over the members' stacked weights
+(`_Linear`, whose backward forms the weight gradient as nn.Linear's does, grad^T @ x, not bmm's default
+x^T @ grad, which rounds differently); the spiking layers are spiking/lif.py's LeakyLayer on the members'
+rows laid end to end (elementwise: the same numbers). Members with different numbers of active lanes are
+forwarded in separate groups, so each member's matmuls have its solo shapes. A batched matmul still may
+round a last bit differently from the solo one at some small shapes (measured on this CPU: [8, 16] @
+[16, 16] equal, [8, 16] @ [16, 2] not), so a member equals its solo run to float tolerance: the same episodes (greedy
+actions, returns), losses to ~1e-7 and weights to float tolerance (tests/trainers/test_snn_fused.py);
+one Q-value within an ulp of another would part the runs, as it would on another BLAS.
+
+A member leaves on its own: its result, {"stopped_at": episodes} when its ctx.should_stop() (it
+checkpoints first, as solo), or the exception its loop raised (a failed report, an env error); the rest
+go on unchanged. Members may resume from different episodes: each loop restores its own checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Generator
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.trainers.snn_ddqn import (
+    CURVE_POINTS,
+    Config,
+    Lane,
+    QNetwork,
+    ReplayBuffer,
+    RunState,
+    _mean,
+    episode_seed,
+    fuse_key,
+    is_win,
+    make_env,
+    replay,
+    soft_update,
+)
+from worker.trainers.spiking.lif import LeakyLayer
+
+Request = tuple[str, Any]
+# On a CPU one batched update holds at most this many members x batch x widest layer: past it the spike
+# trains ([T, members * batch, width]) fall out of the caches one member's fit in and the elementwise LIF
+# work slows down more than the saved dispatch gains (measured, 1 thread, T 25: batch 100 x [64, 64] best
+# at 2 members, batch 32 x [64, 64] at 4-8, batch 100 x [16] at 8). No cap on a GPU.
+CPU_LEARN_ELEMENTS = 16_384
+
+
+class _Linear(torch.autograd.Function):
+    """x [K, B, in] @ weight[K]^T + bias[K]; the backward forms each gradient as nn.Linear's (grad^T @ x for
+    the weight, a sum over rows for the bias), so each member's gradient is its solo one bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class _Regroup(torch.autograd.Function):
+    """A contiguous copy of x [A, C, rest...] as [C, A, rest...] whose gradient comes back contiguous too
+    (a transposed view's gradient would be strided, and LeakyLayer's backward is several times slower on
+    strided gradients). Moves between time-major spike trains [T, K, B, H] and member-major matmul
+    inputs [K, T, B, H]."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.transpose(0, 1).contiguous()
+
+
+def _layers(nets: list[QNetwork]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The members' Linear layers stacked: (weight [K, out, in], bias [K, out]); gradients flow back to
+    each member's own parameters (outside no_grad)."""
+    return [(torch.stack([n.linears[i].weight for n in nets]), torch.stack([n.linears[i].bias for n in nets]))
+            for i in range(len(nets[0].linears))]
+
+
+def _forward(net: QNetwork, layers, obs: torch.Tensor) -> torch.Tensor:
+    """QNetwork.forward for K members: obs [K, B, obs_dim] -> Q [K, B, actions]. `net` (any member) gives
+    the shared settings: architecture, time steps, readout, beta and threshold."""
+    members, batch = obs.shape[:2]
+    if not net.spiking:
+        x = obs
+        for w, b in layers[:-1]:
+            x = F.relu(_Linear.apply(x, w, b))
+        return _Linear.apply(x, *layers[-1])
+    t_steps, last = net.t_steps, len(layers) - 1
+    current = _Linear.apply(obs, *layers[0]).reshape(members * batch, -1)  # a constant current
+    for i, (w, b) in enumerate(layers):
+        if i > 0:  # all time steps of this layer's input in one batched matmul, rows [t, b] per member
+            x = _Regroup.apply(spikes.view(t_steps, members, batch, -1)).view(members, t_steps * batch, -1)
+            current = _Linear.apply(x, w, b).view(members, t_steps, batch, -1)
+            current = _Regroup.apply(current).view(t_steps, members * batch, -1)
+        readout = net.membrane_readout and i == last
+        neuron = net.neurons[i]
+        spikes, _mems, total = LeakyLayer.apply(current, neuron.beta.clamp(0, 1), neuron.threshold, t_steps,
+                                                not readout, readout)
+    q = total / t_steps if net.membrane_readout else spikes.sum(dim=0)
+    return q.view(members, batch, -1)
+
+
+class _Member:
+    """One job of the gang: snn_ddqn.train's state and loop; its networks are computed by the gang."""
+
+    def __init__(self, cfg: Config, ctx, device: torch.device):
+        self.cfg, self.ctx, self.device = cfg, ctx, device
+        self.envs = [make_env(cfg) for _ in range(cfg.agents)]
+        self.obs_dim, self.n_actions = self.envs[0].observation_space.shape[0], int(self.envs[0].action_space.n)
+        torch.manual_seed(ctx.seed)  # the solo init; the global RNG is shared, so keep this member's own state
+        self.online = QNetwork(self.obs_dim, self.n_actions, cfg).to(device)
+        self.torch_rng = torch.get_rng_state()
+        self.target = copy.deepcopy(self.online)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate)
+        self.buffer = ReplayBuffer(cfg.buffer_size, self.obs_dim)
+        self.rng = np.random.default_rng(ctx.seed)  # exploration and replay sampling
+        self.loop = self.run()
+
+    def run(self) -> Generator[Request, Any, dict]:
+        """snn_ddqn.train's loop; yields ("act", obs) and ("learn", batch) where the solo run calls its nets."""
+        cfg, ctx, envs, buffer, rng = self.cfg, self.ctx, self.envs, self.buffer, self.rng
+        online, target, optimizer = self.online, self.target, self.optimizer
+        saved = ctx.load_checkpoint()
+        if saved is None:
+            st, lanes = RunState(epsilon=cfg.epsilon_start), [None] * cfg.agents
+        else:
+            online.load_state_dict(saved["online"])
+            target.load_state_dict(saved["target"])
+            optimizer.load_state_dict(saved["optimizer"])
+            buffer.load_state_dict(saved["buffer"])
+            rng.bit_generator.state = saved["rng"]
+            self.torch_rng = saved["torch_rng"]
+            st = RunState(**saved["run"])
+            lanes = [Lane(**lane) if lane is not None else None for lane in saved["lanes"]]
+            for env, lane in zip(envs, lanes):
+                if lane is not None:
+                    obs = replay(env, lane)
+                    if not np.array_equal(obs, lane.obs):
+                        ctx.event("warning", f"episode {lane.episode}: replaying its actions gave another observation")
+                        lane.obs = obs
+        began = time.monotonic() - st.elapsed
+        limit = cfg.time_limit()
+        last_report = (time.monotonic(), st.env_steps)
+
+        def checkpoint() -> None:
+            st.elapsed = time.monotonic() - began
+            ctx.save_checkpoint({
+                "step": st.episodes_done, "run": asdict(st),
+                "lanes": [asdict(lane) if lane is not None else None for lane in lanes],
+                "online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+                "buffer": buffer.state_dict(), "rng": rng.bit_generator.state, "torch_rng": self.torch_rng,
+            })
+
+        def run_ends() -> bool:
+            return st.solved_at is not None and (cfg.after_win == "stop" or st.solved_by == "mean_return")
+
+        def update_due(lane: Lane) -> bool:
+            if st.solved_at is not None:
+                return False
+            if cfg.update_schedule == "episode":
+                return len(lane.actions) % cfg.update_every == 0 and buffer.size > cfg.batch
+            return st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch
+
+        def start_episode(i: int) -> None:
+            if st.episodes_started >= cfg.episodes or run_ends():
+                lanes[i] = None
+                return
+            lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
+            lane.obs, _ = envs[i].reset(seed=lane.reset_seed)
+            lanes[i] = lane
+            st.episodes_started += 1
+
+        def learn() -> Generator[Request, Any, None]:
+            loss = yield "learn", buffer.sample(cfg.batch, rng, self.device)  # the gang leaves the gradients
+            optimizer.step()
+            st.updates += 1
+            if cfg.target_update == "soft":
+                soft_update(target, online, cfg.tau)
+            elif st.updates % cfg.target_update_every == 0:
+                target.load_state_dict(online.state_dict())
+            st.loss_sum += loss
+            st.loss_count += 1
+
+        def finish_episode(lane: Lane, final_reward: float) -> None:
+            nonlocal last_report
+            h = st.history
+            win = is_win(cfg, final_reward, lane.ret)
+            loss = st.loss_sum / st.loss_count if st.loss_count else float("nan")
+            for key, value in (("return", lane.ret), ("length", len(lane.actions)), ("win", win), ("loss", loss),
+                               ("epsilon", st.epsilon)):
+                h[key].append(value)
+            st.episodes_done += 1
+            st.loss_sum, st.loss_count = 0.0, 0
+            window_full = len(h["win"]) >= cfg.win_window
+            win_rate = 100.0 * _mean(h["win"][-cfg.win_window:])
+            mean_return = _mean(h["return"][-cfg.win_window:])
+            now = time.monotonic()
+            steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
+            last_report = (now, st.env_steps)
+            ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win),
+                       learning=int(st.solved_at is None), win_rate=win_rate, mean_return=mean_return,
+                       epsilon=st.epsilon, loss=loss, env_steps=st.env_steps, steps_per_second=steps_per_second)
+            ctx.progress(st.episodes_done, cfg.episodes)
+            st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)
+            if window_full and st.solved_at is None:
+                if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
+                    st.solved_at, st.solved_by = st.episodes_done, "win_rate"
+                if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
+                    st.solved_at, st.solved_by = st.episodes_done, "mean_return"
+
+        try:
+            if saved is None:
+                for i in range(cfg.agents):
+                    start_episode(i)
+            stopped = None
+            while stopped is None and any(lane is not None for lane in lanes):
+                active = [i for i, lane in enumerate(lanes) if lane is not None]
+                obs = np.stack([lanes[i].obs for i in active]).astype(np.float32, copy=False)
+                # snn_ddqn.choose_actions: both draws every step; the net only when some lane is greedy
+                explore = rng.random(len(obs)) < st.epsilon
+                actions = rng.integers(self.n_actions, size=len(obs))
+                if not explore.all():
+                    greedy = yield "act", torch.as_tensor(obs, device=self.device)
+                    actions = np.where(explore, actions, greedy)
+                for i, action in zip(active, actions.tolist()):
+                    lane = lanes[i]
+                    next_obs, reward, terminated, truncated, _ = envs[i].step(action)
+                    buffer.add(lane.obs, action, reward, next_obs, terminated or (truncated and cfg.truncation == "terminal"))
+                    lane.actions.append(action)
+                    lane.ret += float(reward)
+                    lane.obs = next_obs
+                    st.env_steps += 1
+                    if update_due(lane):
+                        yield from learn()
+                    if terminated or truncated:
+                        finish_episode(lane, float(reward))
+                        start_episode(i)
+                        if run_ends():
+                            break
+                if run_ends():
+                    stopped = "solved"
+                    lanes = [None] * cfg.agents
+                elif limit is not None and time.monotonic() - began >= limit:
+                    stopped = "time_limit"
+                elif ctx.should_stop():
+                    checkpoint()
+                    return {"stopped_at": st.episodes_done}
+                if stopped or st.episodes_done - st.last_checkpoint >= cfg.checkpoint_every:
+                    st.last_checkpoint = st.episodes_done
+                    checkpoint()
+            if st.episodes_done != st.last_checkpoint:
+                checkpoint()
+        finally:
+            for env in envs:
+                env.close()
+        return self._result(st, began, run_ends(), stopped)
+
+    def _result(self, st: RunState, began: float, ended_solved: bool, stopped: str | None) -> dict:
+        """snn_ddqn.train's result, plus "fused": True."""
+        cfg, h = self.cfg, st.history
+        returns = np.asarray(h["return"], dtype=np.float64)
+        window = min(cfg.win_window, len(returns)) or 1
+        rolling = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) else returns
+        chunk = max(1, -(-len(returns) // CURVE_POINTS))
+        curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
+                 for start in range(0, len(returns), chunk)]
+        after_win = {}
+        if cfg.after_win == "evaluate" and st.solved_by == "win_rate":
+            after = slice(st.solved_at, None)
+            after_win = {"episodes_after_win": len(h["return"][after]),
+                         "mean_return_after_win": _mean(h["return"][after]),
+                         "win_rate_after_win": 100.0 * _mean(h["win"][after])}
+        return {
+            **after_win,
+            "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
+            "stopped": "solved" if ended_solved else stopped or "episodes",
+            "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
+            "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
+            "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
+            "epsilon": st.epsilon, "seconds": round(time.monotonic() - began, 2),
+            "parameters": sum(p.numel() for p in self.online.parameters()), "return_curve": curve, "fused": True,
+        }
+
+
+def _by_rows(requests: list[tuple[_Member, torch.Tensor]]) -> list[list[tuple[_Member, torch.Tensor]]]:
+    """Requests grouped by row count, so each member's matmuls keep the shapes of its solo run."""
+    groups: dict[int, list] = {}
+    for member, x in requests:
+        groups.setdefault(x.shape[0], []).append((member, x))
+    return list(groups.values())
+
+
+@torch.no_grad()
+def _act(requests: list[tuple[_Member, torch.Tensor]]) -> dict[int, np.ndarray]:
+    """The greedy actions of every member that asked: one forward per row-count group."""
+    out = {}
+    for group in _by_rows(requests):
+        nets = [m.online for m, _ in group]
+        q = _forward(nets[0], _layers(nets), torch.stack([x for _, x in group]))
+        for (m, _), best in zip(group, q.argmax(dim=2).cpu().numpy()):
+            out[id(m)] = best
+    return out
+
+
+def _chunks(group: list, device: torch.device) -> list[list]:
+    """The learners of one row-count group in batches that keep a CPU's working set in its caches."""
+    if device.type != "cpu":
+        return [group]
+    member, obs = group[0]
+    size = max(1, CPU_LEARN_ELEMENTS // (obs.shape[0] * max(member.cfg.hidden_layers)))
+    return [group[i:i + size] for i in range(0, len(group), size)]
+
+
+def _learn(requests: list[tuple[_Member, tuple]]) -> dict[int, float]:
+    """One update's gradients for every member that asked (left in its parameters' .grad for its own
+    optimizer.step), and its loss. The TD target is snn_ddqn.td_target's, per member."""
+    out, batch_of = {}, {id(m): batch for m, batch in requests}
+    groups = _by_rows([(m, batch[0]) for m, batch in requests])
+    for group in [chunk for g in groups for chunk in _chunks(g, requests[0][0].device)]:
+        members = [m for m, _ in group]
+        batches = [batch_of[id(m)] for m in members]
+        obs, actions, rewards, next_obs, terminated = (torch.stack(parts) for parts in zip(*batches))
+        online, target = [m.online for m in members], [m.target for m in members]
+        with torch.no_grad():
+            next_q = _forward(target[0], _layers(target), next_obs)
+            if any(m.cfg.target == "ddqn" for m in members):
+                best = _forward(online[0], _layers(online), next_obs).argmax(dim=2, keepdim=True)
+            ys = []
+            for k, m in enumerate(members):
+                value = next_q[k].gather(1, best[k]).squeeze(1) if m.cfg.target == "ddqn" else next_q[k].max(dim=1).values
+                ys.append(rewards[k] + m.cfg.gamma * (1.0 - terminated[k]) * value)
+        for m in members:
+            m.optimizer.zero_grad(set_to_none=True)
+        q = _forward(online[0], _layers(online), obs)
+        losses = torch.stack([F.mse_loss(q[k].gather(1, actions[k].unsqueeze(1)).squeeze(1), ys[k])
+                              for k in range(len(members))])
+        losses.sum().backward()  # members share no parameter: each gets its solo gradient
+        for m, loss in zip(members, losses.tolist()):
+            out[id(m)] = loss
+    return out
+
+
+def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
+    """Train same-fuse-key configs' agents together; each entry is that member's result (as `train` returns
+    it, plus "fused": True), {"stopped_at": episodes}, or the exception that ended it."""
+    if len(cfgs) != len(ctxs) or not cfgs:
+        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
+    keys = {fuse_key(c) for c in cfgs}
+    if None in keys:
+        raise ValueError("snn_kernel 'snntorch' (the step-by-step reference) is not fused; use 'fused'")
+    if len(keys) > 1:
+        raise ValueError(f"configs of different fuse keys cannot share a network: {sorted(keys)}")
+    device = torch.device(ctxs[0].device if cfgs[0].device == "auto" else cfgs[0].device)
+    outcome: list[dict | Exception | None] = [None] * len(cfgs)
+    pending: dict[int, tuple[_Member, Request]] = {}
+
+    def advance(i: int, member: _Member, answer: Any) -> None:
+        """Run member i's loop to its next request; a finished or failed member leaves."""
+        try:
+            request = member.loop.send(answer)
+        except StopIteration as done:
+            outcome[i] = done.value
+            pending.pop(i, None)
+        except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
+            outcome[i] = exc
+            pending.pop(i, None)
+        else:
+            pending[i] = (member, request)
+
+    for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
+        try:
+            member = _Member(cfg, ctx, device)
+        except Exception as exc:  # noqa: BLE001 - e.g. an env that cannot be made fails its member only
+            outcome[i] = exc
+            continue
+        advance(i, member, None)
+    while pending:  # each round answers every pending request: one batched compute per kind
+        acts = [(m, x) for m, (kind, x) in pending.values() if kind == "act"]
+        learns = [(m, batch) for m, (kind, batch) in pending.values() if kind == "learn"]
+        answers = {**(_act(acts) if acts else {}), **(_learn(learns) if learns else {})}
+        for i, (member, _request) in list(pending.items()):
+            advance(i, member, answers[id(member)])
+    return outcome
