@@ -37,6 +37,7 @@ import copy
 import hashlib
 import itertools
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -338,18 +339,6 @@ def replay(env: gym.Env, lane: Lane) -> np.ndarray:
     return obs
 
 
-def choose_actions(online: nn.Module, obs: np.ndarray, epsilon: float, n_actions: int, rng: np.random.Generator,
-                   device: torch.device) -> np.ndarray:
-    # Both draws happen every step, so the RNG stream does not depend on which branch was taken.
-    explore = rng.random(len(obs)) < epsilon
-    random_actions = rng.integers(n_actions, size=len(obs))
-    if explore.all():
-        return random_actions
-    with torch.no_grad():
-        greedy = online(torch.as_tensor(obs, device=device)).argmax(dim=1).cpu().numpy()
-    return np.where(explore, random_actions, greedy)
-
-
 def soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for t, o in zip(target.parameters(), online.parameters()):
@@ -365,172 +354,228 @@ def _mean(values: list) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def train(cfg: Config, ctx) -> dict:
-    device = torch.device(ctx.device if cfg.device == "auto" else cfg.device)
-    envs = [make_env(cfg) for _ in range(cfg.agents)]
-    obs_dim, n_actions = envs[0].observation_space.shape[0], int(envs[0].action_space.n)
-    torch.manual_seed(ctx.seed)
-    online = QNetwork(obs_dim, n_actions, cfg).to(device)
-    target = copy.deepcopy(online)
-    optimizer = torch.optim.Adam(online.parameters(), lr=cfg.learning_rate)
-    buffer = ReplayBuffer(cfg.buffer_size, obs_dim)
-    rng = np.random.default_rng(ctx.seed)  # exploration and replay sampling
+Request = tuple[str, Any]  # what an Agent's loop asks of its networks: ("act", obs) or ("learn", batch)
 
-    saved = ctx.load_checkpoint()
-    if saved is None:
-        st, lanes = RunState(epsilon=cfg.epsilon_start), [None] * cfg.agents
-    else:
-        online.load_state_dict(saved["online"])
-        target.load_state_dict(saved["target"])
-        optimizer.load_state_dict(saved["optimizer"])
-        buffer.load_state_dict(saved["buffer"])
-        rng.bit_generator.state = saved["rng"]
-        torch.set_rng_state(saved["torch_rng"])
-        st = RunState(**saved["run"])
-        lanes = [Lane(**lane) if lane is not None else None for lane in saved["lanes"]]
-        for env, lane in zip(envs, lanes):
-            if lane is not None:
-                obs = replay(env, lane)
-                if not np.array_equal(obs, lane.obs):  # e.g. another Box2D build: go on from the replayed state
-                    ctx.event("warning", f"episode {lane.episode}: replaying its actions gave another observation")
-                    lane.obs = obs
-    began = time.monotonic() - st.elapsed
-    limit = cfg.time_limit()
-    last_report = (time.monotonic(), st.env_steps)
 
-    def checkpoint() -> None:
-        st.elapsed = time.monotonic() - began
-        ctx.save_checkpoint({
-            "step": st.episodes_done, "run": asdict(st),
-            "lanes": [asdict(lane) if lane is not None else None for lane in lanes],
-            "online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-            "buffer": buffer.state_dict(), "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-        })
+class Agent:
+    """One job's state and its training loop (`run`), written as a generator: where the loop needs its
+    networks it yields a request, ("act", obs) for greedy actions or ("learn", batch) for one update's
+    gradients, and whoever drives it answers. `train` drives one agent with its own nets (`solo`);
+    snn_fused.train_many drives many at once, answering each round's requests with one batched network.
+    So the solo loop and the fused one are the same code.
 
-    def run_ends() -> bool:
-        """Solved, and not going on to evaluate (the mean-return criterion always ends the run)."""
-        return st.solved_at is not None and (cfg.after_win == "stop" or st.solved_by == "mean_return")
+    fused: a member of a gang. The global torch RNG is then shared, so the agent keeps its own state (the
+    one after its init, or its checkpoint's) for its checkpoints; its result says "fused": True."""
 
-    def update_due(lane: Lane) -> bool:
-        if st.solved_at is not None:  # learning is off
-            return False
-        if cfg.update_schedule == "episode":  # the seed's: (t + 1) % C == 0 for step t of the episode, buffer > batch
-            return len(lane.actions) % cfg.update_every == 0 and buffer.size > cfg.batch
-        return st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch
+    def __init__(self, cfg: Config, ctx, device: torch.device, fused: bool = False):
+        self.cfg, self.ctx, self.device, self.fused = cfg, ctx, device, fused
+        self.envs = [make_env(cfg) for _ in range(cfg.agents)]
+        self.obs_dim, self.n_actions = self.envs[0].observation_space.shape[0], int(self.envs[0].action_space.n)
+        torch.manual_seed(ctx.seed)
+        self.online = QNetwork(self.obs_dim, self.n_actions, cfg).to(device)
+        self.torch_rng = torch.get_rng_state()
+        self.target = copy.deepcopy(self.online)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate)
+        self.buffer = ReplayBuffer(cfg.buffer_size, self.obs_dim)
+        self.rng = np.random.default_rng(ctx.seed)  # exploration and replay sampling
 
-    def start_episode(i: int) -> None:
-        if st.episodes_started >= cfg.episodes or run_ends():
-            lanes[i] = None
-            return
-        lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
-        lane.obs, _ = envs[i].reset(seed=lane.reset_seed)
-        lanes[i] = lane
-        st.episodes_started += 1
+    def solo(self) -> dict:
+        """The loop alone, its requests answered by this agent's own networks."""
+        loop, answer = self.run(), None
+        while True:
+            try:
+                kind, x = loop.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = self.greedy(x) if kind == "act" else self.gradients(x)
 
-    def learn() -> None:
-        obs, actions, rewards, next_obs, terminated = buffer.sample(cfg.batch, rng, device)
-        y = td_target(online, target, rewards, next_obs, terminated, cfg.gamma, cfg.target)
+    def greedy(self, obs: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return self.online(obs).argmax(dim=1).cpu().numpy()
+
+    def gradients(self, batch: tuple[torch.Tensor, ...]) -> float:
+        """One update's loss; its gradients are left in the online net's .grad for the loop's optimizer.step."""
+        cfg, online = self.cfg, self.online
+        obs, actions, rewards, next_obs, terminated = batch
+        y = td_target(online, self.target, rewards, next_obs, terminated, cfg.gamma, cfg.target)
         q = online(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
         loss = F.mse_loss(q, y)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        st.updates += 1
-        if cfg.target_update == "soft":
-            soft_update(target, online, cfg.tau)
-        elif st.updates % cfg.target_update_every == 0:
-            target.load_state_dict(online.state_dict())
-        st.loss_sum += loss.item()
-        st.loss_count += 1
+        return loss.item()
 
-    def finish_episode(lane: Lane, final_reward: float) -> None:
-        nonlocal last_report
-        h = st.history
-        win = is_win(cfg, final_reward, lane.ret)
-        loss = st.loss_sum / st.loss_count if st.loss_count else float("nan")
-        for key, value in (("return", lane.ret), ("length", len(lane.actions)), ("win", win), ("loss", loss),
-                           ("epsilon", st.epsilon)):
-            h[key].append(value)
-        st.episodes_done += 1
-        st.loss_sum, st.loss_count = 0.0, 0
-        window_full = len(h["win"]) >= cfg.win_window
-        win_rate = 100.0 * _mean(h["win"][-cfg.win_window:])
-        mean_return = _mean(h["return"][-cfg.win_window:])
-        now = time.monotonic()
-        steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
-        last_report = (now, st.env_steps)
-        learning = int(st.solved_at is None)
-        ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win), learning=learning,
-                   win_rate=win_rate, mean_return=mean_return, epsilon=st.epsilon, loss=loss,
-                   env_steps=st.env_steps, steps_per_second=steps_per_second)
-        ctx.progress(st.episodes_done, cfg.episodes)
-        st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)  # once per episode, as the seed
-        if window_full and st.solved_at is None:
-            if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
-                st.solved_at, st.solved_by = st.episodes_done, "win_rate"
-            if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
-                st.solved_at, st.solved_by = st.episodes_done, "mean_return"
+    def run(self) -> Generator[Request, Any, dict]:
+        """The training loop; yields ("act", obs) and ("learn", batch) where it needs its networks."""
+        cfg, ctx, envs, buffer, rng = self.cfg, self.ctx, self.envs, self.buffer, self.rng
+        online, target, optimizer = self.online, self.target, self.optimizer
+        saved = ctx.load_checkpoint()
+        if saved is None:
+            st, lanes = RunState(epsilon=cfg.epsilon_start), [None] * cfg.agents
+        else:
+            online.load_state_dict(saved["online"])
+            target.load_state_dict(saved["target"])
+            optimizer.load_state_dict(saved["optimizer"])
+            buffer.load_state_dict(saved["buffer"])
+            rng.bit_generator.state = saved["rng"]
+            self.torch_rng = saved["torch_rng"]
+            if not self.fused:
+                torch.set_rng_state(self.torch_rng)
+            st = RunState(**saved["run"])
+            lanes = [Lane(**lane) if lane is not None else None for lane in saved["lanes"]]
+            for env, lane in zip(envs, lanes):
+                if lane is not None:
+                    obs = replay(env, lane)
+                    if not np.array_equal(obs, lane.obs):  # e.g. another Box2D build: go on from the replayed state
+                        ctx.event("warning", f"episode {lane.episode}: replaying its actions gave another observation")
+                        lane.obs = obs
+        began = time.monotonic() - st.elapsed
+        limit = cfg.time_limit()
+        last_report = (time.monotonic(), st.env_steps)
 
-    if saved is None:
-        for i in range(cfg.agents):
-            start_episode(i)
-    stopped = None
-    while stopped is None and any(lane is not None for lane in lanes):
-        active = [i for i, lane in enumerate(lanes) if lane is not None]
-        obs = np.stack([lanes[i].obs for i in active]).astype(np.float32, copy=False)
-        actions = choose_actions(online, obs, st.epsilon, n_actions, rng, device)
-        for i, action in zip(active, actions.tolist()):
-            lane = lanes[i]
-            next_obs, reward, terminated, truncated, _ = envs[i].step(action)
-            # The seed's `truncation: terminal` stores a time-limit end as terminal: no bootstrap from it.
-            buffer.add(lane.obs, action, reward, next_obs, terminated or (truncated and cfg.truncation == "terminal"))
-            lane.actions.append(action)
-            lane.ret += float(reward)
-            lane.obs = next_obs
-            st.env_steps += 1
-            if update_due(lane):
-                learn()
-            if terminated or truncated:
-                finish_episode(lane, float(reward))
-                start_episode(i)
+        def checkpoint() -> None:
+            st.elapsed = time.monotonic() - began
+            ctx.save_checkpoint({
+                "step": st.episodes_done, "run": asdict(st),
+                "lanes": [asdict(lane) if lane is not None else None for lane in lanes],
+                "online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+                "buffer": buffer.state_dict(), "rng": rng.bit_generator.state,
+                "torch_rng": self.torch_rng if self.fused else torch.get_rng_state(),
+            })
+
+        def run_ends() -> bool:
+            """Solved, and not going on to evaluate (the mean-return criterion always ends the run)."""
+            return st.solved_at is not None and (cfg.after_win == "stop" or st.solved_by == "mean_return")
+
+        def update_due(lane: Lane) -> bool:
+            if st.solved_at is not None:  # learning is off
+                return False
+            if cfg.update_schedule == "episode":  # the seed's: (t + 1) % C == 0 for step t of the episode, buffer > batch
+                return len(lane.actions) % cfg.update_every == 0 and buffer.size > cfg.batch
+            return st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch
+
+        def start_episode(i: int) -> None:
+            if st.episodes_started >= cfg.episodes or run_ends():
+                lanes[i] = None
+                return
+            lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
+            lane.obs, _ = envs[i].reset(seed=lane.reset_seed)
+            lanes[i] = lane
+            st.episodes_started += 1
+
+        def learn() -> Generator[Request, Any, None]:
+            loss = yield "learn", buffer.sample(cfg.batch, rng, self.device)  # the answer leaves the gradients
+            optimizer.step()
+            st.updates += 1
+            if cfg.target_update == "soft":
+                soft_update(target, online, cfg.tau)
+            elif st.updates % cfg.target_update_every == 0:
+                target.load_state_dict(online.state_dict())
+            st.loss_sum += loss
+            st.loss_count += 1
+
+        def finish_episode(lane: Lane, final_reward: float) -> None:
+            nonlocal last_report
+            h = st.history
+            win = is_win(cfg, final_reward, lane.ret)
+            loss = st.loss_sum / st.loss_count if st.loss_count else float("nan")
+            for key, value in (("return", lane.ret), ("length", len(lane.actions)), ("win", win), ("loss", loss),
+                               ("epsilon", st.epsilon)):
+                h[key].append(value)
+            st.episodes_done += 1
+            st.loss_sum, st.loss_count = 0.0, 0
+            window_full = len(h["win"]) >= cfg.win_window
+            win_rate = 100.0 * _mean(h["win"][-cfg.win_window:])
+            mean_return = _mean(h["return"][-cfg.win_window:])
+            now = time.monotonic()
+            steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
+            last_report = (now, st.env_steps)
+            ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win),
+                       learning=int(st.solved_at is None), win_rate=win_rate, mean_return=mean_return,
+                       epsilon=st.epsilon, loss=loss, env_steps=st.env_steps, steps_per_second=steps_per_second)
+            ctx.progress(st.episodes_done, cfg.episodes)
+            st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)  # once per episode, as the seed
+            if window_full and st.solved_at is None:
+                if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
+                    st.solved_at, st.solved_by = st.episodes_done, "win_rate"
+                if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
+                    st.solved_at, st.solved_by = st.episodes_done, "mean_return"
+
+        try:
+            if saved is None:
+                for i in range(cfg.agents):
+                    start_episode(i)
+            stopped = None
+            while stopped is None and any(lane is not None for lane in lanes):
+                active = [i for i, lane in enumerate(lanes) if lane is not None]
+                obs = np.stack([lanes[i].obs for i in active]).astype(np.float32, copy=False)
+                # Both draws happen every step, so the RNG stream does not depend on which branch was taken;
+                # the net runs only when some lane is greedy.
+                explore = rng.random(len(obs)) < st.epsilon
+                actions = rng.integers(self.n_actions, size=len(obs))
+                if not explore.all():
+                    greedy = yield "act", torch.as_tensor(obs, device=self.device)
+                    actions = np.where(explore, actions, greedy)
+                for i, action in zip(active, actions.tolist()):
+                    lane = lanes[i]
+                    next_obs, reward, terminated, truncated, _ = envs[i].step(action)
+                    # The seed's `truncation: terminal` stores a time-limit end as terminal: no bootstrap from it.
+                    buffer.add(lane.obs, action, reward, next_obs,
+                               terminated or (truncated and cfg.truncation == "terminal"))
+                    lane.actions.append(action)
+                    lane.ret += float(reward)
+                    lane.obs = next_obs
+                    st.env_steps += 1
+                    if update_due(lane):
+                        yield from learn()
+                    if terminated or truncated:
+                        finish_episode(lane, float(reward))
+                        start_episode(i)
+                        if run_ends():
+                            break  # the run stops here: no more steps or updates for the other lanes
                 if run_ends():
-                    break  # the run stops here: no more steps or updates for the other lanes
-        if run_ends():
-            stopped = "solved"
-            lanes = [None] * cfg.agents  # learning is over: the episodes in flight are dropped
-        elif limit is not None and time.monotonic() - began >= limit:
-            stopped = "time_limit"
-        elif ctx.should_stop():
-            checkpoint()
-            return {"stopped_at": st.episodes_done}
-        if stopped or st.episodes_done - st.last_checkpoint >= cfg.checkpoint_every:
-            st.last_checkpoint = st.episodes_done
-            checkpoint()
-    if st.episodes_done != st.last_checkpoint:  # the final model, for `gridfleet pull`
-        checkpoint()
-    for env in envs:
-        env.close()
+                    stopped = "solved"
+                    lanes = [None] * cfg.agents  # learning is over: the episodes in flight are dropped
+                elif limit is not None and time.monotonic() - began >= limit:
+                    stopped = "time_limit"
+                elif ctx.should_stop():
+                    checkpoint()
+                    return {"stopped_at": st.episodes_done}
+                if stopped or st.episodes_done - st.last_checkpoint >= cfg.checkpoint_every:
+                    st.last_checkpoint = st.episodes_done
+                    checkpoint()
+            if st.episodes_done != st.last_checkpoint:  # the final model, for `gridfleet pull`
+                checkpoint()
+        finally:
+            for env in envs:
+                env.close()
+        return self.result(st, began, run_ends(), stopped)
 
-    h = st.history
-    returns = np.asarray(h["return"], dtype=np.float64)
-    window = min(cfg.win_window, len(returns)) or 1
-    rolling = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) else returns
-    chunk = max(1, -(-len(returns) // CURVE_POINTS))
-    curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
-             for start in range(0, len(returns), chunk)]
-    after_win = {}
-    if cfg.after_win == "evaluate" and st.solved_by == "win_rate":  # the episodes played with learning off
-        after = slice(st.solved_at, None)
-        after_win = {"episodes_after_win": len(h["return"][after]),
-                     "mean_return_after_win": _mean(h["return"][after]),
-                     "win_rate_after_win": 100.0 * _mean(h["win"][after])}
-    return {
-        **after_win,
-        "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
-        "stopped": "solved" if run_ends() else stopped or "episodes",
-        "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
-        "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
-        "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
-        "epsilon": st.epsilon, "seconds": round(time.monotonic() - began, 2),
-        "parameters": sum(p.numel() for p in online.parameters()), "return_curve": curve,
-    }
+    def result(self, st: RunState, began: float, ended_solved: bool, stopped: str | None) -> dict:
+        cfg, h = self.cfg, st.history
+        returns = np.asarray(h["return"], dtype=np.float64)
+        window = min(cfg.win_window, len(returns)) or 1
+        rolling = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) else returns
+        chunk = max(1, -(-len(returns) // CURVE_POINTS))
+        curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
+                 for start in range(0, len(returns), chunk)]
+        after_win = {}
+        if cfg.after_win == "evaluate" and st.solved_by == "win_rate":  # the episodes played with learning off
+            after = slice(st.solved_at, None)
+            after_win = {"episodes_after_win": len(h["return"][after]),
+                         "mean_return_after_win": _mean(h["return"][after]),
+                         "win_rate_after_win": 100.0 * _mean(h["win"][after])}
+        return {
+            **after_win,
+            "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
+            "stopped": "solved" if ended_solved else stopped or "episodes",
+            "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
+            "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
+            "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
+            "epsilon": st.epsilon, "seconds": round(time.monotonic() - began, 2),
+            "parameters": sum(p.numel() for p in self.online.parameters()), "return_curve": curve,
+            **({"fused": True} if self.fused else {}),
+        }
+
+
+def train(cfg: Config, ctx) -> dict:
+    return Agent(cfg, ctx, torch.device(ctx.device if cfg.device == "auto" else cfg.device)).solo()

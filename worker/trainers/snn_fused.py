@@ -1,17 +1,17 @@
 """Fused training for snn_ddqn: K agents (K jobs), each with its own envs, replay buffer, RNG, nets and
 optimizer, whose Q-network forward and backward passes run as one batched network.
 
-How to read it: `train_many` builds one `_Member` per config and drives their loops together. A member's
-loop (`_Member.run`) is snn_ddqn.train's loop, line for line, written as a generator: where the solo run
-calls its network it yields a request instead, ("act", obs) for greedy actions or ("learn", batch) for
-one update, and the gang answers it. Each round the gang answers every pending request at once:
+How to read it: `train_many` builds one snn_ddqn.Agent per config (fused=True) and drives their loops
+together. A member's loop (`Agent.run`) is the one snn_ddqn.train runs, a generator: where it needs its
+networks it yields a request, ("act", obs) for greedy actions or ("learn", batch) for one update's
+gradients; solo, the agent answers it with its own nets, here the gang answers it. Each round the gang answers every pending request at once:
 `_act` runs one no-grad forward for all members that want actions, `_learn` one forward for the TD
 targets and one forward + backward for the Q-values of all members that update; each member then takes
 its own Adam step and target update (its own torch.optim.Adam and nets, the solo objects, so its
 checkpoint is the solo format and it resumes solo or in a gang). Members run at their own pace (an
 episode's end, a time limit, a stop), so a round holds whichever members asked. (Holding a request back
-a round or two so that drifted members fall into step again was tried: on a CPU it was slower.) The loop
-is a copy of train's: a change there must be made here too, and the fused == solo tests fail until it is.
+a round or two so that drifted members fall into step again was tried: on a CPU it was slower.) Solo and
+fused runs share the loop, so a change to it reaches both; only the network computations are twice.
 
 The batched network (`_forward`): each Linear is one `torch.baddbmm` over the members' stacked weights
 (`_Linear`, whose backward forms the weight gradient as nn.Linear's does, grad^T @ x, not bmm's default
@@ -29,34 +29,15 @@ go on unchanged. Members may resume from different episodes: each loop restores 
 """
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Generator
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from worker.trainers.snn_ddqn import (
-    CURVE_POINTS,
-    Config,
-    Lane,
-    QNetwork,
-    ReplayBuffer,
-    RunState,
-    _mean,
-    episode_seed,
-    fuse_key,
-    is_win,
-    make_env,
-    replay,
-    soft_update,
-)
+from worker.trainers.snn_ddqn import Agent, Config, QNetwork, Request, fuse_key
 from worker.trainers.spiking.lif import LeakyLayer
 
-Request = tuple[str, Any]
 # On a CPU one batched update holds at most this many members x batch x widest layer: past it the spike
 # trains ([T, members * batch, width]) fall out of the caches one member's fit in and the elementwise LIF
 # work slows down more than the saved dispatch gains (measured, 1 thread, T 25: batch 100 x [64, 64] best
@@ -128,189 +109,7 @@ def _forward(net: QNetwork, layers, obs: torch.Tensor) -> torch.Tensor:
     return q.view(members, batch, -1)
 
 
-class _Member:
-    """One job of the gang: snn_ddqn.train's state and loop; its networks are computed by the gang."""
-
-    def __init__(self, cfg: Config, ctx, device: torch.device):
-        self.cfg, self.ctx, self.device = cfg, ctx, device
-        self.envs = [make_env(cfg) for _ in range(cfg.agents)]
-        self.obs_dim, self.n_actions = self.envs[0].observation_space.shape[0], int(self.envs[0].action_space.n)
-        torch.manual_seed(ctx.seed)  # the solo init; the global RNG is shared, so keep this member's own state
-        self.online = QNetwork(self.obs_dim, self.n_actions, cfg).to(device)
-        self.torch_rng = torch.get_rng_state()
-        self.target = copy.deepcopy(self.online)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate)
-        self.buffer = ReplayBuffer(cfg.buffer_size, self.obs_dim)
-        self.rng = np.random.default_rng(ctx.seed)  # exploration and replay sampling
-        self.loop = self.run()
-
-    def run(self) -> Generator[Request, Any, dict]:
-        """snn_ddqn.train's loop; yields ("act", obs) and ("learn", batch) where the solo run calls its nets."""
-        cfg, ctx, envs, buffer, rng = self.cfg, self.ctx, self.envs, self.buffer, self.rng
-        online, target, optimizer = self.online, self.target, self.optimizer
-        saved = ctx.load_checkpoint()
-        if saved is None:
-            st, lanes = RunState(epsilon=cfg.epsilon_start), [None] * cfg.agents
-        else:
-            online.load_state_dict(saved["online"])
-            target.load_state_dict(saved["target"])
-            optimizer.load_state_dict(saved["optimizer"])
-            buffer.load_state_dict(saved["buffer"])
-            rng.bit_generator.state = saved["rng"]
-            self.torch_rng = saved["torch_rng"]
-            st = RunState(**saved["run"])
-            lanes = [Lane(**lane) if lane is not None else None for lane in saved["lanes"]]
-            for env, lane in zip(envs, lanes):
-                if lane is not None:
-                    obs = replay(env, lane)
-                    if not np.array_equal(obs, lane.obs):
-                        ctx.event("warning", f"episode {lane.episode}: replaying its actions gave another observation")
-                        lane.obs = obs
-        began = time.monotonic() - st.elapsed
-        limit = cfg.time_limit()
-        last_report = (time.monotonic(), st.env_steps)
-
-        def checkpoint() -> None:
-            st.elapsed = time.monotonic() - began
-            ctx.save_checkpoint({
-                "step": st.episodes_done, "run": asdict(st),
-                "lanes": [asdict(lane) if lane is not None else None for lane in lanes],
-                "online": online.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-                "buffer": buffer.state_dict(), "rng": rng.bit_generator.state, "torch_rng": self.torch_rng,
-            })
-
-        def run_ends() -> bool:
-            return st.solved_at is not None and (cfg.after_win == "stop" or st.solved_by == "mean_return")
-
-        def update_due(lane: Lane) -> bool:
-            if st.solved_at is not None:
-                return False
-            if cfg.update_schedule == "episode":
-                return len(lane.actions) % cfg.update_every == 0 and buffer.size > cfg.batch
-            return st.env_steps % cfg.update_every == 0 and buffer.size >= cfg.batch
-
-        def start_episode(i: int) -> None:
-            if st.episodes_started >= cfg.episodes or run_ends():
-                lanes[i] = None
-                return
-            lane = Lane(episode=st.episodes_started, reset_seed=episode_seed(ctx.seed, st.episodes_started))
-            lane.obs, _ = envs[i].reset(seed=lane.reset_seed)
-            lanes[i] = lane
-            st.episodes_started += 1
-
-        def learn() -> Generator[Request, Any, None]:
-            loss = yield "learn", buffer.sample(cfg.batch, rng, self.device)  # the gang leaves the gradients
-            optimizer.step()
-            st.updates += 1
-            if cfg.target_update == "soft":
-                soft_update(target, online, cfg.tau)
-            elif st.updates % cfg.target_update_every == 0:
-                target.load_state_dict(online.state_dict())
-            st.loss_sum += loss
-            st.loss_count += 1
-
-        def finish_episode(lane: Lane, final_reward: float) -> None:
-            nonlocal last_report
-            h = st.history
-            win = is_win(cfg, final_reward, lane.ret)
-            loss = st.loss_sum / st.loss_count if st.loss_count else float("nan")
-            for key, value in (("return", lane.ret), ("length", len(lane.actions)), ("win", win), ("loss", loss),
-                               ("epsilon", st.epsilon)):
-                h[key].append(value)
-            st.episodes_done += 1
-            st.loss_sum, st.loss_count = 0.0, 0
-            window_full = len(h["win"]) >= cfg.win_window
-            win_rate = 100.0 * _mean(h["win"][-cfg.win_window:])
-            mean_return = _mean(h["return"][-cfg.win_window:])
-            now = time.monotonic()
-            steps_per_second = (st.env_steps - last_report[1]) / max(now - last_report[0], 1e-9)
-            last_report = (now, st.env_steps)
-            ctx.report(st.episodes_done, **{"return": lane.ret}, length=len(lane.actions), win=int(win),
-                       learning=int(st.solved_at is None), win_rate=win_rate, mean_return=mean_return,
-                       epsilon=st.epsilon, loss=loss, env_steps=st.env_steps, steps_per_second=steps_per_second)
-            ctx.progress(st.episodes_done, cfg.episodes)
-            st.epsilon = max(cfg.epsilon_min, st.epsilon * cfg.decay)
-            if window_full and st.solved_at is None:
-                if cfg.stop_learning_at_win_percent is not None and win_rate > cfg.stop_learning_at_win_percent:
-                    st.solved_at, st.solved_by = st.episodes_done, "win_rate"
-                if cfg.stop_at_mean_return is not None and mean_return >= cfg.stop_at_mean_return:
-                    st.solved_at, st.solved_by = st.episodes_done, "mean_return"
-
-        try:
-            if saved is None:
-                for i in range(cfg.agents):
-                    start_episode(i)
-            stopped = None
-            while stopped is None and any(lane is not None for lane in lanes):
-                active = [i for i, lane in enumerate(lanes) if lane is not None]
-                obs = np.stack([lanes[i].obs for i in active]).astype(np.float32, copy=False)
-                # snn_ddqn.choose_actions: both draws every step; the net only when some lane is greedy
-                explore = rng.random(len(obs)) < st.epsilon
-                actions = rng.integers(self.n_actions, size=len(obs))
-                if not explore.all():
-                    greedy = yield "act", torch.as_tensor(obs, device=self.device)
-                    actions = np.where(explore, actions, greedy)
-                for i, action in zip(active, actions.tolist()):
-                    lane = lanes[i]
-                    next_obs, reward, terminated, truncated, _ = envs[i].step(action)
-                    buffer.add(lane.obs, action, reward, next_obs, terminated or (truncated and cfg.truncation == "terminal"))
-                    lane.actions.append(action)
-                    lane.ret += float(reward)
-                    lane.obs = next_obs
-                    st.env_steps += 1
-                    if update_due(lane):
-                        yield from learn()
-                    if terminated or truncated:
-                        finish_episode(lane, float(reward))
-                        start_episode(i)
-                        if run_ends():
-                            break
-                if run_ends():
-                    stopped = "solved"
-                    lanes = [None] * cfg.agents
-                elif limit is not None and time.monotonic() - began >= limit:
-                    stopped = "time_limit"
-                elif ctx.should_stop():
-                    checkpoint()
-                    return {"stopped_at": st.episodes_done}
-                if stopped or st.episodes_done - st.last_checkpoint >= cfg.checkpoint_every:
-                    st.last_checkpoint = st.episodes_done
-                    checkpoint()
-            if st.episodes_done != st.last_checkpoint:
-                checkpoint()
-        finally:
-            for env in envs:
-                env.close()
-        return self._result(st, began, run_ends(), stopped)
-
-    def _result(self, st: RunState, began: float, ended_solved: bool, stopped: str | None) -> dict:
-        """snn_ddqn.train's result, plus "fused": True."""
-        cfg, h = self.cfg, st.history
-        returns = np.asarray(h["return"], dtype=np.float64)
-        window = min(cfg.win_window, len(returns)) or 1
-        rolling = np.convolve(returns, np.ones(window) / window, mode="valid") if len(returns) else returns
-        chunk = max(1, -(-len(returns) // CURVE_POINTS))
-        curve = [[min(start + chunk, len(returns)), float(returns[start:start + chunk].mean())]
-                 for start in range(0, len(returns), chunk)]
-        after_win = {}
-        if cfg.after_win == "evaluate" and st.solved_by == "win_rate":
-            after = slice(st.solved_at, None)
-            after_win = {"episodes_after_win": len(h["return"][after]),
-                         "mean_return_after_win": _mean(h["return"][after]),
-                         "win_rate_after_win": 100.0 * _mean(h["win"][after])}
-        return {
-            **after_win,
-            "episodes": st.episodes_done, "env_steps": st.env_steps, "updates": st.updates,
-            "stopped": "solved" if ended_solved else stopped or "episodes",
-            "solved": st.solved_at is not None, "solved_at_episode": st.solved_at,
-            "win_rate": 100.0 * _mean(h["win"][-cfg.win_window:]), "mean_return": _mean(h["return"][-cfg.win_window:]),
-            "best_mean_return": float(rolling.max()) if len(rolling) else float("nan"),
-            "epsilon": st.epsilon, "seconds": round(time.monotonic() - began, 2),
-            "parameters": sum(p.numel() for p in self.online.parameters()), "return_curve": curve, "fused": True,
-        }
-
-
-def _by_rows(requests: list[tuple[_Member, torch.Tensor]]) -> list[list[tuple[_Member, torch.Tensor]]]:
+def _by_rows(requests: list[tuple[Agent, torch.Tensor]]) -> list[list[tuple[Agent, torch.Tensor]]]:
     """Requests grouped by row count, so each member's matmuls keep the shapes of its solo run."""
     groups: dict[int, list] = {}
     for member, x in requests:
@@ -319,7 +118,7 @@ def _by_rows(requests: list[tuple[_Member, torch.Tensor]]) -> list[list[tuple[_M
 
 
 @torch.no_grad()
-def _act(requests: list[tuple[_Member, torch.Tensor]]) -> dict[int, np.ndarray]:
+def _act(requests: list[tuple[Agent, torch.Tensor]]) -> dict[int, np.ndarray]:
     """The greedy actions of every member that asked: one forward per row-count group."""
     out = {}
     for group in _by_rows(requests):
@@ -339,7 +138,7 @@ def _chunks(group: list, device: torch.device) -> list[list]:
     return [group[i:i + size] for i in range(0, len(group), size)]
 
 
-def _learn(requests: list[tuple[_Member, tuple]]) -> dict[int, float]:
+def _learn(requests: list[tuple[Agent, tuple]]) -> dict[int, float]:
     """One update's gradients for every member that asked (left in its parameters' .grad for its own
     optimizer.step), and its loss. The TD target is snn_ddqn.td_target's, per member."""
     out, batch_of = {}, {id(m): batch for m, batch in requests}
@@ -380,12 +179,13 @@ def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
         raise ValueError(f"configs of different fuse keys cannot share a network: {sorted(keys)}")
     device = torch.device(ctxs[0].device if cfgs[0].device == "auto" else cfgs[0].device)
     outcome: list[dict | Exception | None] = [None] * len(cfgs)
-    pending: dict[int, tuple[_Member, Request]] = {}
+    pending: dict[int, tuple[Agent, Request]] = {}
+    loops = {}
 
-    def advance(i: int, member: _Member, answer: Any) -> None:
+    def advance(i: int, member: Agent, answer: Any) -> None:
         """Run member i's loop to its next request; a finished or failed member leaves."""
         try:
-            request = member.loop.send(answer)
+            request = loops[i].send(answer)
         except StopIteration as done:
             outcome[i] = done.value
             pending.pop(i, None)
@@ -397,10 +197,11 @@ def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
 
     for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
         try:
-            member = _Member(cfg, ctx, device)
+            member = Agent(cfg, ctx, device, fused=True)
         except Exception as exc:  # noqa: BLE001 - e.g. an env that cannot be made fails its member only
             outcome[i] = exc
             continue
+        loops[i] = member.run()
         advance(i, member, None)
     while pending:  # each round answers every pending request: one batched compute per kind
         acts = [(m, x) for m, (kind, x) in pending.values() if kind == "act"]
