@@ -48,8 +48,12 @@ class Harness:
         try:
             return module.train(module.Config.model_validate(config), self.ctx)
         finally:
-            self._done.set()
-            self._thread.join(timeout=10)
+            self.close()
+
+    def close(self) -> None:
+        """Stop draining once the pipe is empty: every message sent so far is in `messages`."""
+        self._done.set()
+        self._thread.join(timeout=10)
 
     def of(self, kind: str) -> list[tuple]:
         return [m[1:] for m in self.messages if m[0] == kind]

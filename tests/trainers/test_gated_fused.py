@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import fused_harness  # tests/trainers/fused_harness.py
 import harness  # tests/trainers/harness.py
 import pytest
 import torch
@@ -39,31 +40,9 @@ def small(corpus: str, **overrides) -> Config:
     return Config.model_validate({**config, **overrides})
 
 
-class Gang:
-    """One harness (context, pipe, store) per member, as the agent gives each job of a gang its own."""
-
-    def __init__(self, root, seeds, stop_at=None, checkpoints=None, first=0):
-        self.members = [harness.Harness(root / f"m{first + i}", seed=seed, job_id=10 + first + i,
-                                        stop_at=None if stop_at is None else stop_at[i],
-                                        checkpoint=None if checkpoints is None else checkpoints[i])
-                        for i, seed in enumerate(seeds)]
-
-    def train(self, cfgs):
-        try:
-            return trainers.load_fused("gated_rnn").train_many(cfgs, [h.ctx for h in self.members])
-        finally:
-            for h in self.members:
-                h._done.set()
-                h._thread.join(timeout=10)
-
-
-class Solo(harness.Harness):
-    def run(self, cfg: Config):
-        try:
-            return gated_rnn.train(cfg, self.ctx)
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
+Gang = fused_harness.Gang.for_trainer("gated_rnn")
+Solo = fused_harness.Solo.for_trainer(gated_rnn.train, returns=(gated_rnn.Diverged,))
+solo_runs = Solo.runs
 
 
 def assert_same_run(solo: harness.Harness, fused: harness.Harness, solo_result: dict, fused_result: dict):
@@ -87,17 +66,6 @@ def assert_same_run(solo: harness.Harness, fused: harness.Harness, solo_result: 
         assert float(entry["step"]) == float(b["optimizer"]["state"][index]["step"])
     assert torch.equal(a["starts"], b["starts"])
     assert torch.equal(a["sampler"], b["sampler"]) and torch.equal(a["torch_rng"], b["torch_rng"])
-
-
-def solo_runs(tmp_path, cfgs, seeds):
-    runs = []
-    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
-        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
-        try:
-            runs.append((h, h.run(cfg)))
-        except gated_rnn.Diverged as exc:
-            runs.append((h, exc))
-    return runs
 
 
 SEEDS = [3, 4, 5, 6]

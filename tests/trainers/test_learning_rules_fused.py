@@ -1,6 +1,7 @@
 """learning_rules' fused training (worker/trainers/learning_rules_fused.py): a gang's members equal their solo runs."""
 from __future__ import annotations
 
+import fused_harness  # tests/trainers/fused_harness.py
 import harness  # tests/trainers/harness.py
 import numpy as np
 import pytest
@@ -30,41 +31,9 @@ def configs(rule: str) -> list[Config]:
     return [small(rule, **m) for m in MEMBERS[rule]]
 
 
-class Gang:
-    """One harness (context, pipe, store) per member, as the agent gives each job of a gang its own."""
-
-    def __init__(self, root, seeds, stop_at=None, checkpoints=None, first=0):
-        self.members = [harness.Harness(root / f"m{first + i}", seed=seed, job_id=10 + first + i,
-                                        stop_at=None if stop_at is None else stop_at[i],
-                                        checkpoint=None if checkpoints is None else checkpoints[i])
-                        for i, seed in enumerate(seeds)]
-
-    def train(self, cfgs):
-        try:
-            return trainers.load_fused("learning_rules").train_many(cfgs, [h.ctx for h in self.members])
-        finally:
-            for h in self.members:
-                h._done.set()
-                h._thread.join(timeout=10)
-
-
-class Solo(harness.Harness):
-    def run(self, cfg: Config):
-        try:
-            return learning_rules.train(cfg, self.ctx)
-        except learning_rules.Diverged as exc:
-            return exc
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-
-def solo_runs(tmp_path, cfgs, seeds):
-    runs = []
-    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
-        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
-        runs.append((h, h.run(cfg)))
-    return runs
+Gang = fused_harness.Gang.for_trainer("learning_rules")
+Solo = fused_harness.Solo.for_trainer(learning_rules.train, returns=(learning_rules.Diverged,))
+solo_runs = Solo.runs
 
 
 def same_reports(solo: harness.Harness, fused: harness.Harness, after: int = 0) -> None:

@@ -1,6 +1,7 @@
 """perturbation's fused training (worker/trainers/perturbation_fused.py): a gang's members equal their solo runs."""
 from __future__ import annotations
 
+import fused_harness  # tests/trainers/fused_harness.py
 import harness  # tests/trainers/harness.py
 import pytest
 import torch
@@ -31,41 +32,9 @@ def configs(method: str, data: list[dict] | None = None) -> list[Config]:
     return [small(method, None if data is None else data[i], **m) for i, m in enumerate(MEMBERS)]
 
 
-class Gang:
-    """One harness (context, pipe, store) per member, as the agent gives each job of a gang its own."""
-
-    def __init__(self, root, seeds, stop_at=None, checkpoints=None, first=0):
-        self.members = [harness.Harness(root / f"m{first + i}", seed=seed, job_id=10 + first + i,
-                                        stop_at=None if stop_at is None else stop_at[i],
-                                        checkpoint=None if checkpoints is None else checkpoints[i])
-                        for i, seed in enumerate(seeds)]
-
-    def train(self, cfgs):
-        try:
-            return trainers.load_fused("perturbation").train_many(cfgs, [h.ctx for h in self.members])
-        finally:
-            for h in self.members:
-                h._done.set()
-                h._thread.join(timeout=10)
-
-
-class Solo(harness.Harness):
-    def run(self, cfg: Config):
-        try:
-            return perturbation.train(cfg, self.ctx)
-        except perturbation.Diverged as exc:
-            return exc
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-
-def solo_runs(tmp_path, cfgs, seeds):
-    runs = []
-    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
-        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
-        runs.append((h, h.run(cfg)))
-    return runs
+Gang = fused_harness.Gang.for_trainer("perturbation")
+Solo = fused_harness.Solo.for_trainer(perturbation.train, returns=(perturbation.Diverged,))
+solo_runs = Solo.runs
 
 
 def same_reports(solo: harness.Harness, fused: harness.Harness, after: int = 0) -> None:

@@ -5,6 +5,7 @@ Real CartPole-v1 envs, short episodes, epsilon starting at 0.5 so greedy actions
 decide half the steps; real TrainerContexts, Pipes and LocalStores."""
 from __future__ import annotations
 
+import fused_harness  # tests/trainers/fused_harness.py
 import harness  # tests/trainers/harness.py
 import numpy as np
 import pytest
@@ -31,38 +32,9 @@ def members(**common) -> list[Config]:
     return [tiny(**common, **m) for m in MEMBERS]
 
 
-class Gang:
-    def __init__(self, root, seeds, stop_at=None, checkpoints=None, names=None):
-        names = names or [f"m{i}" for i in range(len(seeds))]
-        self.members = [harness.Harness(root / name, seed=seed, job_id=10 + i,
-                                        stop_at=None if stop_at is None else stop_at[i],
-                                        checkpoint=None if checkpoints is None else checkpoints[i])
-                        for i, (name, seed) in enumerate(zip(names, seeds))]
-
-    def train(self, cfgs):
-        try:
-            return trainers.load_fused("snn_ddqn").train_many(cfgs, [h.ctx for h in self.members])
-        finally:
-            for h in self.members:
-                h._done.set()
-                h._thread.join(timeout=10)
-
-
-class Solo(harness.Harness):
-    def run(self, cfg: Config):
-        try:
-            return snn_ddqn.train(cfg, self.ctx)
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-
-def solo_runs(tmp_path, cfgs, seeds):
-    runs = []
-    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
-        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
-        runs.append((h, h.run(cfg)))
-    return runs
+Gang = fused_harness.Gang.for_trainer("snn_ddqn")
+Solo = fused_harness.Solo.for_trainer(snn_ddqn.train)
+solo_runs = Solo.runs
 
 
 def episodes(h: harness.Harness) -> list[tuple]:

@@ -4,6 +4,7 @@ Tiny block models on the offline RandomAnomaly task (6x6 images), shuffled, so e
 blocks, data and batch order from its own seed; real TrainerContexts, Pipes and LocalStores."""
 from __future__ import annotations
 
+import fused_harness  # tests/trainers/fused_harness.py
 import harness  # tests/trainers/harness.py
 import pytest
 import torch
@@ -29,42 +30,9 @@ def members(representation: str, count: int = 4) -> list[Config]:
     return [small(representation, learning_rate=lr) for lr in LRS[:count]]
 
 
-class Gang:
-    """One harness (context, pipe, store) per member, as the agent gives each job of a gang its own."""
-
-    def __init__(self, root, seeds, stop_at=None, checkpoints=None, names=None):
-        names = names or [f"m{i}" for i in range(len(seeds))]
-        self.members = [harness.Harness(root / name, seed=seed, job_id=10 + i,
-                                        stop_at=None if stop_at is None else stop_at[i],
-                                        checkpoint=None if checkpoints is None else checkpoints[i])
-                        for i, (name, seed) in enumerate(zip(names, seeds))]
-
-    def train(self, cfgs):
-        try:
-            return trainers.load_fused("sparse_rnn").train_many(cfgs, [h.ctx for h in self.members])
-        finally:
-            for h in self.members:
-                h._done.set()
-                h._thread.join(timeout=10)
-
-
-class Solo(harness.Harness):
-    def run(self, cfg: Config):
-        try:
-            return sparse_rnn.train(cfg, self.ctx)
-        except gated_rnn.Diverged as exc:
-            return exc
-        finally:
-            self._done.set()
-            self._thread.join(timeout=10)
-
-
-def solo_runs(tmp_path, cfgs, seeds):
-    runs = []
-    for i, (cfg, seed) in enumerate(zip(cfgs, seeds)):
-        h = Solo(tmp_path / f"solo{i}", seed=seed, job_id=10 + i)
-        runs.append((h, h.run(cfg)))
-    return runs
+Gang = fused_harness.Gang.for_trainer("sparse_rnn")
+Solo = fused_harness.Solo.for_trainer(sparse_rnn.train, returns=(gated_rnn.Diverged,))
+solo_runs = Solo.runs
 
 
 def assert_same_reports(expected: list, got: list) -> None:
