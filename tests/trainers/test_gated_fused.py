@@ -111,23 +111,11 @@ def test_a_cancelled_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path
 
 def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(tmp_path, corpus):
     cfgs = [small(corpus, **m) for m in MEMBERS]
-    gang = Gang(tmp_path / "gang", SEEDS, stop_at=[25] * 4)  # SIGTERM: should_stop for all
-    assert gang.train(cfgs) == [{"stopped_at": 25}] * 4
-    pointers = [h.checkpoints[-1] for h in gang.members]
-    assert [p["step"] for p in pointers] == [25] * 4
-    # member 0 goes on solo from the gang's checkpoint; 1 and 2 in a new gang, with 3 from scratch beside them
-    # (a gang joins only members at the same step, so 3 trains in its own group)
-    alone = Solo(tmp_path / "gang" / "m0", seed=SEEDS[0], job_id=10, checkpoint=pointers[0])
-    alone_result = alone.run(cfgs[0])
-    assert alone.reports[0][0] == 30
-    fresh_3 = harness.Harness(tmp_path / "fresh3", seed=SEEDS[3], job_id=13)
-    again = Gang(tmp_path / "gang", SEEDS[1:3], checkpoints=pointers[1:3], first=1)
-    again.members.append(fresh_3)
-    resumed = again.train([cfgs[1], cfgs[2], cfgs[3]])
-    assert [h.reports[0][0] for h in again.members] == [30, 30, 5]
+    runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=25)
+    assert [h.reports[0][0] for h, _ in runs] == [30, 30, 30, 5]
     solos = solo_runs(tmp_path, cfgs, SEEDS)
     straight_reports = lambda i: [r for r in solos[i][0].reports if r[0] > 25]  # noqa: E731
-    for i, (h, result) in enumerate([(alone, alone_result), *zip(again.members, resumed)]):
+    for i, (h, result) in enumerate(runs):
         solo, solo_result = solos[i]
         for key in ("min_loss", "final_loss"):
             assert solo_result[key] == pytest.approx(result[key], rel=1e-5), (i, key)
@@ -184,11 +172,7 @@ def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path, corpus):
 
 def test_solo_checkpoints_join_a_gang_and_finish_as_the_uninterrupted_runs(tmp_path, corpus):
     cfgs = [small(corpus, **m) for m in MEMBERS[1:3]]
-    pointers = []
-    for i, cfg in enumerate(cfgs):
-        first = Solo(tmp_path / f"m{i}", seed=SEEDS[i], job_id=10 + i, stop_at=25)
-        assert first.run(cfg) == {"stopped_at": 25}
-        pointers.append(first.checkpoints[-1])
+    pointers = Solo.stopped(tmp_path, cfgs, SEEDS, stop_at=25)
     gang = Gang(tmp_path, SEEDS[:2], checkpoints=pointers)
     results = gang.train(cfgs)
     assert [h.reports[0][0] for h in gang.members] == [30, 30]
@@ -203,14 +187,7 @@ def test_solo_checkpoints_join_a_gang_and_finish_as_the_uninterrupted_runs(tmp_p
 def test_a_member_whose_reporting_fails_leaves_with_its_error(tmp_path, corpus):
     cfgs = [small(corpus, **m) for m in MEMBERS[:2]]
     gang = Gang(tmp_path / "gang", SEEDS[:2])
-    real_report = gang.members[0].ctx.report
-
-    def report(step, **metrics):
-        if step >= 20:
-            raise ConnectionError("pipe to the agent closed")
-        real_report(step, **metrics)
-
-    gang.members[0].ctx.report = report
+    fused_harness.fail_reports(gang.members[0], from_step=20)
     results = gang.train(cfgs)
     assert isinstance(results[0], ConnectionError)
     assert gang.members[0].reports[-1][0] == 15

@@ -37,9 +37,7 @@ solo_runs = Solo.runs
 
 
 def same_reports(solo: harness.Harness, fused: harness.Harness, after: int = 0) -> None:
-    expected = [(s, r) for s, r in solo.reports if s > after]
-    assert [s for s, _ in expected] == [s for s, _ in fused.reports]
-    for (_, a), (_, b) in zip(expected, fused.reports):
+    for a, b in fused_harness.paired_reports(solo, fused, after):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["val_accuracy"] == b["val_accuracy"] and a["stop_accuracy"] == b["stop_accuracy"]
 
@@ -69,16 +67,20 @@ def same_result(solo_result: dict, fused_result: dict) -> None:
         assert np.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
 
 
+def same_run(solo: harness.Harness, fused: harness.Harness, solo_result: dict, result: dict) -> None:
+    """The member's reports, checkpoint and result are its solo run's."""
+    same_reports(solo, fused)
+    same_state(solo, fused)
+    same_result(solo_result, result)
+
+
 @pytest.mark.parametrize("rule", ["ga", "bptt"])
 def test_three_members_with_own_seed_and_variance_equal_their_solo_runs(tmp_path, rule):
     cfgs = configs(rule)
     assert len({learning_rules.fuse_key(c) for c in cfgs}) == 1
     gang = Gang(tmp_path / "gang", SEEDS[:3])
     results = gang.train(cfgs)
-    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
-        same_reports(solo, fused)
-        same_state(solo, fused)
-        same_result(solo_result, result)
+    fused_harness.assert_members(same_run, solo_runs(tmp_path, cfgs, SEEDS), gang, results)
     # the members learned different things: the gang did not train one network for all
     finals = [np.load(r["matrices"])["J_rec"] for r in results]
     assert not np.allclose(finals[0], finals[1]) and not np.allclose(finals[1], finals[2])
@@ -112,10 +114,7 @@ def test_a_member_whose_loss_turns_nan_leaves_and_the_others_equal_their_solo_ru
     assert isinstance(results[1], learning_rules.Diverged), results[1]
     solos = solo_runs(tmp_path, cfgs, SEEDS)
     assert isinstance(solos[1][1], learning_rules.Diverged) and solos[1][1].step == results[1].step  # as solo
-    for i in (0, 2):
-        same_reports(solos[i][0], gang.members[i])
-        same_state(solos[i][0], gang.members[i])
-        same_result(solos[i][1], results[i])
+    fused_harness.assert_members(same_run, solos, gang, results, rows=(0, 2))
 
 
 def test_a_stopped_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path):
@@ -125,28 +124,16 @@ def test_a_stopped_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path):
     assert results[1] == {"stopped_at": 6}  # reports are every 2 steps: the first at or past 5 is 6
     assert [p["step"] for p in gang.members[1].checkpoints] == [6]
     solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i in (0, 2):
-        same_reports(solos[i][0], gang.members[i])
-        same_state(solos[i][0], gang.members[i])
-        same_result(solos[i][1], results[i])
+    fused_harness.assert_members(same_run, solos, gang, results, rows=(0, 2))
 
 
 @pytest.mark.parametrize("rule", ["ga", "bptt"])
 def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(tmp_path, rule):
     cfgs = configs(rule) + [small(rule, variance=0.3)]
-    gang = Gang(tmp_path / "gang", SEEDS, stop_at=[6] * 4)  # SIGTERM: should_stop for all
-    assert gang.train(cfgs) == [{"stopped_at": 6}] * 4
-    pointers = [h.checkpoints[-1] for h in gang.members]
-    # member 0 goes on solo from the gang's checkpoint; 1 and 2 in a new gang, 3 from scratch beside them
-    # (a gang joins only members at the same step, so 3 trains in its own group)
-    alone = Solo(tmp_path / "gang" / "m0", seed=SEEDS[0], job_id=10, checkpoint=pointers[0])
-    alone_result = alone.run(cfgs[0])
-    again = Gang(tmp_path / "gang", SEEDS[1:3], checkpoints=pointers[1:3], first=1)
-    again.members.append(harness.Harness(tmp_path / "fresh3", seed=SEEDS[3], job_id=13))
-    resumed = again.train(cfgs[1:])
+    runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=6)
     assert [h.reports[0][0] for h in again.members] == [8, 8, 2]
     solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i, (h, result) in enumerate([(alone, alone_result), *zip(again.members, resumed)]):
+    for i, (h, result) in enumerate(runs):
         solo, solo_result = solos[i]
         same_reports(solo, h, after=6 if i < 3 else 0)
         same_state(solo, h)

@@ -38,9 +38,7 @@ solo_runs = Solo.runs
 
 
 def same_reports(solo: harness.Harness, fused: harness.Harness, after: int = 0) -> None:
-    expected = [(s, r) for s, r in solo.reports if s > after]
-    assert [s for s, _ in expected] == [s for s, _ in fused.reports]
-    for (_, a), (_, b) in zip(expected, fused.reports):
+    for a, b in fused_harness.paired_reports(solo, fused, after):
         for key in ("train_loss", "val_loss", "forwards", "learning_rate"):
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
 
@@ -64,16 +62,20 @@ def same_result(solo_result: dict, fused_result: dict) -> None:
     assert torch.load(fused_result["weights_file"]).keys() == torch.load(solo_result["weights_file"]).keys()
 
 
+def same_run(solo: harness.Harness, fused: harness.Harness, solo_result: dict, result: dict, after: int = 0):
+    """The member's reports (past `after`), weights and result are its solo run's."""
+    same_reports(solo, fused, after)
+    same_weights(solo, fused)
+    same_result(solo_result, result)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_three_members_with_own_sigma_lr_and_seed_equal_their_solo_runs(tmp_path, method):
     cfgs = configs(method)
     assert len({perturbation.fuse_key(c) for c in cfgs}) == 1
     gang = Gang(tmp_path / "gang", SEEDS[:3])
     results = gang.train(cfgs)
-    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
-        same_reports(solo, fused)
-        same_weights(solo, fused)
-        same_result(solo_result, result)
+    fused_harness.assert_members(same_run, solo_runs(tmp_path, cfgs, SEEDS), gang, results)
     # the members learned different things: the gang did not train one net for all
     assert len({round(r["train_loss"], 12) for r in results}) == 3
 
@@ -86,10 +88,9 @@ def test_members_with_their_own_waves_read_their_own_rows(tmp_path, method):
     cfgs = configs(method, waves)
     gang = Gang(tmp_path / "gang", SEEDS[:3])
     results = gang.train(cfgs)
-    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
-        same_reports(solo, fused)
-        same_weights(solo, fused)
-        same_result(solo_result, result)
+    solos = solo_runs(tmp_path, cfgs, SEEDS)
+    fused_harness.assert_members(same_run, solos, gang, results)
+    for (_, solo_result), result in zip(solos, results):
         assert "test_loss" in result and result["test_loss"] == pytest.approx(solo_result["test_loss"], rel=1e-9)
 
 
@@ -103,10 +104,7 @@ def test_a_member_whose_loss_overflows_leaves_and_the_others_equal_their_solo_ru
     solos = solo_runs(tmp_path, cfgs, SEEDS)
     assert isinstance(solos[1][1], perturbation.Diverged) and solos[1][1].epoch == results[1].epoch < 30  # as solo
     same_reports(solos[1][0], gang.members[1])
-    for i in (0, 2):
-        same_reports(solos[i][0], gang.members[i])
-        same_weights(solos[i][0], gang.members[i])
-        same_result(solos[i][1], results[i])
+    fused_harness.assert_members(same_run, solos, gang, results, rows=(0, 2))
 
 
 def test_a_stopped_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path):
@@ -117,27 +115,15 @@ def test_a_stopped_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path):
     assert [p["step"] for p in gang.members[1].checkpoints] == [15]
     assert gang.members[1].reports[-1][0] == 15
     solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i in (0, 2):
-        same_reports(solos[i][0], gang.members[i])
-        same_weights(solos[i][0], gang.members[i])
-        same_result(solos[i][1], results[i])
+    fused_harness.assert_members(same_run, solos, gang, results, rows=(0, 2))
 
 
 def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(tmp_path):
     cfgs = configs("spsa") + [small("spsa", perturbation=5e-4, learning_rate=2e-3)]
-    gang = Gang(tmp_path / "gang", SEEDS, stop_at=[15] * 4)  # SIGTERM: should_stop for all
-    assert gang.train(cfgs) == [{"stopped_at": 15}] * 4
-    pointers = [h.checkpoints[-1] for h in gang.members]
-    # member 0 goes on solo from the gang's checkpoint; 1 and 2 in a new gang, 3 from scratch beside them
-    # (a gang joins only members at the same epoch, so 3 trains in its own group)
-    alone = Solo(tmp_path / "gang" / "m0", seed=SEEDS[0], job_id=10, checkpoint=pointers[0])
-    alone_result = alone.run(cfgs[0])
-    again = Gang(tmp_path / "gang", SEEDS[1:3], checkpoints=pointers[1:3], first=1)
-    again.members.append(harness.Harness(tmp_path / "fresh3", seed=SEEDS[3], job_id=13))
-    resumed = again.train(cfgs[1:])
+    runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=15)
     assert [h.reports[0][0] for h in again.members] == [20, 20, 5]
     solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i, (h, result) in enumerate([(alone, alone_result), *zip(again.members, resumed)]):
+    for i, (h, result) in enumerate(runs):
         solo, solo_result = solos[i]
         same_reports(solo, h, after=15 if i < 3 else 0)
         same_weights(solo, h)
@@ -147,17 +133,9 @@ def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(t
 
 def test_a_solo_checkpoint_joins_a_gang_and_finishes_as_the_uninterrupted_run(tmp_path):
     cfgs = configs("bptt")[:2]
-    pointers = []
-    for i, cfg in enumerate(cfgs):
-        first = Solo(tmp_path / f"m{i}", seed=SEEDS[i], job_id=10 + i, stop_at=10)
-        assert first.run(cfg) == {"stopped_at": 10}
-        pointers.append(first.checkpoints[-1])
+    pointers = Solo.stopped(tmp_path, cfgs, SEEDS, stop_at=10)
     gang = Gang(tmp_path, SEEDS[:2], checkpoints=pointers)
-    results = gang.train(cfgs)
-    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
-        same_reports(solo, fused, after=10)
-        same_weights(solo, fused)
-        same_result(solo_result, result)
+    fused_harness.assert_members(same_run, solo_runs(tmp_path, cfgs, SEEDS), gang, gang.train(cfgs), after=10)
 
 
 def test_fuse_keys_split_on_shape_and_method_and_join_on_sigma_lr_seed_and_wave():

@@ -110,14 +110,7 @@ def test_three_agents_in_one_batched_network_equal_their_solo_runs(tmp_path, arc
 def test_a_failing_member_and_a_stopped_member_leave_while_the_other_goes_on(tmp_path):
     cfgs = members()
     gang = Gang(tmp_path / "gang", SEEDS, stop_at=[None, 2, None])
-    real_report = gang.members[0].ctx.report
-
-    def report(step, **metrics):
-        if step >= 3:
-            raise ConnectionError("pipe to the agent closed")
-        real_report(step, **metrics)
-
-    gang.members[0].ctx.report = report
+    fused_harness.fail_reports(gang.members[0], from_step=3)
     results = gang.train(cfgs)
     assert isinstance(results[0], ConnectionError), results[0]
     assert set(results[1]) == {"stopped_at"} and results[1]["stopped_at"] >= 2  # 3 when two lanes ended at once
@@ -179,10 +172,4 @@ def test_train_many_refuses_configs_of_different_fuse_keys(tmp_path):
 
 
 def test_a_member_whose_checkpoint_cannot_be_read_fails_alone(tmp_path):
-    cfgs = members()[:2]
-    missing = {"uri": "local:grid-1/job-10/step-2.pt", "step": 2}  # the pointer names a file that is gone
-    gang = Gang(tmp_path / "gang", SEEDS[:2], checkpoints=[missing, None])
-    results = gang.train(cfgs)
-    assert isinstance(results[0], FileNotFoundError) and gang.members[0].reports == []
-    (solo, solo_result), = solo_runs(tmp_path, cfgs[1:], SEEDS[1:2])
-    assert_same_run(solo, gang.members[1], solo_result, results[1])
+    assert_same_run(*fused_harness.unreadable_first(Gang, Solo, tmp_path, members()[:2], SEEDS, step=2))
