@@ -100,11 +100,12 @@ def assert_members(same_run: Callable[..., None], solos: list, gang: Gang, resul
 
 
 def resumed_apart(gang: type[Gang], solo: type[Solo], tmp_path: Path, cfgs: list, seeds: list[int],
-                  stop_at: int) -> tuple[list[tuple[harness.Harness, Any]], Gang]:
+                  stop_at: int) -> tuple[list[tuple[Solo, harness.Harness, Any, Any]], Gang]:
     """Four members stopped together at `stop_at` (should_stop for all: a SIGTERM), then resumed apart: member
     0 solo from the gang's checkpoint, 1 and 2 in a new gang with 3 from scratch beside them (a gang joins
-    only members at the same step, so 3 trains in its own group). Each member's (harness, result) of the
-    resumed runs, and the new gang."""
+    only members at the same step, so 3 trains in its own group). Each member's uninterrupted solo run
+    beside its resumed one, in assert_members' order (solo, resumed harness, solo result, resumed result),
+    and the new gang."""
     first = gang(tmp_path / "gang", seeds, stop_at=[stop_at] * 4)
     assert first.train(cfgs) == [{"stopped_at": stop_at}] * 4
     pointers = [h.checkpoints[-1] for h in first.members]
@@ -114,7 +115,9 @@ def resumed_apart(gang: type[Gang], solo: type[Solo], tmp_path: Path, cfgs: list
     again = gang(tmp_path / "gang", seeds[1:3], checkpoints=pointers[1:3], first=1)
     again.members.append(harness.Harness(tmp_path / "fresh3", seed=seeds[3], job_id=13))
     resumed = again.train(cfgs[1:])
-    return [(alone, alone_result), *zip(again.members, resumed)], again
+    straight = solo.runs(tmp_path, cfgs, seeds)
+    return [(s, h, s_result, result) for (s, s_result), (h, result)
+            in zip(straight, [(alone, alone_result), *zip(again.members, resumed)])], again
 
 
 def unreadable_first(gang: type[Gang], solo: type[Solo], tmp_path: Path, cfgs: list, seeds: list[int],

@@ -112,15 +112,12 @@ def test_a_cancelled_member_checkpoints_and_leaves_while_the_rest_go_on(tmp_path
 def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(tmp_path, corpus):
     cfgs = [small(corpus, **m) for m in MEMBERS]
     runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=25)
-    assert [h.reports[0][0] for h, _ in runs] == [30, 30, 30, 5]
-    solos = solo_runs(tmp_path, cfgs, SEEDS)
-    straight_reports = lambda i: [r for r in solos[i][0].reports if r[0] > 25]  # noqa: E731
-    for i, (h, result) in enumerate(runs):
-        solo, solo_result = solos[i]
+    assert [h.reports[0][0] for _, h, _, _ in runs] == [30, 30, 30, 5]
+    for i, (solo, h, solo_result, result) in enumerate(runs):
         for key in ("min_loss", "final_loss"):
             assert solo_result[key] == pytest.approx(result[key], rel=1e-5), (i, key)
         assert [s for s, _ in result["loss_curve"]] == [s for s, _ in solo_result["loss_curve"]]
-        expected = straight_reports(i) if i < 3 else solo.reports
+        expected = [r for r in solo.reports if r[0] > 25] if i < 3 else solo.reports
         assert [s for s, _ in h.reports] == [s for s, _ in expected]
         a, b = solo.store.load(solo.checkpoints[-1]), h.store.load(h.checkpoints[-1])
         assert a["step"] == b["step"] == 40

@@ -132,9 +132,7 @@ def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(t
     cfgs = configs(rule) + [small(rule, variance=0.3)]
     runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=6)
     assert [h.reports[0][0] for h in again.members] == [8, 8, 2]
-    solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i, (h, result) in enumerate(runs):
-        solo, solo_result = solos[i]
+    for i, (solo, h, solo_result, result) in enumerate(runs):
         same_reports(solo, h, after=6 if i < 3 else 0)
         same_state(solo, h)
         for key in ("steps", "val_accuracy", "accuracy_curve"):

@@ -122,9 +122,7 @@ def test_a_stopped_gang_resumed_solo_and_fused_gives_the_uninterrupted_results(t
     cfgs = configs("spsa") + [small("spsa", perturbation=5e-4, learning_rate=2e-3)]
     runs, again = fused_harness.resumed_apart(Gang, Solo, tmp_path, cfgs, SEEDS, stop_at=15)
     assert [h.reports[0][0] for h in again.members] == [20, 20, 5]
-    solos = solo_runs(tmp_path, cfgs, SEEDS)
-    for i, (h, result) in enumerate(runs):
-        solo, solo_result = solos[i]
+    for i, (solo, h, solo_result, result) in enumerate(runs):
         same_reports(solo, h, after=15 if i < 3 else 0)
         same_weights(solo, h)
         assert result["train_loss"] == pytest.approx(solo_result["train_loss"], rel=1e-9)
