@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from worker.trainers import learning_rules as rules
+from worker.trainers import gangs
 from worker.trainers import population
 from worker.trainers.learning_rules import Config, Progress, fuse_key
 
@@ -124,8 +125,9 @@ def _validate(members: list[_Member], nets: population.Params, valid: _Validatio
     return rules.accuracy(out[-1], targets).tolist()
 
 
-def _gang(members: list[_Member], outcome: dict[int, dict | Exception]) -> None:
+def _gang(members: list[_Member]) -> dict[int, dict | Exception]:
     """Train these members (all at one step) to their ends; each one's outcome by its index in `members`."""
+    outcome: dict[int, dict | Exception] = {}
     rows = {id(m): i for i, m in enumerate(members)}
     active = [m for m in members if _going(m, rows, outcome)]
     ga = members[0].cfg.rule == "ga"
@@ -151,44 +153,26 @@ def _gang(members: list[_Member], outcome: dict[int, dict | Exception]) -> None:
                 active.remove(m)
             elif not _going(m, rows, outcome):
                 active.remove(m)
+    return outcome
 
 
 def _going(m: _Member, rows: dict[int, int], outcome: dict) -> bool:
     """True while the member trains on; once its stop rule or cap ends it, its result goes into `outcome`."""
     if m.progress.going:
         return True
-    try:
-        outcome[rows[id(m)]] = {**rules.finish(m.cfg, m.ctx, m.progress.result()), "fused": True}
-    except Exception as exc:  # noqa: BLE001
-        outcome[rows[id(m)]] = exc
+    outcome[rows[id(m)]] = gangs.finished(lambda: rules.finish(m.cfg, m.ctx, m.progress.result()))
     return False
 
 
 def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
     """Train same-fuse-key configs as one batched model; each entry is that member's result (as `train` returns
     it, plus "fused": True), {"stopped_at": step}, or the exception that ended it."""
-    if len(cfgs) != len(ctxs) or not cfgs:
-        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
-    keys = {fuse_key(c) for c in cfgs}
-    if None in keys:
-        raise ValueError("ff configs are not fused (fuse_key None): train them one at a time")
-    if len(keys) > 1:
-        raise ValueError(f"configs of different fuse keys cannot share a forward: {sorted(keys)}")
+    gangs.check(cfgs, ctxs, fuse_key, "a forward",
+                unfused="ff configs are not fused (fuse_key None): train them one at a time")
     if cfgs[0].num_threads:
         torch.set_num_threads(cfgs[0].num_threads)
     device = torch.device(ctxs[0].device)
     outcome: dict[int, dict | Exception] = {}
-    by_step: dict[int, list[tuple[int, _Member]]] = {}
-    for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
-        try:
-            member = _start(cfg, ctx, device)
-        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint fails its member only
-            outcome[i] = exc
-            continue
-        by_step.setdefault(member.progress.step, []).append((i, member))
-    for _step, group in sorted(by_step.items()):
-        mine: dict[int, dict | Exception] = {}
-        _gang([member for _, member in group], mine)
-        for row, result in mine.items():
-            outcome[group[row][0]] = result
+    started = gangs.start(cfgs, ctxs, lambda cfg, ctx: _start(cfg, ctx, device), outcome)
+    gangs.by_start(started, lambda m: m.progress.step, _gang, outcome)
     return [outcome[i] for i in range(len(cfgs))]

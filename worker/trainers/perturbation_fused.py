@@ -26,6 +26,7 @@ import time
 import torch
 from torch import Tensor
 
+from worker.trainers import gangs
 from worker.trainers import perturbation as pt
 from worker.trainers import population
 from worker.trainers.perturbation import Config, Run, fuse_key
@@ -136,8 +137,9 @@ def _np_step(runs: list[Run], batch: _Batch) -> tuple[list[Tensor], Tensor, list
     return grads, torch.stack([losses[rows][0] for rows in _slices(counts)]), counts
 
 
-def _gang(runs: list[Run], outcome: dict[int, dict | Exception]) -> None:
+def _gang(runs: list[Run]) -> dict[int, dict | Exception]:
     """Train these runs (all at one epoch) to their ends; each one's outcome by its index in `runs`."""
+    outcome: dict[int, dict | Exception] = {}
     active = list(range(len(runs)))
     for i in list(active):
         if runs[i].done:  # resumed from its last checkpoint: nothing left but the result
@@ -167,38 +169,20 @@ def _gang(runs: list[Run], outcome: dict[int, dict | Exception]) -> None:
                     active.remove(i)
                 elif r.done:
                     _finish(runs, i, outcome, active)
+    return outcome
 
 
 def _finish(runs: list[Run], i: int, outcome: dict, active: list[int]) -> None:
-    try:
-        outcome[i] = {**runs[i].finish(), "fused": True}
-    except Exception as exc:  # noqa: BLE001
-        outcome[i] = exc
+    outcome[i] = gangs.finished(runs[i].finish)
     active.remove(i)
 
 
 def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
     """Train same-fuse-key configs in stacked forwards; each entry is that member's result (as `train` returns
     it, plus "fused": True), {"stopped_at": epoch}, or the exception that ended it."""
-    if len(cfgs) != len(ctxs) or not cfgs:
-        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
-    keys = {fuse_key(c) for c in cfgs}
-    if len(keys) > 1:
-        raise ValueError(f"configs of different fuse keys cannot share a forward: {sorted(keys)}")
+    gangs.check(cfgs, ctxs, fuse_key, "a forward")
     if cfgs[0].training.num_threads:
         torch.set_num_threads(cfgs[0].training.num_threads)
     outcome: dict[int, dict | Exception] = {}
-    by_epoch: dict[int, list[tuple[int, Run]]] = {}
-    for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
-        try:
-            run = Run(cfg, ctx)
-        except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint fails its member only
-            outcome[i] = exc
-            continue
-        by_epoch.setdefault(run.state["epoch"], []).append((i, run))
-    for _epoch, group in sorted(by_epoch.items()):
-        mine: dict[int, dict | Exception] = {}
-        _gang([run for _, run in group], mine)
-        for row, result in mine.items():
-            outcome[group[row][0]] = result
+    gangs.by_start(gangs.start(cfgs, ctxs, Run, outcome), lambda run: run.state["epoch"], _gang, outcome)
     return [outcome[i] for i in range(len(cfgs))]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from worker.trainers import gangs
 from worker.trainers.snn_ddqn import Agent, Config, QNetwork, Request, fuse_key
 from worker.trainers.spiking.lif import LeakyLayer
 
@@ -170,13 +171,8 @@ def _learn(requests: list[tuple[Agent, tuple]]) -> dict[int, float]:
 def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
     """Train same-fuse-key configs' agents together; each entry is that member's result (as `train` returns
     it, plus "fused": True), {"stopped_at": episodes}, or the exception that ended it."""
-    if len(cfgs) != len(ctxs) or not cfgs:
-        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
-    keys = {fuse_key(c) for c in cfgs}
-    if None in keys:
-        raise ValueError("snn_kernel 'snntorch' (the step-by-step reference) is not fused; use 'fused'")
-    if len(keys) > 1:
-        raise ValueError(f"configs of different fuse keys cannot share a network: {sorted(keys)}")
+    gangs.check(cfgs, ctxs, fuse_key, "a network",
+                unfused="snn_kernel 'snntorch' (the step-by-step reference) is not fused; use 'fused'")
     device = torch.device(ctxs[0].device if cfgs[0].device == "auto" else cfgs[0].device)
     outcome: list[dict | Exception | None] = [None] * len(cfgs)
     pending: dict[int, tuple[Agent, Request]] = {}
@@ -195,12 +191,8 @@ def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
         else:
             pending[i] = (member, request)
 
-    for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
-        try:
-            member = Agent(cfg, ctx, device, fused=True)
-        except Exception as exc:  # noqa: BLE001 - e.g. an env that cannot be made fails its member only
-            outcome[i] = exc
-            continue
+    # an env that cannot be made fails its member only; one whose checkpoint cannot be read fails in advance
+    for i, member in gangs.start(cfgs, ctxs, lambda cfg, ctx: Agent(cfg, ctx, device, fused=True), outcome):
         loops[i] = member.run()
         advance(i, member, None)
     while pending:  # each round answers every pending request: one batched compute per kind

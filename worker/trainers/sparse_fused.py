@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam
 
-from worker.trainers import sparse_rnn
+from worker.trainers import gangs, sparse_rnn
 from worker.trainers.gated_rnn import Diverged
 from worker.trainers.iterativenn.baselines import ReadUnits
 from worker.trainers.iterativenn.blocks import BlockRNN, _CSRMatmul
@@ -312,16 +312,9 @@ class _Gang:
                         m.ctx.report(self.step, **{f"val_{k}": v for k, v in metrics.items()})
                     except Exception as exc:  # noqa: BLE001
                         leaving[row] = exc
-            for row, m in enumerate(self.members):
-                if row in leaving:
-                    continue
-                try:
-                    if self.step % m.cfg.checkpoint_every == 0 or self.step == self.total or m.ctx.should_stop():
-                        self.checkpoint(row)
-                        if m.ctx.should_stop() and self.step < self.total:
-                            leaving[row] = {"stopped_at": self.step}
-                except Exception as exc:  # noqa: BLE001
-                    leaving[row] = exc
+            gangs.checkpoint_or_leave(self.members, leaving, self.step, self.checkpoint,
+                                      lambda m: self.step % m.cfg.checkpoint_every == 0 or self.step == self.total,
+                                      last=self.step >= self.total)
             if leaving:
                 for row, result in leaving.items():
                     outcome[ids[id(self.members[row])]] = result
@@ -376,37 +369,32 @@ def _total_steps(cfg: Config, data) -> int:
 def train_many(cfgs: list[Config], ctxs: list) -> list[dict | Exception]:
     """Train same-fuse-key configs as one stacked model; each entry is that member's result (as `train`
     returns it, plus "fused": True), {"stopped_at": step}, or the exception that ended it."""
-    if len(cfgs) != len(ctxs) or not cfgs:
-        raise ValueError(f"train_many needs one ctx per config (got {len(cfgs)} configs, {len(ctxs)} ctxs)")
-    keys = {fuse_key(c) for c in cfgs}
-    if None in keys:
-        raise ValueError(f"model_type {cfgs[0].model_type!r} is not fused (only {sparse_rnn.FUSED_MODEL_TYPES})")
-    if len(keys) > 1:
-        raise ValueError(f"configs of different fuse keys cannot share a model: {sorted(keys)}")
+    gangs.check(cfgs, ctxs, fuse_key, "a model",
+                unfused=f"model_type {cfgs[0].model_type!r} is not fused (only {sparse_rnn.FUSED_MODEL_TYPES})")
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # CSR "beta" notices, as the solo run
     if cfgs[0].num_threads:
         torch.set_num_threads(cfgs[0].num_threads)
     device = torch.device(ctxs[0].device if cfgs[0].use_cuda else "cpu")
     outcome: list[dict | Exception | None] = [None] * len(cfgs)
-    groups: dict[tuple[int, str], list[tuple[int, _Member, dict | None]]] = {}
     loaded: dict[tuple[str, int | None], Any] = {}
-    for i, (cfg, ctx) in enumerate(zip(cfgs, ctxs)):
-        try:  # an unreadable checkpoint or missing data fails its member only
-            state = ctx.load_checkpoint()
-            # RandomAnomaly's real files are the same for every seed: read them once for the gang
-            key = (cfg.data.model_dump_json(), None if cfg.data.is_random_anomaly and cfg.data.path else ctx.seed)
-            if key not in loaded:
-                loaded[key] = sparse_rnn.load_data(cfg, ctx.seed)
-            member = _member(cfg, ctx, state, loaded[key], device)
-        except Exception as exc:  # noqa: BLE001
-            outcome[i] = exc
-            continue
-        key = (0 if state is None else state["step"], member.facts["representation"])
-        groups.setdefault(key, []).append((i, member, state))
-    for _key, group in sorted(groups.items()):
-        rows = [i for i, _, _ in group]
-        first = group[0][1]
-        gang = _Gang([m for _, m, _ in group], group[0][2], device, _total_steps(first.cfg, first.data))
-        for row, result in gang.run().items():
-            outcome[rows[row]] = result
+
+    def start(cfg: Config, ctx) -> tuple[_Member, dict | None]:
+        """A member and its checkpoint (an unreadable one, or missing data, fails this member only)."""
+        state = ctx.load_checkpoint()
+        # RandomAnomaly's real files are the same for every seed: read them once for the gang
+        key = (cfg.data.model_dump_json(), None if cfg.data.is_random_anomaly and cfg.data.path else ctx.seed)
+        if key not in loaded:
+            loaded[key] = sparse_rnn.load_data(cfg, ctx.seed)
+        return _member(cfg, ctx, state, loaded[key], device), state
+
+    def resumes_at(started: tuple[_Member, dict | None]) -> tuple[int, str]:
+        """What one gang's members share: the step they resume from, and their representation."""
+        member, state = started
+        return 0 if state is None else state["step"], member.facts["representation"]
+
+    def gang(group: list[tuple[_Member, dict | None]]) -> dict[int, dict | Exception]:
+        first, state = group[0]
+        return _Gang([m for m, _ in group], state, device, _total_steps(first.cfg, first.data)).run()
+
+    gangs.by_start(gangs.start(cfgs, ctxs, start, outcome), resumes_at, gang, outcome)
     return outcome
