@@ -3,11 +3,11 @@ for all of them.
 
 How to read it: `train_many` sets up each member as its solo run does (`bptt_start` / `ga_start`: its own
 generator, validation set, network or population, restored from its own checkpoint) and runs one gang per
-step the members resume from (a gang joins only members at the same step), one after the other. `_gang` is
-the loop: `_ga_step` or `_bptt_step` does one step for every member at once, `_validate` validates all of
-them in one forward, then each member's `Progress` (the object the solo loop drives) reports, checks its
-stop rule, checkpoints and stops exactly as its solo run; a member that converges, reaches its cap, diverges,
-stops or fails leaves, the rest go on.
+step the members resume from (a gang joins only members at the same step), one after the other (gangs.py:
+the bookkeeping all fused trainers share). `_gang` is the loop: `_ga_step` or `_bptt_step` does one step
+for every member at once, `_validate` validates all of them in one forward, then each member's `Progress`
+(the object the solo loop drives) reports, checks its stop rule, checkpoints and stops exactly as its solo
+run; a member that converges, reaches its cap, diverges, stops or fails leaves, the rest go on.
 
 GA: the members' populations laid end to end ([sum of populations, N, N] weights), each population on its
 own config's trials (learning_rules.run's grouped inputs); ranking, selection and mutation stay per member,

@@ -3,7 +3,8 @@ in one stacked forward.
 
 How to read it: `train_many` builds each member's `perturbation.Run` (the object `train` drives: its data,
 weights, generator, checkpoint and bookkeeping) and runs one gang per epoch the members resume from (a gang
-joins only members at the same epoch), one after the other. `_gang` is the epoch loop: `_step` evaluates the
+joins only members at the same epoch), one after the other (gangs.py: the bookkeeping all fused trainers
+share). `_gang` is the epoch loop: `_step` evaluates the
 probes of all members at once, then each member updates, reports, checkpoints, stops and finishes exactly as
 its solo run does (`Run.record`, `Run.finish`); a member that diverges, stops or fails leaves, the rest go on.
 

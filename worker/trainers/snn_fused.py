@@ -26,6 +26,7 @@ one Q-value within an ulp of another would part the runs, as it would on another
 A member leaves on its own: its result, {"stopped_at": episodes} when its ctx.should_stop() (it
 checkpoints first, as solo), or the exception its loop raised (a failed report, an env error); the rest
 go on unchanged. Members may resume from different episodes: each loop restores its own checkpoint.
+(gangs.py: the argument checks and member starts all fused trainers share.)
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Fused training for sparse_rnn: a gang of same-layout block models trained as one stacked model.
 
 How to read it: `train_many` groups the members by the step (and representation) they resume from and
-runs each group with `_Gang.run`, the loop: one batch for all members, then each member's own reports,
+runs each group with `_Gang.run` (gangs.py: the bookkeeping all fused trainers share), the loop: one batch for all members, then each member's own reports,
 validation, checkpoint, stop and failure, as `sparse_rnn.train` does them. `_Gang._build` stacks the
 members' tensors; `_forward` is BlockRNN.forward over a leading member dimension; `_checkpoint` writes a
 member back into its solo model, so its checkpoint is the solo format and it can resume solo or in a gang.
