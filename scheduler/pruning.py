@@ -1,0 +1,274 @@
+"""Early stopping of hopeless configs: the scheduler decides from the metrics workers already send
+(docs/early_stopping.md).
+
+Read `Pruner.check` first: Queue.heartbeat and gang.heartbeat_gang call it after their fenced write has
+stored the beat's metrics, and a reason it returns goes back in the heartbeat reply as `prune: true`. The
+worker then stops the job as for a cancel and finishes it with outcome `pruned`.
+
+The rules are Optuna's own pruners, asked through its ask-and-tell interface on an in-memory study rebuilt
+for each decision from our tables (no Optuna storage: the search helper's RDBStorage stays its own):
+- asha: optuna.pruners.SuccessiveHalvingPruner (asynchronous successive halving, Li et al. 2020). A job's
+  value at a rung is the first value it reports at or after the rung's step; the values every job had at
+  each rung are kept in `prune_rungs`, and the decisions of one grid are serialized (a Postgres advisory
+  lock per grid; SQLite has one writer), so two heartbeats at the same rung never both read the rung
+  without the other's value. The best value at a rung is always promoted.
+- median: optuna.pruners.MedianPruner against the succeeded jobs' values at the same step (our metrics).
+- threshold: optuna.pruners.ThresholdPruner on the job's own values.
+A decision is written on the job (pruned_step, pruned_by) in the same transaction; a later beat of the same
+job is told again without deciding anew. A job resumed by hand (prune_exempt) is never pruned again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from sqlalchemy import Connection, Engine, insert, select, text, update
+
+from common import schema as t
+from common.db import is_sqlite, write_tx
+from scheduler.spec import PruneSpec
+
+RULE_CACHE_SECONDS = 5.0  # a re-posted grid's new rule applies within this long
+MAX_CACHED_JOBS = 100_000
+_LOCK_CLASS = 0x6766  # pg_advisory_xact_lock(class, grid_id): "gf", apart from anyone else's locks
+
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    value: float
+
+
+def rule_of(spec: dict[str, Any] | None) -> PruneSpec | None:
+    """The grid's prune rule from its stored spec (the spec was validated when posted)."""
+    prune = (spec or {}).get("prune")
+    return PruneSpec.model_validate(prune) if prune else None
+
+
+def points(metrics: Iterable[Any], metric: str) -> list[Point]:
+    """The beat's values of `metric` (Metric objects), by step; values that are not finite numbers are
+    skipped (a NaN reaches us as null: the context sends non-finite values so)."""
+    out: dict[int, float] = {}
+    for m in metrics:
+        value = m.values.get(metric) if isinstance(m.values, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[int(m.step)] = float(value)
+    return [Point(step, out[step]) for step in sorted(out)]
+
+
+class Pruner:
+    """One per Queue. Holds only caches (job -> grid, grid -> rule); every decision is made in the database."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sqlite = is_sqlite(engine)
+        self._grid_of: dict[int, int] = {}
+        self._rules: dict[int, tuple[float, PruneSpec | None]] = {}
+
+    def check(self, job_id: int, metrics: list[Any] | None, now: float | None = None) -> str | None:
+        """Why the job must stop now, or None. Cheap for grids without a rule (cached lookups only)."""
+        if not metrics:
+            return None
+        grid_id = self._grid(job_id)
+        rule = self._rule(grid_id) if grid_id is not None else None
+        if rule is None:
+            return None
+        beat = points(metrics, rule.metric)
+        if not beat or beat[-1].step < _earliest_step(rule):
+            return None
+        now = time.time() if now is None else now
+        with write_tx(self.engine) as conn:
+            if rule.rule == "asha" and not self._sqlite:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:c, :g)"), {"c": _LOCK_CLASS, "g": grid_id})
+            job = conn.execute(select(t.jobs.c.prune_exempt, t.jobs.c.pruned_by, t.jobs.c.state)
+                               .where(t.jobs.c.id == job_id)).first()
+            if job is None or job.prune_exempt or job.state != "running":
+                return None
+            if job.pruned_by:
+                return job.pruned_by
+            decide = {"asha": _asha, "median": _median, "threshold": _threshold}[rule.rule]
+            found = decide(conn, rule, grid_id, job_id, beat, now)
+            if found is None:
+                return None
+            step, reason = found
+            conn.execute(update(t.jobs).where(t.jobs.c.id == job_id, t.jobs.c.pruned_by.is_(None))
+                         .values(pruned_step=step, pruned_by=reason))
+            conn.execute(insert(t.events).values(job_id=job_id, time=now, kind="prune",
+                                                 message=f"pruned at step {step}: {reason}"))
+        return reason
+
+    def _grid(self, job_id: int) -> int | None:
+        grid_id = self._grid_of.get(job_id)
+        if grid_id is None:
+            with self.engine.connect() as conn:
+                grid_id = conn.execute(select(t.jobs.c.grid_id).where(t.jobs.c.id == job_id)).scalar()
+            if grid_id is not None:
+                if len(self._grid_of) >= MAX_CACHED_JOBS:
+                    self._grid_of.clear()
+                self._grid_of[job_id] = grid_id  # a job never changes grid
+        return grid_id
+
+    def _rule(self, grid_id: int) -> PruneSpec | None:
+        cached = self._rules.get(grid_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        with self.engine.connect() as conn:
+            spec = conn.execute(select(t.grids.c.spec).where(t.grids.c.id == grid_id)).scalar()
+        rule = rule_of(_loads(spec))
+        self._rules[grid_id] = (time.monotonic() + RULE_CACHE_SECONDS, rule)
+        return rule
+
+
+def _earliest_step(rule: PruneSpec) -> int:
+    if rule.rule == "asha":
+        return rule.first_rung
+    return rule.min_steps if rule.n_warmup_steps is None else max(rule.n_warmup_steps, 1)
+
+
+def _study(rule: PruneSpec, pruner):
+    import optuna  # here, not at import: the queue module stays light for grids without rules
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="minimize" if rule.mode == "min" else "maximize", pruner=pruner)
+
+
+# ---- asha ------------------------------------------------------------------------------------------------
+def rung_step(rule: PruneSpec, rung: int) -> int:
+    return (rule.min_resource or rule.min_steps) * rule.reduction_factor ** (rule.min_early_stopping_rate + rung)
+
+
+def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
+          now: float) -> tuple[int, str] | None:
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    rows = conn.execute(select(t.prune_rungs.c.job_id, t.prune_rungs.c.rung, t.prune_rungs.c.value)
+                        .where(t.prune_rungs.c.grid_id == grid_id)).all()
+    others: dict[int, dict[str, float]] = {}
+    own: dict[int, float] = {}
+    for row in rows:
+        if row.job_id == job_id:
+            own[row.rung] = row.value
+        else:
+            others.setdefault(row.job_id, {})[f"completed_rung_{row.rung}"] = row.value
+    next_rung = len(own)  # rungs are recorded in order, from 0
+    if own and any(r not in own for r in range(next_rung)):
+        return None  # cannot happen: recorded in order; be safe rather than decide on a gap
+    pending = [p for p in beat if p.step >= rung_step(rule, next_rung)
+               and (rule.max_resource is None or rung_step(rule, next_rung) < rule.max_resource)]
+    if not pending:
+        return None
+    study = _study(rule, optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=rule.min_resource or rule.min_steps, reduction_factor=rule.reduction_factor,
+        min_early_stopping_rate=rule.min_early_stopping_rate, bootstrap_count=rule.bootstrap_count))
+    for attrs in others.values():
+        study.add_trial(create_trial(state=TrialState.RUNNING, system_attrs=attrs))
+    trial = study.ask()
+    for rung, value in own.items():
+        study._storage.set_trial_system_attr(trial._trial_id, f"completed_rung_{rung}", value)
+    point = pending[0]  # the first value at or after the rung's step is the job's value there
+    trial.report(point.value, point.step)
+    pruned = trial.should_prune()
+    attrs = study._storage.get_trial(trial._trial_id).system_attrs
+    new = sorted(int(k.rsplit("_", 1)[1]) for k in attrs if k.startswith("completed_rung_")
+                 and int(k.rsplit("_", 1)[1]) not in own)
+    if rule.max_resource is not None:  # rungs at or past the last step decide nothing (Optuna has no cap)
+        capped = [r for r in new if rung_step(rule, r) < rule.max_resource]
+        pruned = pruned and capped == new
+        new = capped
+    for rung in new:
+        conn.execute(insert(t.prune_rungs).values(
+            grid_id=grid_id, job_id=job_id, rung=rung, step=point.step, value=point.value,
+            promoted=not (pruned and rung == new[-1]), time=now))
+    if not pruned:
+        return None
+    rung = new[-1] if new else next_rung
+    competing = sum(1 for attrs in others.values() if f"completed_rung_{rung}" in attrs) + 1
+    return point.step, (f"asha: {rule.metric} {point.value:.6g} at step {point.step} is not in the best "
+                        f"1/{rule.reduction_factor} of the {competing} values recorded at rung {rung} "
+                        f"(step {rung_step(rule, rung)})")
+
+
+# ---- median and threshold: pure functions of what is recorded ------------------------------------------
+def _history(conn: Connection, job_id: int, metric: str, before_step: int | None = None) -> list[Point]:
+    query = select(t.metrics.c.step, t.metrics.c.values).where(t.metrics.c.job_id == job_id)
+    if before_step is not None:
+        query = query.where(t.metrics.c.step < before_step)
+    rows = conn.execute(query.order_by(t.metrics.c.step, t.metrics.c.id)).all()
+    return points([_Row(step, _loads(values)) for step, values in rows], metric)
+
+
+@dataclass
+class _Row:
+    step: int
+    values: Any
+
+
+def _ask_with_history(study, conn: Connection, rule: PruneSpec, job_id: int, beat: list[Point]):
+    trial = study.ask()
+    for p in _history(conn, job_id, rule.metric, before_step=beat[0].step):
+        trial.report(p.value, p.step)
+    return trial
+
+
+def _first_pruned(trial, rule: PruneSpec, beat: list[Point]) -> Point | None:
+    """Report the beat's values in order, asking after each, as a trainer calling Optuna would."""
+    for p in beat:
+        trial.report(p.value, p.step)
+        if p.step >= _earliest_step(rule) and trial.should_prune():
+            return p
+    return None
+
+
+def _median(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
+            now: float) -> tuple[int, str] | None:
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    done = conn.execute(select(t.jobs.c.id).where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "succeeded")
+                        ).scalars().all()
+    if len(done) < max(rule.n_startup_trials, 1):
+        return None
+    warmup = rule.min_steps if rule.n_warmup_steps is None else rule.n_warmup_steps
+    study = _study(rule, optuna.pruners.MedianPruner(
+        n_startup_trials=rule.n_startup_trials, n_warmup_steps=warmup, interval_steps=rule.interval_steps,
+        n_min_trials=rule.n_min_trials))
+    for other in done:
+        curve = _history(conn, other, rule.metric)
+        if curve:
+            study.add_trial(create_trial(state=TrialState.COMPLETE, value=curve[-1].value,
+                                         intermediate_values={p.step: p.value for p in curve}))
+    trial = _ask_with_history(study, conn, rule, job_id, beat)
+    point = _first_pruned(trial, rule, beat)
+    if point is None:
+        return None
+    best = (min if rule.mode == "min" else max)(_trial_values(study, trial))
+    return point.step, (f"median: best {rule.metric} so far {best:.6g} at step {point.step} is worse than the "
+                        f"median of the {len(done)} succeeded jobs at that step")
+
+
+def _trial_values(study, trial) -> list[float]:
+    return list(study._storage.get_trial(trial._trial_id).intermediate_values.values())
+
+
+def _threshold(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
+               now: float) -> tuple[int, str] | None:
+    import optuna
+
+    warmup = rule.min_steps if rule.n_warmup_steps is None else rule.n_warmup_steps
+    study = _study(rule, optuna.pruners.ThresholdPruner(
+        lower=rule.lower, upper=rule.upper, n_warmup_steps=warmup, interval_steps=rule.interval_steps))
+    trial = _ask_with_history(study, conn, rule, job_id, beat)
+    point = _first_pruned(trial, rule, beat)
+    if point is None:
+        return None
+    side = f"below lower {rule.lower:g}" if rule.lower is not None and point.value < rule.lower \
+        else f"above upper {rule.upper:g}"
+    return point.step, f"threshold: {rule.metric} {point.value:.6g} at step {point.step} is {side}"
+
+
+def _loads(value):
+    return json.loads(value) if isinstance(value, str) else value
