@@ -194,7 +194,7 @@ def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: li
 
 # ---- median and threshold: pure functions of what is recorded ------------------------------------------
 def _history(conn: Connection, job_id: int, metric: str, before_step: int | None = None) -> list[Point]:
-    query = select(t.metrics.c.step, t.metrics.c.values).where(t.metrics.c.job_id == job_id)
+    query = select(t.metrics.c.step, t.metrics.c["values"]).where(t.metrics.c.job_id == job_id)
     if before_step is not None:
         query = query.where(t.metrics.c.step < before_step)
     rows = conn.execute(query.order_by(t.metrics.c.step, t.metrics.c.id)).all()

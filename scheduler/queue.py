@@ -11,6 +11,7 @@ Expired leases are handled by the claim call itself: no janitor is needed for co
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -30,6 +31,7 @@ OUTCOMES = ("succeeded", "error", "preempted", "cancelled", "pruned")
 _ROW_FREE_OUTCOMES = ("succeeded", "cancelled", "pruned")  # their next state does not depend on the job's counters
 EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
+log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
 
 
@@ -379,10 +381,15 @@ class Queue:
     def prune_reply(self, job_id: int, metrics: list[Metric] | None, reply: Reply, now: float) -> Reply:
         """`reply` with `prune` set when the grid's rule stops the job (scheduler/pruning.py), after the
         beat's own write: the decision reads the metrics it stored, in a transaction of its own."""
-        if reply.ok and metrics:
+        if not (reply.ok and metrics):
+            return reply
+        try:
             reason = self.pruner.check(job_id, metrics, now)
-            if reason is not None:
-                reply.prune, reply.reason = True, reason
+        except Exception as exc:  # noqa: BLE001 - the beat is stored; a later beat (past the rung) decides
+            log.warning("job %s: no prune decision this beat: %s", job_id, type(exc).__name__)
+            return reply
+        if reason is not None:
+            reply.prune, reply.reason = True, reason
         return reply
 
     def _heartbeat(self, job_id: int, attempt_id: str, worker_id: str, step: int | None, progress: tuple[float, float] | None,

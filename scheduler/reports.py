@@ -260,3 +260,14 @@ def latest_metric_rows(engine: Engine, job_ids: list[int]) -> dict[int, dict[str
         rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c.step, t.metrics.c.attempt_id, t.metrics.c["values"])
                             .where(t.metrics.c.id.in_(newest))).all()
     return {r.job_id: {"step": r.step, "attempt_id": r.attempt_id, "values": _loads(r[3])} for r in rows}
+
+
+def prune_rungs(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
+    """ASHA's record of the grid (scheduler/pruning.py): each job's value at each rung it reached and whether
+    it went on, in the order the decisions were made."""
+    with read_tx(engine) as conn:
+        grid_id = grid_id_by_name(conn, grid)
+        rows = conn.execute(select(t.prune_rungs.c.job_id, t.prune_rungs.c.rung, t.prune_rungs.c.step,
+                                   t.prune_rungs.c.value, t.prune_rungs.c.promoted, t.prune_rungs.c.time)
+                            .where(t.prune_rungs.c.grid_id == grid_id).order_by(t.prune_rungs.c.id)).mappings().all()
+    return [dict(r) for r in rows]
