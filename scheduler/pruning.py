@@ -28,7 +28,7 @@ from typing import Any, Iterable
 from sqlalchemy import Connection, Engine, insert, select, text, update
 
 from common import schema as t
-from common.db import is_sqlite, write_tx
+from common.db import is_sqlite, read_tx, write_tx
 from scheduler.spec import PruneSpec
 
 RULE_CACHE_SECONDS = 5.0  # a re-posted grid's new rule applies within this long
@@ -67,9 +67,11 @@ class Pruner:
         self._sqlite = is_sqlite(engine)
         self._grid_of: dict[int, int] = {}
         self._rules: dict[int, tuple[float, PruneSpec | None]] = {}
+        self._next_rung: dict[int, int] = {}  # asha: the step of a job's next undecided rung
 
     def check(self, job_id: int, metrics: list[Any] | None, now: float | None = None) -> str | None:
-        """Why the job must stop now, or None. Cheap for grids without a rule (cached lookups only)."""
+        """Why the job must stop now, or None. Cheap for grids without a rule (cached lookups only), and for
+        ASHA beats below the job's next rung."""
         if not metrics:
             return None
         grid_id = self._grid(job_id)
@@ -77,28 +79,31 @@ class Pruner:
         if rule is None:
             return None
         beat = points(metrics, rule.metric)
-        if not beat or beat[-1].step < _earliest_step(rule):
+        if not beat or beat[-1].step < max(_earliest_step(rule), self._next_rung.get(job_id, 0)):
             return None
         now = time.time() if now is None else now
+        if rule.rule != "asha":  # pure functions of what is recorded: decide on a read, write only a prune
+            with read_tx(self.engine) as conn:
+                found = _unless_decided(conn, job_id)
+                if found is None:
+                    found = (_median if rule.rule == "median" else _threshold)(conn, rule, grid_id, job_id, beat)
+            if isinstance(found, str) or found is None:
+                return found
+            with write_tx(self.engine) as conn:
+                return _record(conn, job_id, *found, now)
         with write_tx(self.engine) as conn:
-            if rule.rule == "asha" and not self._sqlite:
+            if not self._sqlite:  # one decision of this grid at a time (SQLite: one writer anyway)
                 conn.execute(text("SELECT pg_advisory_xact_lock(:c, :g)"), {"c": _LOCK_CLASS, "g": grid_id})
-            job = conn.execute(select(t.jobs.c.prune_exempt, t.jobs.c.pruned_by, t.jobs.c.state)
-                               .where(t.jobs.c.id == job_id)).first()
-            if job is None or job.prune_exempt or job.state != "running":
-                return None
-            if job.pruned_by:
-                return job.pruned_by
-            decide = {"asha": _asha, "median": _median, "threshold": _threshold}[rule.rule]
-            found = decide(conn, rule, grid_id, job_id, beat, now)
+            found = _unless_decided(conn, job_id)
             if found is None:
-                return None
-            step, reason = found
-            conn.execute(update(t.jobs).where(t.jobs.c.id == job_id, t.jobs.c.pruned_by.is_(None))
-                         .values(pruned_step=step, pruned_by=reason))
-            conn.execute(insert(t.events).values(job_id=job_id, time=now, kind="prune",
-                                                 message=f"pruned at step {step}: {reason}"))
-        return reason
+                found, recorded = _asha(conn, rule, grid_id, job_id, beat, now)
+                # Until the job reaches its next rung, its beats need no statement (a prune is told anew).
+                self._next_rung[job_id] = 0 if found else rung_step(rule, recorded)
+                if len(self._next_rung) >= MAX_CACHED_JOBS:
+                    self._next_rung.clear()
+            if isinstance(found, str) or found is None:
+                return found
+            return _record(conn, job_id, *found, now)
 
     def _grid(self, job_id: int) -> int | None:
         grid_id = self._grid_of.get(job_id)
@@ -122,6 +127,27 @@ class Pruner:
         return rule
 
 
+def _unless_decided(conn: Connection, job_id: int) -> str | bool | None:
+    """The reason a job was already pruned for; False when no rule may prune it (resumed by hand, or not
+    running); None when there is a decision to make."""
+    job = conn.execute(select(t.jobs.c.prune_exempt, t.jobs.c.pruned_by, t.jobs.c.state)
+                       .where(t.jobs.c.id == job_id)).first()
+    if job is None or job.prune_exempt or job.state != "running":
+        return False
+    return job.pruned_by or None
+
+
+def _record(conn: Connection, job_id: int, step: int, reason: str, now: float) -> str:
+    """Write the decision on the job, once: a concurrent decision that came first wins, and is told."""
+    written = conn.execute(update(t.jobs).where(t.jobs.c.id == job_id, t.jobs.c.pruned_by.is_(None))
+                           .values(pruned_step=step, pruned_by=reason)).rowcount
+    if not written:
+        return conn.execute(select(t.jobs.c.pruned_by).where(t.jobs.c.id == job_id)).scalar() or reason
+    conn.execute(insert(t.events).values(job_id=job_id, time=now, kind="prune",
+                                         message=f"pruned at step {step}: {reason}"))
+    return reason
+
+
 def _earliest_step(rule: PruneSpec) -> int:
     if rule.rule == "asha":
         return rule.first_rung
@@ -141,7 +167,8 @@ def rung_step(rule: PruneSpec, rung: int) -> int:
 
 
 def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
-          now: float) -> tuple[int, str] | None:
+          now: float) -> tuple[tuple[int, str] | None, int]:
+    """(step, reason) when the job is pruned, else None; and how many rungs the job has recorded now."""
     import optuna
     from optuna.trial import TrialState, create_trial
 
@@ -156,11 +183,11 @@ def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: li
             others.setdefault(row.job_id, {})[f"completed_rung_{row.rung}"] = row.value
     next_rung = len(own)  # rungs are recorded in order, from 0
     if own and any(r not in own for r in range(next_rung)):
-        return None  # cannot happen: recorded in order; be safe rather than decide on a gap
+        return None, next_rung  # cannot happen (recorded in order); be safe rather than decide on a gap
     pending = [p for p in beat if p.step >= rung_step(rule, next_rung)
                and (rule.max_resource is None or rung_step(rule, next_rung) < rule.max_resource)]
     if not pending:
-        return None
+        return None, next_rung
     study = _study(rule, optuna.pruners.SuccessiveHalvingPruner(
         min_resource=rule.min_resource or rule.min_steps, reduction_factor=rule.reduction_factor,
         min_early_stopping_rate=rule.min_early_stopping_rate, bootstrap_count=rule.bootstrap_count))
@@ -184,12 +211,12 @@ def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: li
             grid_id=grid_id, job_id=job_id, rung=rung, step=point.step, value=point.value,
             promoted=not (pruned and rung == new[-1]), time=now))
     if not pruned:
-        return None
+        return None, next_rung + len(new)
     rung = new[-1] if new else next_rung
     competing = sum(1 for attrs in others.values() if f"completed_rung_{rung}" in attrs) + 1
-    return point.step, (f"asha: {rule.metric} {point.value:.6g} at step {point.step} is not in the best "
+    return (point.step, f"asha: {rule.metric} {point.value:.6g} at step {point.step} is not in the best "
                         f"1/{rule.reduction_factor} of the {competing} values recorded at rung {rung} "
-                        f"(step {rung_step(rule, rung)})")
+                        f"(step {rung_step(rule, rung)})"), next_rung + len(new)
 
 
 # ---- median and threshold: pure functions of what is recorded ------------------------------------------
@@ -223,8 +250,8 @@ def _first_pruned(trial, rule: PruneSpec, beat: list[Point]) -> Point | None:
     return None
 
 
-def _median(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
-            now: float) -> tuple[int, str] | None:
+def _median(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int,
+            beat: list[Point]) -> tuple[int, str] | None:
     import optuna
     from optuna.trial import TrialState, create_trial
 
@@ -236,11 +263,20 @@ def _median(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: 
     study = _study(rule, optuna.pruners.MedianPruner(
         n_startup_trials=rule.n_startup_trials, n_warmup_steps=warmup, interval_steps=rule.interval_steps,
         n_min_trials=rule.n_min_trials))
-    for other in done:
-        curve = _history(conn, other, rule.metric)
-        if curve:
-            study.add_trial(create_trial(state=TrialState.COMPLETE, value=curve[-1].value,
-                                         intermediate_values={p.step: p.value for p in curve}))
+    # Optuna's percentile reads the completed trials' values at the step being judged only: read those steps.
+    steps = sorted({p.step for p in beat})
+    curves: dict[int, dict[int, float]] = {}
+    for start in range(0, len(done), 500):  # bounded IN lists (SQLite caps bound parameters)
+        rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c.step, t.metrics.c["values"])
+                            .where(t.metrics.c.job_id.in_(done[start:start + 500]), t.metrics.c.step.in_(steps))
+                            .order_by(t.metrics.c.id)).all()
+        for other, step, values in rows:
+            for p in points([_Row(step, _loads(values))], rule.metric):
+                curves.setdefault(other, {})[p.step] = p.value
+    for other in done:  # every succeeded job counts for n_startup_trials, with a value there or not
+        curve = curves.get(other, {})
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=curve[max(curve)] if curve else 0.0,
+                                     intermediate_values=curve))
     trial = _ask_with_history(study, conn, rule, job_id, beat)
     point = _first_pruned(trial, rule, beat)
     if point is None:
@@ -254,8 +290,8 @@ def _trial_values(study, trial) -> list[float]:
     return list(study._storage.get_trial(trial._trial_id).intermediate_values.values())
 
 
-def _threshold(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point],
-               now: float) -> tuple[int, str] | None:
+def _threshold(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int,
+               beat: list[Point]) -> tuple[int, str] | None:
     import optuna
 
     warmup = rule.min_steps if rule.n_warmup_steps is None else rule.n_warmup_steps
