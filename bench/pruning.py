@@ -2,8 +2,8 @@
 
 Both runs are real `gridfleet run GRID.yaml --workers N` processes (embedded mode: SQLite, local agents
 training in child processes), one after the other in this run, on the same machine and the same settings.
-The grid: seed 001's four gate flags (input, forget, output, state; new state and residual on), one layer of
-32 units, the seed's Adam lr 1e-3, batch `--batch`, a window longer than the run, `--steps` steps, the
+The grid: seed 001's four gate flags (input, forget, output, state; new state and residual on) x `--layers`
+(seed 001's n_layers; default 1), 32 units, the seed's Adam lr 1e-3, batch `--batch`, a window longer than the run, `--steps` steps, the
 seed's moving-average loss reported every 10 steps; objective min:min_loss (the seed's). The ASHA run adds
 `prune: {rule: asha, metric: loss, min_steps, reduction_factor, max_resource: steps}`.
 
@@ -13,6 +13,7 @@ run found with its rank in the full grid by min_loss. Target: >= 3x fewer step-h
 Heartbeats every `--heartbeat` s in both runs: a pruned job trains on until its next heartbeat.
 
     python bench/pruning.py                      # 16 configs x 900 steps, 2 workers (about 3 minutes)
+    python bench/pruning.py --layers 1,2            # 32 configs (about 7 minutes)
     python bench/pruning.py --steps 600 --workers 1
 """
 from __future__ import annotations
@@ -35,10 +36,10 @@ FLAGS = ["use_input_gate", "use_forget_gate", "use_output_gate", "use_state_gate
 def grid(name: str, args, prune: bool) -> dict:
     spec = {
         "name": name, "trainer": "gated_rnn", "objective": "min:min_loss",
-        "config": {"n_layers": 1, "state_size": 32, "use_residual": True, "use_new_state": True,
+        "config": {"state_size": 32, "use_residual": True, "use_new_state": True,
                    "use_old_state": False, "batch_size": args.batch, "history": args.steps + 1, "steps": args.steps,
                    "lr": 1e-3, "log_every": 10, "checkpoint_every": args.steps, "corpus_bytes": 200_000},
-        "axes": {flag: [False, True] for flag in FLAGS},
+        "axes": {**{flag: [False, True] for flag in FLAGS}, "n_layers": args.layers},
     }
     if prune:
         spec["prune"] = {"rule": "asha", "metric": "loss", "min_steps": args.min_steps,
@@ -65,7 +66,7 @@ def run(workdir: Path, spec: dict, args) -> dict:
             "SELECT id, state, step, config, result, pruned_step FROM jobs ORDER BY id"):
         config = json.loads(config)
         jobs.append({"id": job_id, "state": state, "step": step or 0, "pruned_step": pruned_step,
-                     "key": tuple(config[f] for f in FLAGS),
+                     "key": (*(config[f] for f in FLAGS), config["n_layers"]),
                      "min_loss": (json.loads(result) or {}).get("min_loss") if result else None})
     worker_seconds = db.execute("SELECT SUM(ended_at - started_at) FROM attempts").fetchone()[0]
     db.close()
@@ -75,7 +76,7 @@ def run(workdir: Path, spec: dict, args) -> dict:
 
 def describe(key: tuple) -> str:
     on = [flag.removeprefix("use_").removesuffix("_gate") for flag, value in zip(FLAGS, key) if value]
-    return "+".join(on) or "no gates"
+    return ("+".join(on) or "no gates") + f", {key[-1]} layer(s)"
 
 
 def main() -> None:
@@ -83,6 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layers", type=lambda text: [int(n) for n in text.split(",")], default=[1],
+                        help="n_layers values, e.g. 1,2 (32 configs); default 1 (16 configs)")
     parser.add_argument("--min-steps", type=int, default=100)
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--heartbeat", type=float, default=0.25)

@@ -246,3 +246,29 @@ def test_bad_prune_specs_are_422s_naming_the_field(db_url, prune, field, words):
         assert http.post("/api/v1/jobs/99999/resume").status_code == 404
     app.state.queue.close()
     app.state.engine.dispose()
+
+
+def test_status_dashboard_and_resume_job_cli_show_and_resume_a_pruned_job(queue, db_url, monkeypatch):
+    from typer.testing import CliRunner
+
+    from api.dashboard import views
+    from cli.main import app
+
+    submit(queue, "shown", [0.3, 0.4, 0.5, 3.3], {"rule": "asha", "min_steps": 2, "reduction_factor": ETA})
+    worker = queue.register_worker("w", "h", ["curve"])
+    jobs = claim_all(queue, 4, worker)
+    replies = {job_id: beat(queue, job, range(1, 4)) for job_id, job in jobs.items()}
+    victim = next(j for j, r in replies.items() if r.prune)
+    assert queue.finish(victim, jobs[victim].attempt_id, "pruned", worker_id=worker).ok
+    view = views.grid_view(queue.engine, "shown")
+    row = next(r for r in view["rows"] if r["job_id"] == victim)
+    assert row["pruned"]["step"] == 2 and row["pruned"]["rung"] == 0 and row["latest"]["loss"] > 0
+    assert view["grid"]["counts"]["pruned"] == 1
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.delenv("GRIDFLEET_SERVER_URL", raising=False)
+    shown = CliRunner().invoke(app, ["status", "shown", "--local"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "pruned@2 rung 0" in shown.output, shown.output
+    resumed = CliRunner().invoke(app, ["resume-job", str(victim), "--local"])
+    assert resumed.exit_code == 0 and "queued" in resumed.output, resumed.output
+    again = CliRunner().invoke(app, ["resume-job", str(victim), "--local"])
+    assert again.exit_code == 1 and "only pruned or cancelled jobs" in again.output, again.output
