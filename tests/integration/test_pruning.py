@@ -91,6 +91,11 @@ def test_asha_prunes_what_the_rule_says_at_the_rung_steps(queue):
     for job_id in survivors:
         beat(queue, jobs[job_id], range(4, 8))
     check_against_rule(queue.engine)
+    # max_resource 18: rung 2 would be at step 18, the end: no decision there, however far a job reports.
+    late = [beat(queue, jobs[job_id], range(8, 21)) for job_id in survivors]
+    assert {r.rung for r in rungs(queue.engine)} == {0, 1}
+    kept = {r.job_id for r in rungs(queue.engine) if r.rung == 1 and r.promoted}
+    assert ids[3] in kept and not any(r.prune for j, r in zip(survivors, late) if j in kept)
     best = ids[3]
     assert all(r.promoted for r in rungs(queue.engine) if r.job_id == best)
     # The worker stops a pruned job and finishes it as pruned: its own state, step and rule, in the results.
@@ -109,24 +114,28 @@ def test_asha_prunes_what_the_rule_says_at_the_rung_steps(queue):
 
 
 def test_racing_heartbeats_at_one_rung_decide_one_at_a_time(queue):
-    """Twelve jobs reach rung 0 at once from twelve threads (their own connections): each decision sees
-    every value recorded before it, so the log replays exactly under the rule, and the best is kept."""
+    """Twelve jobs reach rung 0 at once from twelve threads (their own connections), through three Queues
+    (as three API processes: each keeps its own copy of the rungs): each decision sees every value recorded
+    before it, so the log replays exactly under the rule, and the best is kept."""
     xs = [0.3 + 0.05 * i for i in range(12)]
     submit(queue, "race", xs, {"rule": "asha", "min_steps": 3, "reduction_factor": ETA})
     worker = queue.register_worker("w", "h", ["curve"])
     jobs = list(claim_all(queue, len(xs), worker).values())
     start = threading.Barrier(len(jobs))
     replies = {}
+    queues = [queue, Queue(queue.engine, queue.policy), Queue(queue.engine, queue.policy)]
 
-    def run(job):
+    def run(job, via):
         start.wait()
-        replies[job.id] = beat(queue, job, range(1, 5))
+        replies[job.id] = beat(via, job, range(1, 5))
 
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    threads = [threading.Thread(target=run, args=(job, queues[i % 3])) for i, job in enumerate(jobs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    for other in queues[1:]:
+        other.close()
     recorded = rungs(queue.engine)
     assert len(recorded) == len(jobs) and {r.rung for r in recorded} == {0} and {r.step for r in recorded} == {3}
     check_against_rule(queue.engine)
