@@ -19,7 +19,6 @@ Heartbeats every `--heartbeat` s in both runs: a pruned job trains on until its 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sqlite3
