@@ -152,7 +152,7 @@ class Events(Fenced):
 
 
 class Finish(Fenced):
-    outcome: Literal["succeeded", "error", "preempted", "cancelled"]
+    outcome: Literal["succeeded", "error", "preempted", "cancelled", "pruned"]
     result: dict[str, Any] | None = None
     error: Text | None = None
     _cleaned: list[str] = PrivateAttr(default_factory=list)  # result fields repaired (json_checks.cleaned)

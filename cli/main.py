@@ -1,4 +1,4 @@
-"""The `gridfleet` command: serve, submit, status, import, refine, token.
+"""The `gridfleet` command: serve, submit, status, resume-job, import, refine, token.
 
 Heavy modules (FastAPI, uvicorn, SQLAlchemy, rich) are imported inside the commands that use them.
 Bad input (a missing file, YAML that does not parse) is one line on stderr and exit code 2; a request
@@ -202,6 +202,39 @@ def status(
         return
     for table in shown:
         console.print(table)
+
+
+@app.command("resume-job")
+def resume_job(
+    job_id: int = typer.Argument(..., min=1, help="the job's id (`gridfleet status GRID` lists them)"),
+    local: bool = LOCAL,
+    server: Optional[str] = typer.Option(None, help="API base URL; without it (and without GRIDFLEET_SERVER_URL) "
+                                         "the local database is changed"),
+    token: Optional[str] = typer.Option(None, help="a submit or admin token, for a server (default: GRIDFLEET_TOKEN)"),
+) -> None:
+    """Queue a pruned (or cancelled) job again: it continues from its checkpoint, and no prune rule stops it
+    again (docs/early_stopping.md)."""
+    settings = load_settings()
+    if local or (server is None and "server_url" not in settings.model_fields_set):
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from common.db import make_engine
+        from scheduler import grids
+
+        engine = make_engine(settings.database_url)
+        try:
+            state = grids.resume_job(engine, job_id)
+        except (grids.NotFound, grids.Conflict) as exc:
+            fail(str(exc), EXIT_FAILED)
+        except SQLAlchemyError as exc:
+            fail(f"cannot change the database: {db_problem(exc)}", EXIT_FAILED)
+        finally:
+            engine.dispose()
+    else:
+        client, url = api_client(server, token)
+        with client:
+            state = api_request(client, url, "POST", f"/jobs/{job_id}/resume").json()["state"]
+    typer.echo(f"job {job_id}: {state} (continues from its checkpoint; not pruned again)")
 
 
 @app.command()

@@ -79,6 +79,12 @@ jobs = Table(
     # Jobs of one grid with the same fuse key can be trained as one stacked model (trainer.fuse_key); a gang
     # claim takes up to K of them at once. NULL: never fused, claimed one at a time.
     Column("fuse_key", String(200)),
+    # Early stopping (scheduler/pruning.py, migration 0007): the step and the rule that pruned the job (set when
+    # the scheduler decides; the job's state becomes `pruned` when its worker stops it), and `prune_exempt`: a
+    # user resumed it by hand, so no rule prunes it again.
+    Column("pruned_step", Integer),
+    Column("pruned_by", Text),
+    Column("prune_exempt", Boolean, nullable=False, default=False),
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
     Index("ix_jobs_external_id", "external_id"),
     Index("ix_jobs_lease", "state", "lease_expires_at"),
@@ -157,6 +163,24 @@ events = Table(
     Column("kind", String(40), nullable=False),
     Column("message", Text, nullable=False),
     Index("ix_events_job", "job_id", "id"),
+)
+
+# ASHA's rungs (scheduler/pruning.py): the value a job had when it first reached each rung, and whether it
+# was promoted. Decisions of one grid are serialized; `id` keeps the order they were made in, which is what
+# asynchronous successive halving compares against (the values recorded at that rung before).
+prune_rungs = Table(
+    "prune_rungs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("grid_id", Integer, ForeignKey("grids.id", ondelete="CASCADE"), nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("rung", Integer, nullable=False),
+    Column("step", Integer, nullable=False),  # the reported step whose value was taken (first >= the rung's)
+    Column("value", Float, nullable=False),
+    Column("promoted", Boolean, nullable=False),
+    Column("time", Float, nullable=False),
+    UniqueConstraint("job_id", "rung", name="uq_prune_rungs_job_rung"),
+    Index("ix_prune_rungs_grid", "grid_id", "rung"),
 )
 
 tokens = Table(

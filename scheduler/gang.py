@@ -199,7 +199,7 @@ _SQLITE_FINISH_READ = text(
     WHERE id IN :ids AND worker_id = :wid AND state = 'running'
     """
 ).bindparams(bindparam("ids", expanding=True))
-_ROW_FREE = ("succeeded", "cancelled")
+_ROW_FREE = ("succeeded", "cancelled", "pruned")
 _PG_KNOWN = _pyformat("SELECT id FROM jobs WHERE id = ANY(:ids)")
 _KNOWN = text("SELECT id FROM jobs WHERE id IN :ids").bindparams(bindparam("ids", expanding=True))
 
@@ -298,7 +298,8 @@ def heartbeat_gang(queue: Queue, worker_id: str, members: list[MemberBeat], now:
     member whose attempt is no longer current (and cannot regain its job) gets ok=False, stop=True."""
     check_members(queue, members)
     now = time.time() if now is None else now
-    return _with_regain(queue, worker_id, members, now, lambda batch: _heartbeat(queue, worker_id, batch, now))
+    replies = _with_regain(queue, worker_id, members, now, lambda batch: _heartbeat(queue, worker_id, batch, now))
+    return [queue.prune_reply(m.job_id, m.metrics, reply, now) for m, reply in zip(members, replies)]  # early stopping
 
 
 def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: float) -> dict[int, Reply]:

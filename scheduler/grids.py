@@ -1,4 +1,4 @@
-"""Grid lifecycle in the database: submit (dedup by job key), cancel, pause, resume; job cancel/retry."""
+"""Grid lifecycle in the database: submit (dedup by job key), cancel, pause, resume; job cancel/retry/resume."""
 from __future__ import annotations
 
 import json
@@ -273,7 +273,7 @@ def cancel_job(engine: Engine, job_id: int) -> str:
     """Queued: cancelled now. Running: cancel requested (the worker stops within one heartbeat)."""
     with write_tx(engine) as conn:
         state = _job_state(conn, job_id)
-        if state in ("succeeded", "failed", "cancelled"):
+        if state in ("succeeded", "failed", "cancelled", "pruned"):
             raise Conflict(f"job {job_id} already ended as {state}; nothing to cancel")
         _cancel_jobs(conn, t.jobs.c.id == job_id)
         return "cancelled" if state == "queued" else "cancel_requested"
@@ -297,4 +297,34 @@ def retry_job(engine: Engine, job_id: int) -> str:
         )
         conn.execute(insert(t.events).values(job_id=job_id, time=time.time(), kind="retry",
                                              message=f"retried by a user (was {state})"))
+    return "queued"
+
+
+def resume_job(engine: Engine, job_id: int) -> str:
+    """Queue a pruned (or cancelled) job again: it continues from its checkpoint (the pointer stays), and no
+    prune rule stops it again (prune_exempt): a user who resumes it by hand disagreed with the rule."""
+    with write_tx(engine) as conn:
+        row = conn.execute(select(t.jobs.c.state, t.jobs.c.pruned_step, t.jobs.c.pruned_by, t.jobs.c.step)
+                           .where(t.jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        if row.state not in ("pruned", "cancelled"):
+            raise Conflict(f"job {job_id} is {row.state}; only pruned or cancelled jobs can be resumed")
+        grid_state = conn.execute(
+            select(t.grids.c.state).join(t.jobs, t.jobs.c.grid_id == t.grids.c.id).where(t.jobs.c.id == job_id)
+        ).scalar_one()
+        if grid_state == "cancelled":
+            raise Conflict(f"job {job_id} belongs to a cancelled grid; resume the grid first")
+        # The fence stays as it is: only the state of a job nobody holds changes (the WHERE repeats it).
+        changed = conn.execute(
+            update(t.jobs).where(t.jobs.c.id == job_id, t.jobs.c.state == row.state)
+            .values(state="queued", not_before=0.0, cancel_requested=False, finished_at=None, prune_exempt=True,
+                    pruned_step=None, pruned_by=None)
+        ).rowcount
+        if not changed:
+            raise Conflict(f"job {job_id} changed state meanwhile; look at it again")
+        was = f"pruned at step {row.pruned_step}: {row.pruned_by}" if row.state == "pruned" else row.state
+        conn.execute(insert(t.events).values(
+            job_id=job_id, time=time.time(), kind="resume",
+            message=f"resumed by a user from step {row.step} (was {was}); no prune rule stops it again"))
     return "queued"

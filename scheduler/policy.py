@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 FAILURE_KINDS = ("error", "lost", "preempted", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "pruned")  # pruned: stopped early by the grid's rule
 JOB_STATES = ("queued", "running", *TERMINAL_STATES)
 
 

@@ -11,6 +11,7 @@ Expired leases are handled by the claim call itself: no janitor is needed for co
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -24,11 +25,13 @@ from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text
 from common import schema as t
 from common.db import AutocommitConnections, is_sqlite, write_tx
 from scheduler.policy import RetryPolicy
+from scheduler.pruning import Pruner
 
-OUTCOMES = ("succeeded", "error", "preempted", "cancelled")
-_ROW_FREE_OUTCOMES = ("succeeded", "cancelled")  # their next state does not depend on the job's counters
+OUTCOMES = ("succeeded", "error", "preempted", "cancelled", "pruned")
+_ROW_FREE_OUTCOMES = ("succeeded", "cancelled", "pruned")  # their next state does not depend on the job's counters
 EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
+log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
 
 
@@ -97,11 +100,13 @@ class ClaimedJob:
 
 @dataclass
 class Reply:
-    """The answer to a fenced write. `stop` tells the worker to abandon the job now."""
+    """The answer to a fenced write. `stop` tells the worker to abandon the job now; `prune`: stop it as for a
+    cancel, keep its checkpoint, and finish it as `pruned` (`reason` says which rule, at which step)."""
 
     ok: bool
     stop: bool = False
     cancel: bool = False
+    prune: bool = False
     reason: str | None = None
     state: str | None = None
     lease_expires_at: float | None = None
@@ -142,6 +147,7 @@ class Queue:
         self._next_expiry_scan = 0.0  # time.monotonic() after which a claim scans for expired leases again
         self._started = time.time()
         self._grace_ends = self._started + expiry_grace_seconds if expiry_grace_seconds > 0 else None
+        self.pruner = Pruner(engine)  # early stopping, asked after a heartbeat stored its metrics
         # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
         # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
         # checkout, execution context and result set-up cost as much client CPU as the statement itself.
@@ -368,8 +374,23 @@ class Queue:
         """Extend the lease and store progress and metrics, if `attempt_id` of `worker_id` still owns the job
         (or regains it)."""
         now = time.time() if now is None else now
-        return self._or_regain(lambda: self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now),
-                               job_id, attempt_id, worker_id, now)
+        reply = self._or_regain(lambda: self._heartbeat(job_id, attempt_id, worker_id, step, progress, metrics, now),
+                                job_id, attempt_id, worker_id, now)
+        return self.prune_reply(job_id, metrics, reply, now)
+
+    def prune_reply(self, job_id: int, metrics: list[Metric] | None, reply: Reply, now: float) -> Reply:
+        """`reply` with `prune` set when the grid's rule stops the job (scheduler/pruning.py), after the
+        beat's own write: the decision reads the metrics it stored, in a transaction of its own."""
+        if not (reply.ok and metrics):
+            return reply
+        try:
+            reason = self.pruner.check(job_id, metrics, now)
+        except Exception as exc:  # noqa: BLE001 - the beat is stored; a later beat (past the rung) decides
+            log.warning("job %s: no prune decision this beat: %s", job_id, type(exc).__name__)
+            return reply
+        if reason is not None:
+            reply.prune, reply.reason = True, reason
+        return reply
 
     def _heartbeat(self, job_id: int, attempt_id: str, worker_id: str, step: int | None, progress: tuple[float, float] | None,
                    metrics: list[Metric] | None, now: float) -> Reply:
@@ -538,6 +559,8 @@ class Queue:
         released = dict(attempt_id=None, worker_id=None, lease_expires_at=None)
         if outcome == "succeeded":
             return dict(state="succeeded", result=result or {}, finished_at=now, **released)
+        if outcome == "pruned":  # pruned_step and pruned_by were written when the scheduler decided
+            return dict(state="pruned", finished_at=now, **released)
         if outcome == "cancelled" or job.cancel_requested:
             return dict(state="cancelled", finished_at=now, last_error=error, **released)
         if outcome == "preempted":

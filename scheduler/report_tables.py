@@ -51,6 +51,15 @@ def metric_columns(rows: list[dict[str, Any]], objective: str | None, skip: Iter
     return names
 
 
+def state_text(row: dict[str, Any]) -> str:
+    """The job's state; a pruned job shows the step (and ASHA rung) it was stopped at."""
+    pruned = row.get("pruned")
+    if row["state"] != "pruned" or not pruned:
+        return row["state"]
+    rung = f" rung {pruned['rung']}" if pruned.get("rung") is not None else ""
+    return f"pruned@{pruned['step']}{rung}"
+
+
 def _cell(row: dict[str, Any], key: str) -> str:
     if key == "seed":
         return str(row["seed"])
@@ -125,7 +134,7 @@ def results_table(summary: dict[str, Any], rows: list[dict[str, Any]], top: int 
             values = [" ".join(sorted((f"{_header(k, keys)}={v}" for k, v in zip(keys, values)
                                        if v not in ("true", "false")), key=len)
                                + [_header(k, keys) for k, v in zip(keys, values) if v == "true"])]
-        table.add_row(str(row["job_id"]), row["state"],
+        table.add_row(str(row["job_id"]), state_text(row),
                       *([(row.get("external_id") or "-")[:SHORT_ID]] if with_ids else []), *values,
                       *(fmt(data.metric_value(row["result"], m)) for m in metrics))
     return table
@@ -139,6 +148,6 @@ def jobs_table(external_id: str, jobs: list[dict[str, Any]]):
         table.add_column(column)
     for job in jobs:
         result = {k: v for k, v in (job["result"] or {}).items() if not isinstance(v, (list, dict))}
-        table.add_row(str(job["job_id"]), job["grid"], job["state"], str(job["seed"]),
+        table.add_row(str(job["job_id"]), job["grid"], state_text(job), str(job["seed"]),
                       json.dumps(job["config"], sort_keys=True), json.dumps(result, sort_keys=True) if result else "-")
     return table

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, func, select
 from common import schema as t
 from common.db import read_tx
 from scheduler.grids import NotFound, grid_id_by_name
-from scheduler.policy import JOB_STATES
+from scheduler.policy import JOB_STATES, TERMINAL_STATES
 
 
 def _loads(value):
@@ -60,7 +60,7 @@ def grid_summary(engine: Engine, grid: str | int) -> dict[str, Any]:
         children = conn.execute(select(t.grids.c.id, t.grids.c.name).where(t.grids.c.parent_id == grid_id)
                                 .order_by(t.grids.c.id)).all()
     total = sum(counts.values())
-    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+    done = sum(counts.get(s, 0) for s in TERMINAL_STATES)
     partial = sum(min(1.0, (d or 0) / tot) for d, tot in running if tot)
     return {
         "id": g["id"], "name": g["name"], "trainer": g["trainer"], "state": g["state"],
@@ -89,13 +89,15 @@ def grid_results(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
         objective = conn.execute(select(t.grids.c.objective).where(t.grids.c.id == grid_id)).scalar()
         rows = conn.execute(
             select(t.jobs.c.id, t.jobs.c.state, t.jobs.c.seed, t.jobs.c.config, t.jobs.c.result,
-                   t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.checkpoint, t.jobs.c.external_id)
+                   t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.checkpoint, t.jobs.c.external_id,
+                   t.jobs.c.pruned_step, t.jobs.c.pruned_by)
             .where(t.jobs.c.grid_id == grid_id).order_by(t.jobs.c.id)
         ).all()
     results = [
         {"job_id": r.id, "state": r.state, "seed": r.seed, "attempts": r.attempts, "step": r.step,
          "external_id": r.external_id,
-         "config": _loads(r.config), "result": _loads(r.result), "checkpoint": _loads(r.checkpoint)}
+         "config": _loads(r.config), "result": _loads(r.result), "checkpoint": _loads(r.checkpoint),
+         **({"pruned": pruned_view(r.pruned_step, r.pruned_by)} if r.state == "pruned" else {})}
         for r in rows
     ]
     if objective:
@@ -108,6 +110,16 @@ def grid_results(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
 
         results.sort(key=rank)
     return results
+
+
+def pruned_view(step: int | None, by: str | None) -> dict[str, Any]:
+    """How a pruned job is shown: the step it was stopped at, the rule's reason, and ASHA's rung when the
+    reason names one (scheduler/pruning.py writes "... at rung K (step S)")."""
+    rung = None
+    if by and " at rung " in by:
+        head = by.split(" at rung ", 1)[1].split(" ", 1)[0]
+        rung = int(head) if head.isdigit() else None
+    return {"step": step, "by": by, "rung": rung}
 
 
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +139,8 @@ def results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str,
     flat = []
     for row in rows:
         out = {"job_id": row["job_id"], "state": row["state"], "seed": row["seed"], "attempts": row["attempts"]}
+        if row.get("pruned"):  # stopped early: the step (and rung) it reached, the rule that stopped it
+            out["pruned_at_step"], out["pruned_by"] = row["pruned"]["step"], row["pruned"]["by"]
         if row.get("external_id") is not None:  # a column only for trainers that have one (seed 001's id)
             out["external_id"] = row["external_id"]
         flatten("config", row["config"], out)
@@ -149,6 +163,8 @@ def job_detail(engine: Engine, job_id: int) -> dict[str, Any]:
         grid_name = conn.execute(select(t.grids.c.name).where(t.grids.c.id == job["grid_id"])).scalar_one()
     out = {k: _loads(v) if k in ("config", "resources", "checkpoint", "result") else v for k, v in job.items()}
     out["grid"] = grid_name
+    if out["state"] == "pruned":
+        out["pruned"] = pruned_view(out["pruned_step"], out["pruned_by"])
     out["attempt_history"] = [dict(a) for a in attempts]
     return out
 
@@ -158,7 +174,8 @@ def list_jobs(engine: Engine, external_id: str | None = None, grid: str | int | 
     """Jobs by external id (seed 001's config id: on its index), grid and/or state, newest last."""
     with read_tx(engine) as conn:
         query = (select(t.jobs.c.id, t.jobs.c.grid_id, t.grids.c.name.label("grid"), t.jobs.c.state,
-                        t.jobs.c.seed, t.jobs.c.external_id, t.jobs.c.attempts, t.jobs.c.config, t.jobs.c.result)
+                        t.jobs.c.seed, t.jobs.c.external_id, t.jobs.c.attempts, t.jobs.c.config, t.jobs.c.result,
+                        t.jobs.c.pruned_step, t.jobs.c.pruned_by)
                  .join(t.grids, t.grids.c.id == t.jobs.c.grid_id))
         if external_id is not None:
             query = query.where(t.jobs.c.external_id == external_id)
@@ -167,8 +184,10 @@ def list_jobs(engine: Engine, external_id: str | None = None, grid: str | int | 
         if state is not None:
             query = query.where(t.jobs.c.state == state)
         rows = conn.execute(query.order_by(t.jobs.c.id).limit(limit)).mappings().all()
-    return [{**{k: v for k, v in r.items() if k not in ("id", "config", "result")}, "job_id": r["id"],
-             "config": _loads(r["config"]), "result": _loads(r["result"])} for r in rows]
+    return [{**{k: v for k, v in r.items() if k not in ("id", "config", "result", "pruned_step", "pruned_by")},
+             "job_id": r["id"], "config": _loads(r["config"]), "result": _loads(r["result"]),
+             **({"pruned": pruned_view(r["pruned_step"], r["pruned_by"])} if r["state"] == "pruned" else {})}
+            for r in rows]
 
 
 def job_metrics(engine: Engine, job_id: int, after_step: int | None = None, limit: int = 10_000) -> list[dict]:
@@ -241,3 +260,14 @@ def latest_metric_rows(engine: Engine, job_ids: list[int]) -> dict[int, dict[str
         rows = conn.execute(select(t.metrics.c.job_id, t.metrics.c.step, t.metrics.c.attempt_id, t.metrics.c["values"])
                             .where(t.metrics.c.id.in_(newest))).all()
     return {r.job_id: {"step": r.step, "attempt_id": r.attempt_id, "values": _loads(r[3])} for r in rows}
+
+
+def prune_rungs(engine: Engine, grid: str | int) -> list[dict[str, Any]]:
+    """ASHA's record of the grid (scheduler/pruning.py): each job's value at each rung it reached and whether
+    it went on, in the order the decisions were made."""
+    with read_tx(engine) as conn:
+        grid_id = grid_id_by_name(conn, grid)
+        rows = conn.execute(select(t.prune_rungs.c.job_id, t.prune_rungs.c.rung, t.prune_rungs.c.step,
+                                   t.prune_rungs.c.value, t.prune_rungs.c.promoted, t.prune_rungs.c.time)
+                            .where(t.prune_rungs.c.grid_id == grid_id).order_by(t.prune_rungs.c.id)).mappings().all()
+    return [dict(r) for r in rows]

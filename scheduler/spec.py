@@ -17,7 +17,7 @@ import json
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -137,6 +137,54 @@ class Resources(BaseModel):
     gpus: float = Field(default=0.0, ge=0.0, le=64.0)
 
 
+class PruneSpec(BaseModel):
+    """Early stopping (docs/early_stopping.md; decided by scheduler/pruning.py with Optuna's pruners).
+
+    `metric`/`mode` default to the grid's objective. `min_steps` is the grace: no decision before it (ASHA's
+    min_resource and the median rule's warm-up default to it). A metric name cannot be checked ahead: a rule
+    on a metric the trainer never reports never prunes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["asha", "median", "threshold"]
+    metric: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_./-]{1,200}$")
+    mode: Literal["min", "max"] | None = None
+    min_steps: int = Field(default=1, ge=1, le=1_000_000_000)
+    # asha (Optuna's SuccessiveHalvingPruner): rung k is at min_resource * reduction_factor ** (k + rate)
+    reduction_factor: int = Field(default=3, ge=2, le=100)
+    min_resource: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    max_resource: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    min_early_stopping_rate: int = Field(default=0, ge=0, le=30)
+    bootstrap_count: int = Field(default=0, ge=0, le=100_000)
+    # median (Optuna's MedianPruner): against succeeded jobs' values at the same step
+    n_startup_trials: int = Field(default=5, ge=0, le=100_000)
+    n_warmup_steps: int | None = Field(default=None, ge=0, le=1_000_000_000)
+    interval_steps: int = Field(default=1, ge=1, le=1_000_000_000)
+    n_min_trials: int = Field(default=1, ge=1, le=100_000)
+    # threshold (Optuna's ThresholdPruner): outside [lower, upper] is pruned
+    lower: float | None = Field(default=None, allow_inf_nan=False)
+    upper: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _fits_rule(self):
+        if self.rule == "threshold":
+            if self.lower is None and self.upper is None:
+                raise ValueError("lower/upper: the threshold rule needs lower and/or upper")
+            if self.lower is not None and self.upper is not None and self.lower > self.upper:
+                raise ValueError(f"lower: {self.lower} must not be above upper ({self.upper})")
+        else:
+            for name in ("lower", "upper"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: for the threshold rule only (rule is {self.rule})")
+        if self.rule == "asha" and self.max_resource is not None and self.max_resource < self.first_rung:
+            raise ValueError(f"max_resource: {self.max_resource} is below the first rung ({self.first_rung})")
+        return self
+
+    @property
+    def first_rung(self) -> int:
+        return (self.min_resource or self.min_steps) * self.reduction_factor ** self.min_early_stopping_rate
+
+
 class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,6 +205,8 @@ class GridSpec(BaseModel):
     store: str | None = Field(default=None, max_length=300)
     # The grid this one refines (`gridfleet refine`): a grid name; stored as grids.parent_id when created.
     parent: str | None = Field(default=None, pattern=NAME_PATTERN)
+    # Early stopping of hopeless configs (docs/early_stopping.md).
+    prune: PruneSpec | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -228,6 +278,22 @@ class GridSpec(BaseModel):
             if key in swept:
                 raise ValueError(f"key '{key}' is both sampled and swept (in axes or zip)")
         return sample
+
+    @field_validator("prune")
+    @classmethod
+    def _prune_has_metric(cls, prune, info: ValidationInfo):
+        # `objective` is declared before `prune`: the rule's metric and mode may come from it.
+        if prune is None:
+            return prune
+        objective = info.data.get("objective")
+        parts = objective.split(":", 1) if objective else None
+        if prune.metric is None:
+            if parts is None:
+                raise ValueError("metric: name the metric to prune on (or give the grid an objective)")
+            prune.metric = parts[1]
+        if prune.mode is None:
+            prune.mode = parts[0] if parts and parts[1] == prune.metric else "min"
+        return prune
 
     @property
     def objective_parts(self) -> tuple[str, str] | None:

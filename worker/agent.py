@@ -66,7 +66,7 @@ class JobRun:
     progress: tuple[float, float] | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
-    stop_reason: str | None = None  # "cancelled" | "preempted"
+    stop_reason: str | None = None  # "cancelled" | "preempted" | "pruned"
     stale: str | None = None  # set when the server says this attempt is no longer ours
     unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
     outage_logged_at: float = 0.0
@@ -348,6 +348,8 @@ class Agent:
             run.stale = reply.get("reason") or "heartbeat refused"
         elif reply.get("cancel"):
             run.request_stop("cancelled")
+        elif reply.get("prune"):  # the grid's early-stopping rule: stop as for a cancel, finish as pruned
+            run.request_stop("pruned")
         return True
 
     def _server_away(self, run: JobRun, exc: Exception) -> None:

@@ -154,8 +154,8 @@ class DirectClient:
 
     @staticmethod
     def _reply(reply) -> dict[str, Any]:
-        return {"ok": reply.ok, "stop": reply.stop, "cancel": reply.cancel, "reason": reply.reason,
-                "state": reply.state}
+        return {"ok": reply.ok, "stop": reply.stop, "cancel": reply.cancel, "prune": reply.prune,
+                "reason": reply.reason, "state": reply.state}
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         worker_id = self.queue.register_worker(**info)

@@ -93,7 +93,8 @@ def grid_view(engine: Engine, grid: str | int) -> dict[str, Any]:
     configs = [reports.flatten("", r["config"], {}) for r in results]
     keys = swept_keys(configs)
     seeds_vary = len({r["seed"] for r in results}) > 1
-    latest = reports.latest_metrics(engine, [r["job_id"] for r in results if r["state"] == "running"])
+    # Pruned jobs have no result: their last reported values are what they reached.
+    latest = reports.latest_metrics(engine, [r["job_id"] for r in results if r["state"] in ("running", "pruned")])
     rows, metrics = [], []
     for result, config in zip(results, configs):
         final = {k: v for k, v in (result["result"] or {}).items() if _number(v) is not None}
@@ -105,7 +106,7 @@ def grid_view(engine: Engine, grid: str | int) -> dict[str, Any]:
             name = f"{name}, seed={result['seed']}" if name else f"seed={result['seed']}"
         rows.append({"job_id": result["job_id"], "state": result["state"], "seed": result["seed"],
                      "step": result["step"], "attempts": result["attempts"], "config": shown,
-                     "result": final, "latest": newest, "label": name})
+                     "result": final, "latest": newest, "label": name, "pruned": result.get("pruned")})
     objective = summary["objective"]
     metric = objective.split(":", 1)[1] if objective else (metrics[0] if metrics else None)
     return {

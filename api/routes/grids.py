@@ -125,3 +125,9 @@ def grid_results(grid: str, format: Literal["json", "csv"] = Query("json"),  # n
     writer.writerows(flat)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{grid}-results.csv"'})
+
+
+@router.get("/grids/{grid}/rungs", dependencies=[Depends(auth.any_role)],
+            summary="The grid's ASHA decisions in the order they were made: job, rung, step, value, promoted")
+def grid_rungs(grid: str, engine: Engine = Depends(get_engine)):
+    return JSONResponse({"grid": grid, "rungs": reports.prune_rungs(engine, grid_ref(grid))})

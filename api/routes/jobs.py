@@ -1,4 +1,4 @@
-"""Jobs: find (by external id, grid, state), detail, metrics, events, cancel, retry."""
+"""Jobs: find (by external id, grid, state), detail, metrics, events, cancel, retry, resume."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -70,3 +70,10 @@ def cancel_job(job_id: JobId, engine: Engine = Depends(get_engine)):
              summary="Queue a failed or cancelled job again with fresh budgets")
 def retry_job(job_id: JobId, engine: Engine = Depends(get_engine)):
     return JSONResponse({"ok": True, "job_id": job_id, "state": g.retry_job(engine, job_id)})
+
+
+@router.post("/jobs/{job_id}/resume", dependencies=[Depends(auth.submitter)],
+             summary="Queue a pruned (or cancelled) job again; it continues from its checkpoint and is not pruned "
+                     "again")
+def resume_job(job_id: JobId, engine: Engine = Depends(get_engine)):
+    return JSONResponse({"ok": True, "job_id": job_id, "state": g.resume_job(engine, job_id)})

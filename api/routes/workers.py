@@ -66,8 +66,8 @@ def _gang_error(exc: gang.GangError) -> ApiError:
 
 
 def _member(job_id: int, reply: Reply) -> dict:
-    return {"job_id": job_id, "ok": reply.ok, "stop": reply.stop, "cancel": reply.cancel, "reason": reply.reason,
-            "state": reply.state, "lease_expires_at": reply.lease_expires_at}
+    return {"job_id": job_id, "ok": reply.ok, "stop": reply.stop, "cancel": reply.cancel, "prune": reply.prune,
+            "reason": reply.reason, "state": reply.state, "lease_expires_at": reply.lease_expires_at}
 
 
 @router.post("/workers/{worker_id}/claim",
@@ -168,6 +168,8 @@ def heartbeat(worker_id: ProvenWorkerId, body: Heartbeat, queue: Queue = Depends
         if not events_reply.ok:
             return _stale(events_reply)
     answer = {"ok": True, "cancel": reply.cancel, "stop": False, "lease_expires_at": reply.lease_expires_at}
+    if reply.prune:  # early stopping (docs/early_stopping.md): stop as for a cancel, finish as `pruned`
+        answer.update(prune=True, reason=reply.reason)
     if body._cleaned:
         answer["cleaned"] = {"fields": body._cleaned[:100], "message": cleaned_note(body._cleaned)}
     return JSONResponse(answer)
@@ -188,7 +190,7 @@ def events(worker_id: ProvenWorkerId, body: Events, queue: Queue = Depends(get_q
 
 
 @router.post("/workers/{worker_id}/finish",
-             summary="End the attempt: succeeded, error (retried with backoff), preempted or cancelled")
+             summary="End the attempt: succeeded, error (retried with backoff), preempted, cancelled or pruned")
 def finish(worker_id: ProvenWorkerId, body: Finish, queue: Queue = Depends(get_queue)):
     if body._cleaned:  # said on the job before the attempt ends (the fence refuses a stale attempt here too)
         noted = queue.add_events(body.job_id, body.attempt_id, [("input_cleaned", cleaned_note(body._cleaned))],

@@ -583,7 +583,7 @@ def test_grid_summary_counts_progress_and_best_min(engine, queue, t0):
     _run_all(queue, t0, {3.0: {"loss": 3.0}, 1.0: {"loss": 1.0}, 2.0: {"loss": 2.0}, 5.0: "error", 4.0: None})
     s = reports.grid_summary(engine, "g")
     assert s["total"] == 5
-    assert s["counts"] == {"queued": 0, "running": 1, "succeeded": 3, "failed": 1, "cancelled": 0}
+    assert s["counts"] == {"queued": 0, "running": 1, "succeeded": 3, "failed": 1, "cancelled": 0, "pruned": 0}
     assert s["progress"] == pytest.approx((4 + 0.25) / 5)
     assert s["best"]["metric"] == "loss" and s["best"]["value"] == 1.0
     assert s["best"]["config"] == {"value": 1.0} and s["best"]["seed"] == 0

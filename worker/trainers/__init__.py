@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 TRAINERS: dict[str, str] = {
     "noop": "worker.trainers.noop",
     "sleep": "worker.trainers.sleep",
+    "curve": "worker.trainers.curve",
     "gated_rnn": "worker.trainers.gated_rnn",
     "command": "worker.trainers.command",
     "sparse_rnn": "worker.trainers.sparse_rnn",

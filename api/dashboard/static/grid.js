@@ -12,10 +12,16 @@ function metricOf(row, key) {
   return key in row.result ? row.result[key] : row.latest[key];
 }
 
+// A pruned job says where it was stopped: `pruned@9 rung 1` (the reason is its tooltip).
+function stateText(r) {
+  if (r.state !== "pruned" || !r.pruned) return r.state;
+  return `pruned@${r.pruned.step}` + (r.pruned.rung !== null && r.pruned.rung !== undefined ? ` rung ${r.pruned.rung}` : "");
+}
+
 function columns(view) {
   return [
     { id: "job_id", title: "job", get: (r) => r.job_id },
-    { id: "state", title: "state", get: (r) => r.state },
+    { id: "state", title: "state", get: (r) => stateText(r) },
     ...view.swept.map((k) => ({ id: "config." + k, title: k, get: (r) => r.config[k] })),
     ...(view.rows.some((r) => r.seed !== view.rows[0].seed) ? [{ id: "seed", title: "seed", get: (r) => r.seed }] : []),
     // A metric named like a swept key (sleep's `steps`) says it is the result's.
@@ -109,7 +115,8 @@ export async function show(root, name, live) {
       } })),
       ...cols.map((c) => h("td", { class: typeof c.get(r) === "number" ? "num" : "", "data-col": c.id },
         c.id === "job_id" ? h("a", { href: `#/job/${r.job_id}` }, r.job_id)
-          : c.id === "state" ? h("span", { class: `state-${r.state}` }, r.state) : fmt(c.get(r))))));
+          : c.id === "state" ? h("span", { class: `state-${r.state}`, title: r.pruned ? r.pruned.by || "" : "" },
+            stateText(r)) : fmt(c.get(r))))));
     table.replaceChildren(h("thead", {}, header, filters), h("tbody", {}, body));
   }
 

@@ -3,7 +3,7 @@
 import { age, fmt, get, h } from "./api.js";
 
 const POLL_MS = 2000;
-const STATES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const STATES = ["queued", "running", "succeeded", "failed", "cancelled", "pruned"];
 
 function row(g) {
   const pct = Math.round(100 * g.progress);

@@ -38,7 +38,8 @@ export async function show(root, jobId, live) {
         h("h1", {}, `Job ${job.id}`),
         h("p", {}, "grid ", h("a", { href: `#/grid/${encodeURIComponent(job.grid)}` }, job.grid),
           ` · ${job.trainer} · seed ${job.seed} · `, h("span", { id: "job-state", class: `state-${job.state}` }, job.state),
-          job.step !== null ? ` · step ${job.step}` : ""),
+          job.step !== null ? ` · step ${job.step}` : "",
+          job.pruned ? h("span", { id: "job-pruned" }, ` · pruned at step ${job.pruned.step}: ${job.pruned.by || ""}`) : ""),
         h("h2", {}, "Config"), kv(job.config),
         h("h2", {}, "Result"), job.result ? kv(job.result) : h("p", { class: "muted" }, "not finished"),
         h("h2", {}, "Metrics"),
@@ -64,7 +65,7 @@ export async function show(root, jobId, live) {
           h("td", {}, when(e.time)), h("td", {}, e.kind), h("td", {}, (e.message || "").slice(0, 300)))))),
         h("h2", {}, "Output (tail)"), h("pre", { id: "output" }, output || "(none)"));
     }
-    if (["succeeded", "failed", "cancelled"].includes(job.state)) return;
+    if (["succeeded", "failed", "cancelled", "pruned"].includes(job.state)) return;
     await new Promise((r) => setTimeout(r, POLL_MS));
   }
 }
