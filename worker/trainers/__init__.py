@@ -27,6 +27,7 @@ TRAINERS: dict[str, str] = {
 
 FUSED: dict[str, str] = {
     "gated_rnn": "worker.trainers.gated_fused",
+    "noop": "worker.trainers.noop",  # a test trainer: its own module trains gangs (without torch)
 }
 
 
