@@ -251,38 +251,38 @@ class GangRunner:
 
     # ---- finishing -----------------------------------------------------------------------------
     def _finish(self, members: list, exitcode: int | None, override: tuple[str, str] | None = None) -> None:
-        """Finish these members in one finish_gang (after their last metrics), each by its own outcome."""
-        if not members:
-            return
+        """Finish these members in one finish_gang, after their last metrics, each by its own outcome."""
         agent = self.agent
         tail = output_tail(self.gang_dir / runner.OUTPUT_LOG)
-        with self.gang.send_lock:
-            ends = []
-            for m in members:
-                if m.stale:
-                    agent.sync.job_stale(m.job)
-                    m.ended = True
-                    continue
-                outcome, error = override or _outcome(m, exitcode)
-                if tail:
-                    with m.lock:
-                        m.events.append({"kind": "output", "message": tail})
-                ends.append((m, outcome, error))
-            delay = 0.5
-            while ends and any(m.metrics or m.events for m, _, _ in ends) and not self._beat([m for m, _, _ in ends]):
-                time.sleep(delay)  # the server is away: the outcomes wait for it
-                delay = min(delay * 2, 10.0)
-            bodies = []
-            for m, outcome, error in ends:
-                m.ended = True
-                if not m.stale:
-                    agent.sync.job_finished(m.job, outcome, m.result, m.step)
-                if m.stale:  # refused meanwhile (a heartbeat, or one of its pointers)
-                    agent.sync.job_stale(m.job)
-                    continue
-                bodies.append((m, {"job_id": m.job["id"], "attempt_id": m.job["attempt_id"], "outcome": outcome,
-                                   "result": m.result if outcome == "succeeded" else None, "error": error}))
-            if bodies:
+        ends = []
+        for m in members:
+            m.ended = True  # from here on the heartbeat thread leaves it to us
+            if m.stale:
+                agent.sync.job_stale(m.job)
+                continue
+            outcome, error = override or _outcome(m, exitcode)
+            if tail:
+                with m.lock:
+                    m.events.append({"kind": "output", "message": tail})
+            ends.append((m, outcome, error))
+        delay = 0.5
+        while ends and any(m.metrics or m.events for m, _, _ in ends):
+            with self.gang.send_lock:
+                if self._beat([m for m, _, _ in ends]):
+                    break
+            time.sleep(delay)  # the server is away: the outcomes wait for it (the others' beats go on)
+            delay = min(delay * 2, 10.0)
+        bodies = []
+        for m, outcome, error in ends:
+            if not m.stale:  # result files; a Hub upload; the attempt's newest pointer recorded (no lock held)
+                agent.sync.job_finished(m.job, outcome, m.result, m.step)
+            if m.stale:  # refused meanwhile (its last heartbeat, or one of its pointers)
+                agent.sync.job_stale(m.job)
+                continue
+            bodies.append((m, {"job_id": m.job["id"], "attempt_id": m.job["attempt_id"], "outcome": outcome,
+                               "result": m.result if outcome == "succeeded" else None, "error": error}))
+        if bodies:
+            with self.gang.send_lock:
                 self._send_finish(bodies)
 
     def _send_finish(self, bodies: list) -> None:

@@ -13,6 +13,8 @@ import pytest
 from sqlalchemy import select, update
 
 from common import schema as t
+from common.checkpoints import LocalStore
+from common.store_uri import job_folder
 from scheduler.grids import cancel_job, submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
@@ -59,6 +61,20 @@ class Running:
         assert not self.thread.is_alive(), "the agent did not stop"
 
 
+@pytest.fixture
+def start_agent():
+    """Start Running agents; each is stopped at teardown, also when the test failed."""
+    started: list[Running] = []
+
+    def start(*args, **kwargs) -> Running:
+        started.append(Running(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
+
+
 def _jobs(engine, ids: list[int]) -> dict[int, dict]:
     with engine.connect() as conn:
         rows = conn.execute(select(t.jobs).where(t.jobs.c.id.in_(ids))).mappings().all()
@@ -96,7 +112,7 @@ def _gangs_in_log(home: Path) -> list[Path]:
 # ---- gated_rnn: a gang equals its members' solo runs -------------------------------------------------------
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_gated_rnn_gang_trains_in_one_child_and_each_member_equals_its_solo_run(db_url, engine, fast_queue,
-                                                                                   tmp_path):
+                                                                                   tmp_path, start_agent):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 200)
     base = {"state_size": 8, "n_layers": 1, "batch_size": 4, "history": 12, "steps": 30, "corpus": str(corpus),
@@ -107,11 +123,9 @@ def test_a_gated_rnn_gang_trains_in_one_child_and_each_member_equals_its_solo_ru
     gang_grid, gang_ids = _grid(engine, "fused", "gated_rnn", members, config=base)
     solo_grid, solo_ids = _grid(engine, "solo", "gated_rnn", members, config=base)
 
-    fused = Running(fast_queue, tmp_path / "fused", ["gated_rnn"], max_gang=8, grid_id=gang_grid)
-    solo = Running(fast_queue, tmp_path / "solo", ["gated_rnn"], max_gang=1, grid_id=solo_grid)
+    start_agent(fast_queue, tmp_path / "fused", ["gated_rnn"], max_gang=8, grid_id=gang_grid)
+    start_agent(fast_queue, tmp_path / "solo", ["gated_rnn"], max_gang=1, grid_id=solo_grid)
     done = _wait(lambda: _ended(engine, gang_ids + solo_ids), "both grids to finish")
-    fused.stop()
-    solo.stop()
 
     assert [p.name for p in _gangs_in_log(tmp_path / "fused")] == [f"gang-{gang_ids[0]}"]  # one child for all
     assert _gangs_in_log(tmp_path / "solo") == []
@@ -125,9 +139,11 @@ def test_a_gated_rnn_gang_trains_in_one_child_and_each_member_equals_its_solo_ru
         for (_, x), (_, y) in zip(a["result"]["loss_curve"], b["result"]["loss_curve"]):
             assert x == pytest.approx(y, rel=1e-5)
         assert _metric_steps(engine, g) == _metric_steps(engine, s) == list(range(5, 31, 5))
-        assert a["checkpoint"]["step"] == 30  # its own pointer, to its own file
-        assert f"/{g}/" in a["checkpoint"]["uri"] or f"job-{g}" in a["checkpoint"]["uri"] or \
-            str(g) in Path(a["checkpoint"]["uri"]).parts, a["checkpoint"]
+        assert a["checkpoint"]["step"] == 30  # its own pointer, to its own file in the solo format
+        own = LocalStore(tmp_path / "fused" / "checkpoints")
+        assert a["checkpoint"]["uri"].endswith(f"{job_folder(gang_grid, g)}/ckpt-{30:012d}.pt"), a["checkpoint"]
+        assert own.load(a["checkpoint"])["model"].keys() == \
+            LocalStore(tmp_path / "solo" / "checkpoints").load(b["checkpoint"])["model"].keys()
         assert len(_attempts(engine, g)) == 1
 
 
@@ -139,10 +155,10 @@ def _noop_members(n: int, **special) -> list[dict]:
     return members
 
 
-def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_queue, tmp_path):
+def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_queue, tmp_path, start_agent):
     members = _noop_members(4)
-    grid_id, ids = _grid(engine, "cancel", "noop", members, config={"steps": 40, "seconds": 4.0})
-    running = Running(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
+    grid_id, ids = _grid(engine, "cancel", "noop", members, config={"steps": 40, "seconds": 3.0})
+    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
     _wait(lambda: (_jobs(engine, [ids[1]])[ids[1]]["step"] or 0) >= 3, "the gang to train")
     assert cancel_job(engine, ids[1]) == "cancel_requested"
     cancelled = _wait(lambda: (j := _jobs(engine, [ids[1]])[ids[1]])["state"] == "cancelled" and j,
@@ -150,7 +166,6 @@ def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_
     others = _jobs(engine, [ids[0], ids[2], ids[3]])
     assert all(j["state"] == "running" for j in others.values()), others  # finished alone: the rest train on
     done = _wait(lambda: _ended(engine, ids), "the gang to finish")
-    running.stop()
     assert cancelled["step"] < 40
     for i in (0, 2, 3):
         assert done[ids[i]]["state"] == "succeeded"
@@ -161,17 +176,17 @@ def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_
     assert len(_gangs_in_log(tmp_path / "w1")) == 1
 
 
-def test_a_nan_member_fails_alone_and_is_retried_alone(engine, fast_queue, tmp_path):
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_nan_member_fails_alone_and_is_retried_alone(db_url, engine, fast_queue, tmp_path, start_agent):
     members = _noop_members(3, m2={"nan_at_step": 5})
     grid_id, ids = _grid(engine, "nan", "noop", members, config={"steps": 30, "seconds": 3.0}, max_attempts=2)
-    running = Running(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
+    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
     first_error = _wait(lambda: (a := _attempts(engine, ids[2])) and a[0]["outcome"] == "error" and a[0],
                         "the NaN member's first attempt to fail")
     others = _jobs(engine, ids[:2])
     assert all(j["state"] == "running" for j in others.values()), others  # failed alone, right away
     assert "loss is NaN at step 6" in first_error["error"]
     done = _wait(lambda: _ended(engine, ids), "the grid to finish")
-    running.stop()
     assert [done[i]["state"] for i in ids] == ["succeeded", "succeeded", "failed"]
     assert [a["outcome"] for a in _attempts(engine, ids[2])] == ["error", "error"]
     assert [len(_attempts(engine, i)) for i in ids[:2]] == [1, 1]
@@ -181,14 +196,13 @@ def test_a_nan_member_fails_alone_and_is_retried_alone(engine, fast_queue, tmp_p
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(engine, fast_queue, tmp_path):
+def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(db_url, engine, fast_queue, tmp_path, start_agent):
     grid_id, ids = _grid(engine, "stale", "noop", _noop_members(3), config={"steps": 30, "seconds": 3.0})
-    running = Running(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id, warm=False)  # cold
+    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id, warm=False)  # cold
     _wait(lambda: (_jobs(engine, [ids[0]])[ids[0]]["step"] or 0) >= 3, "the gang to train")
     with engine.begin() as conn:  # as if its lease ran out and another worker took it
         conn.execute(update(t.jobs).where(t.jobs.c.id == ids[0]).values(attempt_id="someone-else"))
     done = _wait(lambda: _ended(engine, ids[1:]), "the other members to finish")
-    running.stop()
     assert [done[i]["result"] for i in ids[1:]] == [{"loss": 2 / 30, "steps": 30}, {"loss": 3 / 30, "steps": 30}]
     stale = _jobs(engine, [ids[0]])[ids[0]]
     assert stale["state"] == "running" and stale["attempt_id"] == "someone-else"  # nothing written over it
