@@ -162,11 +162,11 @@ def run_gang(jobs: list[dict[str, Any]], workdirs: list[str], gang_dir: str, sto
             ctx.leave("released")
         cfgs, ctxs = cfgs[:fit], ctxs[:fit]
         if fused is not None:
-            outcomes = fused.train_many(cfgs, ctxs)
+            for ctx, outcome in zip(ctxs, fused.train_many(cfgs, ctxs)):
+                ctx.leave(outcome)  # a no-op for those train_many let leave already
         else:
-            outcomes = [_train_one(module, cfg, ctx) for cfg, ctx in zip(cfgs, ctxs)]
-        for ctx, outcome in zip(ctxs, outcomes):
-            ctx.leave(outcome)
+            for cfg, ctx in zip(cfgs, ctxs):
+                ctx.leave(_train_one(module, cfg, ctx))
     except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit, to the agent
         for ctx in ctxs:
             ctx.leave(exc)
@@ -186,16 +186,19 @@ def _train_one(module, cfg, ctx) -> Any:
     return {"stopped_at": ctx._last_step} if ctx.should_stop() else result
 
 
-def _fit(fused, cfgs: list, ctxs: list) -> int:
+def _fit(fused, cfgs: list, ctxs: list, free_memory=None) -> int:
     """How many members train here: on a CUDA device, as many as its free memory holds when the trainer can
-    measure one (`member_bytes(cfg, device)`, a dry step); the rest are released to be claimed again."""
+    measure one (`member_bytes(cfg, device)`, a dry step); the rest are released to be claimed again.
+    `free_memory() -> (free, total)` bytes: torch.cuda.mem_get_info unless given (tests)."""
     measure = getattr(fused, "member_bytes", None)
     if measure is None or not str(ctxs[0].device).startswith("cuda"):
         return len(cfgs)
-    import torch
+    if free_memory is None:
+        import torch
 
-    free, _total = torch.cuda.mem_get_info()
-    member = measure(cfgs[0], ctxs[0].device)
+        free_memory = torch.cuda.mem_get_info
+    member = measure(cfgs[0], ctxs[0].device)  # first: its dry step's memory is given back before we read
+    free, _total = free_memory()
     fit = gang_size.fit_on_device(len(cfgs), member, free)
     print(f"gridfleet: one member needs {member / 2**20:.1f} MiB, {free / 2**20:.0f} MiB free: {fit} of "
           f"{len(cfgs)} members fit", flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ class GangRunner:
         self.options = agent.options
         self.gang = GangRun([Member(job=job) for job in jobs])
         self.gang_dir = self.options.home / "work" / f"gang-{jobs[0]['id']}"
+        # Members that leave early are finished here, one batch at a time, so the loop keeps reading the
+        # child (and the others keep training) while a finish waits for the server.
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gang-finish")
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -84,6 +88,7 @@ class GangRunner:
         jobs = [m.job for m in members]
         log.info("gang of %d %s jobs (%s) started", len(jobs), jobs[0]["trainer"],
                  ", ".join(f"{j['id']}/{j['attempt']}" for j in jobs))
+        agent.current = self.gang  # from here a SIGTERM stops every member
         try:
             code_root = None
             for job in jobs:  # one grid, so one code_rev; each attempt records what it resolved to
@@ -91,16 +96,17 @@ class GangRunner:
         except CodeUnavailable as exc:
             for job in jobs:
                 agent._unrunnable(job, str(exc))
+            agent.current = None
             return
         except ServerUnavailable as exc:  # nothing ran yet: the leases run out and the jobs are claimed again
             log.warning("gang of %d: left before it started: %s", len(jobs), exc)
+            agent.current = None
             return
         if not gang_capable(code_root):  # run the first alone; the others go back to the queue at once
             self._finish(members[1:], None, override=("preempted", "this pinned commit cannot train gangs"))
             agent.current = None
             agent.run_job(jobs[0])
             return
-        agent.current = self.gang
         for job in jobs:
             agent.sync.job_started(job)
         workdirs = [str(self.options.home / "work" / f"job-{job['id']}") for job in jobs]
@@ -136,6 +142,7 @@ class GangRunner:
                 self.gang.request_stop("preempted")
         child.join()
         started.close()
+        self.finisher.shutdown(wait=True)  # the early ones first: their finishes may still wait on the server
         self.gang.done.set()
         beats.join()
         self._finish([m for m in members if not m.ended], child.exitcode)
@@ -183,7 +190,15 @@ class GangRunner:
                 m.told = "drop"
                 leaving.append(m)
         if leaving:
-            self._finish(leaving, None)
+            for m in leaving:
+                m.ended = True  # the finisher has it now; the heartbeat thread leaves it alone
+            self.finisher.submit(self._finish_logged, leaving)
+
+    def _finish_logged(self, members: list) -> None:
+        try:
+            self._finish(members, None)
+        except Exception:  # noqa: BLE001 - a thread's error would vanish; the leases of these run out
+            log.exception("gang: finishing jobs %s failed", ", ".join(str(m.job["id"]) for m in members))
 
     # ---- heartbeats ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -5,6 +5,8 @@ trains in one child, each member keeps its own result, metrics and checkpoints, 
 cases with `gridfleet worker` processes are in tests/e2e/test_gang_workers.py."""
 from __future__ import annotations
 
+import json
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -121,30 +123,55 @@ def test_a_gated_rnn_gang_trains_in_one_child_and_each_member_equals_its_solo_ru
     members = [dict(zip(("lr", *flags), values)) for values in
                [(3e-3, False, False, False, True), (1e-3, True, True, False, True), (5e-3, False, False, True, False)]]
     gang_grid, gang_ids = _grid(engine, "fused", "gated_rnn", members, config=base)
-    solo_grid, solo_ids = _grid(engine, "solo", "gated_rnn", members, config=base)
-
     start_agent(fast_queue, tmp_path / "fused", ["gated_rnn"], max_gang=8, grid_id=gang_grid)
-    start_agent(fast_queue, tmp_path / "solo", ["gated_rnn"], max_gang=1, grid_id=solo_grid)
-    done = _wait(lambda: _ended(engine, gang_ids + solo_ids), "both grids to finish")
-
+    done = _wait(lambda: _ended(engine, gang_ids), "the gang to finish")
     assert [p.name for p in _gangs_in_log(tmp_path / "fused")] == [f"gang-{gang_ids[0]}"]  # one child for all
-    assert _gangs_in_log(tmp_path / "solo") == []
-    for g, s in zip(gang_ids, solo_ids):
-        a, b = done[g], done[s]
-        assert a["state"] == b["state"] == "succeeded", (a, b)
-        assert a["result"]["fused"] is True and "fused" not in b["result"]
+
+    for job_id, member in zip(gang_ids, members):
+        fused = done[job_id]
+        assert fused["state"] == "succeeded" and len(_attempts(engine, job_id)) == 1, fused
+        solo, reports, solo_checkpoint = _solo_run(tmp_path / f"solo-{job_id}", fused, {**base, **member})
+        assert fused["result"]["fused"] is True and "fused" not in solo
         for key in ("min_loss", "final_loss"):
-            assert a["result"][key] == pytest.approx(b["result"][key], rel=1e-5), key
-        assert [s for s, _ in a["result"]["loss_curve"]] == [s for s, _ in b["result"]["loss_curve"]]
-        for (_, x), (_, y) in zip(a["result"]["loss_curve"], b["result"]["loss_curve"]):
+            assert fused["result"][key] == pytest.approx(solo[key], rel=1e-5), key
+        assert [s for s, _ in fused["result"]["loss_curve"]] == [s for s, _ in solo["loss_curve"]]
+        for (_, x), (_, y) in zip(fused["result"]["loss_curve"], solo["loss_curve"]):
             assert x == pytest.approx(y, rel=1e-5)
-        assert _metric_steps(engine, g) == _metric_steps(engine, s) == list(range(5, 31, 5))
-        assert a["checkpoint"]["step"] == 30  # its own pointer, to its own file in the solo format
-        own = LocalStore(tmp_path / "fused" / "checkpoints")
-        assert a["checkpoint"]["uri"].endswith(f"{job_folder(gang_grid, g)}/ckpt-{30:012d}.pt"), a["checkpoint"]
-        assert own.load(a["checkpoint"])["model"].keys() == \
-            LocalStore(tmp_path / "solo" / "checkpoints").load(b["checkpoint"])["model"].keys()
-        assert len(_attempts(engine, g)) == 1
+        metrics = _metrics(engine, job_id)  # its own metrics, as the solo run reported them
+        assert [step for step, _ in metrics] == [step for step, _ in reports] == list(range(5, 31, 5))
+        for (_, x), (_, y) in zip(metrics, reports):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert fused["checkpoint"]["step"] == 30  # its own pointer, to its own file, in the solo format
+        assert fused["checkpoint"]["uri"].endswith(f"{job_folder(gang_grid, job_id)}/ckpt-{30:012d}.pt")
+        mine = LocalStore(tmp_path / "fused" / "checkpoints").load(fused["checkpoint"])
+        for name, tensor in solo_checkpoint["model"].items():
+            assert mine["model"][name].shape == tensor.shape, name
+            assert (mine["model"][name] - tensor).abs().max().item() < 1e-4, name
+
+
+def _solo_run(root: Path, job: dict, config: dict):
+    """gated_rnn.train on the job's config and seed in this process: (result, reports, last checkpoint)."""
+    from worker.context import TrainerContext
+    from worker.trainers import gated_rnn
+
+    receiver, sender = multiprocessing.Pipe(duplex=False)  # a few dozen messages: the pipe holds them
+    store = LocalStore(root / "store")
+    ctx = TrainerContext({"id": job["id"], "grid_id": job["grid_id"], "seed": job["seed"], "attempt": 1,
+                          "checkpoint": None}, sender, multiprocessing.Event(), store, root)
+    result = gated_rnn.train(gated_rnn.Config.model_validate(config), ctx)
+    messages = []
+    while receiver.poll(0):
+        messages.append(receiver.recv())
+    reports = [(m[1], m[2]) for m in messages if m[0] == "report"]
+    last = [m[1] for m in messages if m[0] == "checkpoint"][-1]
+    return result, reports, store.load(last)
+
+
+def _metrics(engine, job_id: int) -> list[tuple[int, dict]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(t.metrics.c.step, t.metrics.c["values"]).where(t.metrics.c.job_id == job_id)
+                            .order_by(t.metrics.c.step)).all()
+    return [(step, values if isinstance(values, dict) else json.loads(values)) for step, values in rows]
 
 
 # ---- noop: members that leave early ------------------------------------------------------------------------
@@ -196,7 +223,8 @@ def test_a_nan_member_fails_alone_and_is_retried_alone(db_url, engine, fast_queu
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(db_url, engine, fast_queue, tmp_path, start_agent):
+def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(db_url, engine, fast_queue, tmp_path,
+                                                                          start_agent):
     grid_id, ids = _grid(engine, "stale", "noop", _noop_members(3), config={"steps": 30, "seconds": 3.0})
     start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id, warm=False)  # cold
     _wait(lambda: (_jobs(engine, [ids[0]])[ids[0]]["step"] or 0) >= 3, "the gang to train")
