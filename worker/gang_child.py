@@ -197,8 +197,13 @@ def _fit(fused, cfgs: list, ctxs: list, free_memory=None) -> int:
         import torch
 
         free_memory = torch.cuda.mem_get_info
-    member = measure(cfgs[0], ctxs[0].device)  # first: its dry step's memory is given back before we read
-    free, _total = free_memory()
+    try:
+        member = measure(cfgs[0], ctxs[0].device)  # first: its dry step's memory is given back before we read
+        free, _total = free_memory()
+    except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the gang: train them all
+        print(f"gridfleet: measuring one member failed ({type(exc).__name__}: {exc}); training all "
+              f"{len(cfgs)}", flush=True)
+        return len(cfgs)
     fit = gang_size.fit_on_device(len(cfgs), member, free)
     print(f"gridfleet: one member needs {member / 2**20:.1f} MiB, {free / 2**20:.0f} MiB free: {fit} of "
           f"{len(cfgs)} members fit", flush=True)

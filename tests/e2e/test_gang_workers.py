@@ -2,11 +2,14 @@
 forked from their warm process (worker/gang_run.py). SIGTERM mid-gang checkpoints every member and releases
 it as preempted, and another worker finishes each member exactly once from its own checkpoint; a gang child
 that segfaults ends only its members; kill -9 of the agent takes the gang's child with it. The in-process
-cases (fused equals solo, cancel, NaN, a refused member) are in tests/integration/test_gang_runner.py."""
+cases (fused equals solo, cancel, NaN, a refused member) are in tests/integration/test_gang_runner.py; the
+last test here is `gridfleet run --gang`'s local workers."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,17 @@ def test_a_segfaulting_gang_ends_only_its_members_and_kill9_of_the_agent_takes_t
     os.kill(agent.pid, signal.SIGKILL)  # the agent only, not its process group
     fleet.wait_for(lambda: _gone(child) and _gone(warm), "the gang child and the warm process to die with the agent",
                    timeout=15)
+
+
+def test_gridfleet_run_gang_trains_its_grid_in_gangs(fleet):
+    grid = fleet.tmp / "grid.json"
+    config = {"fuse_group": "g", "steps": 5, "seconds": 0.5, "checkpoint_every": 100}
+    grid.write_text(json.dumps({"name": "local-gang", "trainer": "noop", "config": config,
+                                "axes": {"value": [1.0, 2.0, 3.0, 4.0, 5.0]}}))
+    env = fleet.env(GRIDFLEET_HOME=str(fleet.tmp / ".gridfleet"), COLUMNS="100")
+    done = subprocess.run([*gridfleet_cmd(), "run", str(grid), "--workers", "1", "--gang", "3"], env=env,
+                          cwd=fleet.tmp, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "succeeded: 5" in done.stdout, done.stdout
+    log = (fleet.tmp / ".gridfleet" / "runs" / "local-gang" / "worker-0.log").read_text()
+    assert log.count("gang of 3 noop jobs") == 1 and log.count("gang of 2 noop jobs") == 1, log  # K = 3, then 2

@@ -51,3 +51,12 @@ def test_on_a_cpu_or_without_a_measure_every_member_trains():
     assert gang_child._fit(fused, cfgs, [_ctx("cpu") for _ in cfgs], free_memory=never) == 3
     assert gang_child._fit(SimpleNamespace(), cfgs, [_ctx("cuda") for _ in cfgs], free_memory=never) == 3
     assert gang_child._fit(None, cfgs, [_ctx("cuda") for _ in cfgs], free_memory=never) == 3
+
+
+def test_a_measurement_that_fails_trains_every_member():
+    def broken(cfg, device):
+        raise RuntimeError("CUDA out of memory")
+
+    cfgs = ["a", "b"]
+    assert gang_child._fit(SimpleNamespace(member_bytes=broken), cfgs, [_ctx("cuda") for _ in cfgs],
+                           free_memory=lambda: (10, 0)) == 2
