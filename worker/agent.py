@@ -397,7 +397,8 @@ class Agent:
         while (run.metrics or run.events) and not self._send_heartbeat(run):  # flush what is left, fenced
             time.sleep(delay)  # the server is away: the outcome waits for it
             delay = min(delay * 2, 10.0)
-        if run.stale:
+        if run.stale:  # its last heartbeat was refused: the child ended before the agent heard (an outage)
+            log.warning("job %s: attempt %s is stale (%s); not finishing it", job["id"], job["attempt_id"], run.stale)
             self.sync.job_stale(job)
             return
         self.sync.job_finished(job, outcome, run.result, run.step)
