@@ -1,5 +1,4 @@
-"""Entry point of a gang's child process: one ctx per member, then the trainer's `train_many` (or, for a
-trainer without one, its `train` per member in turn).
+"""Entry point of a gang's child process: one ctx per member, then the trainer's `train_many`.
 
 Read `run_gang` first. Everything a member's ctx sends goes on the one pipe to the agent tagged with the
 member's index: ("m", index, <what a solo child sends>). A member's last word is ("m", index, ("left", kind,
@@ -161,29 +160,16 @@ def run_gang(jobs: list[dict[str, Any]], workdirs: list[str], gang_dir: str, sto
         for ctx in ctxs[fit:]:
             ctx.leave("released")
         cfgs, ctxs = cfgs[:fit], ctxs[:fit]
-        if fused is not None:
-            for ctx, outcome in zip(ctxs, fused.train_many(cfgs, ctxs)):
-                ctx.leave(outcome)  # a no-op for those train_many let leave already
-        else:
-            for cfg, ctx in zip(cfgs, ctxs):
-                ctx.leave(_train_one(module, cfg, ctx))
+        if fused is None:  # the agent sends gangs only of trainers that train them (gang_run.solo_reason)
+            raise RuntimeError(f"trainer '{trainer}' has no train_many")
+        for ctx, outcome in zip(ctxs, fused.train_many(cfgs, ctxs)):
+            ctx.leave(outcome)  # a no-op for those train_many let leave already
     except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit, to the agent
         for ctx in ctxs:
             ctx.leave(exc)
         conn.close()
         os._exit(1)
     conn.close()
-
-
-def _train_one(module, cfg, ctx) -> Any:
-    """A trainer without train_many: its members train one after another (the agent beats for all)."""
-    if ctx.should_stop():
-        return {"stopped_at": (ctx.load_checkpoint() or {}).get("step", 0)}
-    try:
-        result = module.train(cfg, ctx)
-    except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
-        return exc
-    return {"stopped_at": ctx._last_step} if ctx.should_stop() else result
 
 
 def _fit(fused, cfgs: list, ctxs: list, free_memory=None) -> int:

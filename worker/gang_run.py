@@ -36,9 +36,15 @@ def stop_asked(reply: dict[str, Any]) -> str | None:
     return None
 
 
-def gang_capable(code_root: Path | None) -> bool:
-    """A pinned commit from before gangs cannot run a gang's child."""
-    return code_root is None or (code_root / "worker" / "gang_child.py").is_file()
+def solo_reason(trainer: str, code_root: Path | None) -> str | None:
+    """Why this gang cannot train as one (its first job then runs alone, as today), or None."""
+    from worker import trainers
+
+    if trainer not in trainers.FUSED:  # a fuse key but no train_many: jobs run one at a time
+        return f"trainer '{trainer}' does not train gangs"
+    if code_root is not None and not (code_root / "worker" / "gang_child.py").is_file():
+        return "its pinned commit is from before gangs"
+    return None
 
 
 @dataclass
@@ -102,8 +108,10 @@ class GangRunner:
             log.warning("gang of %d: left before it started: %s", len(jobs), exc)
             agent.current = None
             return
-        if not gang_capable(code_root):  # run the first alone; the others go back to the queue at once
-            self._finish(members[1:], None, override=("preempted", "this pinned commit cannot train gangs"))
+        alone = solo_reason(jobs[0]["trainer"], code_root)
+        if alone:  # the first runs as a solo job; the others go back to the queue at once, for any worker
+            log.info("gang of %d: %s; running job %s alone", len(jobs), alone, jobs[0]["id"])
+            self._finish(members[1:], None, override=("preempted", f"released unstarted: {alone}"))
             agent.current = None
             agent.run_job(jobs[0])
             return

@@ -235,3 +235,24 @@ def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(db_url
     stale = _jobs(engine, [ids[0]])[ids[0]]
     assert stale["state"] == "running" and stale["attempt_id"] == "someone-else"  # nothing written over it
     assert _attempts(engine, ids[0])[0]["outcome"] == "running"  # never finished by the stale attempt
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_gang_of_a_trainer_without_train_many_runs_its_first_job_alone_and_releases_the_others(
+        db_url, engine, fast_queue, tmp_path, start_agent, monkeypatch):
+    from worker import trainers
+
+    monkeypatch.delitem(trainers.FUSED, "noop")  # in the agent: noop keeps its fuse key, loses train_many
+    grid_id, ids = _grid(engine, "unfused", "noop", _noop_members(3), config={"steps": 3, "seconds": 0.3,
+                                                                              "checkpoint_every": 100})
+    # gated_rnn still trains gangs, so the agent claims them; cold children import noop only
+    start_agent(fast_queue, tmp_path / "w1", ["noop", "gated_rnn"], max_gang=8, grid_id=grid_id, warm=False)
+    done = _wait(lambda: _ended(engine, ids), "the grid to finish")
+    assert [done[i]["state"] for i in ids] == ["succeeded"] * 3
+    assert _gangs_in_log(tmp_path / "w1") == []  # no gang child: each ran alone
+    assert [a["outcome"] for a in _attempts(engine, ids[0])] == ["succeeded"]
+    for i in ids[1:]:  # released unstarted at once (no error budget), then run alone
+        assert [a["outcome"] for a in _attempts(engine, i)][-1] == "succeeded"
+        assert {a["outcome"] for a in _attempts(engine, i)} <= {"preempted", "succeeded"}
+    assert any(a["outcome"] == "preempted" for i in ids[1:] for a in _attempts(engine, i))
+    assert all(done[i]["errors"] == 0 for i in ids)
