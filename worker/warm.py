@@ -4,6 +4,8 @@ Read it in two halves. The agent's half: `Launcher.start` hands the agent a star
 warm process when it can, spawned cold otherwise) with the same three things either way: a process handle
 (`is_alive`, `join`, `kill`, `exitcode`), the pipe the child reports on, and a stop flag. The warm
 process's half: `serve` imports once, then forks one job child per request and reports its exit status.
+`Launcher.start_gang` is the same for a gang's one child (worker/gang_child.py), whose stop flag is a
+GangStop: one line per member to stop or drop.
 
 Why our own process and not multiprocessing's "forkserver": there is one forkserver per Python process and
 it runs the agent's own code, while a pinned `code_rev` needs a process that imports that worktree's code.
