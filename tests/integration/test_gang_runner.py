@@ -256,3 +256,35 @@ def test_a_gang_of_a_trainer_without_train_many_runs_its_first_job_alone_and_rel
         assert {a["outcome"] for a in _attempts(engine, i)} <= {"preempted", "succeeded"}
     assert any(a["outcome"] == "preempted" for i in ids[1:] for a in _attempts(engine, i))
     assert all(done[i]["errors"] == 0 for i in ids)
+
+
+def test_gated_fused_tells_a_gang_ctx_the_moment_a_member_leaves(tmp_path):
+    """The `ctx.leave` hook the agent finishes early members by, as gated_fused calls it (in this process)."""
+    from worker.context import TrainerContext
+    from worker.trainers import gated_fused, gated_rnn
+
+    log: list[tuple] = []
+
+    class GangCtx(TrainerContext):
+        def report(self, step, **metrics):
+            log.append(("report", self.job_id, step))
+
+        def progress(self, done, total):
+            pass
+
+        def leave(self, outcome):
+            log.append(("leave", self.job_id, type(outcome).__name__))
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 200)
+    cfg = gated_rnn.Config.model_validate({"state_size": 8, "n_layers": 1, "batch_size": 4, "history": 12,
+                                           "steps": 30, "corpus": str(corpus), "log_every": 1,
+                                           "checkpoint_every": 1000})
+    cfgs = [cfg, cfg.model_copy(update={"lr": 1e30})]  # past Config's limit, to force a NaN
+    store = LocalStore(tmp_path / "store")
+    ctxs = [GangCtx({"id": i, "grid_id": 1, "seed": i, "attempt": 1, "checkpoint": None}, None,
+                    multiprocessing.Event(), store, tmp_path / f"w{i}") for i in range(2)]
+    outcomes = gated_fused.train_many(cfgs, ctxs)
+    assert isinstance(outcomes[1], gated_rnn.Diverged) and outcomes[0]["steps"] == 30
+    left = log.index(("leave", 1, "Diverged"))
+    assert ("report", 0, 30) in log[left:]  # told while member 0 still trained
