@@ -193,5 +193,5 @@ def _fit(fused, cfgs: list, ctxs: list, free_memory=None) -> int:
     fit = gang_size.fit_on_device(len(cfgs), member, free)
     print(f"gridfleet: one member needs {member / 2**20:.1f} MiB, {free / 2**20:.0f} MiB free: {fit} of "
           f"{len(cfgs)} members fit", flush=True)
-    ctxs[0]._gang_conn.send(("fit", fit))
+    ctxs[0]._gang_conn.send(("fit", fit, len(cfgs)))
     return fit

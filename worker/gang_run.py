@@ -157,8 +157,9 @@ class GangRunner:
         agent.current = None
 
     def _handle(self, message: tuple) -> None:
-        if message[0] == "fit":  # how many members this device holds: the next claims ask for no more
-            self.agent.device_fit = message[1]
+        if message[0] == "fit":  # (fit, asked): the next claims ask for no more than a full device holds
+            fit, asked = message[1], message[2]
+            self.agent.device_fit = fit if fit < asked else None
             return
         _, index, inner = message
         member = self.gang.members[index]

@@ -41,7 +41,7 @@ def test_the_gang_child_measures_one_member_on_cuda_and_keeps_what_fits():
     sent.clear()
     fit = gang_child._fit(fused, cfgs, [_ctx("cuda:0") for _ in cfgs], free_memory=lambda: (1000 * MIB, 0))
     assert fit == 3 and measured == [("cfg0", "cuda:0")]
-    assert sent == [("fit", 3)]  # the agent's next claims ask for no more
+    assert sent == [("fit", 3, 8)]  # the agent's next claims ask for no more than 3
 
 
 def test_on_a_cpu_or_without_a_measure_every_member_trains():
