@@ -419,11 +419,16 @@ def pull(
         raise typer.Exit(EXIT_FAILED)
 
 
+GANG_HELP = ("claim up to this many jobs of one grid and fuse key at once and train them as one model, when "
+             "the trainer can (default: GRIDFLEET_GANG_SIZE, 8); 1: one job at a time")
+
+
 @app.command()
 def run(
     grid_file: Path = typer.Argument(..., metavar="GRID.yaml|GRID.json", help="the grid spec"),
     workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="local worker processes"),
     force_new_run: bool = FORCE_NEW_RUN,
+    gang: Optional[int] = typer.Option(None, min=1, max=1024, help=GANG_HELP),
 ) -> None:
     """Train a grid on this machine (SQLite under ./.gridfleet/): live progress, then a results table, a CSV
     and a PNG. Ctrl-C preempts with checkpoints; running the same command again continues."""
@@ -441,7 +446,10 @@ def run(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'grid'}: {e['msg']}" for e in exc.errors())
         fail(f"{grid_file}: {problems}")
     try:
-        outcome = run_grid(spec, workers, load_settings(), Console())
+        settings = load_settings()
+        if gang is not None:
+            settings = settings.model_copy(update={"gang_size": gang})
+        outcome = run_grid(spec, workers, settings, Console())
     except (GridError, trainers.UnknownTrainer, trainers.InvalidConfig) as exc:
         fail(f"{grid_file}: {exc}")
     raise typer.Exit(0 if outcome.finished else 3)
@@ -470,6 +478,7 @@ def worker(
     warm_starts: Optional[bool] = typer.Option(
         None, "--warm-starts/--cold-starts",
         help="fork jobs from a pre-imported process, or spawn each anew (default: GRIDFLEET_WARM_STARTS, on)"),
+    gang: Optional[int] = typer.Option(None, min=1, max=1024, help=GANG_HELP),
 ) -> None:
     """Pull jobs from the API and train them, one at a time, each in a child process."""
     from worker import logs
@@ -484,6 +493,7 @@ def worker(
         gpus=gpus, max_jobs=max_jobs, max_run_time=max_run_time, grace_seconds=grace, home=settings.home,
         stores=settings.store_options(),
         warm_starts=settings.warm_starts if warm_starts is None else warm_starts,
+        max_gang=settings.gang_size if gang is None else gang,
     )
     if name:
         options.name = name

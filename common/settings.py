@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # Workers fork each job's child from a process that has torch and the trainers imported (worker/warm.py).
     # False: every child is spawned and imports them anew (seconds per job).
     warm_starts: bool = True
+    # A worker whose trainers train gangs (fused models) claims up to this many jobs of one grid and fuse key
+    # at once and trains them in one child (docs/gang_claims.md); 1: one job at a time. Capped by the server's
+    # max_gang_jobs and, on a GPU, by the members its free memory holds.
+    gang_size: int = Field(default=8, ge=1, le=1024)
 
     # Checkpoint stores. A grid's `store:` wins; this is the deployment's default ("local" or hf://owner/repo).
     checkpoint_store: str = "local"

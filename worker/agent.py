@@ -1,6 +1,7 @@
 """The worker agent: register, then claim -> run the job in a child process -> finish, until told to stop.
 
-Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job. Heartbeats go from a side thread
+Read top to bottom: `Agent.run` is the loop, `Agent.run_job` one job; a claim of several jobs (a gang, when
+a served trainer trains gangs: docs/gang_claims.md) runs in worker/gang_run.py instead. Heartbeats go from a side thread
 (`_heartbeat_loop`), never from the training loop. The child is forked from a warm process that has torch
 and the trainers imported (worker/warm.py), or spawned cold when there is none. SIGTERM/SIGINT ask the
 running job to checkpoint and stop; after `grace_seconds` the child is killed, and the job is released as
@@ -17,20 +18,20 @@ import socket
 import subprocess
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.checkpoints import StoreOptions
-from worker import logs, runner, self_update
+from worker import gang_size, logs, runner, self_update
 from worker.code_cache import CodeUnavailable
 from worker.checkpoint_sync import CheckpointSync
 from worker.client import Refused, ServerUnavailable
+from worker.gang_run import GangRun, GangRunner
+from worker.job_run import JobRun, output_tail
 from worker.warm import Launcher
 
 log = logging.getLogger("gridfleet.worker")
-OUTPUT_TAIL_LINES = 60
 MAX_BUFFERED_METRICS = 10_000
 MAX_BUFFERED_EVENTS = 1_000
 OUTAGE_LOG_SECONDS = 30.0  # while the server is away, say so at most this often
@@ -52,29 +53,9 @@ class AgentOptions:
     keep_checkpoints: int = 3
     stores: StoreOptions = field(default_factory=StoreOptions)  # checkpoint stores and Hub access
     warm_starts: bool = True  # fork job children from a pre-imported process (worker/warm.py); False: spawn
-
-
-@dataclass
-class JobRun:
-    """What the agent knows about the running job; shared with the heartbeat thread under `lock`."""
-
-    job: dict[str, Any]
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, str]] = field(default_factory=list)
-    step: int | None = None
-    progress: tuple[float, float] | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    stop_reason: str | None = None  # "cancelled" | "preempted" | "pruned"
-    stale: str | None = None  # set when the server says this attempt is no longer ours
-    unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
-    outage_logged_at: float = 0.0
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def request_stop(self, reason: str) -> None:
-        with self.lock:
-            self.stop_reason = self.stop_reason or reason
+    # Claim up to this many jobs as one gang when a served trainer trains gangs (trainers.FUSED); 1: one at a
+    # time. `gridfleet worker`/`run` pass the gang_size setting (worker/gang_size.py, docs/gang_claims.md).
+    max_gang: int = 8
 
 
 def visible_gpus() -> list[str]:
@@ -103,7 +84,7 @@ class Agent:
         self.options = options
         self.trainers = options.trainers or trainers.known_trainers()
         self.stopping = False
-        self.current: JobRun | None = None
+        self.current: JobRun | GangRun | None = None
         self.started = time.monotonic()
         self.jobs_done = 0
         self.worker_id: str | None = None
@@ -115,6 +96,10 @@ class Agent:
         self.update_report: dict[str, Any] | None = None  # the last self-update outcome, shown in registration
         self.reexec_pending = False
         self.gpus: list[str] = []
+        # Gangs only where one of our trainers trains them; the FUSED table is read without importing torch.
+        self.gangs = options.max_gang > 1 and any(name in trainers.FUSED for name in self.trainers)
+        self.server_gang_limit: int | None = None  # the server's max_gang_jobs, from the registration reply
+        self.device_fit: int | None = None  # members the last gang's device held (worker/gang_child.py)
         self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
         self.sync.pointers.on_stale = self._pointer_refused
 
@@ -135,6 +120,7 @@ class Agent:
         self.worker_id = self.sync.worker_id = reply["worker_id"]
         self.sync.worker_secret = reply.get("worker_secret")  # kept in memory (and pending uploads' journals)
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds", 5.0))
+        self.server_gang_limit = reply.get("max_gang_jobs")
         if self.update_report:  # re-exec'd on a new commit: say so on the new registration too
             self._report_update()
         self.sync.resume_pending()  # uploads an earlier agent here left when it was killed
@@ -152,27 +138,43 @@ class Agent:
                 break  # re-exec on the new commit once the loop has closed up
             self.launcher.wait_warm(lambda: self.stopping)  # once: a claimed job's lease is not spent importing
             try:
-                job = self.client.claim(self.worker_id, trainers=self.trainers, gpus=capacity,
-                                        can_pin_code=self.options.can_pin_code, code_rev=self.code_rev,
-                                        **self.claim_filters)
-                if job is None:
+                jobs = self._claim(capacity)
+                if not jobs:
                     self.client.heartbeat(self.worker_id)  # idle, but alive
             except ServerUnavailable as exc:  # a long API outage: an idle worker waits it out
                 log.warning("%s; still trying", exc)
-                job = None
-            if job is None:
+                jobs = []
+            if not jobs:
                 self._sleep(idle)
                 idle = min(idle * 2, self.options.idle_sleep_max)
                 continue
             idle = 0.5
-            self.run_job(job)
-            self.jobs_done += 1
+            if len(jobs) == 1:
+                self.run_job(jobs[0])
+            else:
+                GangRunner(self, jobs).run()  # one child trains them all (worker/gang_run.py)
+            self.jobs_done += len(jobs)
         self.sync.close()
         self.client.close()
         if self.reexec_pending:
             self.launcher.close()
             self_update.reexec()  # same pid and command line, new code; does not return
         return 0
+
+    def _claim(self, capacity: float) -> list[dict[str, Any]]:
+        """One claim: a gang of up to K jobs when our trainers train gangs, else one job. [] when none."""
+        filters = dict(trainers=self.trainers, gpus=capacity, can_pin_code=self.options.can_pin_code,
+                       code_rev=self.code_rev, **self.claim_filters)
+        left = None if self.options.max_jobs is None else self.options.max_jobs - self.jobs_done
+        k = gang_size.claim_size(self.options.max_gang, self.server_gang_limit, left, self.device_fit)
+        if self.gangs and k > 1:
+            try:
+                return self.client.claim_gang(self.worker_id, k, **filters)
+            except Refused as exc:  # a server that takes fewer (or no) gangs: one job at a time from now on
+                log.warning("gang claims refused (%s); claiming one job at a time", exc)
+                self.gangs = False
+        job = self.client.claim(self.worker_id, **filters)
+        return [] if job is None else [job]
 
     # ---- self-update (worker/self_update.py) ---------------------------------------------------
     def _registration(self) -> dict[str, Any]:
@@ -307,8 +309,9 @@ class Agent:
             run.error = message[1]
 
     def _pointer_refused(self, job_id: int, attempt_id: str, reason: str) -> None:
-        run = self.current
-        if run is not None and (run.job["id"], run.job["attempt_id"]) == (job_id, attempt_id):
+        current = self.current  # the agent's loop may end it meanwhile
+        run = current.find(job_id, attempt_id) if current is not None else None
+        if run is not None:
             run.stale = reason
         else:  # an upload that landed after its attempt ended, and not the one that succeeded
             log.info("job %s: checkpoint of attempt %s not recorded: %s", job_id, attempt_id, reason)
@@ -388,7 +391,7 @@ class Agent:
         else:
             outcome = "error"
             error = run.error or f"the trainer process exited with code {exitcode} and sent no result"
-        tail = _tail(workdir / runner.OUTPUT_LOG)
+        tail = output_tail(workdir / runner.OUTPUT_LOG)
         if tail:
             with run.lock:
                 run.events.append({"kind": "output", "message": tail})
@@ -396,7 +399,8 @@ class Agent:
         while (run.metrics or run.events) and not self._send_heartbeat(run):  # flush what is left, fenced
             time.sleep(delay)  # the server is away: the outcome waits for it
             delay = min(delay * 2, 10.0)
-        if run.stale:
+        if run.stale:  # its last heartbeat was refused: the child ended before the agent heard (an outage)
+            log.warning("job %s: attempt %s is stale (%s); not finishing it", job["id"], job["attempt_id"], run.stale)
             self.sync.job_stale(job)
             return
         self.sync.job_finished(job, outcome, run.result, run.step)
@@ -440,8 +444,3 @@ class Agent:
             time.sleep(min(0.2, end - time.monotonic()))
 
 
-def _tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
-    if not path.exists():
-        return ""
-    with open(path, "r", errors="replace") as handle:
-        return "".join(deque(handle, maxlen=lines)).strip()

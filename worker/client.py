@@ -145,9 +145,10 @@ class ApiClient:
 class DirectClient:
     """The same calls against a Queue in this process (embedded mode: SQLite, no server)."""
 
-    def __init__(self, queue, heartbeat_seconds: float):
+    def __init__(self, queue, heartbeat_seconds: float, max_gang_jobs: int | None = None):
         self.queue = queue
         self.heartbeat_seconds = heartbeat_seconds
+        self.max_gang_jobs = max_gang_jobs  # told the agent at registration, as the API tells it
 
     def close(self) -> None:
         self.queue.engine.dispose()
@@ -160,7 +161,7 @@ class DirectClient:
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         worker_id = self.queue.register_worker(**info)
         return {"worker_id": worker_id, "lease_seconds": self.queue.policy.lease_seconds,
-                "heartbeat_seconds": self.heartbeat_seconds}
+                "heartbeat_seconds": self.heartbeat_seconds, "max_gang_jobs": self.max_gang_jobs}
 
     def claim(self, worker_id: str, **filters: Any) -> dict[str, Any] | None:
         job = self.queue.claim(worker_id, **filters)

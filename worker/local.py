@@ -52,8 +52,8 @@ def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: i
     queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
     # The grid's one trainer: its warm process imports that, not every trainer this install knows.
     options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0, trainers=[trainer],
-                           stores=stores, warm_starts=settings.warm_starts)
-    agent = Agent(DirectClient(queue, settings.heartbeat_seconds), options)
+                           stores=stores, warm_starts=settings.warm_starts, max_gang=settings.gang_size)
+    agent = Agent(DirectClient(queue, settings.heartbeat_seconds, settings.max_gang_jobs), options)
     agent.claim_filters = {"grid_id": grid_id}
     agent.run()
 

@@ -4,6 +4,8 @@ Read it in two halves. The agent's half: `Launcher.start` hands the agent a star
 warm process when it can, spawned cold otherwise) with the same three things either way: a process handle
 (`is_alive`, `join`, `kill`, `exitcode`), the pipe the child reports on, and a stop flag. The warm
 process's half: `serve` imports once, then forks one job child per request and reports its exit status.
+`Launcher.start_gang` is the same for a gang's one child (worker/gang_child.py), whose stop flag is a
+GangStop: one line per member to stop or drop.
 
 Why our own process and not multiprocessing's "forkserver": there is one forkserver per Python process and
 it runs the agent's own code, while a pinned `code_rev` needs a process that imports that worktree's code.
@@ -43,8 +45,10 @@ PR_SET_NAME = 15
 # gated_rnn step when measured); importing it starts no thread.
 WARM_IMPORTS = ("torch._dynamo",)
 
-# What a job child needs besides its pipes: (job, workdir, store_root, keep, stores).
+# What a job child needs besides its pipes: (job, workdir, store_root, keep, stores). A gang's child
+# (worker/gang_child.py): (jobs, workdirs, gang_dir, store_root, keep, stores).
 JobArgs = tuple
+GangArgs = tuple
 
 
 class WarmUnavailable(RuntimeError):
@@ -62,7 +66,7 @@ class Started:
 
     def close(self) -> None:
         self.receiver.close()
-        if isinstance(self.stop, PipeStop):
+        if isinstance(self.stop, (PipeStop, GangStop)):
             self.stop.close()
 
 
@@ -105,6 +109,18 @@ class Launcher:
                 self._failed(key, exc)
         return self._start_cold(args, code_root)
 
+    def start_gang(self, args: GangArgs, code_root: Path | None) -> Started:
+        """A gang's one child (worker/gang_child.py), forked warm when it can be; its `stop` is a GangStop."""
+        if self.warm and self._usable(code_root):
+            key = _key(code_root)
+            try:
+                started = self._zygote(code_root).start(args, kind="gang")
+                self._failures[key] = 0
+                return started
+            except (WarmUnavailable, OSError) as exc:
+                self._failed(key, exc)
+        return self._start_gang_cold(args, code_root)
+
     def warm_pid(self, code_root: Path | None = None) -> int | None:
         zygote = self._zygotes.get(_key(code_root))
         return zygote.process.pid if zygote is not None else None
@@ -124,6 +140,18 @@ class Launcher:
         start_child(child, code_root)  # a pinned job's child imports the worktree's code
         sender.close()
         return Started(child, receiver, stop, warm=False)
+
+    def _start_gang_cold(self, args: GangArgs, code_root: Path | None) -> Started:
+        jobs, workdirs, gang_dir, store_root, keep, stores = args
+        receiver, sender = self._mp.Pipe(duplex=False)
+        stop_read, stop_write = self._mp.Pipe(duplex=False)  # a Connection travels to a spawned child
+        child = self._mp.Process(target=_gang_cold_main, daemon=True,
+                                 args=(jobs, workdirs, gang_dir, store_root, keep, sender, stop_read, os.getpid(),
+                                       stores))
+        start_child(child, code_root)
+        sender.close()
+        stop_read.close()
+        return Started(child, receiver, GangStop(stop_write.fileno(), stop_write), warm=False)
 
     def _usable(self, code_root: Path | None) -> bool:
         if self._failures.get(_key(code_root), 0) >= MAX_FAILURES:
@@ -182,12 +210,13 @@ class Zygote:
         self.info: dict[str, Any] | None = None
         self.broken = False  # a reply went missing: the next one could be read as the wrong one
 
-    def start(self, args: JobArgs) -> Started:
+    def start(self, args: JobArgs, kind: str = "start") -> Started:
+        """kind "start": a job child (runner.run_job); "gang": a gang's child (gang_child.run_gang)."""
         self.wait_ready()
         receiver, sender = multiprocessing.Pipe(duplex=False)
         stop_read, stop_write = os.pipe()
         try:
-            self.conn.send(("start", args))
+            self.conn.send((kind, args))
             send_handle(self.conn, sender.fileno(), self.process.pid)
             send_handle(self.conn, stop_read, self.process.pid)
             reply = self._recv(REPLY_TIMEOUT)
@@ -201,7 +230,8 @@ class Zygote:
         finally:
             sender.close()  # the child holds the only writer now: its exit is the receiver's EOF
             os.close(stop_read)
-        return Started(WarmChild(self, reply[1], pidfd), receiver, PipeStop(stop_write), warm=True)
+        stop = GangStop(stop_write) if kind == "gang" else PipeStop(stop_write)
+        return Started(WarmChild(self, reply[1], pidfd), receiver, stop, warm=True)
 
     def exit_status(self, pid: int, timeout: float = REPLY_TIMEOUT) -> int | None:
         """The exit code the warm process reaped for `pid`; None when it died too (then so did the job)."""
@@ -315,6 +345,35 @@ class PipeStop:
         os.close(self._fd)
 
 
+class GangStop:
+    """The agent's end of a gang's stop pipe: one line per member to stop ("s3") or drop ("d3")."""
+
+    def __init__(self, fd: int, owner: Any = None):
+        self._fd = fd
+        self._owner = owner  # a Connection whose descriptor this is (cold start): closing it closes fd
+        self._said: set[bytes] = set()
+
+    def stop_member(self, index: int) -> None:
+        self._say(b"s%d\n" % index)
+
+    def drop_member(self, index: int) -> None:
+        self._say(b"d%d\n" % index)
+
+    def _say(self, line: bytes) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            try:
+                os.write(self._fd, line)  # a few bytes: never blocks on a pipe the child reads
+            except BrokenPipeError:  # the child is gone already
+                pass
+
+    def close(self) -> None:
+        if self._owner is not None:
+            self._owner.close()
+        else:
+            os.close(self._fd)
+
+
 class ChildStop:
     """The job child's end: set once the agent writes, or once the agent is gone (end of file)."""
 
@@ -354,14 +413,16 @@ def serve(conn: Connection, agent_pid: int, preload: list[str]) -> None:
     fork = multiprocessing.get_context("fork")
     while True:
         try:
-            _, args = conn.recv()
+            kind, args = conn.recv()
             sender_fd, stop_fd = recv_handle(conn), recv_handle(conn)
         except (EOFError, OSError):
             return  # the agent closed the socket, or died
         busy[0] = True
         try:
-            child = fork.Process(target=_job_main, args=(conn, args, sender_fd, stop_fd, os.getpid()),
-                                 daemon=True, name=f"job-{args[0]['id']}")  # daemonic, as a cold child is
+            gang = kind == "gang"
+            child = fork.Process(target=_gang_main if gang else _job_main,
+                                 args=(conn, args, sender_fd, stop_fd, os.getpid()), daemon=True,  # as a cold child
+                                 name=f"gang-{args[0][0]['id']}" if gang else f"job-{args[0]['id']}")
             child.start()
             pidfd = os.pidfd_open(child.pid)
         except OSError as exc:
@@ -416,6 +477,28 @@ def _job_main(control: Connection, args: JobArgs, sender_fd: int, stop_fd: int, 
     job, workdir, store_root, keep, stores = args
     runner.run_job(job, workdir, store_root, keep, Connection(sender_fd, readable=False), ChildStop(stop_fd),
                    parent_pid, stores)
+
+
+def _gang_main(control: Connection, args: GangArgs, sender_fd: int, stop_fd: int, parent_pid: int) -> None:
+    """The forked gang child: as `_job_main`, then worker/gang_child.py."""
+    from worker import gang_child
+
+    control.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # gang_child.run_gang installs the gang's own handler
+    _name(JOB_NAME)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+    jobs, workdirs, gang_dir, store_root, keep, stores = args
+    gang_child.run_gang(jobs, workdirs, gang_dir, store_root, keep, Connection(sender_fd, readable=False), stop_fd,
+                        parent_pid, stores)
+
+
+def _gang_cold_main(jobs, workdirs, gang_dir, store_root, keep, sender, stop_read, parent_pid, stores) -> None:
+    """A gang child spawned cold: the stop pipe arrived as a Connection; gang_child reads its descriptor."""
+    from worker import gang_child
+
+    gang_child.run_gang(jobs, workdirs, gang_dir, store_root, keep, sender, stop_read.fileno(), parent_pid, stores)
 
 
 def _name(name: bytes) -> None:

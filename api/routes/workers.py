@@ -51,7 +51,8 @@ def register(body: RegisterWorker, request: Request, queue: Queue = Depends(get_
     request.app.state.worker_secrets[worker_id] = secret_hash
     settings = request.app.state.settings
     return JSONResponse({"worker_id": worker_id, "worker_secret": secret, "lease_seconds": queue.policy.lease_seconds,
-                         "heartbeat_seconds": settings.heartbeat_seconds}, status_code=201)
+                         "heartbeat_seconds": settings.heartbeat_seconds, "max_gang_jobs": settings.max_gang_jobs},
+                        status_code=201)
 
 
 def _gang_size(request: Request, n: int, field: str) -> None:

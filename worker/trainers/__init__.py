@@ -32,6 +32,7 @@ FUSED: dict[str, str] = {
     "learning_rules": "worker.trainers.learning_rules_fused",
     "sparse_rnn": "worker.trainers.sparse_fused",
     "snn_ddqn": "worker.trainers.snn_fused",
+    "noop": "worker.trainers.noop",  # a test trainer: its own module trains gangs (without torch)
 }
 
 

@@ -324,6 +324,8 @@ class _Gang:
             if leaving:
                 for row, result in leaving.items():
                     outcome[ids[id(self.members[row])]] = result
+                    if hasattr(self.members[row].ctx, "leave"):  # a gang's ctx: the agent finishes it now
+                        self.members[row].ctx.leave(result)
                 self.keep([row for row in range(len(self.members)) if row not in leaving])
         for row, m in enumerate(self.members):
             outcome[ids[id(m)]] = self._result(row, m)

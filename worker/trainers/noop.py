@@ -1,5 +1,16 @@
-"""noop: finishes at once. For tests and queue benchmarks."""
+"""noop: finishes at once (the default), or counts `steps` steps. For tests and queue benchmarks.
+
+It also trains gangs (`train_many`, named in trainers.FUSED), so the agent's gang path (worker/gang_run.py)
+is tested without torch: members step in lockstep, each from its own checkpointed step, and a member that
+fails, turns NaN or is told to stop leaves while the others go on. A member's reports, checkpoints and
+result are exactly its solo run's.
+"""
 from __future__ import annotations
+
+import math
+import os
+import signal
+import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -9,12 +20,90 @@ class Config(BaseModel):
     value: float = 0.0  # echoed back as the result's `loss`, so grids have something to rank
     # Jobs with the same group share a fuse key, so gang claims can be tested and benched; None: never fused.
     fuse_group: str | None = Field(default=None, min_length=1, max_length=100)
+    # 0: report once and finish at once (as noop always did). Otherwise this many steps, `seconds` in all.
+    steps: int = Field(default=0, ge=0, le=1_000_000)
+    seconds: float = Field(default=0.0, ge=0.0, le=86_400.0)
+    checkpoint_every: int = Field(default=1, ge=1)
+    fail_at_step: int | None = None  # raise at this step
+    nan_at_step: int | None = None  # report a NaN loss at this step, then raise (as a diverged model does)
+    segfault_at_step: int | None = None  # die of SIGSEGV at this step (the whole process: a gang's child too)
 
 
-def train(config: Config, ctx) -> dict:
-    ctx.report(0, loss=config.value)
-    return {"loss": config.value}
+class Diverged(ArithmeticError):
+    pass
 
 
 def fuse_key(config: Config) -> str | None:
     return None if config.fuse_group is None else f"noop:{config.fuse_group}"
+
+
+def train(config: Config, ctx) -> dict:
+    if config.steps == 0:
+        ctx.report(0, loss=config.value)
+        return {"loss": config.value}
+    state = ctx.load_checkpoint() or {"step": 0}
+    for step in range(state["step"], config.steps):
+        if ctx.should_stop():
+            ctx.save_checkpoint({"step": step})
+            return {"stopped_at": step}
+        time.sleep(config.seconds / config.steps)
+        _step(config, ctx, step)
+    return _result(config)
+
+
+def train_many(configs: list[Config], ctxs: list) -> list[dict | Exception]:
+    """One step of every member per tick (one sleep for all: the point of a gang), each from its own step."""
+    steps = [None if c.steps == 0 else (ctx.load_checkpoint() or {"step": 0})["step"] for c, ctx in zip(configs, ctxs)]
+    outcome: list[dict | Exception | None] = [None] * len(configs)
+    for i, (config, ctx) in enumerate(zip(configs, ctxs)):
+        if steps[i] is None:  # the finish-at-once kind
+            ctx.report(0, loss=config.value)
+            outcome[i] = _leave(ctx, {"loss": config.value})
+    active = [i for i in range(len(configs)) if outcome[i] is None]
+    while active:
+        time.sleep(max(configs[i].seconds / configs[i].steps for i in active))
+        for i in list(active):
+            config, ctx, step = configs[i], ctxs[i], steps[i]
+            try:
+                if ctx.should_stop():
+                    ctx.save_checkpoint({"step": step})
+                    outcome[i] = {"stopped_at": step}
+                elif step >= config.steps:
+                    outcome[i] = _result(config)
+                else:
+                    _step(config, ctx, step)
+                    steps[i] = step + 1
+                    if steps[i] >= config.steps:
+                        outcome[i] = _result(config)
+            except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
+                outcome[i] = exc
+            if outcome[i] is not None:
+                _leave(ctx, outcome[i])
+                active.remove(i)
+    return outcome
+
+
+def _step(config: Config, ctx, step: int) -> None:
+    if config.fail_at_step == step:
+        raise RuntimeError(f"noop trainer asked to fail at step {step}")
+    if config.segfault_at_step == step:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    loss = math.nan if config.nan_at_step == step else config.value / (step + 1)
+    ctx.report(step + 1, loss=loss)
+    ctx.progress(step + 1, config.steps)
+    if math.isnan(loss):
+        raise Diverged(f"loss is NaN at step {step + 1}")
+    if (step + 1) % config.checkpoint_every == 0:
+        ctx.save_checkpoint({"step": step + 1})
+
+
+def _result(config: Config) -> dict:
+    return {"loss": config.value / config.steps, "steps": config.steps}
+
+
+def _leave(ctx, outcome):
+    """Tell the agent at once that this member is done (a gang's ctx has `leave`; others do not need it)."""
+    leave = getattr(ctx, "leave", None)
+    if leave is not None:
+        leave(outcome)
+    return outcome

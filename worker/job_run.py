@@ -1,0 +1,45 @@
+"""What the agent knows about a running job (`JobRun`), shared by its loop and its heartbeat thread; a gang
+(worker/gang_run.py) holds one per member. Also the tail of a child's output log, sent with each finish."""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUT_TAIL_LINES = 60
+
+
+@dataclass
+class JobRun:
+    """What the agent knows about the running job; shared with the heartbeat thread under `lock`."""
+
+    job: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, str]] = field(default_factory=list)
+    step: int | None = None
+    progress: tuple[float, float] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    stop_reason: str | None = None  # "cancelled" | "preempted" | "pruned"
+    stale: str | None = None  # set when the server says this attempt is no longer ours
+    unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
+    outage_logged_at: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def request_stop(self, reason: str) -> None:
+        with self.lock:
+            self.stop_reason = self.stop_reason or reason
+
+    def find(self, job_id: int, attempt_id: str) -> "JobRun | None":
+        """This run when it is that attempt (a gang answers for its members)."""
+        return self if (self.job["id"], self.job["attempt_id"]) == (job_id, attempt_id) else None
+
+
+def output_tail(path: Path, lines: int = OUTPUT_TAIL_LINES) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "r", errors="replace") as handle:
+        return "".join(deque(handle, maxlen=lines)).strip()
