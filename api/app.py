@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if loop is not None:
             loop.stop()
+        searches.close()
         engine.dispose()
 
     app = FastAPI(

@@ -36,6 +36,7 @@ from scheduler.spec import GridError, GridSpec, JobSpec, SearchSpec, canonical_j
 log = logging.getLogger("gridfleet.search")
 
 LEASE_SECONDS = 30.0  # the asking lease: a holder that died mid-advance gives way after this
+MAX_ROUNDS = 3  # an advance woken while busy looks again at most this often (the timer covers the rest)
 MAX_DUPLICATE_ASKS = 32  # per point and advance: asks answered by an existing job before it waits for results
 LIVE_WORKER_SECONDS = 60.0  # parallel=None: workers seen this recently count
 RUNNING_CACHE_SECONDS = 1.0  # the finish hook reads which searches run at most this often (none: no query)
@@ -126,13 +127,14 @@ class Searches:
         if seen is None:
             return False
         try:
-            while True:
+            for round_ in range(1, MAX_ROUNDS + 1):
                 done = self._advance_held(grid_id, owner)
-                if self._release(grid_id, owner, seen, done):
+                if self._release(grid_id, owner, None if round_ == MAX_ROUNDS else seen, done):
                     return True
                 seen = self._wake_seen(grid_id, owner)  # woken while busy: look once more
                 if seen is None:
                     return False
+            return True
         except LostLease:
             log.warning("search of grid %s: the asking lease passed to another caller; it goes on there", grid_id)
             return False
@@ -338,6 +340,13 @@ class Searches:
         seed = _seed(search.seed, point.job.key, asked)
         return optuna.create_study(storage=self.storage(), study_name=point.study_name, direction=search.direction,
                                    sampler=_sampler(search, seed), load_if_exists=True)
+
+    def close(self) -> None:
+        """Close Optuna's connections (the engine's own are the caller's)."""
+        with self._storage_lock:
+            if self._storage is not None:
+                self._storage.engine.dispose()
+                self._storage = None
 
     def storage(self):
         """Optuna's RDBStorage on our database (its own tables beside ours; docs/searches.md), made once."""
