@@ -1,0 +1,90 @@
+"""Searches with real processes (docs/searches.md): `gridfleet serve` on Postgres and four `gridfleet worker`
+agents run four 40-trial searches of the objective trainer's quadratic at once (TPE and random, two seeds
+each), the API is killed with SIGKILL mid-search and started again, and every search still ends with exactly
+40 jobs, no config run twice, each job run by one attempt, and TPE's best better than random's on average.
+`gridfleet run` (embedded, SQLite) runs a search to its end too, and `gridfleet status` shows it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.processes import gridfleet_cmd, ok
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"),
+                                reason="needs Linux /proc and POSIX process groups")
+
+N_TRIALS = 40
+SEEDS = (1, 2)  # a few seeds; 160 instant jobs keep the test near half a minute on 2 cores
+SPACE = {"x": {"type": "float", "low": -10, "high": 10}, "y": {"type": "float", "low": -10, "high": 10}}
+
+
+def search_grid(name: str, sampler: str, seed: int) -> dict:
+    return {"name": name, "trainer": "objective", "config": {"function": "quadratic"},
+            "search": {"sampler": sampler, "n_trials": N_TRIALS, "seed": seed, "parallel": 4, "metric": "loss",
+                       "space": SPACE}}
+
+
+def searches_of(api, names):
+    return {name: ok(api.get(f"/grids/{name}"))["search"] for name in names}
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_tpe_beats_random_with_four_workers_through_an_api_restart(db_url, fleet):
+    server = fleet.start_server(db_url)
+    names = {(sampler, seed): f"{sampler}-{seed}" for sampler in ("tpe", "random") for seed in SEEDS}
+    for (sampler, seed), name in names.items():
+        assert ok(server.api.post("/grids", json=search_grid(name, sampler, seed)))["total"] == N_TRIALS
+    for i in range(4):
+        fleet.start_worker(server, f"w{i}")
+
+    third = len(names) * N_TRIALS // 3
+    fleet.wait_for(lambda: sum(s["done"] for s in searches_of(server.api, names.values()).values()) >= third,
+                   "a third of all trials to be done")
+    server.proc.send(signal.SIGKILL)  # mid-search: trials in flight, results untold, workers finishing
+    assert server.proc.wait(30) == -signal.SIGKILL
+    server = fleet.restart_server(server)
+
+    final = fleet.wait_for(
+        lambda: (found := searches_of(server.api, names.values())) and
+        all(s["state"] == "done" for s in found.values()) and found,
+        "every search to finish after the restart", timeout=240)
+    context = fleet.explain()
+    for name in names.values():
+        results = ok(server.api.get(f"/grids/{name}/results"))["results"]
+        configs = {(r["config"]["x"], r["config"]["y"]) for r in results}
+        assert len(results) == N_TRIALS and len(configs) == N_TRIALS, (name, len(results), len(configs), context)
+        assert all(r["state"] == "succeeded" and r["attempts"] == 1 for r in results), (name, results)
+        assert (final[name]["done"], final[name]["n_trials"]) == (N_TRIALS, N_TRIALS)
+        assert final[name]["best"]["value"] == pytest.approx(min(r["result"]["loss"] for r in results))
+    best = {sampler: sum(final[names[sampler, seed]]["best"]["value"] for seed in SEEDS) / len(SEEDS)
+            for sampler in ("tpe", "random")}
+    assert best["tpe"] < best["random"], (best, {n: s["best"] for n, s in final.items()})
+    fleet.assert_clean()
+
+
+def test_gridfleet_run_runs_a_search_to_its_end(tmp_path, fleet):
+    grid = search_grid("embedded", "tpe", 7)
+    grid["search"].update(n_trials=10, parallel=2, space={**SPACE, "kind": {"type": "categorical",
+                                                                            "choices": ["flat", "bump"]}})
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    env = fleet.env(GRIDFLEET_HOME=str(tmp_path / "home"))
+    run = subprocess.run([*gridfleet_cmd(), "run", str(path), "--workers", "2"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "a tpe search of 10 trials" in run.stdout
+    assert "search: tpe: 10/10 trials done, 0 in flight (minimize loss, finished)" in run.stdout, run.stdout
+    status = subprocess.run([*gridfleet_cmd(), "status", "embedded", "--json"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    out = json.loads(status.stdout)
+    assert out["grid"]["search"]["done"] == 10 and len(out["results"]) == 10
+    assert len({json.dumps(r["config"], sort_keys=True) for r in out["results"]}) == 10
+    assert all(r["state"] == "succeeded" and r["attempts"] == 1 for r in out["results"])
