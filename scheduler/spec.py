@@ -181,8 +181,8 @@ class SearchParam(BaseModel):
         if self.type == "int":
             for name in ("low", "high", "step"):
                 value = getattr(self, name)
-                if value is not None and value != int(value):
-                    raise ValueError(f"an int parameter needs a whole {name}, got {value}")
+                if value is not None and (abs(value) > 2**53 or value != int(value)):
+                    raise ValueError(f"an int parameter needs a whole {name} of at most 2**53, got {value}")
         return self
 
     def values(self) -> list[Any] | None:
@@ -192,9 +192,10 @@ class SearchParam(BaseModel):
         if self.type == "float" and self.step is None:
             return None
         step = self.step or 1
-        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
-        if count > MAX_GRID_POINTS:
+        span = (self.high - self.low) / step  # may overflow to inf for extreme bounds: then unbounded
+        if not math.isfinite(span) or span >= MAX_GRID_POINTS:
             return None
+        count = int(math.floor(span + 1e-9)) + 1
         if self.type == "int":
             return [int(self.low) + i * int(step) for i in range(count)]
         return [self.low + i * step for i in range(count)]
