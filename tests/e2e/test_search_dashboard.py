@@ -4,6 +4,9 @@ trials are run by this test through the queue on the same database (what a worke
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from common.db import make_engine
@@ -60,4 +63,6 @@ def test_the_dashboard_shows_a_search(fleet, tmp_path, browser):  # noqa: F811 -
     best = search["best"]
     assert f"trial {best['trial']}" in line and f"level={best['params']['level']}" in line, (line, best)
     assert page.get_attribute(f"#search a[href='#/job/{best['job_id']}']", "href") == f"#/job/{best['job_id']}"
+    shots = Path(os.environ.get("GRIDFLEET_SCREENSHOTS") or tmp_path)
+    page.screenshot(path=str(shots / "search-grid.png"))
     fleet.assert_clean()
