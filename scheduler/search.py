@@ -22,10 +22,11 @@ import math
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from sqlalchemy import Engine, and_, func, insert, select, update
+from sqlalchemy import Engine, and_, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from common import schema as t
@@ -35,7 +36,10 @@ from scheduler.spec import GridError, GridSpec, JobSpec, SearchSpec, canonical_j
 
 log = logging.getLogger("gridfleet.search")
 
-LEASE_SECONDS = 30.0  # the asking lease: a holder that died mid-advance gives way after this
+# The asking lease. Every write of a holder renews it, so it only has to outlast one Optuna ask or tell; a
+# holder that died (an API killed mid-advance) holds up the search's asking for at most this long.
+LEASE_SECONDS = 10.0
+ADVISORY_SPACE = 0x67726964  # "grid": the first key of the Postgres advisory locks taken here
 MAX_ROUNDS = 3  # an advance woken while busy looks again at most this often (the timer covers the rest)
 MAX_DUPLICATE_ASKS = 32  # per point and advance: asks answered by an existing job before it waits for results
 LIVE_WORKER_SECONDS = 60.0  # parallel=None: workers seen this recently count
@@ -94,15 +98,18 @@ class Searches:
     def after_finish(self, job_ids: list[int]) -> None:
         """The finish hook: advance the searches these jobs belong to. Never raises: a finish must not fail
         because of the search (the API's timer and the next finish try again). While no search runs, it costs
-        one small query a second, not one per finish."""
+        one small query a second, not one per finish (a search started meanwhile elsewhere waits for the
+        timer at most that long)."""
         try:
-            running = self._running_searches()
-            if not running or not job_ids:
+            if not job_ids or not self._running_searches():
                 return
             with read_tx(self.engine) as conn:
-                grid_ids = set(conn.execute(select(t.jobs.c.grid_id).distinct()
-                                            .where(t.jobs.c.id.in_(job_ids))).scalars())
-            for grid_id in sorted(grid_ids & running):
+                grid_ids = conn.execute(
+                    select(t.searches.c.grid_id).where(
+                        t.searches.c.state == "running",
+                        t.searches.c.grid_id.in_(select(t.jobs.c.grid_id).where(t.jobs.c.id.in_(job_ids))))
+                    .order_by(t.searches.c.grid_id)).scalars().all()
+            for grid_id in grid_ids:
                 self.advance(grid_id)
         except Exception:  # noqa: BLE001 - logged; the search goes on at the next advance
             log.exception("advancing the search after finishing job(s) %s failed; it is retried later", job_ids)
@@ -122,8 +129,15 @@ class Searches:
 
     def advance(self, grid_id: int) -> bool:
         """Tell, adopt and ask for one grid. False when another caller holds the lease (it will look again)."""
+        with self._session_lock(grid_id) as locked:
+            if locked is False:  # a live holder (Postgres knows): make it look again before it lets go
+                self._wake(grid_id)
+                return False
+            return self._advance_leased(grid_id, take_over=locked is True)
+
+    def _advance_leased(self, grid_id: int, take_over: bool) -> bool:
         owner = uuid.uuid4().hex
-        seen = self._acquire(grid_id, owner)
+        seen = self._acquire(grid_id, owner, take_over)
         if seen is None:
             return False
         try:
@@ -143,20 +157,53 @@ class Searches:
             raise
 
     # ---- the lease -------------------------------------------------------------------------------
-    def _acquire(self, grid_id: int, owner: str) -> int | None:
+    @contextmanager
+    def _session_lock(self, grid_id: int) -> Iterator[bool | None]:
+        """Postgres: a session advisory lock on the grid for the whole advance. The server drops it the moment
+        its holder's connection dies, so an API killed mid-advance does not hold up asking until its lease
+        runs out: whoever gets the lock may take the lease over. True: got it; False: a live holder has it.
+        SQLite: None, the lease alone decides (`gridfleet run` clears its grid's lease when it starts)."""
+        if is_sqlite(self.engine):
+            yield None
+            return
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            key = {"space": ADVISORY_SPACE, "grid": grid_id}
+            got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:space, :grid)"), key).scalar())
+            try:
+                yield got
+            finally:
+                if got:
+                    try:
+                        conn.execute(text("SELECT pg_advisory_unlock(:space, :grid)"), key)
+                    except SQLAlchemyError:
+                        conn.invalidate()  # closing the connection releases the lock server-side
+
+    def clear_lease(self, grid_id: int) -> None:
+        """Drop a grid's asking lease: only for a caller that knows no other process can hold it (`gridfleet
+        run`, under its single-run lock, after an earlier run was killed)."""
+        with write_tx(self.engine) as conn:
+            conn.execute(update(t.searches).where(t.searches.c.grid_id == grid_id)
+                         .values(lock_owner=None, lock_until=0.0))
+
+    def _acquire(self, grid_id: int, owner: str, take_over: bool) -> int | None:
         now = time.time()
         s = t.searches
+        free = (s.c.lock_owner.is_(None)) | (s.c.lock_until < now)
         with write_tx(self.engine) as conn:
             row = conn.execute(
-                update(s).where(s.c.grid_id == grid_id, s.c.state == "running",
-                                (s.c.lock_owner.is_(None)) | (s.c.lock_until < now))
+                update(s).where(s.c.grid_id == grid_id, s.c.state == "running", *([] if take_over else [free]))
                 .values(lock_owner=owner, lock_until=now + LEASE_SECONDS).returning(s.c.wake)
             ).first()
-            if row is None:  # busy (or done): make the holder look again before it lets go
-                conn.execute(update(s).where(s.c.grid_id == grid_id, s.c.state == "running")
-                             .values(wake=s.c.wake + 1))
-                return None
+        if row is None:  # busy (or done): make the holder look again before it lets go
+            self._wake(grid_id)
+            return None
         return row.wake
+
+    def _wake(self, grid_id: int) -> None:
+        s = t.searches
+        with write_tx(self.engine) as conn:
+            conn.execute(update(s).where(s.c.grid_id == grid_id, s.c.state == "running").values(wake=s.c.wake + 1))
 
     def _release(self, grid_id: int, owner: str, seen: int | None, done: bool) -> bool:
         s = t.searches
@@ -202,14 +249,14 @@ class Searches:
         for point_job in expand(spec):
             point = Point(point_job, study_name(grid_id, grid.created_at, point_job.key))
             study = self._study(grid_id, point, search)
-            self._tell(grid_id, point, study, search)
+            self._tell(grid_id, owner, point, study, search)
             self._adopt(grid_id, owner, spec, point, study)
             if grid.state == "active":
                 self._ask(grid_id, owner, spec, point, study, parallel)
             done &= self._point_done(grid_id, point, search, grid.state)
         return done
 
-    def _tell(self, grid_id: int, point: Point, study, search: SearchSpec) -> None:
+    def _tell(self, grid_id: int, owner: str, point: Point, study, search: SearchSpec) -> None:
         """Tell the sampler each trial whose job ended (or that has no job); then mark it told."""
         from optuna.trial import TrialState
 
@@ -228,6 +275,7 @@ class Searches:
             study.tell(row.number, value if state == "COMPLETE" else None, state=TrialState[state],
                        skip_if_finished=True)
             with write_tx(self.engine) as conn:
+                self._fence(conn, grid_id, owner)
                 conn.execute(update(st).where(st.c.id == row.id, st.c.told.is_(None)).values(told=state, value=value))
 
     def _adopt(self, grid_id: int, owner: str, spec: GridSpec, point: Point, study) -> None:
@@ -241,7 +289,7 @@ class Searches:
             if trial.number not in known:
                 complete = set(trial.params) == set(spec.search.space)  # a crash mid-ask leaves some out
                 self._store(grid_id, owner, spec, point, trial.number, trial.params if complete else None)
-        self._tell(grid_id, point, study, spec.search)
+        self._tell(grid_id, owner, point, study, spec.search)
 
     def _ask(self, grid_id: int, owner: str, spec: GridSpec, point: Point, study, parallel: int) -> None:
         search = spec.search
@@ -256,7 +304,7 @@ class Searches:
                 want -= 1
             else:  # a duplicate (told the known result now, if there is one) or over budget
                 duplicates += 1
-                self._tell(grid_id, point, study, search)
+                self._tell(grid_id, owner, point, study, search)
 
     def _store(self, grid_id: int, owner: str, spec: GridSpec, point: Point, number: int,
                params: dict[str, Any] | None) -> str:

@@ -84,6 +84,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
         console.print(f"requeued {requeued} job(s) left running by an earlier run (resuming from checkpoints)")
     searches = Searches(engine, external_id=external_id, fuse_key=fuse_key) if spec.search is not None else None
     if searches is not None:  # the first trials (or, after an interrupted run, what it left untold)
+        searches.clear_lease(submitted.grid_id)  # an earlier run killed mid-advance held it; we hold the run lock
         searches.advance(submitted.grid_id)
     out_dir = settings.home / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)

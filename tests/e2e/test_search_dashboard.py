@@ -7,22 +7,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from common.db import make_engine
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
 from scheduler.search import Searches
+from tests.e2e import test_dashboard
 from tests.e2e.processes import ok
-from tests.e2e.test_dashboard import TIMEOUT_MS, browser  # noqa: F401 - the browser fixture
 from worker.trainers.objective import Config, value
 
+browser = test_dashboard.browser  # the fixture: Debian's chromium, headless
+TIMEOUT_MS = test_dashboard.TIMEOUT_MS
 GRID = "dash-search"
 N_TRIALS = 6
 
 
-@pytest.mark.usefixtures("browser")
-def test_the_dashboard_shows_a_search(fleet, tmp_path, browser):  # noqa: F811 - the imported fixture
+def test_the_dashboard_shows_a_search(fleet, tmp_path, browser):
     db_url = f"sqlite:///{tmp_path / 'gridfleet.db'}"
     server = fleet.start_server(db_url)
     ok(server.api.post("/grids", json={"name": GRID, "trainer": "objective", "search": {

@@ -183,18 +183,32 @@ def test_a_trial_asked_but_never_stored_gets_its_job(engine):
     assert all(tr.state.name == "COMPLETE" for tr in study.get_trials())
 
 
-def test_a_held_lease_makes_others_wait_and_wakes_the_holder(engine):
+def test_a_live_holder_makes_others_wait_and_wakes_it_a_dead_one_does_not(engine):
+    """SQLite: the lease decides; a dead holder's lease must run out. Postgres: the holder's session advisory
+    lock decides; a holder whose connection died (an API killed with SIGKILL) leaves it at once."""
+    from sqlalchemy import text
+
+    from scheduler.search import ADVISORY_SPACE
+
     spec = search_grid(name="lease", n_trials=5, sampler="random")
     grid_id = submit_grid(engine, spec, validate_config).grid_id
     with engine.begin() as conn:  # another process holds the asking lease
         conn.execute(update(t.searches).values(lock_owner="other", lock_until=9e12))
+    holder = None
+    if engine.dialect.name == "postgresql":  # ... and, being alive, its advisory lock
+        holder = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        assert holder.execute(text("SELECT pg_try_advisory_lock(:s, :g)"), {"s": ADVISORY_SPACE, "g": grid_id}).scalar()
     searches = Searches(engine)
     assert searches.advance(grid_id) is False
     assert jobs_of(engine, grid_id) == []
     with engine.connect() as conn:
         assert conn.execute(select(t.searches.c.wake)).scalar() == 1  # the holder looks again before it lets go
-    with engine.begin() as conn:  # the holder died: its lease runs out
-        conn.execute(update(t.searches).values(lock_until=0.0))
+    if holder is not None:
+        holder.invalidate()  # the holder dies: its connection goes, and the server drops its lock
+        holder.close()
+    else:
+        with engine.begin() as conn:  # the holder dies: on SQLite its lease has to run out
+            conn.execute(update(t.searches).values(lock_until=0.0))
     assert searches.advance(grid_id) is True
     assert len(jobs_of(engine, grid_id)) == 3
 
