@@ -59,11 +59,19 @@ def random_search_bests() -> list[float]:
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
-def test_tpe_by_four_workers_beats_random_through_an_api_restart(db_url, fleet):
+def test_tpe_by_four_workers_beats_random_through_an_api_restart(db_url, fleet, tmp_path):
     server = fleet.start_server(db_url)
     names = {seed: f"tpe-{seed}" for seed in SEEDS}
-    for seed, name in names.items():
-        assert ok(server.api.post("/grids", json=search_grid(name, "tpe", seed)))["total"] == N_TRIALS
+    first, *others = SEEDS
+    assert ok(server.api.post("/grids", json=search_grid(names[first], "tpe", first)))["total"] == N_TRIALS
+    for seed in others:  # the others as a user submits a file
+        path = tmp_path / f"{names[seed]}.yaml"
+        path.write_text(yaml.safe_dump(search_grid(names[seed], "tpe", seed)))
+        submitted = subprocess.run([*gridfleet_cmd(), "submit", str(path), "--server", server.url],
+                                   env=fleet.env(GRIDFLEET_TOKEN=server.admin_token), cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert f"grid {names[seed]}: a tpe search of {N_TRIALS} trials" in submitted.stdout, submitted.stdout
     for i in range(4):
         fleet.start_worker(server, f"w{i}")
 
