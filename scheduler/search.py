@@ -103,14 +103,17 @@ class Searches:
         try:
             if not job_ids or not self._running_searches():
                 return
+            st = t.search_trials
             with read_tx(self.engine) as conn:
-                grid_ids = conn.execute(
-                    select(t.searches.c.grid_id).where(
-                        t.searches.c.state == "running",
-                        t.searches.c.grid_id.in_(select(t.jobs.c.grid_id).where(t.jobs.c.id.in_(job_ids))))
-                    .order_by(t.searches.c.grid_id)).scalars().all()
-            for grid_id in grid_ids:
-                self.advance(grid_id)
+                rows = conn.execute(
+                    select(st.c.grid_id, st.c.point).distinct()
+                    .join(t.searches, t.searches.c.grid_id == st.c.grid_id)
+                    .where(st.c.job_id.in_(job_ids), t.searches.c.state == "running")).all()
+            points: dict[int, set[str]] = {}
+            for row in rows:
+                points.setdefault(row.grid_id, set()).add(row.point)
+            for grid_id in sorted(points):  # only the finished jobs' points: the timer looks at all of them
+                self.advance(grid_id, points[grid_id])
         except Exception:  # noqa: BLE001 - logged; the search goes on at the next advance
             log.exception("advancing the search after finishing job(s) %s failed; it is retried later", job_ids)
 
@@ -127,22 +130,23 @@ class Searches:
         """A search was just submitted here: the next finish hook reads the running searches again."""
         self._running = (0.0, frozenset())
 
-    def advance(self, grid_id: int) -> bool:
-        """Tell, adopt and ask for one grid. False when another caller holds the lease (it will look again)."""
+    def advance(self, grid_id: int, points: set[str] | None = None) -> bool:
+        """Tell, adopt and ask for one grid (`points`: only those points' searches, by point key; None: all).
+        False when another caller holds the lease (it will look again)."""
         with self._session_lock(grid_id) as locked:
             if locked is False:  # a live holder (Postgres knows): make it look again before it lets go
                 self._wake(grid_id)
                 return False
-            return self._advance_leased(grid_id, take_over=locked is True)
+            return self._advance_leased(grid_id, points, take_over=locked is True)
 
-    def _advance_leased(self, grid_id: int, take_over: bool) -> bool:
+    def _advance_leased(self, grid_id: int, points: set[str] | None, take_over: bool) -> bool:
         owner = uuid.uuid4().hex
         seen = self._acquire(grid_id, owner, take_over)
         if seen is None:
             return False
         try:
             for round_ in range(1, MAX_ROUNDS + 1):
-                done = self._advance_held(grid_id, owner)
+                done = self._advance_held(grid_id, owner, points if round_ == 1 else None)  # woken: look at all
                 if self._release(grid_id, owner, None if round_ == MAX_ROUNDS else seen, done):
                     return True
                 seen = self._wake_seen(grid_id, owner)  # woken while busy: look once more
@@ -233,7 +237,7 @@ class Searches:
             raise LostLease(grid_id)
 
     # ---- one advance -----------------------------------------------------------------------------
-    def _advance_held(self, grid_id: int, owner: str) -> bool:
+    def _advance_held(self, grid_id: int, owner: str, only: set[str] | None) -> bool:
         """Returns True when every point's search is finished (n_trials jobs, all ended and told)."""
         with read_tx(self.engine) as conn:
             grid = conn.execute(select(t.grids.c.spec, t.grids.c.state, t.grids.c.created_at)
@@ -248,6 +252,9 @@ class Searches:
         done = True
         for point_job in expand(spec):
             point = Point(point_job, study_name(grid_id, grid.created_at, point_job.key))
+            if only is not None and point_job.key not in only:
+                done &= self._point_done(grid_id, point, search, grid.state)
+                continue
             study = self._study(grid_id, point, search)
             self._tell(grid_id, owner, point, study, search)
             self._adopt(grid_id, owner, spec, point, study)
