@@ -2,7 +2,8 @@
 so far, and every trial's config becomes an ordinary job of the grid (same identity, dedup and fences).
 
 How to read it: `Searches.advance(grid_id)` is the whole loop for one grid, top to bottom. It takes the grid's
-asking lease (searches.lock_owner/lock_until), then for each point (an axis point and seed; a grid without
+asking lease (searches.lock_owner/lock_until; on Postgres under a session advisory lock, so a holder that
+died gives way at once), then for each point (an axis point and seed; a grid without
 axes has one) runs `_tell` (finished jobs -> the sampler), `_adopt` (trials asked but never stored: a crash
 between the two) and `_ask` (new trials, up to `parallel` in flight and `n_trials` in all), and hands the
 lease back. All state is in the database (Optuna's study tables + searches/search_trials + jobs), so any
