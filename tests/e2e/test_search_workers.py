@@ -3,13 +3,15 @@ agents run two 40-trial TPE searches of the objective trainer's quadratic at onc
 killed with SIGKILL mid-search and started again, and every search still ends with exactly 40 jobs, no
 config run twice, each job run by one attempt, and a better best on average than 40 random trials (random
 search over eight seeds, in memory here: it needs no workers to be random, and that halves the test).
-`gridfleet run` (embedded, SQLite) runs a search to its end too, and `gridfleet status` shows it.
+`gridfleet run` (embedded, SQLite), stopped mid-search and run again, ends its search with exactly n_trials
+jobs too, and `gridfleet status` shows it.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -101,22 +103,47 @@ def test_tpe_by_four_workers_beats_random_through_an_api_restart(db_url, fleet, 
     fleet.assert_clean()
 
 
-def test_gridfleet_run_runs_a_search_to_its_end(tmp_path, fleet):
+def test_gridfleet_run_stopped_mid_search_continues_to_its_end(tmp_path, fleet):
+    """`gridfleet run` (SQLite, two local workers) is stopped with SIGTERM (as Ctrl-C) while trials run: the
+    running trials are released as preempted; the same command again finishes the search with exactly
+    n_trials jobs, each config succeeded once."""
     grid = search_grid("embedded", "tpe", 7)
+    grid["config"]["seconds"] = 0.5  # long enough to stop it mid-trial
     grid["search"].update(n_trials=10, parallel=2, space={**SPACE, "kind": {"type": "categorical",
                                                                             "choices": ["flat", "bump"]}})
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     env = fleet.env(GRIDFLEET_HOME=str(tmp_path / "home"))
-    run = subprocess.run([*gridfleet_cmd(), "run", str(path), "--workers", "2"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "a tpe search of 10 trials" in run.stdout
-    assert "search: tpe: 10/10 trials done, 0 in flight (minimize loss, finished)" in run.stdout, run.stdout
+    run = [*gridfleet_cmd(), "run", str(path), "--workers", "2"]
+    first = fleet.spawn("run-1", run, env)
+    database = tmp_path / "home" / "gridfleet.db"
+
+    def succeeded() -> int:
+        if not database.exists():
+            return 0
+        with sqlite3.connect(database) as conn:  # read-only peek; WAL lets it read beside the writers
+            try:
+                return conn.execute("SELECT count(*) FROM jobs WHERE state = 'succeeded'").fetchone()[0]
+            except sqlite3.OperationalError:  # not migrated yet
+                return 0
+
+    fleet.wait_for(lambda: succeeded() >= 3 or not first.alive(), "three trials of the first run to finish")
+    first.send(signal.SIGTERM)
+    assert first.wait(120) == 3, first.tail()  # 3: not finished, run again to continue
+    assert "not finished: run the same command again" in first.tail(200), first.tail(200)
+    assert succeeded() < 10
+
+    again = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "a tpe search of 10 trials" in again.stdout
+    assert "search: tpe: 10/10 trials done, 0 in flight (minimize loss, finished)" in again.stdout, again.stdout
     status = subprocess.run([*gridfleet_cmd(), "status", "embedded", "--json"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     out = json.loads(status.stdout)
     assert out["grid"]["search"]["done"] == 10 and len(out["results"]) == 10
     assert len({json.dumps(r["config"], sort_keys=True) for r in out["results"]}) == 10
-    assert all(r["state"] == "succeeded" and r["attempts"] == 1 for r in out["results"])
+    assert all(r["state"] == "succeeded" for r in out["results"])
+    with sqlite3.connect(database) as conn:
+        outcomes = dict(conn.execute("SELECT outcome, count(*) FROM attempts GROUP BY outcome").fetchall())
+    assert outcomes.get("succeeded") == 10 and set(outcomes) <= {"succeeded", "preempted"}, outcomes
