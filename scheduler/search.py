@@ -393,9 +393,14 @@ class Searches:
         with read_tx(self.engine) as conn:  # a fresh sampler seed per advance: the same seed would repeat draws
             asked = conn.execute(select(func.count()).select_from(st)
                                  .where(st.c.grid_id == grid_id, st.c.point == point.job.key)).scalar_one()
-        seed = _seed(search.seed, point.job.key, asked)
+        sampler = _sampler(search, _seed(search.seed, point.job.key, asked))
+        if asked:  # reading it is enough (create_study tries an INSERT first: a write on every advance)
+            try:
+                return optuna.load_study(storage=self.storage(), study_name=point.study_name, sampler=sampler)
+            except KeyError:  # not there after all: create it below
+                pass
         return optuna.create_study(storage=self.storage(), study_name=point.study_name, direction=search.direction,
-                                   sampler=_sampler(search, seed), load_if_exists=True)
+                                   sampler=sampler, load_if_exists=True)
 
     def close(self) -> None:
         """Close Optuna's connections (the engine's own are the caller's)."""
