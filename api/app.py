@@ -12,6 +12,8 @@ from api.routes import grids, health, jobs, workers
 from common.db import is_sqlite, make_engine, migrate
 from common.settings import Settings
 from scheduler.policy import RetryPolicy
+from scheduler.search import SearchLoop, Searches
+from worker import trainers
 
 log = logging.getLogger("gridfleet.api")
 API_PREFIX = "/api/v1"
@@ -48,9 +50,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if bootstrap_admin(engine, settings) == "missing":
         log.warning("no admin token exists: set GRIDFLEET_ADMIN_TOKEN, or run `gridfleet token create --role admin`")
 
+    searches = Searches(engine, external_id=trainers.external_id, fuse_key=trainers.fuse_key)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # Searches go on after a restart: the loop's first round adopts trials asked but not stored and tells
+        # results not yet told (scheduler/search.py).
+        loop = SearchLoop(searches, settings.search_interval).start() if settings.search_interval > 0 else None
         yield
+        if loop is not None:
+            loop.stop()
+        searches.close()
         engine.dispose()
 
     app = FastAPI(
@@ -68,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                        api_prefix=API_PREFIX)
     app.state.queue = metrics.CountedQueue(engine, RetryPolicy.from_settings(settings), expiry_grace_seconds=grace,
                                            metrics=app.state.metrics)
+    app.state.searches = searches
     app.state.token_cache = tokens.TokenCache(ttl=TOKEN_CACHE_SECONDS)
     app.state.worker_secrets = {}  # worker id -> secret hash (api/worker_secrets.py)
     errors.install(app)

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from common.settings import Settings
 from scheduler.queue import Queue
+from scheduler.search import Searches
 
 
 async def get_engine(request: Request) -> Engine:
@@ -22,3 +23,7 @@ async def get_queue(request: Request) -> Queue:
 
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+async def get_searches(request: Request) -> Searches:
+    return request.app.state.searches

@@ -128,6 +128,10 @@ def submit(
     with client:
         reply = api_request(client, url, "POST", "/grids", content=body,
                          headers={"Content-Type": "application/json"}).json()
+    if isinstance(data.get("search"), dict):  # its jobs come from the sampler, a few at a time
+        typer.echo(f"grid {reply['name']}: a {data['search'].get('sampler', 'tpe')} search of {reply['total']} trials "
+                   f"(`gridfleet status {reply['name']}` shows how far it got)")
+        return
     typer.echo(f"grid {reply['name']}: {reply['created']} created, {reply['existing']} already existed")
 
 

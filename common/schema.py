@@ -96,6 +96,40 @@ Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 # A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order.
 Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
 
+# A grid's `search:` (scheduler/search.py). The sampler's own state lives in Optuna's tables (same database);
+# these rows tie its trials to our jobs and serialize the asking. One row per search grid: a lease on
+# asking (holder, until) and `wake`, bumped by anyone who wants the holder to look again.
+searches = Table(
+    "searches",
+    metadata,
+    Column("grid_id", Integer, ForeignKey("grids.id", ondelete="CASCADE"), primary_key=True),
+    Column("lock_owner", String(32)),
+    Column("lock_until", Float, nullable=False, default=0.0),
+    Column("wake", Integer, nullable=False, default=0),
+    Column("state", String(20), nullable=False, default="running"),  # running | done
+    Column("updated_at", Float, nullable=False),
+)
+
+# One row per Optuna trial of a point's study (`point`: the key of the axis point it searches around).
+# `job_id`: the job that runs its config; `duplicate`: that job belongs to another trial (the config was
+# suggested twice: it runs once, both trials are told its result). `told`: the state told to the sampler.
+search_trials = Table(
+    "search_trials",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("grid_id", Integer, ForeignKey("grids.id", ondelete="CASCADE"), nullable=False),
+    Column("point", String(64), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE")),
+    Column("duplicate", Boolean, nullable=False, default=False),
+    Column("told", String(20)),  # NULL until told: COMPLETE | FAIL | PRUNED
+    Column("value", Float),
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("grid_id", "point", "number", name="uq_search_trials_number"),
+    Index("ix_search_trials_grid_told", "grid_id", "told"),
+    Index("ix_search_trials_job", "job_id"),
+)
+
 attempts = Table(
     "attempts",
     metadata,

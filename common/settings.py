@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     expiry_grace_after_start: float | None = Field(default=None, ge=0.0)
     # The most jobs one gang claim may take (POST /workers/{id}/claim's max_jobs; docs/gang_claims.md).
     max_gang_jobs: int = Field(default=64, ge=1, le=1024)
+    # How often the API (and `gridfleet run`) looks at every unfinished search besides after each finish
+    # (docs/searches.md); 0: only after finishes and submits.
+    search_interval: float = Field(default=2.0, ge=0.0)
 
     # API
     host: str = "127.0.0.1"

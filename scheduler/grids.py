@@ -14,7 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from common import schema as t
 from common.db import is_sqlite, write_tx
 from scheduler.queue import ANALYZE_AFTER_ROWS, refresh_planner_stats
-from scheduler.spec import ConfigValidator, GridError, GridSpec, canonical_json, expand, job_key, validate_jobs
+from scheduler.spec import (ConfigValidator, GridError, GridSpec, JobSpec, canonical_json, expand, job_key,
+                            search_probes, validate_jobs)
 
 ExternalId = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> the id its users know
 FuseKey = Callable[[str, dict[str, Any]], "str | None"]  # (trainer, config) -> jobs sharing it may form a gang
@@ -90,7 +91,16 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
     first; a done job that is already there is imported only if it never ran (queued, no attempt), and
     otherwise skipped and listed in `skipped`."""
     jobs = expand(spec)  # may raise GridError; nothing is written before validation passes
-    validate_jobs(spec, jobs, validate_config)
+    if spec.search is not None:
+        # A search grid's jobs come from its sampler (scheduler/search.py); `jobs` are its points, checked here
+        # at the ends of the searched ranges, and stored as jobs only when a trial asks for them.
+        if done:
+            raise GridError("done", "a search grid's jobs come from its sampler; import results into a plain grid")
+        validate_jobs(spec, search_probes(spec, jobs), validate_config)
+        planned, jobs = len(jobs) * spec.search.n_trials, []
+    else:
+        validate_jobs(spec, jobs, validate_config)
+        planned = len(jobs)
     done_by_key = _done_by_key(spec, {job.key for job in jobs}, done or [])
     external = _per_config(spec.trainer, jobs, external_id) if external_id else {}
     fuse_keys = _per_config(spec.trainer, jobs, fuse_key) if fuse_key else {}
@@ -138,18 +148,14 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
                 .values(spec=spec_json, objective=spec.objective, updated_at=now)
             )
             existing_keys = set(conn.execute(select(t.jobs.c.key).where(t.jobs.c.grid_id == grid_id)).scalars())
-        rows = [
-            {
-                "grid_id": grid_id, "key": job.key, "trainer": spec.trainer, "config": job.config,
-                "seed": job.seed, "priority": spec.priority, "gpus": spec.resources.gpus,
-                "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
-                "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
-                "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
-                "external_id": external.get(job.key), "fuse_key": fuse_keys.get(job.key),
-            }
-            for job in jobs
-            if job.key not in existing_keys
-        ]
+        rows = [job_row(spec, grid_id, job, now, external.get(job.key), fuse_keys.get(job.key))
+                for job in jobs if job.key not in existing_keys]
+        if spec.search is not None:
+            dialect_insert = sqlite.insert if is_sqlite(engine) else postgresql.insert
+            conn.execute(dialect_insert(t.searches).values(grid_id=grid_id, lock_until=0.0, wake=0, state="running",
+                                                           updated_at=now)
+                         .on_conflict_do_update(index_elements=["grid_id"], set_={"state": "running",
+                                                                                   "updated_at": now}))
         created, imported_ids = 0, []
         if rows:
             # A concurrent POST of the same grid may have inserted some keys: skip them, never duplicate,
@@ -178,7 +184,20 @@ def submit_grid(engine: Engine, spec: GridSpec, validate_config: ConfigValidator
             log.warning("ANALYZE jobs after adding %d jobs failed: %s", created,
                         type(getattr(exc, "orig", None) or exc).__name__)
     return SubmitResult(grid_id=grid_id, name=spec.name, created=created, existing=len(jobs) - created,
-                        total=len(jobs), new_grid=new_grid, imported=len(imported_ids), skipped=skipped)
+                        total=planned, new_grid=new_grid, imported=len(imported_ids), skipped=skipped)
+
+
+def job_row(spec: GridSpec, grid_id: int, job: JobSpec, now: float, external_id: str | None = None,
+            fuse_key: str | None = None) -> dict[str, Any]:
+    """A new queued job of the grid, as submit stores it (a search's trials are stored through this too)."""
+    return {
+        "grid_id": grid_id, "key": job.key, "trainer": spec.trainer, "config": job.config,
+        "seed": job.seed, "priority": spec.priority, "gpus": spec.resources.gpus,
+        "resources": spec.resources.model_dump(), "code_rev": spec.code_rev, "store": spec.store, "state": "queued",
+        "not_before": 0.0, "cancel_requested": False, "max_attempts": spec.max_attempts,
+        "attempts": 0, "errors": 0, "losses": 0, "preemptions": 0, "created_at": now,
+        "external_id": external_id, "fuse_key": fuse_key,
+    }
 
 
 def _done_values(item: DoneJob) -> dict[str, Any]:

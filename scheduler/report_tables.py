@@ -28,7 +28,8 @@ def swept_keys(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]
     """The grid's axes (as its spec names them), else the config keys that differ between its jobs (an
     imported grid lists its configs instead of axes)."""
     spec = summary.get("spec") or {}
-    keys = [*(spec.get("axes") or {}), *(k for group in spec.get("zip") or [] for k in group)]
+    keys = [*(spec.get("axes") or {}), *(k for group in spec.get("zip") or [] for k in group),
+            *((spec.get("search") or {}).get("space") or {})]
     if len({r["seed"] for r in rows}) > 1:
         keys.append("seed")
     return keys or data.differing_keys(rows)
@@ -74,6 +75,24 @@ def _header(key: str, keys: list[str]) -> str:
     return leaf if sum(k.rsplit(".", 1)[-1] == leaf for k in keys) == 1 else key
 
 
+def search_text(search: dict[str, Any] | None) -> str:
+    """A grid's search in a line: sampler, trials done of n_trials, in flight, best value and its params."""
+    if not search:
+        return "-"
+    text = (f"{search['sampler']}: {search['done']}/{search['n_trials']} trials done, {search['in_flight']} in flight"
+            f" ({search['direction']} {search['metric']}{', finished' if search['state'] == 'done' else ''})")
+    best = search.get("best")
+    if best:
+        params = " ".join(f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in best["params"].items())
+        text += f"; best {fmt(best['value'])} (trial {best['trial']}, job {best['job_id']}: {params})"
+    return text
+
+
+def _total(g: dict[str, Any]) -> str:
+    search = g.get("search")  # a search grid: jobs so far of the trials it will run
+    return f"{g['total']}/{search['n_trials']}" if search else str(g["total"])
+
+
 def grids_table(grids: list[dict[str, Any]]):
     from rich.table import Table
 
@@ -84,7 +103,7 @@ def grids_table(grids: list[dict[str, Any]]):
         table.add_column(column, justify="right" if column in (*JOB_STATES, "total", "progress") else "left")
     for g in grids:
         table.add_row(g["name"], g["trainer"], g["state"], *(str(g["counts"][s]) for s in JOB_STATES),
-                      str(g["total"]), f"{100 * g['progress']:.1f}%", best_text(g["best"]))
+                      _total(g), f"{100 * g['progress']:.1f}%", best_text(g["best"]))
     return table
 
 
@@ -102,6 +121,8 @@ def summary_table(summary: dict[str, Any]):
     head.add_row("jobs", f"{summary['total']} total: " + ", ".join(f"{summary['counts'][s]} {s}" for s in JOB_STATES))
     head.add_row("progress", f"{100 * summary['progress']:.1f}%")
     head.add_row("best", best_text(summary["best"]))
+    if summary.get("search"):
+        head.add_row("search", search_text(summary["search"]))
     if summary.get("parent"):
         head.add_row("refined from", f"{summary['parent']['name']} (grid {summary['parent']['id']})")
     if summary.get("children"):

@@ -12,6 +12,7 @@ from common import schema as t
 from common.db import read_tx
 from scheduler.grids import NotFound, grid_id_by_name
 from scheduler.policy import JOB_STATES, TERMINAL_STATES
+from scheduler.search import search_summary
 
 
 def _loads(value):
@@ -59,18 +60,21 @@ def grid_summary(engine: Engine, grid: str | int) -> dict[str, Any]:
             if g["parent_id"] is not None else None
         children = conn.execute(select(t.grids.c.id, t.grids.c.name).where(t.grids.c.parent_id == grid_id)
                                 .order_by(t.grids.c.id)).all()
+        search = search_summary(conn, grid_id, _loads(g["spec"]))  # None unless the grid has a `search:`
     total = sum(counts.values())
     done = sum(counts.get(s, 0) for s in TERMINAL_STATES)
     partial = sum(min(1.0, (d or 0) / tot) for d, tot in running if tot)
+    planned = max(total, search["n_trials"]) if search and search["state"] != "done" else total  # trials to come
     return {
         "id": g["id"], "name": g["name"], "trainer": g["trainer"], "state": g["state"],
         "objective": g["objective"], "priority": g["priority"], "created_at": g["created_at"],
         "total": total, "counts": {s: counts.get(s, 0) for s in JOB_STATES},
-        "progress": (done + partial) / total if total else 1.0,
+        "progress": (done + partial) / planned if planned else 1.0,
         "best": _best(finished, g["objective"]),
         # `gridfleet refine` links a follow-up grid to the grid it took its best configs from.
         "parent": {"id": parent.id, "name": parent.name} if parent else None,
         "children": [{"id": c.id, "name": c.name} for c in children],
+        "search": search,
         "spec": _loads(g["spec"]),
     }
 

@@ -7,6 +7,10 @@ configs; a numeric part indexes an existing list ("block_types.1.0").
 `sample` (seed 000's random-network runners): n draws of `params`, each a distribution, advanced together
 like a zip group. Draw i of key k comes from its own generator seeded by sha256(seed, i, k), so the
 same spec always expands to the same configs (and job keys), and adding a key leaves the others' draws.
+
+`search` (docs/searches.md): a sampler asks for configs as results come in (scheduler/search.py). Here only
+its spec, `SearchSpec`: with a search, `expand` gives the *points* (each axis point and seed), and each
+point gets its own search of `n_trials` trials over `space`.
 """
 from __future__ import annotations
 
@@ -132,6 +136,129 @@ class SampleSpec(BaseModel):
         return out
 
 
+SEARCH_SAMPLERS = ("tpe", "random", "cmaes", "grid")
+MAX_TRIALS = 10_000
+MAX_GRID_POINTS = 1_000_000  # past this a finite space is treated as unbounded (no exhaustion check)
+METRIC_PATTERN = r"^[A-Za-z0-9_./-]{1,100}$"
+
+
+class SearchParam(BaseModel):
+    """One searched key: float or int in [low, high] (log scale, or a step), or categorical `choices`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("a categorical parameter takes only `choices` (no low, high, step or log)")
+            for value in self.choices:
+                if value is not None and not isinstance(value, (bool, int, float, str)) or \
+                        isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"choices must be null, booleans, numbers or strings; got {value!r}")
+            if len({canonical_json(v) for v in self.choices}) != len(self.choices):
+                raise ValueError("choices has duplicates")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} parameter takes low and high, not choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} parameter needs both low and high")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.low > self.high:
+            raise ValueError(f"needs finite low <= high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs 0 < low")
+        if self.log and self.step is not None:
+            raise ValueError("give log or step, not both")
+        if self.type == "int":
+            for name in ("low", "high", "step"):
+                value = getattr(self, name)
+                if value is not None and (abs(value) > 2**53 or value != int(value)):
+                    raise ValueError(f"an int parameter needs a whole {name} of at most 2**53, got {value}")
+        return self
+
+    def values(self) -> list[Any] | None:
+        """Every value the parameter can take when there are finitely many (categorical, int, stepped float)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "float" and self.step is None:
+            return None
+        step = self.step or 1
+        span = (self.high - self.low) / step  # may overflow to inf for extreme bounds: then unbounded
+        if not math.isfinite(span) or span >= MAX_GRID_POINTS:
+            return None
+        count = int(math.floor(span + 1e-9)) + 1
+        if self.type == "int":
+            return [int(self.low) + i * int(step) for i in range(count)]
+        return [self.low + i * step for i in range(count)]
+
+    def probes(self) -> list[Any]:
+        """Values worth validating against the trainer's Config at POST: the ends, or every choice."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        ends = [self.low, self.high]
+        return [int(v) for v in ends] if self.type == "int" else ends
+
+
+class SearchSpec(BaseModel):
+    """`search:` of a grid. `metric`/`direction` default to the grid's `objective` ("min:loss")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sampler: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
+    n_trials: int = Field(ge=1, le=MAX_TRIALS)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    metric: str | None = Field(default=None, pattern=METRIC_PATTERN)
+    direction: Literal["minimize", "maximize"] | None = None
+    space: dict[str, SearchParam] = Field(min_length=1, max_length=100)
+    # Trials in flight at once per point; None: as many as workers were seen in the last minute (at least 1).
+    parallel: int | None = Field(default=None, ge=1, le=1024)
+    constant_liar: bool = True  # tpe: running trials count as bad results, so parallel asks spread out
+    startup_trials: int | None = Field(default=None, ge=0, le=MAX_TRIALS)  # tpe/cmaes: random trials first
+
+    @field_validator("space")
+    @classmethod
+    def _keys(cls, space):
+        for key in space:
+            if not key or len(key) > 200 or any(part == "" for part in key.split(".")):
+                raise ValueError(f"'{key}' is not a config key (dotted path, at most 200 characters)")
+        return space
+
+    @model_validator(mode="after")
+    def _sampler_fits_space(self):
+        for key, param in self.space.items():
+            if self.sampler == "cmaes" and param.type == "categorical":
+                raise ValueError(f"space.{key}: cmaes searches float and int parameters only; "
+                                 "use tpe or random for categorical ones")
+            if self.sampler == "grid" and param.values() is None:
+                raise ValueError(f"space.{key}: the grid sampler needs finitely many values "
+                                 "(categorical, int, or float with a step)")
+        size = self.space_size()
+        if size is not None and self.n_trials > size:
+            raise ValueError(f"n_trials: the space has only {size} distinct configs; n_trials is {self.n_trials}")
+        return self
+
+    def space_size(self) -> int | None:
+        """The number of distinct points in the space, or None when it is unbounded."""
+        size = 1
+        for param in self.space.values():
+            values = param.values()
+            if values is None:
+                return None
+            size *= len(values)
+            if size > MAX_GRID_POINTS:
+                return None
+        return size
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(extra="allow")  # free-form extras (e.g. gpu_memory_gb) ride along
     gpus: float = Field(default=0.0, ge=0.0, le=64.0)
@@ -207,6 +334,8 @@ class GridSpec(BaseModel):
     parent: str | None = Field(default=None, pattern=NAME_PATTERN)
     # Early stopping of hopeless configs (docs/early_stopping.md).
     prune: PruneSpec | None = None
+    # A sampler's search instead of (or beside: one search per axis point) the cartesian product.
+    search: SearchSpec | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -294,6 +423,39 @@ class GridSpec(BaseModel):
         if prune.mode is None:
             prune.mode = parts[0] if parts and parts[1] == prune.metric else "min"
         return prune
+    @field_validator("search")
+    @classmethod
+    def _search_fits_grid(cls, search, info: ValidationInfo):
+        if search is None:
+            return search
+        swept = set(info.data.get("axes") or {})
+        for group in info.data.get("zip") or []:
+            swept.update(group)
+        sample = info.data.get("sample")
+        swept.update(sample.params if sample is not None else ())
+        for key in search.space:
+            if key in swept:
+                raise ValueError(f"space.{key}: the key is both searched and swept (in axes, zip or sample)")
+        # The search's metric and direction and the grid's objective are one thing: either gives the other.
+        objective = info.data.get("objective")
+        parts = tuple(objective.split(":", 1)) if objective else None
+        if search.metric is None:
+            if parts is None:
+                raise ValueError("metric: name the result key to optimise (or give the grid an objective such "
+                                 "as 'min:loss')")
+            search.metric = parts[1]
+        if search.direction is None:
+            search.direction = "maximize" if parts is not None and parts[0] == "max" else "minimize"
+        if parts is not None and parts != (search.direction[:3], search.metric):
+            raise ValueError(f"metric: the search optimises {search.direction} {search.metric} but the grid's "
+                             f"objective is '{objective}'; make them agree")
+        return search
+
+    @model_validator(mode="after")
+    def _objective_from_search(self):
+        if self.search is not None and self.objective is None:  # results then rank the way the search does
+            self.objective = f"{self.search.direction[:3]}:{self.search.metric}"
+        return self
 
     @property
     def objective_parts(self) -> tuple[str, str] | None:
@@ -310,6 +472,8 @@ class GridSpec(BaseModel):
             count *= len(next(iter(group.values())))
         if self.sample is not None:
             count *= self.sample.n
+        if self.search is not None:
+            count *= self.search.n_trials
         return count
 
 
@@ -410,6 +574,32 @@ def expand(spec: GridSpec) -> list[JobSpec]:
                 seen.add(key)
                 jobs.append(JobSpec(key=key, config=config, seed=seed))
     return jobs
+
+
+def with_params(config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `config` with each searched key (a dotted path, as axes) set to its value."""
+    out = copy.deepcopy(config)
+    for key, value in params.items():
+        _set_path(out, key, copy.deepcopy(value))
+    return out
+
+
+def search_probes(spec: GridSpec, points: list[JobSpec]) -> list[JobSpec]:
+    """Configs to validate a search grid with at POST: each point with one searched key at a time at each
+    of its ends (or choices), the others at their low end. A trial's config lies between them."""
+    assert spec.search is not None
+    space = spec.search.space
+    lows = {key: param.probes()[0] for key, param in space.items()}
+    probes = []
+    for point in points:
+        for key, param in space.items():
+            for value in param.probes():
+                try:
+                    config = with_params(point.config, {**lows, key: value})
+                except GridError as exc:
+                    raise GridError(f"search.space.{key}", exc.message) from None
+                probes.append(JobSpec(key=point.key, config=config, seed=point.seed))
+    return probes
 
 
 ConfigValidator = Callable[[str, dict[str, Any]], None]

@@ -145,10 +145,11 @@ class ApiClient:
 class DirectClient:
     """The same calls against a Queue in this process (embedded mode: SQLite, no server)."""
 
-    def __init__(self, queue, heartbeat_seconds: float, max_gang_jobs: int | None = None):
+    def __init__(self, queue, heartbeat_seconds: float, max_gang_jobs: int | None = None, searches=None):
         self.queue = queue
         self.heartbeat_seconds = heartbeat_seconds
         self.max_gang_jobs = max_gang_jobs  # told the agent at registration, as the API tells it
+        self.searches = searches  # scheduler.search.Searches: a finished trial makes the next one at once
 
     def close(self) -> None:
         self.queue.engine.dispose()
@@ -223,6 +224,8 @@ class DirectClient:
             replies = finish_gang(self.queue, worker_id, ends)
         except GangError as exc:
             raise Refused(f"refused {exc.field}: {exc.message}") from None
+        if self.searches is not None:
+            self.searches.after_finish([end.job_id for end, reply in zip(ends, replies) if reply.ok])
         return [{"job_id": end.job_id, **self._reply(reply)} for end, reply in zip(ends, replies)]
 
     def set_checkpoint(self, worker_id: str, job_id: int, attempt_id: str, pointer: dict,
@@ -240,8 +243,10 @@ class DirectClient:
                 self.queue.add_events(job_id, attempt_id, [("input_cleaned", cleaned_note(repaired))],
                                       worker_id=worker_id)
         error = None if error is None else clean_text(error)[0]
-        return self._reply(self.queue.finish(job_id, attempt_id, outcome, result=result, error=error,
-                                             worker_id=worker_id))
+        reply = self.queue.finish(job_id, attempt_id, outcome, result=result, error=error, worker_id=worker_id)
+        if reply.ok and self.searches is not None:
+            self.searches.after_finish([job_id])
+        return self._reply(reply)
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
         return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha, worker_id=worker_id))

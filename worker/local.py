@@ -26,6 +26,7 @@ from common.settings import Settings
 from scheduler.grids import submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
+from scheduler.search import Searches
 from scheduler.reports import (grid_results, grid_summary, job_metrics, latest_metric_rows, results_table,
                                running_jobs)
 from scheduler.spec import GridSpec
@@ -49,11 +50,15 @@ def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: i
     """One local agent process. Logs to a file so the live display stays readable."""
     logs.configure(filename=log_path, format="%(asctime)s %(message)s")
     settings = Settings(**settings_dump)
-    queue = Queue(make_engine(url), RetryPolicy.from_settings(settings))
+    from worker.trainers import external_id, fuse_key
+
+    engine = make_engine(url)
+    queue = Queue(engine, RetryPolicy.from_settings(settings))
+    searches = Searches(engine, external_id=external_id, fuse_key=fuse_key)  # a finished trial asks the next
     # The grid's one trainer: its warm process imports that, not every trainer this install knows.
     options = AgentOptions(name=f"local-{index}", home=settings.home, grace_seconds=30.0, trainers=[trainer],
                            stores=stores, warm_starts=settings.warm_starts, max_gang=settings.gang_size)
-    agent = Agent(DirectClient(queue, settings.heartbeat_seconds, settings.max_gang_jobs), options)
+    agent = Agent(DirectClient(queue, settings.heartbeat_seconds, settings.max_gang_jobs, searches=searches), options)
     agent.claim_filters = {"grid_id": grid_id}
     agent.run()
 
@@ -68,12 +73,19 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     policy = RetryPolicy.from_settings(settings)
     queue = Queue(engine, policy)
     submitted = submit_grid(engine, spec, validate_config, external_id=external_id, fuse_key=fuse_key)
-    console.print(f"grid [bold]{spec.name}[/]: {submitted.created} new configs, "
-                  f"{submitted.existing} already stored ({submitted.total} in all)")
+    if spec.search is not None:
+        console.print(f"grid [bold]{spec.name}[/]: a {spec.search.sampler} search of {submitted.total} trials")
+    else:
+        console.print(f"grid [bold]{spec.name}[/]: {submitted.created} new configs, "
+                      f"{submitted.existing} already stored ({submitted.total} in all)")
     # Whatever a previous run left 'running' died with it (we hold the run lock): requeue it now.
     requeued = queue.expire_leases_of_dead_workers(silent_for=0.0)
     if requeued:
         console.print(f"requeued {requeued} job(s) left running by an earlier run (resuming from checkpoints)")
+    searches = Searches(engine, external_id=external_id, fuse_key=fuse_key) if spec.search is not None else None
+    if searches is not None:  # the first trials (or, after an interrupted run, what it left untold)
+        searches.clear_lease(submitted.grid_id)  # an earlier run killed mid-advance held it; we hold the run lock
+        searches.advance(submitted.grid_id)
     out_dir = settings.home / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -91,7 +103,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
         proc.start()
     finished = False
     try:
-        finished = _watch(engine, submitted.grid_id, procs, console, _spec_keys(spec))
+        finished = _watch(engine, submitted.grid_id, procs, console, _spec_keys(spec), searches)
         if not console.is_terminal:  # rich ends a live display's last frame with a newline only on a terminal
             console.line()
     except KeyboardInterrupt:
@@ -125,8 +137,9 @@ def _progress_bar(console: Console, summary: dict[str, Any]):
     return bar, task
 
 
-def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None) -> bool:
-    """Live display until every job of the grid has ended. True when finished."""
+def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None, searches=None) -> bool:
+    """Live display until every job of the grid has ended (and its search, if any, is done). True when
+    finished. The workers' finishes ask a search's next trials; each refresh here looks too."""
     summary = grid_summary(engine, grid_id)
     bar, task = _progress_bar(console, summary)
     with Live(_frame(bar, engine, grid_id, keys), console=console, refresh_per_second=4, transient=False) as live:
@@ -134,12 +147,15 @@ def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None
             counts = summary["counts"]
             bar.update(task, completed=summary["progress"], counts=_counts(summary))
             live.update(_frame(bar, engine, grid_id, keys))
-            if counts["queued"] == 0 and counts["running"] == 0:
+            search_done = summary["search"] is None or summary["search"]["state"] == "done"
+            if counts["queued"] == 0 and counts["running"] == 0 and search_done:
                 return True
             if not any(p.is_alive() for p in procs):
                 console.print("[red]all workers exited before the grid finished; see worker-*.log[/]")
                 return False
             time.sleep(REFRESH_SECONDS)
+            if searches is not None:
+                searches.advance(grid_id)
             summary = grid_summary(engine, grid_id)
 
 
@@ -197,7 +213,7 @@ def _present(key: str, flat: dict[str, Any]) -> str:
 
 
 def _spec_keys(spec: GridSpec) -> list[str] | None:
-    keys = [*spec.axes, *(k for group in spec.zip for k in group)]
+    keys = [*spec.axes, *(k for group in spec.zip for k in group), *(spec.search.space if spec.search else ())]
     return keys or None
 
 
@@ -220,6 +236,10 @@ def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[st
 
     wide = console if console.width >= TABLE_WIDTH else Console(width=TABLE_WIDTH, file=console.file)
     wide.print(results_table(summary, rows, top))
+    if summary.get("search"):
+        from scheduler.report_tables import search_text
+
+        console.print(f"search: {search_text(summary['search'])}")
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
 

@@ -13,13 +13,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from api import auth
-from api.deps import get_engine
+from api.deps import get_engine, get_searches
 from api.errors import ApiError
 from api.models import INT32_MAX, ImportGrid
 from api.responses import JSONResponse
 from api.routes.common import grid_ref, router as make_router
 from scheduler import grids as g
 from scheduler import reports
+from scheduler.search import Searches
 from scheduler.spec import GridError, GridSpec
 from worker import trainers
 
@@ -58,8 +59,14 @@ def _submit(engine: Engine, spec: GridSpec, done: list[g.DoneJob] | None = None)
 
 @router.post("/grids", status_code=201, dependencies=[Depends(auth.submitter)],
              summary="Submit a grid; re-posting the same name adds only configs not already there")
-def post_grid(spec: GridSpec, engine: Engine = Depends(get_engine)):
+def post_grid(spec: GridSpec, engine: Engine = Depends(get_engine), searches: Searches = Depends(get_searches)):
     result = _submit(engine, spec)  # refreshes the planner's statistics after adding many jobs
+    if spec.search is not None:  # the first trials, now; the search loop would find them in a moment anyway
+        searches.forget_running()
+        try:
+            searches.advance(result.grid_id)
+        except Exception:  # noqa: BLE001 - the grid is stored; the search loop asks again
+            log.exception("asking the first trials of grid %s failed; the search loop tries again", result.name)
     return JSONResponse(
         {"grid_id": result.grid_id, "name": result.name, "created": result.created,
          "existing": result.existing, "total": result.total, "new_grid": result.new_grid},

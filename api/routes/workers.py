@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 
 from api import auth, worker_secrets
-from api.deps import get_engine, get_queue
+from api.deps import get_engine, get_queue, get_searches
 from api.errors import ApiError, error_response
 from api.models import Checkpoint, Claim, CodeRev, Events, Finish, GangFinish, GangHeartbeat, Heartbeat, \
     RegisterWorker, WorkerEvent
@@ -29,6 +29,7 @@ from api.worker_secrets import WorkerId
 from common.json_checks import cleaned_note
 from scheduler import gang, reports
 from scheduler.queue import Metric, Queue, Reply
+from scheduler.search import Searches
 
 router = make_router("workers")
 # The path's worker id, once the caller proved to be that worker: token first (401/403 by role), then the
@@ -118,7 +119,8 @@ def heartbeat_gang(worker_id: ProvenWorkerId, body: GangHeartbeat, request: Requ
 @router.post("/workers/{worker_id}/finish-gang",
              summary="End the attempts of a gang's members in one call, each with its own outcome; one reply "
                      "per member")
-def finish_gang(worker_id: ProvenWorkerId, body: GangFinish, request: Request, queue: Queue = Depends(get_queue)):
+def finish_gang(worker_id: ProvenWorkerId, body: GangFinish, request: Request, queue: Queue = Depends(get_queue),
+                searches: Searches = Depends(get_searches)):
     _gang_size(request, len(body.members), "members")
     members = [gang.MemberFinish(m.job_id, m.attempt_id, m.outcome, result=m.result, error=m.error)
                for m in body.members]
@@ -141,6 +143,7 @@ def finish_gang(worker_id: ProvenWorkerId, body: GangFinish, request: Request, q
         raise _gang_error(exc) from None
     for m in members:
         request.app.state.metrics.note_finish(m.outcome, replies[m.job_id])
+    searches.after_finish([m.job_id for m in members if replies[m.job_id].ok])  # next trials of a search
     return JSONResponse({"members": [_member(m.job_id, refused.get(m.job_id) or replies[m.job_id])
                                      for m in body.members]})
 
@@ -192,7 +195,8 @@ def events(worker_id: ProvenWorkerId, body: Events, queue: Queue = Depends(get_q
 
 @router.post("/workers/{worker_id}/finish",
              summary="End the attempt: succeeded, error (retried with backoff), preempted, cancelled or pruned")
-def finish(worker_id: ProvenWorkerId, body: Finish, queue: Queue = Depends(get_queue)):
+def finish(worker_id: ProvenWorkerId, body: Finish, queue: Queue = Depends(get_queue),
+           searches: Searches = Depends(get_searches)):
     if body._cleaned:  # said on the job before the attempt ends (the fence refuses a stale attempt here too)
         noted = queue.add_events(body.job_id, body.attempt_id, [("input_cleaned", cleaned_note(body._cleaned))],
                                  worker_id=worker_id)
@@ -200,6 +204,8 @@ def finish(worker_id: ProvenWorkerId, body: Finish, queue: Queue = Depends(get_q
             return _stale(noted)
     reply = queue.finish(body.job_id, body.attempt_id, body.outcome, result=body.result, error=body.error,
                          worker_id=worker_id)
+    if reply.ok:
+        searches.after_finish([body.job_id])  # a search's next trial is queued before the worker claims again
     return JSONResponse({"ok": True, "state": reply.state}) if reply.ok else _stale(reply)
 
 

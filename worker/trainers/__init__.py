@@ -24,6 +24,7 @@ TRAINERS: dict[str, str] = {
     "snn_ddqn": "worker.trainers.snn_ddqn",
     "learning_rules": "worker.trainers.learning_rules",
     "perturbation": "worker.trainers.perturbation",
+    "objective": "worker.trainers.objective",
 }
 
 FUSED: dict[str, str] = {

@@ -86,7 +86,18 @@ export async function show(root, name, live) {
         h("span", { class: "bar" }, h("span", { style: `width:${pct}%` })),
         ` ${pct}% · `, ...Object.entries(g.counts).map(([k, v]) => h("span", { "data-count": k }, `${k} ${v} `))),
       g.best ? h("p", { id: "best" }, "best: ", h("a", { href: `#/job/${g.best.job_id}` }, `job ${g.best.job_id}`),
-                 ` ${g.best.metric} = ${fmt(g.best.value)}`) : null);
+                 ` ${g.best.metric} = ${fmt(g.best.value)}`) : null,
+      g.search ? searchLine(g.search) : null);
+  }
+
+  // A grid with `search:` (docs/searches.md): trials done of n_trials, in flight, and the best trial's params.
+  function searchLine(q) {
+    const best = q.best ? [" · best ", h("a", { href: `#/job/${q.best.job_id}` }, `trial ${q.best.trial}`),
+      ` ${q.metric} = ${fmt(q.best.value)} (`,
+      Object.entries(q.best.params).map(([k, v]) => `${k}=${fmt(v)}`).join(", "), ")"] : [];
+    return h("p", { id: "search", "data-done": q.done, "data-n-trials": q.n_trials, "data-state": q.state },
+      `search: ${q.sampler} · ${q.done}/${q.n_trials} trials done · ${q.in_flight} in flight · ${q.direction} ${q.metric}`,
+      q.state === "done" ? " · finished" : "", ...best);
   }
 
   function drawTable() {

@@ -12,7 +12,8 @@ function row(g) {
     h("td", {}, h("a", { href: `#/grid/${encodeURIComponent(g.name)}` }, g.name)),
     h("td", {}, g.trainer), h("td", {}, g.state),
     ...STATES.map((s) => h("td", { class: "num", "data-count": s }, g.counts[s])),
-    h("td", { "data-progress": pct }, h("span", { class: "bar" }, h("span", { style: `width:${pct}%` })), ` ${pct}%`),
+    h("td", { "data-progress": pct }, h("span", { class: "bar" }, h("span", { style: `width:${pct}%` })), ` ${pct}%`,
+      g.search ? h("span", { class: "muted", "data-trials": g.search.done }, ` · ${g.search.done}/${g.search.n_trials} trials`) : ""),
     h("td", { "data-best": g.best ? g.best.value : "" }, best),
     h("td", {}, age(g.created_at)),
     h("td", { "data-workers": g.workers.length }, g.workers.map((w) => w.name).join(", ")));
