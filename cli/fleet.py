@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from cli.support import fail
+from cli.support import GANG_HELP, fail
 
 app = typer.Typer(help="Run gridfleet workers as actors on a Ray cluster.", invoke_without_command=True)
 RAY_ADDRESS = typer.Option(None, "--ray-address",
@@ -42,6 +42,7 @@ def fleet(
     trainers: Optional[str] = typer.Option(None, help="comma-separated trainers to run (default: all known)"),
     grace: float = typer.Option(30.0, min=0.0, help="seconds a preempted job gets to checkpoint"),
     num_cpus: Optional[int] = typer.Option(None, min=1, help="with --ray-address local: CPUs of the cluster"),
+    gang: Optional[int] = typer.Option(None, min=1, max=1024, help=GANG_HELP),
 ) -> None:
     """Start worker actors and keep them running until Ctrl-C or SIGTERM, which drains the fleet: running jobs
     checkpoint and are released as preempted."""
@@ -62,6 +63,7 @@ def fleet(
     agent = AgentOptions(
         trainers=trainer_names(trainers),
         grace_seconds=grace, home=settings.home, stores=settings.store_options(),
+        max_gang=settings.gang_size if gang is None else gang,
     )
     options = FleetOptions(server_url=server or settings.server_url, token=secret,
                            workers=None if workers == "auto" else int(workers), gpus_per_worker=gpus_per_worker,

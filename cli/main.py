@@ -19,7 +19,7 @@ token_app = typer.Typer(help="API tokens (stored hashed; each token is shown onc
                         no_args_is_help=True)
 app.add_typer(token_app, name="token")
 from cli.support import (  # noqa: E402
-    EXIT_FAILED, api_client, api_request, db_problem, fail, load_settings, trainer_names, worker_token,
+    EXIT_FAILED, GANG_HELP, api_client, api_request, db_problem, fail, load_settings, trainer_names, worker_token,
 )
 from cli.studios import app as studios_app  # noqa: E402 - imports only typer until a command runs
 
@@ -421,10 +421,6 @@ def pull(
     typer.echo(f"{target}: results.csv, results.json; {complete}/{len(pulled)} succeeded job(s) complete")
     if complete < len(pulled):
         raise typer.Exit(EXIT_FAILED)
-
-
-GANG_HELP = ("claim up to this many jobs of one grid and fuse key at once and train them as one model, when "
-             "the trainer can (default: GRIDFLEET_GANG_SIZE, 8); 1: one job at a time")
 
 
 @app.command()

@@ -74,3 +74,7 @@ def worker_token(settings, token: Optional[str]) -> str:
 def trainer_names(trainers: Optional[str]) -> Optional[list[str]]:
     """'a, b' -> ['a', 'b']; None (every trainer this install knows) when not given."""
     return [t.strip() for t in trainers.split(",") if t.strip()] if trainers else None
+
+
+GANG_HELP = ("claim up to this many jobs of one grid and fuse key at once and train them as one model, when "
+             "the trainer can (default: GRIDFLEET_GANG_SIZE, 8); 1: one job at a time")
