@@ -9,10 +9,12 @@ solo checkpoint format, so a member can resume solo or in a gang.
 Each parameter is stacked over the members that have it: the shared ones over all, a gate over its users
 only, and a gate runs on its users' rows (members without it keep the value the solo layer has without
 it: the input unchanged for the input/state/forget gates, swish instead of the output gate). The readout
-reads all three slots (new state, old state, x) with the unused ones zeroed, so its padded columns get
-exactly zero gradient and Adam leaves them as they are. Each member's numbers therefore equal its solo run
-to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns NaN
-cannot touch the others.
+reads the slots (new state, old state, x) that some member of the gang uses, a member's unused ones
+zeroed, so its padded columns get exactly zero gradient and Adam leaves them as they are. The head and the
+loss run in `_HeadLoss`, a few members at a time, so the gang's logits never leave the cache (the
+profile, at batch 256: docs/gated_rnn.md, Fused training). Each member's numbers therefore equal its solo
+run to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns
+NaN cannot touch the others.
 
 Gangs join only members at the same step (a member resumed from step 1000 is not ganged with one at 0):
 `train_many` runs one gang per distinct start step, one after the other.
