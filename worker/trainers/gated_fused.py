@@ -293,13 +293,16 @@ class _Gang:
         Adam(fused=True) runs) over each member's rows, one call per distinct lr. It works through a
         member's tensors one at a time, so on a CPU they stay in cache, as in the solo run."""
         (beta1, beta2), by_lr = BETAS, {}
+        lrs = [m.cfg.lr for m in self.members]
         for name, p in self.params.items():
             if p.grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
                 continue
-            for j, row in enumerate(self.users[name]):
-                lists = by_lr.setdefault(self.members[row].cfg.lr, ([], [], [], []))
-                for tensors, t in zip(lists, (p.detach(), p.grad, self.exp_avg[name], self.exp_avg_sq[name])):
-                    tensors.append(t[j])
+            # unbind: every member's row view in one call (indexing row by row cost ~1 us a view)
+            rows = zip(self.users[name], p.detach().unbind(), p.grad.unbind(), self.exp_avg[name].unbind(),
+                       self.exp_avg_sq[name].unbind())
+            for row, *views in rows:
+                for tensors, t in zip(by_lr.setdefault(lrs[row], ([], [], [], [])), views):
+                    tensors.append(t)
         step = torch.tensor(float(self.step + 1), device=self.device)  # the kernel reads it, does not add
         for lr, (params, grads, exp_avg, exp_avg_sq) in by_lr.items():
             torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step] * len(params), lr=lr,
