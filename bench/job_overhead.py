@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,18 +65,40 @@ def claim_to_first_step(fleet: Fleet, mode: str, jobs: int, round_: int, corpus:
     return seconds
 
 
-def gridfleet_run_seconds(jobs: int, workers: int, seconds: float) -> float:
-    """Wall time of `gridfleet run` for `jobs` sleep jobs of `seconds` each, in a fresh directory."""
+def _log_times(log: Path, word: str) -> list[float]:
+    """Epoch seconds of the worker log's "job N attempt M (sleep) started" or "job N finished: ..." lines."""
+    pattern = re.compile(r"(\S+ \S+) job \d+ " + (r"attempt \d+ \(\w+\) started" if word == "started" else "finished:"))
+    return [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for m in map(pattern.match, log.read_text().splitlines()) if m]
+
+
+def where_it_went(began: float, ended: float, logs: list[Path], seconds: float) -> dict[str, float]:
+    """From the agents' logs: the command's start to the first job's start, each job's time beyond its
+    sleep (claim, fork, finish: from one job's start to the next one's on the same agent), and the last
+    job's end to the command's end; `uneven` is how much later the last agent ended than the first."""
+    starts = [_log_times(log, "started") for log in logs]
+    ends = [_log_times(log, "finished:") for log in logs]
+    per_job = [(b[-1] - b[0]) / (len(b) - 1) - seconds for b in starts if len(b) > 1]
+    last = [e[-1] for e in ends if e]
+    return {"startup": min(b[0] for b in starts if b) - began, "per_job": statistics.mean(per_job),
+            "jobs_per_agent": max(len(e) for e in ends), "uneven": max(last) - min(last), "tail": ended - max(last)}
+
+
+def gridfleet_run_seconds(jobs: int, workers: int, seconds: float) -> tuple[float, dict[str, float]]:
+    """Wall time of `gridfleet run` for `jobs` sleep jobs of `seconds` each, in a fresh directory, and
+    where the time beyond the sleeps went (`where_it_went`)."""
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / "grid.json"
         grid.write_text(json.dumps({"name": "overhead-run", "trainer": "sleep", "seeds": list(range(jobs)),
                                     "config": {"seconds": seconds, "steps": 1, "checkpoint_every": 1000}}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRIDFLEET_") and k != "DATABASE_URL"}
         env.update(PYTHONPATH=str(ROOT), GRIDFLEET_HOME=str(Path(tmp) / ".gridfleet"), COLUMNS="100")
-        began = time.perf_counter()
+        began, wall = time.perf_counter(), time.time()
         subprocess.run([*GRIDFLEET, "run", str(grid), "--workers", str(workers)], cwd=tmp, env=env, check=True,
                        stdout=subprocess.DEVNULL)
-        return time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        logs = sorted((Path(tmp) / ".gridfleet" / "runs" / "overhead-run").glob("worker-*.log"))
+        return elapsed, where_it_went(wall, wall + elapsed, logs, seconds)
 
 
 TUNE_SCRIPT = """
@@ -171,7 +195,7 @@ def run_part(args) -> None:
     jobs, workers = args.run_jobs, args.run_workers
     load = os.getloadavg()[0]
     bare = bare_loops_seconds(jobs, workers, 1.0)
-    run = gridfleet_run_seconds(jobs, workers, 1.0)
+    run, went = gridfleet_run_seconds(jobs, workers, 1.0)
     tune = None if args.no_tune else tune_seconds(jobs, workers, 1.0)
     print(f"\n{jobs} one-second jobs, {workers} workers (load average {load:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end){'seconds':>10}")
@@ -181,6 +205,11 @@ def run_part(args) -> None:
         print(f"{'Ray Tune, whole script (init, fit, shutdown)':<46}{tune[0]:>10.1f}")
         print(f"{'Ray Tune, Tuner.fit alone':<46}{tune[1]:>10.1f}")
     print(f"ratio gridfleet run / bare loops: {run / bare:.3f} (target 1.05)")
+    print(f"where gridfleet run's {run - bare:.1f} s beyond the bare loops went: {went['startup']:.2f} s from the "
+          f"command's start to the first job's, {went['per_job'] * 1000:.0f} ms per job beyond its sleep "
+          f"(x {went['jobs_per_agent']} jobs on the busiest agent: {went['per_job'] * went['jobs_per_agent']:.1f} s), "
+          f"{went['uneven']:.2f} s between the agents' last jobs, {went['tail']:.2f} s from the last job's end "
+          f"to the command's end")
     if tune is not None:
         print(f"ratio Ray Tune / bare loops: {tune[0] / bare:.3f} (fit alone {tune[1] / bare:.3f}); "
               f"Ray Tune / gridfleet run: {tune[0] / run:.2f}x")
