@@ -21,6 +21,7 @@ second, one grid_search trial per job, `max_concurrent_trials` = the workers, on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -128,9 +129,7 @@ print("TUNE", len(results), results.num_errors, fit, time.perf_counter() - began
 
 def tune_seconds(jobs: int, workers: int, seconds: float) -> tuple[float, float] | None:
     """(whole script, Tuner.fit alone) for `jobs` one-second trials on a local Ray; None without ray[tune]."""
-    try:
-        import ray.tune  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:  # not importing it here: Ray runs in its own process
         return None
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "tune_trials.py"
