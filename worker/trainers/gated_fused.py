@@ -150,8 +150,9 @@ class _HeadLoss(torch.autograd.Function):
     """Each member's head and mean cross-entropy, loss[m] = CE(x[m] @ W[m]^T + b[m], target[m]), a few
     members at a time: a gang's logits ([M, B, 256]: 4 MB at batch 256) would leave the cache between
     the five passes autograd makes over them (bias copy, log_softmax, its backward, nll's zero fill and
-    scatter), where one member's chunk stays in it, as in the solo run. The gradient (softmax - onehot) / B
-    is formed in the same chunk in the forward and kept; backward only scales it by each loss's grad."""
+    scatter), where one member's chunk stays in it, as in the solo run (on a GPU all members are one chunk).
+    The gradient (softmax - onehot) / B is formed in the same chunk in the forward and kept; backward only
+    scales it by each loss's grad."""
 
     CHUNK_BYTES = 1 << 19  # the logits of one chunk: half of this machine's L2 per core
 
@@ -159,6 +160,8 @@ class _HeadLoss(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target):
         members, batch, vocab = x.shape[0], x.shape[1], weight.shape[1]
         chunk = max(1, _HeadLoss.CHUNK_BYTES // (batch * vocab * x.element_size()))
+        if x.device.type != "cpu":  # a GPU has no cache to keep them in, but pays a launch per kernel: one chunk
+            chunk = members
         loss = x.new_empty(members)
         grad_x, grad_w, grad_b = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
         buffer = x.new_empty(min(chunk, members), batch, vocab)
