@@ -160,7 +160,7 @@ class _HeadLoss(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target):
         members, batch, vocab = x.shape[0], x.shape[1], weight.shape[1]
         chunk = max(1, _HeadLoss.CHUNK_BYTES // (batch * vocab * x.element_size()))
-        if x.device.type != "cpu":  # a GPU has no cache to keep them in, but pays a launch per kernel: one chunk
+        if x.device.type != "cpu":  # on a GPU a launch per kernel costs more than the traffic: one chunk
             chunk = members
         loss = x.new_empty(members)
         grad_x, grad_w, grad_b = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
