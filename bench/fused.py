@@ -13,6 +13,12 @@ Each solo run loads its corpus, as a job does, and the fused run once: 1 MB of t
 written to a temporary file first so that reading it costs little. Target: fused x2 >= 3x the seed's
 way on 2 CPU cores.
 
+Beside them: `floor`, the step's matmuls alone (forward and both backward products of every Linear but
+the embedding's lookup, batched over the members that share a shape) for the same steps in one process:
+what any stacked step pays at this machine's GEMM speed, so sequential/floor bounds x1/sequential. With
+`--before REF` the fused runs are timed a second time with gated_fused.py as it was at that git commit
+(its file loaded as a module), in the same run, before/after side by side.
+
 With --device cuda it also times one fused gang per shape group of the seed's 432-config grid (48 or 96
 members) for --gpu-steps steps and projects the whole grid at the seed's 10,989 steps (10,000 asked,
 finish_window). Without a GPU that line says "not measured".
@@ -20,13 +26,17 @@ finish_window). Without a GPU that line says "not measured".
     python bench/fused.py                            # state 32 and 256 on the CPU (about 3 minutes)
     python bench/fused.py --sizes 32 --steps 200
     python bench/fused.py --device cuda --gpu-steps 30
+    python bench/fused.py --before 6d0dc17           # and the fused runs of gated_fused.py at that commit
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import multiprocessing
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,14 +81,46 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def fused(cfgs: list[dict], seeds: list[int], device: str = "cpu") -> list:
+def _fused_module(before: str | None):
+    """gated_fused, or the copy of an older gated_fused.py at `before` (a file) loaded as its own module."""
+    if before is None:
+        return gated_fused
+    if "gated_fused_before" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gated_fused_before", before)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+        spec.loader.exec_module(module)
+    return sys.modules["gated_fused_before"]
+
+
+def fused(cfgs: list[dict], seeds: list[int], device: str = "cpu", before: str | None = None) -> list:
     models = [gated_rnn.Config.model_validate(c) for c in cfgs]
-    return gated_fused.train_many(models, [MemoryContext(device, seed) for seed in seeds])
+    return _fused_module(before).train_many(models, [MemoryContext(device, seed) for seed in seeds])
 
 
-def time_fused(cfgs: list[dict], device: str) -> float:
+def matmul_floor(cfgs: list[dict], steps: int) -> float:
+    """Seconds of the configs' matmuls alone for `steps` steps: per solo weight shape [out, in], stacked over
+    the members that have it (U), x [U, B, in] @ W^T, then the backward's g @ W and g^T @ x."""
+    batch, groups = cfgs[0]["batch_size"], {}
+    for config in cfgs:
+        for name, p in gated_rnn.GatedRNN(gated_rnn.Config.model_validate(config)).named_parameters():
+            if name.endswith("weight") and not name.startswith("embed"):
+                groups.setdefault((name, tuple(p.shape)), []).append(p.detach())
+    operands = []
+    for (_, (out, inp)), weights in groups.items():
+        w = torch.stack(weights)
+        operands.append((w, torch.randn(len(weights), batch, inp), torch.randn(len(weights), batch, out)))
+    with torch.no_grad():
+        began = time.perf_counter()
+        for _ in range(steps):
+            for w, x, g in operands:
+                torch.bmm(x, w.transpose(1, 2)), torch.bmm(g, w), torch.bmm(g.transpose(1, 2), x)
+        return time.perf_counter() - began
+
+
+def time_fused(cfgs: list[dict], device: str, before: str | None = None) -> float:
     began = time.perf_counter()
-    results = fused(cfgs, list(range(len(cfgs))), device)
+    results = fused(cfgs, list(range(len(cfgs))), device, before)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - began
@@ -95,46 +137,92 @@ def time_sequential(cfgs: list[dict]) -> float:
     return time.perf_counter() - began
 
 
-def time_seeds_way(cfgs: list[dict], pool) -> float:
+def solo_cpu(config: dict, seed: int) -> float:
+    """`solo` in a pool worker; the CPU seconds it took there."""
+    began = time.process_time()
+    solo(config, seed)
+    return time.process_time() - began
+
+
+def fused_cpu(cfgs: list[dict], seeds: list[int], device: str, before: str | None) -> tuple[int, float]:
+    """`fused` in a pool worker: how many members failed, and the CPU seconds it took there."""
+    began = time.process_time()
+    failed = sum(isinstance(r, Exception) for r in fused(cfgs, seeds, device, before))
+    return failed, time.process_time() - began
+
+
+def time_seeds_way(cfgs: list[dict], pool) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds summed over the two processes (what neighbours' load cannot inflate)."""
     began = time.perf_counter()
-    pool.starmap(solo, [(config, seed) for seed, config in enumerate(cfgs)], chunksize=1)
-    return time.perf_counter() - began
+    cpu = pool.starmap(solo_cpu, [(config, seed) for seed, config in enumerate(cfgs)], chunksize=1)
+    return time.perf_counter() - began, sum(cpu)
 
 
-def time_fused_pair(cfgs: list[dict], pool) -> float:
+def time_fused_pair(cfgs: list[dict], pool, before: str | None = None) -> tuple[float, float]:
     half = len(cfgs) // 2
     began = time.perf_counter()
-    outcomes = pool.starmap(fused, [(cfgs[:half], list(range(half))), (cfgs[half:], list(range(half, len(cfgs))))])
+    outcomes = pool.starmap(fused_cpu, [(cfgs[:half], list(range(half)), "cpu", before),
+                                        (cfgs[half:], list(range(half, len(cfgs))), "cpu", before)])
     elapsed = time.perf_counter() - began
-    if any(isinstance(r, Exception) for results in outcomes for r in results):
+    if any(failed for failed, _ in outcomes):
         raise RuntimeError("fused members failed")
-    return elapsed
+    return elapsed, sum(cpu for _, cpu in outcomes)
 
 
-def cpu_table(sizes: list[int], steps: dict[int, int], n_layers: int, count: int) -> None:
+def cpu_table(sizes: list[int], steps: dict[int, int], n_layers: int, count: int, before: str | None,
+              rounds: int) -> None:
     _one_thread()
     warm = [configs(8, 1, 2, 2)[0] | {"state_size": 8}] * 2
     fused(warm, [0, 1])  # imports (the first optimizer imports torch._dynamo: 1-2 s) in this process too
+    if before:
+        fused(warm, [0, 1], "cpu", before)
     context = multiprocessing.get_context("spawn")
     with context.Pool(2, initializer=_one_thread) as pool:
         pool.starmap(fused, [(warm, [0, 1])] * 2)
+        if before:
+            pool.starmap(fused, [(warm, [0, 1], "cpu", before)] * 2)
         print(f"CPU, one thread per process; {count} configs, n_layers {n_layers}, "
-              f"batch {SEED_TRAINING['batch_size']}, window 1000")
-        print(f"{'state':>6} {'steps':>6} {'fused x1 s':>11} {'sequential s':>13} {'fused x2 s':>11} "
-              f"{'seed way s':>11} {'x1/sequential':>14} {'x2/seed way':>12}")
-        ratios = []
+              f"batch {SEED_TRAINING['batch_size']}, window 1000; best of {rounds} rounds; "
+              f"load average {os.getloadavg()[0]:.1f} at the start")
+        head = (f"{'state':>6} {'steps':>6} {'fused x1 s':>11} {'sequential s':>13} {'fused x2 s':>11} "
+                f"{'seed way s':>11} {'floor s':>8} {'x1/sequential':>14} {'seq/floor':>10} {'x2/seed way':>12} "
+                f"{'same, CPU s':>12}")
+        print(head + (f" {'x1 before s':>12} {'x2 before s':>12} {'x2/seed way before':>19}" if before else ""))
+        ratios, ratios_before, cpu_ratios = [], [], []
         for size in sizes:
             cfgs = configs(size, n_layers, steps[size], count)
-            one = time_fused(cfgs, "cpu")
-            sequential = time_sequential(cfgs)
-            two = time_fused_pair(cfgs, pool)
-            seeds_way = time_seeds_way(cfgs, pool)
+            ways = {"one": lambda: time_fused(cfgs, "cpu"), "sequential": lambda: time_sequential(cfgs),
+                    "floor": lambda: matmul_floor(cfgs, steps[size]), "two": lambda: time_fused_pair(cfgs, pool),
+                    "seeds_way": lambda: time_seeds_way(cfgs, pool)}
+            if before:
+                ways |= {"one_before": lambda: time_fused(cfgs, "cpu", before),
+                         "two_before": lambda: time_fused_pair(cfgs, pool, before)}
+            best = {}
+            for _ in range(rounds):  # the ways take turns, best of the rounds: a neighbour's load spike hits all
+                for way, timed in ways.items():
+                    seconds = timed()
+                    if isinstance(seconds, tuple):  # the two-process ways: (wall, CPU of both processes)
+                        seconds, best[way + "_cpu"] = seconds[0], min(best.get(way + "_cpu", float("inf")), seconds[1])
+                    best[way] = min(best.get(way, float("inf")), seconds)
+            one, sequential, floor, two, seeds_way = (best[k] for k in ("one", "sequential", "floor", "two", "seeds_way"))
+            cpu_ratios.append(best["seeds_way_cpu"] / best["two_cpu"])
+            one_before, two_before = best.get("one_before"), best.get("two_before")
             ratios.append(seeds_way / two)
-            print(f"{size:>6} {steps[size]:>6} {one:>11.2f} {sequential:>13.2f} {two:>11.2f} {seeds_way:>11.2f} "
-                  f"{sequential / one:>13.2f}x {seeds_way / two:>11.2f}x")
+            line = (f"{size:>6} {steps[size]:>6} {one:>11.2f} {sequential:>13.2f} {two:>11.2f} {seeds_way:>11.2f} "
+                    f"{floor:>8.2f} {sequential / one:>13.2f}x {sequential / floor:>9.2f}x {seeds_way / two:>11.2f}x "
+                    f"{cpu_ratios[-1]:>11.2f}x")
+            if before:
+                ratios_before.append(seeds_way / two_before)
+                line += f" {one_before:>12.2f} {two_before:>12.2f} {seeds_way / two_before:>18.2f}x"
+            print(line)
     verdict = "met" if min(ratios) >= 3.0 else "NOT met"
     print(f"fused x2 vs the seed's way: {min(ratios):.2f}x to {max(ratios):.2f}x "
           f"(target >= 3x in every row: {verdict})")
+    print(f"the same in CPU seconds of the two processes (not inflated by neighbours' load): "
+          f"{min(cpu_ratios):.2f}x to {max(cpu_ratios):.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    if before:
+        print(f"the same with gated_fused.py before: {min(ratios_before):.2f}x to {max(ratios_before):.2f}x")
 
 
 def gpu_projection(steps: int, device: str) -> None:
@@ -164,9 +252,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="batch size (the seed's: 256)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the grid projection as well")
     parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2, help="every way this many times, taking turns; best kept")
+    parser.add_argument("--before", default=None, help="a git commit: also time gated_fused.py as it was there")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gf_fused_"))
     try:
+        before = None
+        if args.before:
+            before = folder / "gated_fused_before.py"
+            source = subprocess.run(["git", "show", f"{args.before}:worker/trainers/gated_fused.py"], check=True,
+                                    capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+            before.write_text(source.stdout)
+            before = str(before)
         corpus = folder / "stdlib.txt"
         text = gated_rnn.load_corpus("stdlib", SEED_TRAINING["corpus_bytes"])
         corpus.write_bytes(bytes(text.to(torch.uint8).tolist()))
@@ -174,7 +271,7 @@ def main() -> None:
         SEED_TRAINING["batch_size"] = args.batch
         sizes = [int(s) for s in args.sizes.split(",")]
         steps = {size: args.steps or (60 if size <= 64 else 10) for size in sizes}
-        cpu_table(sizes, steps, args.n_layers, args.configs)
+        cpu_table(sizes, steps, args.n_layers, args.configs, before, args.rounds)
         if args.device == "cuda" and torch.cuda.is_available():
             gpu_projection(args.gpu_steps, "cuda")
         else:

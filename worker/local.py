@@ -35,7 +35,9 @@ from worker.agent import Agent, AgentOptions
 from worker.client import DirectClient
 from common.results import plot_loss_curves, write_csv
 
-REFRESH_SECONDS = 1.0
+REFRESH_SECONDS = 1.0  # the live display's redraw
+POLL_SECONDS = 0.1  # how soon the end of the grid is seen: one count query, not a redraw
+_run_lock = None  # this run's lock file; a forked agent closes its copy (the lock stays the command's)
 
 
 @dataclass
@@ -48,6 +50,8 @@ class RunOutcome:
 def _worker_main(url: str, settings_dump: dict, stores: StoreOptions, grid_id: int, trainer: str, index: int,
                  log_path: str) -> None:
     """One local agent process. Logs to a file so the live display stays readable."""
+    if _run_lock is not None:  # forked: only the command holds the run lock, as with a spawned agent
+        _run_lock.close()
     logs.configure(filename=log_path, format="%(asctime)s %(message)s")
     settings = Settings(**settings_dump)
     from worker.trainers import external_id, fuse_key
@@ -89,7 +93,12 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     out_dir = settings.home / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    mp = multiprocessing.get_context("spawn")
+    # Forked, not spawned: an agent starts with this process's imports (about 0.7 s of them each, more on a
+    # busy machine). No connection may cross the fork (SQLite's rule): the engine lets go of its pool first.
+    engine.dispose()
+    if searches is not None:
+        searches.close()  # Optuna's own pool too (the watcher's next advance opens it again)
+    mp = multiprocessing.get_context("fork")
     # Secrets are masked in a JSON dump; the Hub tokens travel (pickled, never printed) in StoreOptions.
     dump = settings.model_dump(mode="json", exclude={"admin_token", "token", "hf_token", "hf_read_token",
                                                      "hf_write_token"})
@@ -110,7 +119,11 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
         console.print("\n[yellow]interrupted: running jobs are checkpointing and will be released "
                       "(Ctrl-C again to kill)[/]")
     finally:
-        _stop_workers(procs, console)
+        # Every job ended: the idle agents stop while the results are written. Otherwise wait for their jobs'
+        # checkpoints and releases first, so the results show them.
+        _signal_workers(procs)
+        if not finished:
+            _join_workers(procs, console)
     summary = grid_summary(engine, submitted.grid_id)
     rows = grid_results(engine, submitted.grid_id)
     _print_results(console, summary, rows)
@@ -119,6 +132,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     png = plot_loss_curves(lambda job_id: job_metrics(engine, job_id), rows, out_dir / "loss_curves.png",
                            objective=summary["objective"])
     console.print(f"results: {out_dir / 'results.csv'}" + (f", loss curves: {png}" if png else ""))
+    _join_workers(procs, console)  # at once unless every job ended
     if not finished:
         console.print("[yellow]not finished: run the same command again to continue where it stopped[/]")
     engine.dispose()
@@ -143,19 +157,23 @@ def _watch(engine, grid_id: int, procs, console: Console, keys: list[str] | None
     summary = grid_summary(engine, grid_id)
     bar, task = _progress_bar(console, summary)
     with Live(_frame(bar, engine, grid_id, keys), console=console, refresh_per_second=4, transient=False) as live:
+        redraw = 0.0
         while True:
             counts = summary["counts"]
-            bar.update(task, completed=summary["progress"], counts=_counts(summary))
-            live.update(_frame(bar, engine, grid_id, keys))
             search_done = summary["search"] is None or summary["search"]["state"] == "done"
-            if counts["queued"] == 0 and counts["running"] == 0 and search_done:
+            ended = counts["queued"] == 0 and counts["running"] == 0 and search_done
+            if ended or time.monotonic() >= redraw:
+                bar.update(task, completed=summary["progress"], counts=_counts(summary))
+                live.update(_frame(bar, engine, grid_id, keys))
+                redraw = time.monotonic() + REFRESH_SECONDS
+                if searches is not None and not ended:  # once a refresh, as before: the finishes ask too
+                    searches.advance(grid_id)
+            if ended:
                 return True
             if not any(p.is_alive() for p in procs):
                 console.print("[red]all workers exited before the grid finished; see worker-*.log[/]")
                 return False
-            time.sleep(REFRESH_SECONDS)
-            if searches is not None:
-                searches.advance(grid_id)
+            time.sleep(POLL_SECONDS)
             summary = grid_summary(engine, grid_id)
 
 
@@ -217,10 +235,13 @@ def _spec_keys(spec: GridSpec) -> list[str] | None:
     return keys or None
 
 
-def _stop_workers(procs, console: Console) -> None:
+def _signal_workers(procs) -> None:
     for proc in procs:
         if proc.is_alive():
             proc.terminate()  # SIGTERM: the agent preempts its job with a checkpoint
+
+
+def _join_workers(procs, console: Console) -> None:
     try:
         for proc in procs:
             proc.join()
@@ -244,7 +265,8 @@ def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[st
 
 
 def _single_run_lock(home: Path):
-    handle = open(home / "run.lock", "w")
+    global _run_lock
+    handle = _run_lock = open(home / "run.lock", "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -190,3 +190,16 @@ def test_a_member_whose_reporting_fails_leaves_with_its_error(tmp_path, corpus):
     assert gang.members[0].reports[-1][0] == 15
     (solo, solo_result), = solo_runs(tmp_path, cfgs[1:], SEEDS[1:2])
     assert_same_run(solo, gang.members[1], solo_result, results[1])
+
+
+def test_a_gang_whose_members_read_fewer_slots_and_whose_losses_span_chunks_equals_its_solo_runs(
+        tmp_path, corpus, monkeypatch):
+    # old-state-only members: the gang's readout is one slot wide; one member per head chunk: 4 chunks
+    from worker.trainers import gated_fused
+    monkeypatch.setattr(gated_fused._HeadLoss, "CHUNK_BYTES", 6 * 256 * 4)
+    members = [{**m, "use_new_state": False, "use_old_state": True, "use_residual": False} for m in MEMBERS]
+    cfgs = [small(corpus, **m) for m in members]
+    gang = Gang(tmp_path / "gang", SEEDS)
+    results = gang.train(cfgs)
+    for (solo, solo_result), fused, result in zip(solo_runs(tmp_path, cfgs, SEEDS), gang.members, results):
+        assert_same_run(solo, fused, solo_result, result)

@@ -9,10 +9,12 @@ solo checkpoint format, so a member can resume solo or in a gang.
 Each parameter is stacked over the members that have it: the shared ones over all, a gate over its users
 only, and a gate runs on its users' rows (members without it keep the value the solo layer has without
 it: the input unchanged for the input/state/forget gates, swish instead of the output gate). The readout
-reads all three slots (new state, old state, x) with the unused ones zeroed, so its padded columns get
-exactly zero gradient and Adam leaves them as they are. Each member's numbers therefore equal its solo run
-to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns NaN
-cannot touch the others.
+reads the slots (new state, old state, x) that some member of the gang uses, a member's unused ones
+zeroed, so its padded columns get exactly zero gradient and Adam leaves them as they are. The head and the
+loss run in `_HeadLoss`, a few members at a time, so the gang's logits never leave the cache (the
+profile, at batch 256: docs/gated_rnn.md, Fused training). Each member's numbers therefore equal its solo
+run to float tolerance, and members are independent rows of batched matmuls: a member whose loss turns
+NaN cannot touch the others.
 
 Gangs join only members at the same step (a member resumed from step 1000 is not ganged with one at 0):
 `train_many` runs one gang per distinct start step, one after the other.
@@ -35,10 +37,15 @@ SLOTS = ("use_new_state", "use_old_state", "use_residual")  # the readout's inpu
 GATES = ("input_gate", "state_gate", "forget_gate", "output_gate")
 
 
-def _columns(cfg: Config, size: int) -> dict[str, torch.Tensor]:
-    """For the two weights whose solo width depends on the flags: the stacked columns of the solo ones."""
-    used = [slot for slot, name in enumerate(SLOTS) if getattr(cfg, name)]
-    reads = torch.cat([torch.arange(slot * size, (slot + 1) * size) for slot in used])
+def _slots(cfg: Config) -> list[int]:
+    """The readout inputs (indices into SLOTS) this member's solo readout reads, in the solo order."""
+    return [slot for slot, name in enumerate(SLOTS) if getattr(cfg, name)]
+
+
+def _columns(cfg: Config, size: int, slots: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """For the two weights whose solo width depends on the flags: the stacked columns of the solo ones,
+    in a gang whose readout reads `slots` (the slots any member uses, in the solo order)."""
+    reads = torch.cat([torch.arange(at * size, (at + 1) * size) for at in map(slots.index, _slots(cfg))])
     return {"readout.weight": reads, "output_gate.weight": torch.cat([torch.arange(size), size + reads])}
 
 
@@ -48,11 +55,11 @@ def _gate(name: str) -> str | None:
     return prefix if prefix.split(".")[-1] in GATES else None
 
 
-def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """The member's parameters in the stacked layout: its own gates only, the readout 3 slots wide."""
-    s, v = cfg.state_size, gated_rnn.VOCAB
+def _shapes(cfg: Config, slots: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The member's parameters in the stacked layout: its own gates only, the readout `slots` wide."""
+    s, v, r = cfg.state_size, gated_rnn.VOCAB, len(slots) * cfg.state_size
     layer = {"candidate": (s, 2 * s), "input_gate": (2 * s, 2 * s), "state_gate": (s, 3 * s),
-             "forget_gate": (s, 3 * s), "readout": (s, 3 * s), "output_gate": (s, 4 * s)}
+             "forget_gate": (s, 3 * s), "readout": (s, r), "output_gate": (s, s + r)}
     shapes = {"embed.weight": (s, v), "embed.bias": (s,), "head.weight": (v, s), "head.bias": (v,)}
     for i in range(cfg.n_layers):
         for name, (out, inp) in layer.items():
@@ -63,11 +70,11 @@ def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _from_solo(solo: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+def _from_solo(solo: dict[str, torch.Tensor], cfg: Config, slots: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """A solo state dict (model weights or an Adam moment) in the stacked layout; what it lacks is zeros."""
-    columns = _columns(cfg, cfg.state_size)
+    columns = _columns(cfg, cfg.state_size, slots)
     full = {}
-    for name, shape in _shapes(cfg).items():
+    for name, shape in _shapes(cfg, slots).items():
         full[name] = torch.zeros(shape)
         if name in solo:
             cols = columns.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
@@ -78,8 +85,9 @@ def _from_solo(solo: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Te
     return full
 
 
-def _to_solo(full: dict[str, torch.Tensor], names: list[str], cfg: Config) -> dict[str, torch.Tensor]:
-    columns = _columns(cfg, cfg.state_size)
+def _to_solo(full: dict[str, torch.Tensor], names: list[str], cfg: Config,
+             slots: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    columns = _columns(cfg, cfg.state_size, slots)
     solo = {}
     for name in names:
         cols = columns.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
@@ -92,11 +100,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
 
-def _forward(p: dict[str, torch.Tensor], users: dict[str, torch.Tensor], slots: torch.Tensor,
-             byte: torch.Tensor, states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """GatedRNN.forward for M members at once: byte [M, B], states [M, B, S] per layer. A gate runs on
-    the rows of its users only (`users[gate]`, absent when no member has it); the others keep the value
-    the solo layer has without it."""
+def _forward(p: dict[str, torch.Tensor], users: dict[str, torch.Tensor], slot_ids: tuple[int, ...],
+             mask: torch.Tensor | None, byte: torch.Tensor,
+             states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """GatedRNN.forward up to the head, for M members at once: byte [M, B], states [M, B, S] per layer;
+    returns the head's input and the new states. A gate runs on the rows of its users only
+    (`users[gate]`, absent when no member has it); the others keep the value the solo layer has without
+    it. The readout reads the `slot_ids` slots, times `mask` (a member's unused slots: 0) when some
+    member does not use them all."""
     members = byte.shape[0]
     # embed(one_hot(byte)) as a lookup in the members' tables laid end to end
     table = p["embed.weight"].transpose(1, 2).reshape(members * gated_rnn.VOCAB, -1)
@@ -122,14 +133,58 @@ def _forward(p: dict[str, torch.Tensor], users: dict[str, torch.Tensor], slots: 
             sel_new = pick(new, r)
             forget = torch.sigmoid(_linear(torch.cat([pick(xs, r), sel_new], dim=-1), *w("forget_gate")))
             new = put(new, r, forget * sel_new)
-        reads = torch.cat([new, xs[..., size:], x], dim=-1) * slots
+        inputs = (new, xs[..., size:], x)
+        reads = torch.cat([inputs[slot] for slot in slot_ids], dim=-1) if len(slot_ids) > 1 else inputs[slot_ids[0]]
+        if mask is not None:
+            reads = reads * mask
         y = _linear(reads, *w("readout"))
         x = F.silu(y)
         if (r := rows("output_gate")) is not None:
             sel_y = pick(y, r)
             x = put(x, r, sel_y * torch.sigmoid(_linear(torch.cat([sel_y, pick(reads, r)], dim=-1), *w("output_gate"))))
         new_states.append(new)
-    return _linear(x, p["head.weight"], p["head.bias"]), new_states
+    return x, new_states
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Each member's head and mean cross-entropy, loss[m] = CE(x[m] @ W[m]^T + b[m], target[m]), a few
+    members at a time: a gang's logits ([M, B, 256]: 4 MB at batch 256) would leave the cache between
+    the five passes autograd makes over them (bias copy, log_softmax, its backward, nll's zero fill and
+    scatter), where one member's chunk stays in it, as in the solo run (on a GPU all members are one chunk).
+    The gradient (softmax - onehot) / B is formed in the same chunk in the forward and kept; backward only
+    scales it by each loss's grad."""
+
+    CHUNK_BYTES = 1 << 19  # the logits of one chunk: half of this machine's L2 per core
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target):
+        members, batch, vocab = x.shape[0], x.shape[1], weight.shape[1]
+        chunk = max(1, _HeadLoss.CHUNK_BYTES // (batch * vocab * x.element_size()))
+        if x.device.type != "cpu":  # on a GPU a launch per kernel costs more than the traffic: one chunk
+            chunk = members
+        loss = x.new_empty(members)
+        grad_x, grad_w, grad_b = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+        buffer = x.new_empty(min(chunk, members), batch, vocab)
+        for lo in range(0, members, chunk):
+            hi = min(lo + chunk, members)
+            logits = torch.baddbmm(bias[lo:hi].unsqueeze(1), x[lo:hi], weight[lo:hi].transpose(1, 2),
+                                   out=buffer[: hi - lo])
+            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))  # log_softmax, in place
+            picked = target[lo:hi].unsqueeze(-1)
+            loss[lo:hi] = logits.gather(-1, picked).squeeze(-1).mean(dim=1).neg_()
+            grad = logits.exp_()  # softmax
+            grad.scatter_add_(-1, picked, grad.new_full(picked.shape, -1.0)).div_(batch)
+            torch.bmm(grad, weight[lo:hi], out=grad_x[lo:hi])
+            torch.bmm(grad.transpose(1, 2), x[lo:hi], out=grad_w[lo:hi])
+            torch.sum(grad, dim=1, out=grad_b[lo:hi])
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.view(-1, 1, 1)
+        return grad_x * scale, grad_w * scale, grad_b * grad_loss.view(-1, 1), None
 
 
 @dataclass
@@ -167,6 +222,8 @@ class _Gang:
                  device: torch.device):
         self.data, self.device, self.cfg = data, device, cfgs[0]
         self.members: list[_Member] = []
+        # The readout reads only the slots some member uses (a gang of old-state-only members: 1 of 3 wide).
+        self.slot_ids = tuple(sorted({slot for cfg in cfgs for slot in _slots(cfg)}))
         params, moments, hidden, starts = [], [], [], []
         for cfg, ctx, state in zip(cfgs, ctxs, states):
             model, rng, trained = _solo_template(cfg, ctx.seed)
@@ -185,8 +242,8 @@ class _Gang:
                 member.elapsed, member.start_time = state["elapsed"], state.get("start_time", member.start_time)
                 hidden.append(state["hidden"])
                 starts.append(state["starts"])
-            params.append(_from_solo(solo, cfg))
-            moments.append((_from_solo(exp_avg, cfg), _from_solo(exp_avg_sq, cfg)))
+            params.append(_from_solo(solo, cfg, self.slot_ids))
+            moments.append((_from_solo(exp_avg, cfg, self.slot_ids), _from_solo(exp_avg_sq, cfg, self.slot_ids)))
             self.members.append(member)
         # Each parameter is stacked over the members that have it (a gate: its users, in member order).
         names = list(dict.fromkeys(name for member in params for name in member))
@@ -203,13 +260,14 @@ class _Gang:
         self.starts = torch.stack(starts) if starts and starts[0] is not None else None
 
     def _index_users(self) -> None:
-        """The device-side views of `users`: row indices per gate, and the readout's slots."""
+        """The device-side views of `users`: row indices per gate, and the readout's slot mask (None when
+        every member reads every slot of the gang's readout)."""
         d, size = self.device, self.cfg.state_size
         self.gate_rows = {_gate(name): torch.tensor(rows, dtype=torch.long, device=d)
                           for name, rows in self.users.items() if _gate(name) is not None}
-        slots = torch.tensor([[float(getattr(m.cfg, slot)) for slot in SLOTS] for m in self.members],
-                             device=d).view(-1, len(SLOTS))
-        self.slots = slots.repeat_interleave(size, dim=1).unsqueeze(1)
+        used = [[float(slot in _slots(m.cfg)) for slot in self.slot_ids] for m in self.members]
+        mask = torch.tensor(used, device=d).view(-1, len(self.slot_ids))
+        self.mask = None if bool(mask.all()) else mask.repeat_interleave(size, dim=1).unsqueeze(1)
 
     def keep(self, rows: list[int]) -> None:
         """Only these members go on (the others left: finished, stopped, diverged or failed)."""
@@ -238,13 +296,16 @@ class _Gang:
         Adam(fused=True) runs) over each member's rows, one call per distinct lr. It works through a
         member's tensors one at a time, so on a CPU they stay in cache, as in the solo run."""
         (beta1, beta2), by_lr = BETAS, {}
+        lrs = [m.cfg.lr for m in self.members]
         for name, p in self.params.items():
             if p.grad is None:  # no member's loss reaches it (as torch's Adam, skip it)
                 continue
-            for j, row in enumerate(self.users[name]):
-                lists = by_lr.setdefault(self.members[row].cfg.lr, ([], [], [], []))
-                for tensors, t in zip(lists, (p.detach(), p.grad, self.exp_avg[name], self.exp_avg_sq[name])):
-                    tensors.append(t[j])
+            # unbind: every member's row view in one call (indexing row by row cost ~1 us a view)
+            rows = zip(self.users[name], p.detach().unbind(), p.grad.unbind(), self.exp_avg[name].unbind(),
+                       self.exp_avg_sq[name].unbind())
+            for row, *views in rows:
+                for tensors, t in zip(by_lr.setdefault(lrs[row], ([], [], [], [])), views):
+                    tensors.append(t)
         step = torch.tensor(float(self.step + 1), device=self.device)  # the kernel reads it, does not add
         for lr, (params, grads, exp_avg, exp_avg_sq) in by_lr.items():
             torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], [step] * len(params), lr=lr,
@@ -262,9 +323,8 @@ class _Gang:
             self.hidden = [torch.zeros(members, cfg.batch_size, cfg.state_size, device=self.device)
                            for _ in range(cfg.n_layers)]
         index = self.starts.to(self.device) + self.pos
-        logits, hidden = _forward(self.params, self.gate_rows, self.slots, self.data[index], self.hidden)
-        loss = F.cross_entropy(logits.reshape(-1, gated_rnn.VOCAB), self.data[index + 1].reshape(-1),
-                               reduction="none").view(members, -1).mean(dim=1)
+        x, hidden = _forward(self.params, self.gate_rows, self.slot_ids, self.mask, self.data[index], self.hidden)
+        loss = _HeadLoss.apply(x, self.params["head.weight"], self.params["head.bias"], self.data[index + 1])
         loss.sum().backward()  # members share no parameter: each gets its own solo gradient
         self._adam()
         self.hidden = [h.detach() for h in hidden]  # no BPTT
@@ -277,9 +337,9 @@ class _Gang:
         m = self.members[row]
         full = lambda tensors: {n: t[self.users[n].index(row)].cpu() for n, t in tensors.items()  # noqa: E731
                                 if row in self.users[n]}
-        model = _to_solo(full(self.params), m.names, m.cfg)
-        exp_avg = _to_solo(full(self.exp_avg), m.names, m.cfg)
-        exp_avg_sq = _to_solo(full(self.exp_avg_sq), m.names, m.cfg)
+        model = _to_solo(full(self.params), m.names, m.cfg, self.slot_ids)
+        exp_avg = _to_solo(full(self.exp_avg), m.names, m.cfg, self.slot_ids)
+        exp_avg_sq = _to_solo(full(self.exp_avg_sq), m.names, m.cfg, self.slot_ids)
         step = torch.tensor(float(self.step))
         optimizer = {"state": {i: {"step": step.clone(), "exp_avg": exp_avg[n], "exp_avg_sq": exp_avg_sq[n]}
                                for i, n in enumerate(m.names) if n in m.trained and self.step > 0},
