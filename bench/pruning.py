@@ -54,7 +54,10 @@ def run(workdir: Path, spec: dict, args) -> dict:
     env.pop("DATABASE_URL", None)
     env.pop("GRIDFLEET_SERVER_URL", None)
     began = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cli", "run", "grid.json", "--workers", str(args.workers)],
+    # --gang 1 by default: a gang's members each hold an attempt over the gang's whole wall time, so summed
+    # attempt times would count one process K times.
+    done = subprocess.run([sys.executable, "-m", "cli", "run", "grid.json", "--workers", str(args.workers),
+                           "--gang", str(args.gang)],
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.monotonic() - began
     if done.returncode != 0:
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=100)
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--heartbeat", type=float, default=0.25)
+    parser.add_argument("--gang", type=int, default=1,
+                        help="gridfleet run --gang (default 1: jobs one at a time, so worker-seconds add up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="gf-prune-bench-") as tmp:
         full = run(Path(tmp) / "full", grid("full", args, prune=False), args)
