@@ -57,3 +57,10 @@ def test_members_resume_from_their_own_checkpoints(tmp_path):
         assert h.reports == solo.reports
     assert [s for s, _ in again[0].reports] == [9, 12] and [s for s, _ in again[1].reports] == list(range(3, 13))
     assert again[2].reports == []  # already at its end: its result, no step
+
+
+def test_a_member_whose_checkpoint_is_gone_fails_alone(tmp_path):
+    gone = {"uri": f"local:{tmp_path / 'nowhere' / 'ckpt-000000000004.pt'}", "step": 4}
+    gang, outcomes, left = _gang(tmp_path, "gone", [None, gone, None], [None] * 3)
+    assert isinstance(outcomes[1], FileNotFoundError) and left[0][0] == 1  # it left first, before any step
+    assert outcomes[0]["steps"] == 12 and outcomes[2]["steps"] == 7 and gang[1].reports == []

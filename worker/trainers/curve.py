@@ -63,10 +63,15 @@ def train(config: Config, ctx) -> dict:
 def train_many(configs: list[Config], ctxs: list) -> list[dict | Exception]:
     """One step of every member per tick (one sleep for all: the point of a gang), each from its own step;
     a member leaves (`ctx.leave`) the moment it is done, stopped or failed, and the others go on."""
-    starts = [_start(ctx) for ctx in ctxs]
-    steps = list(starts)
+    starts: list[int] = [0] * len(configs)
     outcome: list[dict | Exception | None] = [None] * len(configs)
-    active = list(range(len(configs)))
+    for i, ctx in enumerate(ctxs):
+        try:
+            starts[i] = _start(ctx)
+        except Exception as exc:  # noqa: BLE001 - e.g. its checkpoint is gone: this member fails alone
+            outcome[i] = _leave(ctx, exc)
+    steps = list(starts)
+    active = [i for i in range(len(configs)) if outcome[i] is None]
     while active:
         for i in list(active):  # ask first, as train does before each step: a stop costs no step
             config, ctx, step = configs[i], ctxs[i], steps[i]
