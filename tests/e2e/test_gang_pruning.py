@@ -139,4 +139,5 @@ def test_pruned_gang_members_leave_while_their_gang_mates_finish_then_resume_as_
 
     worker.send(signal.SIGTERM)
     assert worker.wait(DEADLINE) == 0, fleet.explain()
+    assert "finish refused" not in worker.log_path.read_text(), fleet.explain()  # no member finished twice
     fleet.assert_clean()
