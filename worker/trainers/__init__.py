@@ -34,6 +34,7 @@ FUSED: dict[str, str] = {
     "sparse_rnn": "worker.trainers.sparse_fused",
     "snn_ddqn": "worker.trainers.snn_fused",
     "noop": "worker.trainers.noop",  # a test trainer: its own module trains gangs (without torch)
+    "curve": "worker.trainers.curve",  # the same, for early stopping of gang members (known loss curves)
 }
 
 
