@@ -14,7 +14,10 @@ would make a context that every forked child inherits broken. docs/gang_claims.m
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,7 +120,8 @@ def measure(train_many, cfg: Any, like: Any, memory: Memory) -> int:
         base = memory.allocated()
         memory.reset_peak()
         try:
-            outcome = train_many([cfg], [dry])[0]
+            with same_random_state(like.device):
+                outcome = train_many([cfg], [dry])[0]
             peak = memory.peak()
         except Exception as exc:  # noqa: BLE001 - the caller decides; the real run will say it again
             raise DryStepFailed(exc) from exc
@@ -126,6 +130,24 @@ def measure(train_many, cfg: Any, like: Any, memory: Memory) -> int:
     if isinstance(outcome, BaseException):
         raise DryStepFailed(outcome) from outcome
     return max(0, peak - base)
+
+
+@contextlib.contextmanager
+def same_random_state(device: Any = "cpu"):
+    """The global generators (Python's, numpy's, torch's CPU and CUDA ones) as they were before: the gang
+    trained after a dry step draws what it would have drawn without one (its members equal their solo runs)."""
+    numpy, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    kept = random.getstate(), numpy.random.get_state() if numpy else None
+    # is_available: tests fake a "cuda" ctx on a CPU
+    cuda = str(device).startswith("cuda") and torch is not None and torch.cuda.is_available()
+    devices = [torch.device(device).index or 0] if cuda else []  # the gang's device only
+    with torch.random.fork_rng(devices=devices, device_type="cuda") if torch else contextlib.nullcontext():
+        try:
+            yield
+        finally:
+            random.setstate(kept[0])
+            if numpy:
+                numpy.random.set_state(kept[1])
 
 
 def cache_key(trainer: str, fuse_key: str | None) -> str:

@@ -127,3 +127,21 @@ def test_a_config_that_reports_seldom_stops_after_max_asks(quiet_dirs):
     dry = dry_step.DryContext(_like(), quiet_dirs.tmp / "work")
     assert trainers.load_fused("gated_rnn").train_many([cfg], [dry]) == [{"stopped_at": dry_step.MAX_ASKS + 1}]
     assert dry.steps == []  # it never reported: it stopped on the count of its should_stop calls
+
+
+def test_the_gang_after_a_dry_step_draws_what_it_would_have_drawn(quiet_dirs):
+    import random
+
+    import numpy as np
+
+    def draws(cfgs, ctxs):  # a trainer that leaves the global generators moved
+        random.random(), np.random.rand(), torch.rand(1)
+        ctxs[0].report(1)
+        return [{"stopped_at": 1}]
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    dry_step.measure(draws, None, _like(), FakeMemory(step_bytes=1))
+    got = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(got[0], expected[0]) and (got[1] == expected[1]).all() and got[2] == expected[2]
