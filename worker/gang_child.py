@@ -7,6 +7,10 @@ on the device); the agent finishes it on its own right away (worker/gang_run.py)
 `ctx.leave(outcome)` the moment a member is done so that happens while the others still train; whatever it
 returns at the end is sent for the members it did not.
 
+Before training, on a CUDA device, `_fit` decides how many members the device holds (one member's dry step,
+worker/dry_step.py, unless the agent already knows its bytes) and tells the agent: ("measured", key,
+bytes) for its cache, ("fit", fit, asked) for its next claims.
+
 The agent steers members through the stop pipe: a line "s<index>" asks that member to checkpoint and stop
 (`ctx.should_stop()` turns true for it only), "d<index>" drops it (its attempt is not ours any more: stop,
 write no checkpoint). End of file (the agent died) or SIGTERM stops every member.
