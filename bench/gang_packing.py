@@ -46,16 +46,16 @@ def like(device: str, seed: int = 0) -> SimpleNamespace:
     return SimpleNamespace(job_id=1, grid_id=1, seed=seed, attempt=1, device=device)
 
 
-def one(trainer: str, raw: dict, device: str, gang: int, check: int) -> str:
+def one(trainer: str, raw: dict, device: str, gang: int, check: int, memory=None) -> str:
+    """One trainer's line. `memory`: dry_step.CudaMemory on a GPU; None on a CPU (nothing to read)."""
     module, fused = trainers.load(trainer), trainers.load_fused(trainer)
     cfg = module.Config.model_validate(raw)
-    if device == "cpu":
+    if memory is None:
         began = time.perf_counter()
         dry = dry_step.DryContext(like(device), Path(tempfile.mkdtemp()))
         outcome = fused.train_many([cfg], [dry])[0]
         return (f"{trainer:15s} dry step {time.perf_counter() - began:6.2f} s -> {outcome}; "
                 f"K = the setting {gang} (no memory reading on a CPU)")
-    memory = dry_step.CudaMemory(device)
     began = time.perf_counter()
     member = dry_step.measure(fused.train_many, cfg, like(device), memory)
     seconds = time.perf_counter() - began
@@ -97,7 +97,8 @@ def main() -> None:
               f"{gang_size.RESERVE:.0%}), then min(K, {args.check}) members together")
         for trainer in args.trainers.split(","):
             try:
-                print(one(trainer, raw[trainer], args.device, args.gang, args.check), flush=True)
+                memory = dry_step.CudaMemory(args.device) if args.device == "cuda" else None
+                print(one(trainer, raw[trainer], args.device, args.gang, args.check, memory), flush=True)
             except Exception as exc:  # noqa: BLE001 - one trainer's failure is a line of the report, not the end
                 print(f"{trainer:15s} failed: {type(exc).__name__}: {exc}", flush=True)
 
