@@ -100,6 +100,7 @@ class Agent:
         self.gangs = options.max_gang > 1 and any(name in trainers.FUSED for name in self.trainers)
         self.server_gang_limit: int | None = None  # the server's max_gang_jobs, from the registration reply
         self.device_fit: int | None = None  # members the last gang's device held (worker/gang_child.py)
+        self.member_bytes: dict[str, int] = {}  # one member's measured bytes by trainer and fuse key (dry_step.py)
         self.sync = CheckpointSync(client, options.stores, options.home / "checkpoints", options.name)
         self.sync.pointers.on_stale = self._pointer_refused
 

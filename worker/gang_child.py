@@ -7,6 +7,10 @@ on the device); the agent finishes it on its own right away (worker/gang_run.py)
 `ctx.leave(outcome)` the moment a member is done so that happens while the others still train; whatever it
 returns at the end is sent for the members it did not.
 
+Before training, on a CUDA device, `_fit` decides how many members the device holds (one member's dry step,
+worker/dry_step.py, unless the agent already knows its bytes) and tells the agent: ("measured", key,
+bytes) for its cache, ("fit", fit, asked) for its next claims.
+
 The agent steers members through the stop pipe: a line "s<index>" asks that member to checkpoint and stop
 (`ctx.should_stop()` turns true for it only), "d<index>" drops it (its attempt is not ours any more: stop,
 write no checkpoint). End of file (the agent died) or SIGTERM stops every member.
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.checkpoints import LocalStore, StoreOptions
-from worker import gang_size
+from worker import dry_step, gang_size
 from worker.context import TrainerContext
 from worker.runner import _json_safe, _redirect_output, die_with
 
@@ -156,7 +160,8 @@ def run_gang(jobs: list[dict[str, Any]], workdirs: list[str], gang_dir: str, sto
             f"{j['id']} attempt {j['attempt']}" for j in jobs), flush=True)
         cfgs = [module.Config.model_validate(job["config"]) for job in jobs]
         fused = trainers.load_fused(trainer)
-        fit = _fit(fused, cfgs, ctxs)
+        key = dry_step.cache_key(trainer, getattr(module, "fuse_key", lambda _cfg: None)(cfgs[0]))
+        fit = _fit(fused, cfgs, ctxs, key, jobs[0].get(gang_size.PACKING))
         for ctx in ctxs[fit:]:
             ctx.leave("released")
         cfgs, ctxs = cfgs[:fit], ctxs[:fit]
@@ -172,26 +177,33 @@ def run_gang(jobs: list[dict[str, Any]], workdirs: list[str], gang_dir: str, sto
     conn.close()
 
 
-def _fit(fused, cfgs: list, ctxs: list, free_memory=None) -> int:
-    """How many members train here: on a CUDA device, as many as its free memory holds when the trainer can
-    measure one (`member_bytes(cfg, device)`, a dry step); the rest are released to be claimed again.
-    `free_memory() -> (free, total)` bytes: torch.cuda.mem_get_info unless given (tests)."""
-    measure = getattr(fused, "member_bytes", None)
-    if measure is None or not str(ctxs[0].device).startswith("cuda"):
+def _fit(fused, cfgs: list, ctxs: list, key: str = "", packing: dict | None = None, memory=None) -> int:
+    """How many members train here: on a CUDA device, as many as its memory holds (worker/gang_size.py: one
+    member's bytes from the trainer's hook, the agent's cache `packing["member_bytes"]` or a dry step); the
+    rest are released to be claimed again. `memory`: dry_step.CudaMemory unless given (tests)."""
+    if fused is None or not str(ctxs[0].device).startswith("cuda"):
         return len(cfgs)
-    if free_memory is None:
-        import torch
-
-        free_memory = torch.cuda.mem_get_info
+    packing = packing or {}
+    conn = ctxs[0]._gang_conn
     try:
-        member = measure(cfgs[0], ctxs[0].device)  # first: its dry step's memory is given back before we read
-        free, _total = free_memory()
-    except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the gang: train them all
+        memory = memory or dry_step.CudaMemory(ctxs[0].device)
+        member, measured = gang_size.member_bytes(fused, cfgs[0], ctxs[0], key, packing.get("member_bytes") or {},
+                                                  memory)
+        free, total = memory.free()
+    except dry_step.DryStepFailed as exc:
+        if not exc.out_of_memory:  # a failed measurement must not fail the gang: train them all
+            print(f"gridfleet: one member's dry step failed ({exc}); training all {len(cfgs)}", flush=True)
+            return len(cfgs)
+        print(f"gridfleet: one member alone does not fit ({exc}): it trains alone", flush=True)
+        member, measured, (free, total) = 1, False, (0, 0)
+    except Exception as exc:  # noqa: BLE001 - as above: a broken hook or memory reading trains every member
         print(f"gridfleet: measuring one member failed ({type(exc).__name__}: {exc}); training all "
               f"{len(cfgs)}", flush=True)
         return len(cfgs)
-    fit = gang_size.fit_on_device(len(cfgs), member, free)
-    print(f"gridfleet: one member needs {member / 2**20:.1f} MiB, {free / 2**20:.0f} MiB free: {fit} of "
-          f"{len(cfgs)} members fit", flush=True)
-    ctxs[0]._gang_conn.send(("fit", fit, len(cfgs)))
+    if measured:  # the agent keeps it: later gangs of this shape skip the dry step
+        conn.send(("measured", key, member))
+    fit = gang_size.fit_on_device(len(cfgs), member, gang_size.budget(free, total, packing.get("gpu_share")))
+    print(f"gridfleet: one member needs {member / 2**20:.1f} MiB ({'dry step' if measured else 'known'}), "
+          f"{free / 2**20:.0f} MiB free: {fit} of {len(cfgs)} members fit", flush=True)
+    conn.send(("fit", fit, len(cfgs)))
     return fit

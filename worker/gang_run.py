@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker import logs, runner
+from worker import gang_size, logs, runner
 from worker.client import Refused, ServerUnavailable
 from worker.code_cache import CodeUnavailable
 from worker.job_run import JobRun, output_tail
@@ -120,7 +120,9 @@ class GangRunner:
         for job in jobs:
             agent.sync.job_started(job)
         workdirs = [str(self.options.home / "work" / f"job-{job['id']}") for job in jobs]
-        started = agent.launcher.start_gang((jobs, workdirs, str(self.gang_dir),
+        packing = {"member_bytes": dict(agent.member_bytes), "gpu_share": gang_size.gpu_share(self.options.gpus)}
+        first = {**jobs[0], gang_size.PACKING: packing}  # what the child's device fit starts from (gang_size.py)
+        started = agent.launcher.start_gang(([first, *jobs[1:]], workdirs, str(self.gang_dir),
                                              str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
                                              self.options.stores), code_root)
         child, receiver, stop = started.child, started.receiver, started.stop
@@ -159,6 +161,9 @@ class GangRunner:
         agent.current = None
 
     def _handle(self, message: tuple) -> None:
+        if message[0] == "measured":  # (key, bytes): one member's dry step, kept for this agent's later gangs
+            self.agent.member_bytes[message[1]] = message[2]
+            return
         if message[0] == "fit":  # (fit, asked): the next claims ask for no more than a full device holds
             fit, asked = message[1], message[2]
             self.agent.device_fit = fit if fit < asked else None
