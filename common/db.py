@@ -201,46 +201,49 @@ class SqliteConnections:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One BEGIN IMMEDIATE transaction (the write lock up front): committed when the block ends, rolled
-        back when it raises."""
+        """One BEGIN IMMEDIATE transaction (the write lock up front), rows as sqlite3.Row: committed when the
+        block ends, rolled back when it raises."""
         if self._database is None:
-            with self._engine.connect() as pooled:
-                conn = pooled.connection.driver_connection
-                with self._begun(conn):
-                    yield conn
+            yield from self._pooled_transaction()
             return
-        conn = self._checkout()
         try:
-            with self._begun(conn):
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._new()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         finally:
             self._idle.append(conn)
 
-    @staticmethod
-    @contextmanager
-    def _begun(conn: sqlite3.Connection) -> Iterator[None]:
-        row_factory = conn.row_factory
-        conn.row_factory = sqlite3.Row
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-        finally:
-            conn.row_factory = row_factory
+    def _pooled_transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._engine.connect() as pooled:
+            conn = pooled.connection.driver_connection
+            row_factory, conn.row_factory = conn.row_factory, sqlite3.Row
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                conn.row_factory = row_factory
 
-    def _checkout(self) -> sqlite3.Connection:
-        try:
-            return self._idle.pop()
-        except IndexError:
-            conn = sqlite3.connect(self._database, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
-            _sqlite_settings(conn)
-            self._open.add(conn)
-            return conn
+    def _new(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._database, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        _sqlite_settings(conn)
+        conn.row_factory = sqlite3.Row
+        self._open.add(conn)
+        return conn
 
     def close(self) -> None:
         """Close every connection (later use opens new ones)."""

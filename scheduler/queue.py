@@ -271,15 +271,14 @@ class Queue:
             self._raw_sqlite.close()
 
     # ---- raw connections of the hot path -------------------------------------------------------
-    @contextmanager
-    def _tx(self) -> Iterator[Any]:
+    def _tx(self):
         """A raw DB-API connection inside a write transaction (SQLite: BEGIN IMMEDIATE); rows by column name."""
-        if self._sqlite:
-            with self._raw_sqlite.transaction() as conn:
-                yield conn
-        else:
-            with self._autocommit.connection() as conn, conn.transaction():
-                yield conn
+        return self._raw_sqlite.transaction() if self._sqlite else self._pg_tx()
+
+    @contextmanager
+    def _pg_tx(self) -> Iterator[Any]:
+        with self._autocommit.connection() as conn, conn.transaction():
+            yield conn
 
     def _sql(self, statement: str) -> str:
         """A raw `:name` statement as this database's driver takes it (psycopg: `%(name)s`), made once."""
@@ -587,28 +586,38 @@ class Queue:
 
     def _finish_sqlite(self, job_id: int, attempt_id: str, worker_id: str, outcome: str,
                        result: dict[str, Any] | None, error: str | None, now: float) -> Reply:
+        fence = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}
         with self._tx() as conn:
-            job = conn.execute(_SQLITE_FINISH_READ,
-                               {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}).fetchone()
-            if job is None:
-                return _stale(job_id, attempt_id, worker_id)
-            values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
-            statement, params = self.job_write(values)
-            conn.execute(statement, {"b_job_id": job_id, **params})
+            if outcome in _ROW_FREE_OUTCOMES:  # the fenced UPDATE is the read: one statement fewer
+                values = self._next_state(None, outcome, result, error, now)
+                statement, params = self.job_write(values, fenced=True)
+                job = conn.execute(statement, {**fence, **params}).fetchone()
+                if job is None:
+                    return _stale(job_id, attempt_id, worker_id)
+            else:
+                job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
+                if job is None:
+                    return _stale(job_id, attempt_id, worker_id)
+                values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
+                statement, params = self.job_write(values)
+                conn.execute(statement, {"b_job_id": job_id, **params})
             conn.execute(END_ATTEMPT, {"aid": attempt_id, "outcome": outcome, "now": now, "error": error})
             conn.execute(NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": outcome,
                                      "message": _finish_message(outcome, values, error)})
-            self._set_worker(conn, job["worker_id"], now, "idle", None)
+            self._set_worker(conn, worker_id, now, "idle", None)  # the fence matched it: the job's worker
         return Reply(ok=True, state=values["state"])
 
-    def job_write(self, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def job_write(self, values: dict[str, Any], fenced: bool = False) -> tuple[str, dict[str, Any]]:
         """SQLite: `UPDATE jobs SET <values> WHERE id = :b_job_id` (one fixed string per set of columns, so
-        sqlite3 keeps it prepared) and its parameters, JSON columns encoded."""
-        keys = tuple(values)
+        sqlite3 keeps it prepared) and its parameters, JSON columns encoded. `fenced`: only the current
+        attempt's running job of that worker, RETURNING its id (no row: the fence refused)."""
+        keys = (*values, fenced)
         statement = self._finish_writes.get(keys)
         if statement is None:
-            sets = ", ".join(f"{key} = :v_{key}" for key in keys)
-            statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE id = :b_job_id"
+            sets = ", ".join(f"{key} = :v_{key}" for key in values)
+            where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running' "
+                     "RETURNING id") if fenced else "id = :b_job_id"
+            statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE {where}"
         return statement, {f"v_{key}": json.dumps(value) if isinstance(t.jobs.c[key].type, JSON) else value
                            for key, value in values.items()}
 
