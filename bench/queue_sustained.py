@@ -96,6 +96,8 @@ def _claim_buffers(queue) -> dict[str, int]:
         params = {"now": time.time(), "gpus": 0.0, "any_trainer": False, "trainers": ["noop"], "can_pin": False,
                   "any_grid": True, "grid_id": 0, "from_rank": rank, "from_id": job_id}
         out[name] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + pick, params)
+    out["expiry"] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
+                                     + queue._sql(queue._expired_sql), {"now": time.time(), "expired_since": 0.0})
     return out
 
 
@@ -249,7 +251,8 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
         points = " / ".join(f"{n:,}" for n in sorted(explains))
         print(f"EXPLAIN buffers of the claim's pick after {points} finished jobs: from the claim floor "
               + " / ".join(str(explains[n]["floor"]) for n in sorted(explains)) + "; from the start "
-              + " / ".join(str(explains[n]["start"]) for n in sorted(explains)))
+              + " / ".join(str(explains[n]["start"]) for n in sorted(explains)) + "; the expiry scan "
+              + " / ".join(str(explains[n]["expiry"]) for n in sorted(explains)))
         print(f"bare loop's pick: {before} buffers at 0, {after} after {args.bare_jobs:,} claimed")
     print(f"load average after: {load1()}")
 
