@@ -10,8 +10,10 @@ Read `main` (per database: the bare loop, then gridfleet), `_gridfleet` and `_ba
                on a partial index of queued rows, then `UPDATE ... SET state = 'succeeded'`, autocommit,
                prepared (what a minimal queue does); SQLite: the same two statements without the lock,
                each its own transaction, on a raw sqlite3 connection
-A block's rate is 10,000 / the time between its first and last finish (all workers' finishes merged). The
-header says whether the server's autovacuum is on (on the development VM it is off: nothing vacuums).
+A block's rate is 10,000 / the time between its first and last finish (all workers' finishes merged); its
+CPU per job is what the loop's processes and (Postgres, local server) their backends spent on it, from
+/proc: the steadier number when other work shares the cores. The header says whether the server's
+autovacuum is on (on the development VM it is off: nothing vacuums).
 Postgres: EXPLAIN (ANALYZE, BUFFERS) of the claim's pick after 0, 20,000 and all jobs finished, from the
 Queue's claim floor (every claim between expiry scans) and from the start (the first claim after each
 scan, at most once a second). Targets (issue 15): last block >= 0.9x the first; gridfleet's first block
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -56,18 +59,21 @@ BARE_SQLITE = {
 
 
 # ---- worker processes -------------------------------------------------------------------------------------
-def _gridfleet(url: str, jobs: int, explain_at: list[int], go, results) -> None:
-    """Claim and finish `jobs` jobs; the finish times, and EXPLAIN buffers at `explain_at` (Postgres)."""
+def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, results) -> None:
+    """Claim and finish `jobs` jobs; the finish times, CPU seconds (this process and its Postgres backends)
+    after every `block` jobs, and EXPLAIN buffers at `explain_at` (Postgres)."""
     from common.db import is_sqlite, make_engine
     from scheduler.queue import Queue
 
     engine = make_engine(url)
     queue = Queue(engine)
     worker_id = queue.register_worker(name="bench", host="bench", trainers=["noop"])
-    explains, done = {}, []
+    explains, done, cpu = {}, [], []
     results.put("ready")
     go.wait()
     while len(done) < jobs:
+        if len(done) % block == 0:
+            cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
         if len(done) in explain_at and not is_sqlite(url):
             explains[len(done)] = _claim_buffers(queue)
         job = queue.claim(worker_id, trainers=["noop"])
@@ -76,9 +82,10 @@ def _gridfleet(url: str, jobs: int, explain_at: list[int], go, results) -> None:
         if not queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id).ok:
             raise RuntimeError("finish refused")
         done.append(time.time())
+    cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
     if len(done) in explain_at and not is_sqlite(url):
         explains[len(done)] = _claim_buffers(queue)
-    results.put({"times": done, "explains": explains})
+    results.put({"times": done, "explains": explains, "cpu": cpu})
     queue.close()
     engine.dispose()
 
@@ -109,7 +116,14 @@ def _explain_buffers(connections, statement: str, params) -> int:
     return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
 
 
-def _bare(url: str, jobs: int, go, results) -> None:
+def _cpu_now(backend_pids: list[int]) -> float:
+    """CPU seconds of this process and of the given Postgres backends (Linux /proc; the server is local)."""
+    from bench.processes import proc_cpu
+
+    return time.process_time() + sum(proc_cpu(pid) or 0.0 for pid in backend_pids)
+
+
+def _bare(url: str, jobs: int, block: int, go, results) -> None:
     """The bare loop: claim and finish `jobs` rows of bare_jobs."""
     from common.db import is_sqlite
 
@@ -117,16 +131,20 @@ def _bare(url: str, jobs: int, go, results) -> None:
     conn = _bare_connection(url)
     claim = BARE_CLAIM.format(pick=(BARE_SQLITE if sqlite else BARE_PG)["pick"])
     finish = BARE_FINISH.format(param="?" if sqlite else "%s")
-    done = []
+    done, cpu = [], []
+    pids = [] if sqlite else [conn.info.backend_pid]
     results.put("ready")
     go.wait()
     while len(done) < jobs:
+        if len(done) % block == 0:
+            cpu.append(_cpu_now(pids))
         row = conn.execute(claim).fetchone()
         if row is None:
             break
         conn.execute(finish, (row[0],))
         done.append(time.time())
-    results.put({"times": done, "explains": {}})
+    cpu.append(_cpu_now(pids))
+    results.put({"times": done, "explains": {}, "cpu": cpu})
     conn.close()
 
 
@@ -149,25 +167,31 @@ def _bare_connection(url: str):
 
 
 # ---- one loop, N processes ------------------------------------------------------------------------------
-def run_loop(target, per_worker: list[tuple]) -> tuple[float, list[float], dict]:
+def run_loop(target, per_worker: list[tuple]) -> tuple[float, list[float], dict, list[float]]:
     """One `target` process per argument tuple, released together; returns the start time, all finish times
-    (sorted) and the EXPLAIN buffers the processes took."""
+    (sorted), the EXPLAIN buffers the processes took, and the CPU seconds of each block (all processes)."""
     go, results = SPAWN.Event(), SPAWN.Queue()
     procs = [SPAWN.Process(target=target, args=(*args, go, results), daemon=True) for args in per_worker]
-    for p in procs:
-        p.start()
-    for _ in procs:
-        if results.get(timeout=180) != "ready":
-            raise RuntimeError("a worker failed to start")
-    started = time.time()
-    go.set()
-    outs = [results.get(timeout=3600) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:
+            if results.get(timeout=180) != "ready":
+                raise RuntimeError("a worker failed to start")
+        started = time.time()
+        go.set()
+        outs = [results.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30 if go.is_set() else 0)
+            if p.is_alive():
+                p.terminate()
     explains = {}
     for out in outs:
         explains.update(out["explains"])
-    return started, sorted(t for out in outs for t in out["times"]), explains
+    steps = min(len(out["cpu"]) for out in outs) - 1
+    cpu = [sum(out["cpu"][i + 1] - out["cpu"][i] for out in outs) for i in range(steps)]
+    return started, sorted(t for out in outs for t in out["times"]), explains, cpu
 
 
 def shares(jobs: int, workers: int) -> list[int]:
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     explain_at = sorted({0, min(20_000, args.jobs), args.jobs})
     cleanup = Cleanup(admin_url=args.pg_admin_url)
+    signal.signal(signal.SIGTERM, _interrupt)  # clean up (databases, processes) on SIGTERM as on Ctrl-C
     print(f"sustained claim+finish of noop jobs, {args.workers} worker process(es) per loop, no VACUUM by us; "
           f"load average now {load1()}; {os.cpu_count()} cores shared by everything")
     try:
@@ -206,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup.run()
     return 0
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
 
 
 def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
@@ -229,22 +258,32 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
         left -= count
     engine.dispose()
     print(f"\n{backend}: {args.jobs:,} gridfleet jobs, {args.bare_jobs:,} bare rows; load average {load1()}")
-    started, times, _ = run_loop(_bare, [(url, n) for n in shares(args.bare_jobs, args.workers)])
+    per_block = args.block // args.workers  # each process samples its CPU after its share of a block
+    started, times, _, bare_cpu = run_loop(_bare, [(url, n, per_block) for n in shares(args.bare_jobs, args.workers)])
     bare_rates = blocks(started, times, args.block)
     after = None if backend == "sqlite" else _bare_buffers(conn, bare["pick"])
     conn.close()
     # Worker 0 takes the EXPLAINs after its own share of the points (exact with one worker).
     own_points = [point // args.workers for point in explain_at]
-    started, times, own = run_loop(_gridfleet, [(url, n, own_points if i == 0 else [])
-                                                 for i, n in enumerate(shares(args.jobs, args.workers))])
+    started, times, own, cpu = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [])
+                                                      for i, n in enumerate(shares(args.jobs, args.workers))])
     explains = {point * args.workers: value for point, value in own.items()}
     rates = blocks(started, times, args.block)
     print(f"{'loop':<10} {'jobs':>8}  jobs/s per {args.block:,}-job block")
     print(f"{'bare':<10} {args.bare_jobs:>8,}  " + " ".join(f"{r:.0f}" for r in bare_rates))
     print(f"{'gridfleet':<10} {len(times):>8,}  " + " ".join(f"{r:.0f}" for r in rates))
+    what = "the worker process" + ("" if backend == "sqlite" else " + its Postgres backends")
+    print(f"CPU us per job, per block ({what}; steadier than jobs/s when other work shares the cores):")
+    print(f"{'bare':<10} {'':>8}  " + " ".join(f"{c / per_block / args.workers * 1e6:.0f}" for c in bare_cpu))
+    print(f"{'gridfleet':<10} {'':>8}  " + " ".join(f"{c / per_block / args.workers * 1e6:.0f}" for c in cpu))
+    if cpu and bare_cpu:
+        flat, versus = cpu[0] / cpu[-1], bare_cpu[0] / cpu[0]
+        print(f"by CPU per job: first block / last: {flat:.2f}x (target >= {TARGET_FLAT}: "
+              f"{'PASS' if flat >= TARGET_FLAT else 'FAIL'}); bare / gridfleet (first blocks): {versus:.2f}x "
+              f"(target >= {TARGETS[backend]}: {'PASS' if versus >= TARGETS[backend] else 'FAIL'})")
     if rates and bare_rates:
         flat, versus = rates[-1] / rates[0], rates[0] / bare_rates[0]
-        print(f"last block / first: {flat:.2f}x (target >= {TARGET_FLAT}: {'PASS' if flat >= TARGET_FLAT else 'FAIL'}); "
+        print(f"by jobs/s: last block / first: {flat:.2f}x (target >= {TARGET_FLAT}: {'PASS' if flat >= TARGET_FLAT else 'FAIL'}); "
               f"gridfleet first block / bare first block: {versus:.2f}x (target >= {TARGETS[backend]}: "
               f"{'PASS' if versus >= TARGETS[backend] else 'FAIL'}); bare last / first: {bare_rates[-1] / bare_rates[0]:.2f}x")
     if explains:
