@@ -37,7 +37,7 @@ async def _measure(url: str, jobs: int, batch_size: int) -> float:
             await queries.enqueue(["noop"] * count, [None] * count, [0] * count)
     done = 0
     connection = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    manager = QueueManager(PsycopgDriver(connection))
+    manager = QueueManager(Queries(PsycopgDriver(connection)))
 
     @manager.entrypoint("noop")
     async def noop(_job) -> None:
