@@ -10,9 +10,9 @@ What it measures: N worker processes (started together after warm-up) each loop 
 directly through the queue (scheduler/queue.py, scheduler/gang.py) on a fresh Postgres database created
 here and dropped at the end. jobs/s = jobs finished inside the window / window; the ratio is against
 `single` measured in the same run. The last line is PgQueuer's batched consumer (bench/pgqueuer_consumer.py)
-on the same server, one QueueManager draining --jobs no-op jobs in batches of K, when `pgqueuer` is
-installed (an optional bench dependency, not gridfleet's), draining as many jobs as gang-K's grid holds
-(its start-up counts: 900 jobs/s draining 5,000, 2,700 draining 20,000), beside gang-K at 1 worker. Everything
+on the same server, one QueueManager draining as many no-op jobs as gang-K's grid holds, in batches of K
+(its start-up counts: 900 jobs/s draining 5,000, 2,700 draining 20,000), when `pgqueuer` is installed (an
+optional bench dependency, not gridfleet's), beside gang-K at 1 worker. Everything
 shares this machine's cores with Postgres, so the numbers are floors; compare the ratios. See
 bench/README.md.
 """
