@@ -3,6 +3,7 @@ before it (no VACUUM: the test server's autovacuum is off), the claim floor neve
 migration 0009 goes down and up again on both databases."""
 from __future__ import annotations
 
+import re
 import time
 
 from alembic import command
@@ -40,6 +41,20 @@ def pick_buffers(queue: Queue, floor: tuple[int, int]) -> int:
     return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
 
 
+def generic_pick_plan(queue: Queue) -> str:
+    """Postgres: the plan the Queue's connections use for the claim's pick (generic: plan_cache_mode)."""
+    names = ["now", "gpus", "any_trainer", "trainers", "can_pin", "any_grid", "grid_id", "from_rank", "from_id"]
+    pick = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", _pyformat(_CLAIM_PICK.format(
+        trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED", indexed_by="")))
+    with queue._autocommit.connection() as conn:
+        conn.execute("PREPARE pick (float8, float8, bool, text[], bool, bool, int, int, int) AS " + pick)
+        try:
+            rows = conn.execute("EXPLAIN (COSTS OFF) EXECUTE pick (1e10, 0, false, '{noop}', false, true, 0, 0, 1)")
+            return "\n".join(next(iter(row.values())) for row in rows.fetchall())
+        finally:
+            conn.execute("DEALLOCATE pick")
+
+
 def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
     submit(engine, "big", 1_600)
     queue = Queue(engine, expiry_scan_seconds=3600.0)  # no scan clears the floor during the test
@@ -55,6 +70,8 @@ def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
         cycles(queue, worker, 200)
         assert queue._claim_floors[FILTERS][1] == 200  # the floor follows the claims (job ids 1..1600)
         return
+    plan = generic_pick_plan(queue)
+    assert "Index Scan using ix_jobs_claim" in plan and "ROW((- priority), id) >= ROW($8, $9)" in plan, plan
     cycles(queue, worker, 200)
     early = pick_buffers(queue, queue._claim_floors[FILTERS])
     cycles(queue, worker, 1_300)
