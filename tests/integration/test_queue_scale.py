@@ -139,3 +139,27 @@ def test_migration_0009_goes_down_and_up_with_the_jobs_kept(db_url):
         assert sorted(j.grid_id for j in claimed if j) == [grid] * 3 and claimed[-1] is None
     finally:
         engine.dispose()
+
+
+def test_a_heartbeat_refreshes_the_workers_last_seen_at_most_every_5_seconds(engine):
+    """Per cycle only what users read is written every time (the job, attempts, events, metrics); the
+    worker's last-seen time is refreshed by heartbeats only once it is WORKER_SEEN_SECONDS old."""
+    from scheduler import reports
+    from scheduler.queue import WORKER_SEEN_SECONDS
+
+    submit(engine, "g", 1)
+    queue = Queue(engine)
+    worker = queue.register_worker("w", "host", ["noop"])
+    t0 = time.time()
+    job = queue.claim(worker, trainers=["noop"], now=t0)
+
+    def seen() -> float:
+        [row] = [w for w in reports.list_workers(engine) if w["id"] == worker]
+        return row["last_seen_at"]
+
+    assert queue.heartbeat(job.id, job.attempt_id, step=1, now=t0 + 1, worker_id=worker).ok
+    assert seen() == t0  # 1 s after the claim wrote it: not written again
+    assert queue.heartbeat(job.id, job.attempt_id, step=2, now=t0 + WORKER_SEEN_SECONDS + 1, worker_id=worker).ok
+    assert seen() == t0 + WORKER_SEEN_SECONDS + 1
+    assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + WORKER_SEEN_SECONDS + 2, worker_id=worker).ok
+    assert seen() == t0 + WORKER_SEEN_SECONDS + 2  # a state change (idle) always writes it
