@@ -6,6 +6,7 @@ every path: SQLAlchemy's and the queue's raw psycopg connections (docs/database_
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 import psycopg
@@ -138,10 +139,11 @@ def install(app: FastAPI) -> None:
     async def _conflict(_request: Request, exc: Conflict):
         return error_response(409, "conflict", str(exc))
 
-    # Database errors from both paths: SQLAlchemy's, and psycopg's own from the queue's raw connections
-    # (the hot path). A more specific handler registered for one of their subclasses still wins.
+    # Database errors from both paths: SQLAlchemy's, and psycopg's and sqlite3's own from the queue's raw
+    # connections (the hot path). A more specific handler registered for one of their subclasses still wins.
     @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(psycopg.Error)
+    @app.exception_handler(sqlite3.Error)
     async def _db_error(request: Request, exc: Exception):
         if not is_unavailable(exc):
             return _unexpected_error(request, exc)

@@ -9,15 +9,16 @@ What it measures: N worker processes (started together after warm-up) each loop 
     gang-K   claim_gang(K) -> finish_gang: K jobs of one grid and fuse key per claim and per finish
 directly through the queue (scheduler/queue.py, scheduler/gang.py) on a fresh Postgres database created
 here and dropped at the end. jobs/s = jobs finished inside the window / window; the ratio is against
-`single` measured in the same run. PgQueuer's batched consumer is not measured yet (not a gridfleet
-dependency, not installed here): the last line only says whether `pgqueuer` is importable. Everything
+`single` measured in the same run. The last line is PgQueuer's batched consumer (bench/pgqueuer_consumer.py)
+on the same server, one QueueManager draining as many no-op jobs as gang-K's grid holds, in batches of K
+(its start-up counts: 900 jobs/s draining 5,000, 2,700 draining 20,000), when `pgqueuer` is installed (an
+optional bench dependency, not gridfleet's), beside gang-K at 1 worker. Everything
 shares this machine's cores with Postgres, so the numbers are floors; compare the ratios. See
 bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing as mp
 import sys
 import time
@@ -105,10 +106,15 @@ def _vacuum(engine) -> None:
         conn.execute(text("VACUUM ANALYZE jobs"))
 
 
-def pgqueuer_line() -> str:
-    if importlib.util.find_spec("pgqueuer") is None:
-        return "pgqueuer: not importable here; its batched consumer is not measured (bench/README.md)"
-    return "pgqueuer: importable, but this bench has no PgQueuer consumer yet: not measured (bench/README.md)"
+def pgqueuer_line(url: str, jobs: int, k: int, gang_rate: float | None) -> str:
+    """PgQueuer's batched consumer (one QueueManager, batches of K) on the same server, when installed."""
+    from bench import pgqueuer_consumer
+
+    if not pgqueuer_consumer.available():
+        return "pgqueuer: not importable here (pip install pgqueuer: the bench extra); its consumer is not measured"
+    rate = pgqueuer_consumer.measure(url.replace("+psycopg", ""), jobs, k)
+    versus = f"; gang-{k} at 1 worker / pgqueuer: {gang_rate / rate:.2f}x" if gang_rate else ""
+    return f"pgqueuer   1 consumer, batches of {k}, draining {jobs:,} no-op jobs: {rate:.0f} jobs/s{versus}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gang claims on Postgres: claim+finish of noop jobs, {args.seconds:.0f} s windows, "
               "dry claims > 0: the grid ran out")
         print(f"{'mode':<10} {'workers':>7} {'jobs/s':>9} {'vs single':>10} {'dry claims':>11}")
-        base = None
+        base, gang_rate = None, None
         for workers, mode in runs:
             k = 1 if mode in ("single", "gang-1") else args.k
             rate, dry = measure(url, mode, k, workers, args.seconds)
             base = rate if mode == "single" else base
+            gang_rate = rate if (workers, k) == (1, args.k) else gang_rate
             print(f"{mode:<10} {workers:>7} {rate:>9.0f} {rate / base if base else float('nan'):>9.2f}x {dry:>11}")
             # The next run's grid must be the first queued one in claim order, as a run's own grid was:
             # leftover queued jobs of earlier grids would make every later claim read past them.
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                             {"g": grids[workers, mode]})
                 own.commit()
             _vacuum(engine)
-        print(pgqueuer_line())
+        print(pgqueuer_line(url, min(MAX_JOBS_PER_GRID, 4 * args.jobs), args.k, gang_rate))  # gang-K's count
         engine.dispose()
     finally:
         with admin.connect() as conn:

@@ -7,6 +7,8 @@
     .venv/bin/python bench/queue_throughput.py --compare HEAD,. --rounds 2   # last commit vs this checkout
     .venv/bin/python bench/queue_throughput.py --gang 16            # gang claims of 16 beside single claims
                                                                     # (bench/gang_throughput.py)
+    .venv/bin/python bench/queue_throughput.py --sustained          # 100,000 jobs without VACUUM, per block,
+                                                                    # beside a bare loop (bench/queue_sustained.py)
 
 What it measures
 - cycles/s: N worker processes (separate OS processes, started together after warm-up) each loop
@@ -33,17 +35,12 @@ processes and its temp files, also on Ctrl-C and SIGTERM. See bench/README.md fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import inspect
-import math
 import multiprocessing as mp
 import os
 import platform
-import queue
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,179 +54,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.processes import (  # noqa: E402 - after the sys.path set-up above
+    Cleanup, CpuProbe, Group, _database_name, _ignore_sigint_in_child, create_pg_database, create_sqlite_database,
+    free_port, load1, pg_server_version, pg_setting, versions,
+)
+from bench.queue_report import (  # noqa: E402
+    TARGET_HB_RATE, print_cpu_table, print_cycle_table, print_heartbeat_table, print_summary,
+)
+
 PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
-TARGET_PG_CYCLES = 1000.0
-TARGET_API_CYCLES = 250.0
-TARGET_HB_P99_MS = 50.0
-TARGET_HB_RATE = 100.0
 MAX_JOBS_PER_GRID = 100_000  # scheduler.spec.MAX_JOBS_PER_GRID
 WARMUP_CYCLES = 3  # per worker, before the measured window (connections, caches, the first claim)
-
-
-# ---- small helpers ---------------------------------------------------------------------------------
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of values; nan for none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f}"
-
-
-def load1() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "?"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ignore_sigint_in_child() -> None:
-    # Ctrl-C reaches the whole foreground process group; children stop when the parent tells them
-    # to (or terminates them), so the parent alone decides and can clean up in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# ---- CPU accounting (Linux /proc; elsewhere the CPU columns show "-") --------------------------------
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def proc_cpu(pid: int) -> float | None:
-    """user+system CPU seconds of one process, or None when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_tree(root: int) -> list[int]:
-    """root and all its descendants (uvicorn --workers N: the supervisor and its worker processes)."""
-    parents: dict[int, int] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return [root]
-    for name in entries:
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parents[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, todo = [root], [root]
-    while todo:
-        parent = todo.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        tree += children
-        todo += children
-    return tree
-
-
-def machine_busy() -> float | None:
-    """CPU seconds all cores spent busy since boot (everything on the machine, not only ours)."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    guest = sum(values[8:10]) if len(values) > 9 else 0  # already counted in user/nice
-    return (sum(values) - idle - guest) / CLK_TCK
-
-
-class CpuProbe:
-    """Snapshots of CPU seconds: the API server's process tree, the Postgres backends serving our database
-    (only when Postgres runs on this machine) and the whole machine."""
-
-    def __init__(self, server_pid: int | None = None, pg_url: str | None = None):
-        self.server_pid = server_pid
-        self.pg_engine = None
-        if pg_url and _is_local(pg_url) and os.path.exists("/proc/self/stat"):
-            from sqlalchemy import create_engine
-
-            from common.db import normalize_url
-
-            self.pg_engine = create_engine(normalize_url(pg_url), poolclass=_null_pool())
-            self.pg_db = _database_name(pg_url)
-
-    def __call__(self) -> dict:
-        snap: dict = {"time": time.time(), "machine": machine_busy(), "server": None, "pg": None}
-        if self.server_pid is not None:
-            values = [proc_cpu(pid) for pid in process_tree(self.server_pid)]
-            snap["server"] = {pid: v for pid, v in zip(process_tree(self.server_pid), values) if v is not None}
-        if self.pg_engine is not None:
-            from sqlalchemy import text
-
-            with self.pg_engine.connect() as conn:
-                pids = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :db AND pid <> "
-                                         "pg_backend_pid()"), {"db": self.pg_db}).scalars().all()
-                with contextlib.suppress(Exception):  # pg_stat_database.sessions: PostgreSQL 14+
-                    snap["sessions"] = conn.execute(text("SELECT sessions FROM pg_stat_database WHERE datname = :db"),
-                                                    {"db": self.pg_db}).scalar()
-            snap["pg"] = {pid: v for pid in pids if (v := _postgres_cpu(pid)) is not None}
-        return snap
-
-    def close(self) -> None:
-        if self.pg_engine is not None:
-            self.pg_engine.dispose()
-
-
-def _postgres_cpu(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            if not f.read().startswith("postgres"):
-                return None
-    except OSError:
-        return None
-    return proc_cpu(pid)
-
-
-def _null_pool():
-    from sqlalchemy.pool import NullPool
-
-    return NullPool
-
-
-def _is_local(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    from common.db import normalize_url
-
-    host = make_url(normalize_url(url)).host
-    return host in (None, "", "localhost", "127.0.0.1", "::1")
-
-
-def _database_name(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    from common.db import normalize_url
-
-    return make_url(normalize_url(url)).database
-
-
-def cpu_delta(first: dict, last: dict) -> dict:
-    """CPU seconds used between two probe snapshots, per part; a process born in between counts whole."""
-    out: dict = {"seconds": last["time"] - first["time"]}
-    if first["machine"] is not None and last["machine"] is not None:
-        out["machine"] = last["machine"] - first["machine"]
-    if first.get("sessions") is not None and last.get("sessions") is not None:
-        out["connections"] = last["sessions"] - first["sessions"] - 1  # minus the probe's own connection
-    for part in ("server", "pg"):
-        if last[part] is not None:
-            before = first[part] or {}
-            out[part] = sum(v - before.get(pid, 0.0) for pid, v in last[part].items())
-    return out
 
 
 # ---- code variants (--compare) ---------------------------------------------------------------------
@@ -423,172 +258,6 @@ def heartbeat_client(base_url: str, token: str, worker_id: str, worker_secret: s
         out["fatal"] = True
         results.put(("ready", index))
     results.put(("done", out))
-
-
-# ---- running a group of processes together ---------------------------------------------------------
-class Group:
-    """Start processes, wait until all are warmed up, release them together for a window, collect."""
-
-    def __init__(self, ctx, cleanup: Cleanup):
-        self.ctx = ctx
-        self.cleanup = cleanup
-        self.go = ctx.Event()
-        self.times = ctx.Array("d", 2)
-        self.results = ctx.Queue()
-        self.procs: list[mp.Process] = []
-
-    def start(self, target, args_list: list[tuple]) -> None:
-        for args in args_list:
-            proc = self.ctx.Process(target=target, args=(*args, self.go, self.times, self.results, len(self.procs)),
-                                    daemon=True)
-            proc.start()
-            self.procs.append(proc)
-            self.cleanup.processes.append(proc)
-
-    def run(self, seconds: float, probe=None, ready_timeout: float = 120.0) -> tuple[list[dict[str, Any]], dict]:
-        """Returns each process's report and probe() taken at the window's start and end (if given)."""
-        outs: list[dict[str, Any]] = []
-        ready = 0
-        deadline = time.time() + ready_timeout
-        while ready < len(self.procs):
-            self._check_alive()
-            try:
-                kind, payload = self.results.get(timeout=max(0.1, min(1.0, deadline - time.time())))
-            except queue.Empty:
-                if time.time() > deadline:
-                    raise RuntimeError(f"only {ready} of {len(self.procs)} processes got ready in {ready_timeout:.0f} s")
-                continue
-            if kind == "ready":
-                ready += 1
-            else:
-                outs.append(payload)
-        start_at = time.time() + 0.3
-        self.times[0], self.times[1] = start_at, start_at + seconds
-        self.go.set()
-        usage: dict = {}
-        if probe is not None:
-            time.sleep(max(0.0, start_at - time.time()))
-            first = probe()
-            time.sleep(max(0.0, start_at + seconds - time.time()))
-            usage = cpu_delta(first, probe())
-        deadline = start_at + seconds + 60.0
-        while len(outs) < len(self.procs):
-            try:
-                kind, payload = self.results.get(timeout=1.0)
-            except queue.Empty:
-                if time.time() > deadline:
-                    raise RuntimeError("processes did not report within 60 s after the window")
-                self._check_alive(allow_exit=True)
-                continue
-            if kind == "done":
-                outs.append(payload)
-        for proc in self.procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-            with contextlib.suppress(ValueError):
-                self.cleanup.processes.remove(proc)
-        return outs, usage
-
-    def _check_alive(self, allow_exit: bool = False) -> None:
-        for proc in self.procs:
-            if not proc.is_alive() and proc.exitcode not in (0, None) and not allow_exit:
-                raise RuntimeError(f"a benchmark process died with exit code {proc.exitcode}")
-
-
-# ---- resources that must go away, even on Ctrl-C -----------------------------------------------------
-@dataclass
-class Cleanup:
-    admin_url: str
-    databases: list[str] = field(default_factory=list)
-    servers: list[subprocess.Popen] = field(default_factory=list)
-    processes: list[mp.Process] = field(default_factory=list)
-    tempdirs: list[str] = field(default_factory=list)
-
-    def stop_processes(self) -> None:
-        for proc in list(self.processes):
-            if proc.is_alive():
-                proc.terminate()
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-        self.processes.clear()
-
-    def stop_server(self, server: subprocess.Popen) -> None:
-        self.stop_processes()  # clients first, so none of them retries against a server that is going away
-        if server.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)  # its own session: uvicorn and its worker processes
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=5)
-        else:  # the supervisor is gone; make sure no worker of its group lingers
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(server.pid, signal.SIGKILL)
-        with contextlib.suppress(ValueError):
-            self.servers.remove(server)
-
-    def drop_database(self, name: str) -> None:
-        from sqlalchemy import create_engine, text
-
-        from common.db import normalize_url
-
-        admin = create_engine(normalize_url(self.admin_url), isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
-        with contextlib.suppress(ValueError):
-            self.databases.remove(name)
-
-    def run(self) -> None:
-        self.stop_processes()
-        for server in list(self.servers):
-            try:
-                self.stop_server(server)
-            except Exception as exc:  # noqa: BLE001
-                print(f"warning: could not stop the API server (pid {server.pid}): {exc}", file=sys.stderr)
-        for name in list(self.databases):
-            try:
-                self.drop_database(name)
-            except Exception as exc:  # noqa: BLE001
-                print(f"warning: could not drop database {name}: {exc}; drop it by hand", file=sys.stderr)
-        for path in self.tempdirs:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# ---- databases and jobs ---------------------------------------------------------------------------
-def create_pg_database(cleanup: Cleanup, suffix: str) -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    from common.db import migrate, normalize_url
-
-    name = f"gf_bench_{os.getpid()}_{suffix}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(normalize_url(cleanup.admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            cleanup.databases.append(name)
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    url = make_url(normalize_url(cleanup.admin_url)).set(database=name).render_as_string(hide_password=False)
-    migrate(url)
-    return url
-
-
-def create_sqlite_database(cleanup: Cleanup) -> str:
-    from common.db import migrate
-
-    directory = tempfile.mkdtemp(prefix="gf_bench_")
-    cleanup.tempdirs.append(directory)
-    url = f"sqlite:///{directory}/bench.db"
-    migrate(url)
-    return url
 
 
 class JobFeeder:
@@ -825,183 +494,8 @@ def measure_heartbeats(ctx, cleanup: Cleanup, server: Server, clients: int, rate
     )
 
 
-# ---- printing ---------------------------------------------------------------------------------------
-def versions(pg_version: str | None) -> str:
-    import sqlite3
-
-    import sqlalchemy
-
-    parts = [f"Python {platform.python_version()}", f"SQLAlchemy {sqlalchemy.__version__}",
-             f"SQLite {sqlite3.sqlite_version}"]
-    with contextlib.suppress(ImportError):
-        import psycopg
-
-        parts.append(f"psycopg {psycopg.__version__}")
-    if pg_version:
-        parts.append(f"PostgreSQL {pg_version}")
-    with contextlib.suppress(ImportError):
-        import uvicorn
-
-        extras = [name for name in ("uvloop", "httptools") if _importable(name)]
-        parts.append(f"uvicorn {uvicorn.__version__}" + (f" ({'+'.join(extras)})" if extras else ""))
-    with contextlib.suppress(ImportError):
-        import httpx
-
-        parts.append(f"httpx {httpx.__version__}")
-    return ", ".join(parts)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
-
-
-def pg_server_version(admin_url: str) -> str | None:
-    return pg_setting(admin_url, "server_version").split()[0]
-
-
-def pg_setting(admin_url: str, name: str) -> str:
-    from sqlalchemy import create_engine, text
-
-    from common.db import normalize_url
-
-    engine = create_engine(normalize_url(admin_url))
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text("SELECT current_setting(:name)"), {"name": name}).scalar_one()
-    finally:
-        engine.dispose()
-
-
-def ratio_text(measured: float, target: float, higher_is_better: bool = True) -> str:
-    if math.isnan(measured):
-        return "-"
-    ratio = measured / target
-    ok = ratio >= 1.0 if higher_is_better else ratio < 1.0
-    return f"{ratio:5.2f}x {'PASS' if ok else 'FAIL'}"
-
-
-LABEL_WIDTH = 34
-
-
-def cycle_target(row: CycleRow) -> float | None:
-    return {"postgres": TARGET_PG_CYCLES, "api": TARGET_API_CYCLES}.get(row.backend)
-
-
-def print_cycle_table(rows: list[CycleRow]) -> None:
-    header = (f"{'backend':<{LABEL_WIDTH}} {'workers':>7} {'cycles/s':>9} {'cycle p50':>9} {'p99':>7} {'claim p50':>9} "
-              f"{'finish p50':>10} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        target = cycle_target(row)
-        print(f"{row.label:<{LABEL_WIDTH}} {row.workers:>7} {row.rate:>9.0f} {ms(pct(row.cycle, 50)):>9} "
-              f"{ms(pct(row.cycle, 99)):>7} {ms(pct(row.claim, 50)):>9} {ms(pct(row.finish, 50)):>10} "
-              f"{row.errors:>6}   {f'>= {target:.0f}' if target else '-':>8}  "
-              f"{ratio_text(row.rate, target) if target else '-':<15}")
-    for row in rows:
-        if row.error:
-            print(f"  {row.label} x{row.workers}: {row.errors} errors, first: {row.error}")
-        if row.dry:
-            print(f"  {row.label} x{row.workers}: workers found the queue empty {row.dry} times (a lower bound)")
-
-
-def print_heartbeat_table(rows: list[HeartbeatRow]) -> None:
-    header = (f"{'server':<{LABEL_WIDTH}} {'offered/s':>9} {'done/s':>7} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-              f"{'max ms':>7} {'errors':>6}   {'target':>8}  {'measured/target':<15}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        p99 = pct(row.latency, 99)
-        print(f"{row.label:<{LABEL_WIDTH}} {row.sent / row.seconds:>9.0f} {row.ok / row.seconds:>7.0f} "
-              f"{ms(pct(row.latency, 50)):>7} {ms(pct(row.latency, 90)):>7} {ms(p99):>7} "
-              f"{ms(max(row.latency) if row.latency else float('nan')):>7} {row.errors:>6}   "
-              f"{f'p99 < {TARGET_HB_P99_MS:.0f}':>8}  {ratio_text(p99 * 1000, TARGET_HB_P99_MS, False):<15}")
-    for row in rows:
-        if row.error:
-            print(f"  {row.label}: {row.errors} errors, first: {row.error}")
-        if row.late:
-            print(f"  {row.label}: {row.late} heartbeats left the client more than one interval late "
-                  "(client starved of CPU); their latency counts from the scheduled time")
-
-
-def _cpu_ms(cpu: dict, part: str, ops: int) -> str:
-    value = cpu.get(part)
-    return "-" if value is None or ops <= 0 else f"{value / ops * 1000:.2f}"
-
-
-def print_cpu_table(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
-    cores = os.cpu_count() or 1
-    header = (f"{'measurement':<{LABEL_WIDTH}} {'workers':>7} {'per':<9} {'workers':>7} {'server':>7} {'postgres':>8} "
-              f"{'total':>7} {'ops/s/core':>10}   {'busy cores':>10} {'not ours':>8} {'load1':>5}   {'new pg conns/s':>14}")
-    print(f"{'':<{LABEL_WIDTH + 18}}{'CPU ms per operation':-^40}   {'machine (' + str(cores) + ' cores)':-^26}")
-    print(header)
-    print("-" * len(header))
-    entries = [(r.label, str(r.workers), "cycle", r.cpu, r.rate * r.cpu.get("seconds", 0.0), r.load) for r in cycle_rows]
-    entries += [(r.label, f"{r.clients}hb", "heartbeat", r.cpu, r.ok * r.cpu.get("seconds", 0.0) / r.seconds, r.load)
-                for r in hb_rows]
-    for label, workers, per, cpu, ops, load in entries:
-        ops = round(ops)
-        parts = [cpu.get(k) for k in ("client", "server", "pg")]
-        known = sum(v for v in parts if v is not None)
-        total_ms = known / ops * 1000 if ops else float("nan")
-        seconds = cpu.get("seconds") or float("nan")
-        machine = cpu.get("machine")
-        busy = f"{machine / seconds:.2f}" if machine is not None else "-"
-        other = f"{max(0.0, machine - known) / seconds:.2f}" if machine is not None else "-"
-        per_core = f"{1000 / total_ms:.0f}" if total_ms > 0 else "-"
-        conns = f"{cpu['connections'] / seconds:.1f}" if cpu.get("connections") is not None else "-"
-        print(f"{label:<{LABEL_WIDTH}} {workers:>7} {per:<9} {_cpu_ms(cpu, 'client', ops):>7} {_cpu_ms(cpu, 'server', ops):>7} "
-              f"{_cpu_ms(cpu, 'pg', ops):>8} {total_ms:>7.2f} {per_core:>10}   {busy:>10} {other:>8} {load:>5}   "
-              f"{conns:>14}")
-    for line in (
-        "workers = the benchmark's worker/client processes; server = the uvicorn process tree; postgres = the",
-        "backends serving the benchmark database (not WAL writer/checkpointer; backends that exit inside the window",
-        "are missed, so with pool churn it reads low). ops/s/core = 1000 / total: what one free core could sustain.",
-        "busy cores = the whole machine in the window; not ours = busy minus the three columns (other people's work,",
-        "Postgres background processes, this script). new pg conns/s = connections opened to the benchmark database",
-        "in the window (pool churn; PostgreSQL 14+).",
-    ):
-        print("  " + line)
-
-
-def print_summary(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
-    print("targets from the issue, measured in this run (best row of each kind):")
-    variants = list(dict.fromkeys([r.variant for r in cycle_rows] + [r.variant for r in hb_rows]))
-    for variant in variants:
-        if len(variants) > 1:
-            print(f" code: {variant}")
-        _print_targets([r for r in cycle_rows if r.variant == variant], [r for r in hb_rows if r.variant == variant])
-
-
-def _print_targets(cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
-    lines = []
-    pg = [r for r in cycle_rows if r.backend == "postgres"]
-    if pg:
-        best = max(pg, key=lambda r: r.rate)
-        lines.append(("Postgres direct, cycles/s", f"{best.rate:.0f} ({best.workers} workers)",
-                      f">= {TARGET_PG_CYCLES:.0f}", ratio_text(best.rate, TARGET_PG_CYCLES)))
-    api = [r for r in cycle_rows if r.backend == "api"]
-    if api:
-        best = max(api, key=lambda r: r.rate)
-        measured = f"{best.rate:.0f} ({best.workers} workers, uvicorn --workers {best.uvicorn_workers})"
-        lines.append(("API, cycles/s", measured, f">= {TARGET_API_CYCLES:.0f}",
-                      ratio_text(best.rate, TARGET_API_CYCLES)))
-    if hb_rows:
-        best = min(hb_rows, key=lambda r: pct(r.latency, 99))
-        p99 = pct(best.latency, 99) * 1000
-        measured = f"{p99:.1f} ms (uvicorn --workers {best.uvicorn_workers})"
-        lines.append((f"heartbeat p99 at {best.target_rate:.0f}/s", measured, f"< {TARGET_HB_P99_MS:.0f} ms",
-                      ratio_text(p99, TARGET_HB_P99_MS, False) + " (lower is better)"))
-    if not lines:
-        print("  (no Postgres, API or heartbeat row measured)")
-    for name, measured, target, ratio in lines:
-        print(f"  {name:<28} {measured:<42} target {target:<10} measured/target {ratio}")
-
-
 # ---- main -------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=None, help="length of each measured window (default 5)")
@@ -1022,6 +516,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-heartbeat", action="store_true", help="skip the heartbeat latency measurement")
     parser.add_argument("--gang", type=int, default=None, metavar="K",
                         help="instead: gang claims of K jobs beside single claims on Postgres (bench/gang_throughput.py)")
+    parser.add_argument("--sustained", action="store_true",
+                        help="instead: 100,000 jobs in one go without VACUUM, per 10,000-job block, beside a bare "
+                             "loop, on sqlite and postgres (bench/queue_sustained.py; pass its options after --)")
     parser.add_argument("--no-vacuum", action="store_true",
                         help="Postgres: do not VACUUM the queue's tables before each window (see JobFeeder.vacuum_tables)")
     parser.add_argument("--compare", default=".",
@@ -1032,7 +529,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="repeat each measurement this many times, alternating the --compare variants (1)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("GRIDFLEET_BENCH_POSTGRES_URL", PG_ADMIN_URL_DEFAULT),
                         help="a Postgres URL allowed to CREATE/DROP DATABASE (env GRIDFLEET_BENCH_POSTGRES_URL)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args.sustained:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    rest = [x for x in rest if x != "--"]
     args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.workers = [int(x) for x in (args.workers or ("1,4" if args.quick else "1,4,16")).split(",") if x.strip()]
     args.backends = [x.strip() for x in args.backends.split(",") if x.strip()]
@@ -1045,7 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if min(args.workers) < 1 or min(args.uvicorn_workers) < 1 or args.hb_clients < 1:
         parser.error("worker and client counts must be at least 1")
-    return args
+    return args, rest
 
 
 def report(args: argparse.Namespace, cycle_rows: list[CycleRow], hb_rows: list[HeartbeatRow]) -> None:
@@ -1066,7 +566,11 @@ def report(args: argparse.Namespace, cycle_rows: list[CycleRow], hb_rows: list[H
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, rest = parse_args(argv)
+    if args.sustained:  # its own short file (bench/queue_sustained.py)
+        from bench import queue_sustained
+
+        return queue_sustained.main(["--pg-admin-url", args.pg_admin_url, *rest])
     if args.gang:  # its own short file (bench/gang_throughput.py); Postgres only
         from bench import gang_throughput
 

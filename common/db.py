@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import select
+import sqlite3
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 # too many connections, deadlocks and serialization failures; InterfaceError a connection already closed.
 _UNAVAILABLE = (
     psycopg.OperationalError, psycopg.InterfaceError,
+    sqlite3.OperationalError,  # the SQLite hot path's raw connections: "database is locked" past the busy timeout
     sa_exc.OperationalError, sa_exc.InterfaceError,  # their DBAPI errors wrapped (SQLite's "database is locked" too)
     DisconnectionError,  # raised by a pool checkout check that found the connection dead
     sa_exc.TimeoutError,  # every pooled connection is busy
@@ -169,6 +171,88 @@ class AutocommitConnections:
             self._discard(conn)
 
 
+def _sqlite_settings(dbapi_conn) -> None:
+    # Let the caller emit BEGIN itself (pysqlite's own BEGIN is deferred): SQLAlchemy's "begin" event below,
+    # SqliteConnections.transaction.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+class SqliteConnections:
+    """SQLite only: raw sqlite3 connections for the queue's hot path, as AutocommitConnections are for
+    Postgres: no pool checkout, no statement compile, no result set-up; sqlite3 keeps each SQL string
+    prepared (its statement cache). Same settings as the engine's connections (WAL, busy timeout, foreign
+    keys). Thread-safe the same way: a connection serves one caller at a time from an idle stack. An
+    in-memory database is private to its connection, so there the engine's own pool is used instead.
+    """
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        database = engine.url.database
+        self._database = database if database and database != ":memory:" else None
+        self._idle: deque[sqlite3.Connection] = deque()
+        self._open: set[sqlite3.Connection] = set()
+        event.listen(engine, "engine_disposed", lambda _engine: self.close())
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction (the write lock up front), rows as sqlite3.Row: committed when the
+        block ends, rolled back when it raises."""
+        if self._database is None:
+            yield from self._pooled_transaction()
+            return
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._new()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            self._idle.append(conn)
+
+    def _pooled_transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._engine.connect() as pooled:
+            conn = pooled.connection.driver_connection
+            row_factory, conn.row_factory = conn.row_factory, sqlite3.Row
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                conn.row_factory = row_factory
+
+    def _new(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._database, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        _sqlite_settings(conn)
+        conn.row_factory = sqlite3.Row
+        self._open.add(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every connection (later use opens new ones)."""
+        self._idle.clear()
+        for conn in list(self._open):
+            self._open.discard(conn)
+            conn.close()
+
+
 def _sqlite_engine(url: str, **kwargs) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
@@ -178,14 +262,7 @@ def _sqlite_engine(url: str, **kwargs) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
-        # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's own BEGIN is deferred).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.close()
+        _sqlite_settings(dbapi_conn)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection):

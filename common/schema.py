@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -86,15 +87,26 @@ jobs = Table(
     Column("pruned_by", Text),
     Column("prune_exempt", Boolean, nullable=False, default=False),
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
-    Index("ix_jobs_external_id", "external_id"),
-    Index("ix_jobs_lease", "state", "lease_expires_at"),
     Index("ix_jobs_grid_state", "grid_id", "state"),
+    # Postgres: room on each page for a row's next version, so updates that change no indexed column
+    # (a heartbeat's lease, step and progress) stay HOT (migration 0009).
+    postgresql_with={"fillfactor": 70},
 )
 
-# The claim scans queued jobs by priority (high first), then age.
-Index("ix_jobs_claim", jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
+# Indexes of the hot path (migration 0009; docs/queue.md). Each lists the states it holds: any other state
+# (a terminal one added later included) is in none of them. Keyed by rank = -priority, so the claim's order
+# (priority high first, then age) is ascending and a claim can start its scan at a row comparison.
+_QUEUED = text("state = 'queued'")
+_RUNNING = text("state = 'running'")
+# The claim scans queued jobs by rank, then id.
+Index("ix_jobs_claim", -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED, sqlite_where=_QUEUED)
 # A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order.
-Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, jobs.c.state, jobs.c.priority.desc(), jobs.c.id)
+Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED,
+      sqlite_where=_QUEUED)
+# Running jobs by worker: the expiry scan and "what does this worker still run". No lease in it (heartbeats).
+Index("ix_jobs_running", jobs.c.worker_id, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
+_HAS_EXTERNAL_ID = text("external_id IS NOT NULL")
+Index("ix_jobs_external_id", jobs.c.external_id, postgresql_where=_HAS_EXTERNAL_ID, sqlite_where=_HAS_EXTERNAL_ID)
 
 # A grid's `search:` (scheduler/search.py). The sampler's own state lives in Optuna's tables (same database);
 # these rows tie its trials to our jobs and serialize the asking. One row per search grid: a lease on

@@ -10,6 +10,7 @@ member is refused (and may regain its job, as in the single path) while the othe
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -19,15 +20,32 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import OUTCOMES, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, \
-    new_id
+from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_SECONDS, ClaimedJob, \
+    Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
 
 _CLAIMABLE = """
     state = 'queued' AND not_before <= :now AND gpus <= :gpus
     AND (:any_trainer OR {trainer_in})
     AND (code_rev IS NULL OR :can_pin)
 """
-_COLUMNS = "id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
+_COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
+# The first job: the one Queue.claim would take, from the Queue's claim floor (scheduler/queue.py).
+_FIRST = """
+    SELECT id, grid_id, priority, fuse_key FROM jobs{indexed_by}
+    WHERE {claimable}
+      AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
+      AND (:any_grid OR grid_id = :grid_id)
+      AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
+    ORDER BY -priority, id
+    LIMIT 1{lock}
+"""
+# The members: queued jobs of the first job's grid and fuse key, from the first job on in claim order (no
+# claimable one of them comes before it: the first job is the first claimable of all). The row comparison
+# starts the scan of ix_jobs_gang there instead of at the claimed jobs the grid left behind.
+_SAME_KEY = """
+    grid_id = {first}.grid_id AND fuse_key = {first}.fuse_key
+    AND (-priority, id) >= (-{first}.priority, {first}.id)
+"""
 
 # Postgres: pick the first claimable job exactly as Queue.claim does, then lock up to :k queued jobs of its
 # grid with its fuse key (itself included: it comes first in that order, and our own lock is no conflict; a
@@ -35,22 +53,15 @@ _COLUMNS = "id, grid_id, trainer, config, seed, resources, code_rev, store, chec
 # LATERAL: it then reads ix_jobs_gang in order for the first job's values (an OR, or a plain join, made the
 # generic plan filter every queued job through ix_jobs_claim: 31 ms per claim at 40,000 queued).
 # Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python).
+_PG_CLAIMABLE = _CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")
 _PG_CLAIM = _pyformat(
     f"""
-    WITH first AS (
-        SELECT id, grid_id, fuse_key FROM jobs
-        WHERE {_CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")}
-          AND (:any_grid OR grid_id = :grid_id)
-          AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
-        ORDER BY priority DESC, id
-        LIMIT 1 FOR UPDATE SKIP LOCKED
-    ),
+    WITH first AS ({_FIRST.format(claimable=_PG_CLAIMABLE, lock=" FOR UPDATE SKIP LOCKED", indexed_by="")}),
     keyed AS (
         SELECT same.id FROM first, LATERAL (
             SELECT id FROM jobs  -- ix_jobs_gang: this grid's queued jobs of this key, in claim order
-            WHERE grid_id = first.grid_id AND fuse_key = first.fuse_key
-              AND {_CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")}
-            ORDER BY priority DESC, id
+            WHERE {_SAME_KEY.format(first="first")} AND {_PG_CLAIMABLE}
+            ORDER BY -priority, id
             LIMIT :k FOR UPDATE SKIP LOCKED
         ) AS same
         WHERE first.fuse_key IS NOT NULL
@@ -61,8 +72,8 @@ _PG_CLAIM = _pyformat(
             worker_id = :wid, lease_expires_at = :lease, attempts = attempts + 1,
             started_at = COALESCE(started_at, :now)
         FROM members WHERE jobs.id = members.id
-        RETURNING jobs.attempt_id, jobs.id, jobs.grid_id, jobs.trainer, jobs.config, jobs.seed, jobs.resources,
-            jobs.code_rev, jobs.store, jobs.checkpoint, jobs.attempts
+        RETURNING jobs.attempt_id, jobs.id, jobs.grid_id, jobs.priority, jobs.trainer, jobs.config, jobs.seed,
+            jobs.resources, jobs.code_rev, jobs.store, jobs.checkpoint, jobs.attempts
     ),
     new_attempts AS (
         INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
@@ -76,32 +87,23 @@ _PG_CLAIM = _pyformat(
     SELECT attempt_id, {_COLUMNS} FROM claimed ORDER BY id
     """
 )
-# SQLite: the same two picks, inside BEGIN IMMEDIATE (one writer at a time: nothing to skip).
-_SQLITE_FIRST = text(
-    f"""
-    SELECT id, grid_id, fuse_key FROM jobs
-    WHERE {_CLAIMABLE.format(trainer_in="trainer IN :trainers")}
-      AND (:any_grid OR grid_id = :grid_id)
-      AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
-    ORDER BY priority DESC, id LIMIT 1
-    """
-).bindparams(bindparam("trainers", expanding=True))
-_SQLITE_MEMBERS = text(
-    f"""
-    SELECT id FROM jobs
-    WHERE grid_id = :first_grid AND (id = :first_id OR (:first_key IS NOT NULL AND fuse_key = :first_key))
-      AND {_CLAIMABLE.format(trainer_in="trainer IN :trainers")}
-    ORDER BY priority DESC, id LIMIT :k
-    """
-).bindparams(bindparam("trainers", expanding=True))
-_SQLITE_TAKE = text(
-    f"""
+# SQLite: the same two picks, inside BEGIN IMMEDIATE (one writer at a time: nothing to skip), on the Queue's
+# raw sqlite3 connection; INDEXED BY as in Queue.claim (without statistics SQLite sorted the grid's jobs).
+_SQLITE_CLAIMABLE = _CLAIMABLE.format(trainer_in=SQLITE_TRAINER_IN)
+_SQLITE_FIRST = _FIRST.format(claimable=_SQLITE_CLAIMABLE, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
+_SQLITE_MEMBERS = f"""
+    SELECT id FROM jobs INDEXED BY ix_jobs_gang
+    WHERE grid_id = :first_grid AND fuse_key = :first_key
+      AND (-priority, id) >= (-CAST(:first_priority AS INTEGER), CAST(:first_id AS INTEGER))
+      AND {_SQLITE_CLAIMABLE}
+    ORDER BY -priority, id LIMIT :k
+"""
+_SQLITE_TAKE = f"""
     UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid, lease_expires_at = :lease,
         attempts = attempts + 1, started_at = COALESCE(started_at, :now)
     WHERE id = :job_id
     RETURNING {_COLUMNS}
-    """
-)
+"""
 
 # Postgres: every member's heartbeat in one statement. Members whose fence fails are simply not in `job`.
 # SET LOCAL synchronous_commit off, as the single heartbeat (a lost heartbeat only shortens a lease).
@@ -126,7 +128,10 @@ _PG_HEARTBEAT = _pyformat(
         SELECT job.id, job.attempt_id, m.step, m."time", m."values"
         FROM job, json_to_recordset(job.metrics) AS m(step integer, "time" double precision, "values" json)
     ),
-    worker AS (UPDATE workers SET last_seen_at = :now WHERE id = :wid AND EXISTS (SELECT 1 FROM job))
+    worker AS (
+        UPDATE workers SET last_seen_at = :now
+        WHERE id = :wid AND last_seen_at < :seen_before AND EXISTS (SELECT 1 FROM job)
+    )
     SELECT id, cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
 )
@@ -247,10 +252,16 @@ def claim_gang(queue: Queue, worker_id: str, max_jobs: int, trainers: Iterable[s
         "any_trainer": trainers is None, "trainers": sorted(set(trainers or ())) or [""],  # "" is never a trainer
         "can_pin": can_pin_code, "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
     }
+    filters = (tuple(params["trainers"]) if trainers is not None else None, gpus, can_pin_code, grid_id)
     claim_once = _claim_sqlite if queue._sqlite else _claim_postgres
+    params["from_rank"], params["from_id"] = queue.claim_floor(filters, scan)
     rows = claim_once(queue, params, scan)
-    if not rows and not scan:
+    if not rows and not scan:  # from every job, after the expiry scan, as Queue.claim
+        params["from_rank"], params["from_id"] = queue.claim_floor(filters, True)
         rows = claim_once(queue, params, True)
+    if rows:
+        first = min(rows, key=lambda row: (-row["priority"], row["id"]))
+        queue.claimed_at(filters, first["priority"], first["id"])
     return [
         ClaimedJob(id=row["id"], grid_id=row["grid_id"], attempt_id=row["attempt_id"], worker_id=worker_id,
                    trainer=row["trainer"], config=_json(row["config"]), seed=row["seed"],
@@ -262,7 +273,7 @@ def claim_gang(queue: Queue, worker_id: str, max_jobs: int, trainers: Iterable[s
 
 def _claim_postgres(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
     if scan:
-        with write_tx(queue.engine) as conn:
+        with queue._tx() as conn:
             queue._scan_expired(conn, params["now"])
     with queue._autocommit.connection() as conn:
         return conn.execute(_PG_CLAIM, params).fetchall()
@@ -270,25 +281,28 @@ def _claim_postgres(queue: Queue, params: dict[str, Any], scan: bool) -> list[di
 
 def _claim_sqlite(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
     worker_id, now = params["wid"], params["now"]
-    with write_tx(queue.engine) as conn:
+    params = {**params, "trainers": json.dumps(params["trainers"])}
+    with queue._tx() as conn:
         if scan:
             queue._scan_expired(conn, now)
-        first = conn.execute(_SQLITE_FIRST, params).first()
+        first = conn.execute(_SQLITE_FIRST, params).fetchone()
         if first is None:
-            queue.touch_worker(conn, worker_id, now, state="idle", current_job_id=None)
+            queue._set_worker(conn, worker_id, now, "idle", None)
             return []
-        ids = conn.execute(_SQLITE_MEMBERS, {**params, "first_grid": first.grid_id, "first_id": first.id,
-                                             "first_key": first.fuse_key}).scalars().all()
+        ids = [first["id"]]  # a NULL key gangs only itself; else the first job leads its key's members
+        if first["fuse_key"] is not None:
+            ids = [row["id"] for row in conn.execute(_SQLITE_MEMBERS, {
+                **params, "first_grid": first["grid_id"], "first_id": first["id"], "first_key": first["fuse_key"],
+                "first_priority": first["priority"]}).fetchall()]
         rows = []
         for job_id in ids:
             attempt_id = new_id()
-            row = dict(conn.execute(_SQLITE_TAKE, {**params, "aid": attempt_id, "job_id": job_id}).mappings().one())
+            row = dict(conn.execute(_SQLITE_TAKE, {**params, "aid": attempt_id, "job_id": job_id}).fetchone())
             row["attempt_id"] = attempt_id
-            conn.execute(t.attempts.insert(), {"id": attempt_id, "job_id": job_id, "worker_id": worker_id,
-                                               "outcome": "running", "started_at": now,
-                                               "code_rev": row["code_rev"] or params["code_rev"]})
+            conn.execute(NEW_ATTEMPT, {"aid": attempt_id, "job_id": job_id, "wid": worker_id, "now": now,
+                                       "code_rev": row["code_rev"] or params["code_rev"]})
             rows.append(row)
-        queue.touch_worker(conn, worker_id, now, state="busy", current_job_id=min(ids))
+        queue._set_worker(conn, worker_id, now, "busy", min(ids))
     return rows
 
 
@@ -312,7 +326,8 @@ def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: flo
                    for m in members]
         with queue._autocommit.connection() as conn:
             rows = conn.execute(_PG_HEARTBEAT, {"members": Json(payload), "lease": lease, "now": now,
-                                                "wid": worker_id}).fetchall()
+                                                "wid": worker_id,
+                                                "seen_before": now - WORKER_SEEN_SECONDS}).fetchall()
         return {row["id"]: Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease) for row in rows}
     replies = {}
     with write_tx(queue.engine) as conn:
@@ -328,7 +343,7 @@ def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: flo
                                                    "time": x.time, "values": x.values} for x in m.metrics])
             replies[m.job_id] = Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
         if replies:
-            queue.touch_worker(conn, worker_id, now)
+            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now, "seen_before": now - WORKER_SEEN_SECONDS})
     return replies
 
 

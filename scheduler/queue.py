@@ -3,9 +3,12 @@ and by the worker holding the job: an attempt's writes come only from the regist
 
 Postgres claims with one `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING`;
 SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so nothing to skip).
-On Postgres the claim, the heartbeat and the common finishes are each one statement (data-modifying CTEs)
-run in autocommit mode on a raw psycopg connection, as prepared statements: one round trip each, without
-SQLAlchemy's per-statement CPU (bench/README.md). SQLite runs the same steps in a transaction.
+The hot path (claim, heartbeat, finish, the expiry scan) runs on the Queue's own raw DB-API connections,
+without SQLAlchemy's per-statement CPU (bench/README.md): on Postgres each of claim, heartbeat and the common
+finishes is one statement (data-modifying CTEs) in autocommit mode, prepared by psycopg; on SQLite each is
+one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared.
+A claim starts its index scan at this Queue's claim floor (docs/queue.md): the entries that claims leave
+behind in ix_jobs_claim until a VACUUM are never read again, so a claim costs the same after 100,000 jobs.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
 """
 from __future__ import annotations
@@ -15,15 +18,17 @@ import logging
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text, update
 
 from common import schema as t
-from common.db import AutocommitConnections, is_sqlite, write_tx
+from common.db import AutocommitConnections, SqliteConnections, is_sqlite, write_tx
 from scheduler.policy import RetryPolicy
 from scheduler.pruning import Pruner
 
@@ -33,6 +38,9 @@ EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
+WORKER_SEEN_SECONDS = 5.0  # a heartbeat refreshes workers.last_seen_at only when it is older than this
+# (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
+CLAIM_FLOOR = (-2_000_000_000, 0)
 
 
 def _pyformat(sql: str) -> str:
@@ -44,20 +52,16 @@ def _pyformat(sql: str) -> str:
 # call; these are executed with parameters instead (the SET clause comes from the parameter names).
 # Bind names must differ from column names, hence the b_ prefix.
 _UPDATE_WORKER = update(t.workers).where(t.workers.c.id == bindparam("b_worker_id"))
-_INSERT_ATTEMPT = insert(t.attempts)
 _INSERT_EVENT = insert(t.events)
-_INSERT_METRICS = insert(t.metrics)
 _END_ATTEMPT = (
     update(t.attempts)
     .where(t.attempts.c.id == bindparam("b_attempt_id"), t.attempts.c.outcome == "running")
 )
-_UPDATE_JOB = update(t.jobs).where(t.jobs.c.id == bindparam("b_job_id"))
 _CURRENT_ATTEMPT = (t.jobs.c.id == bindparam("b_job_id"), t.jobs.c.attempt_id == bindparam("b_attempt_id"),
                     t.jobs.c.worker_id == bindparam("b_worker_id"), t.jobs.c.state == "running")  # the fence
 _FINISH_READ = select(
     t.jobs.c.errors, t.jobs.c.max_attempts, t.jobs.c.preemptions, t.jobs.c.cancel_requested, t.jobs.c.worker_id,
 ).where(*_CURRENT_ATTEMPT)
-_HEARTBEAT = update(t.jobs).where(*_CURRENT_ATTEMPT).returning(t.jobs.c.cancel_requested, t.jobs.c.worker_id)
 # Postgres: the whole heartbeat as one statement (fenced lease/progress update, metrics, worker last seen).
 # set_config(..., true) is SET LOCAL: this statement's transaction commits without waiting for the WAL
 # flush. A heartbeat lost in a Postgres crash only shortens a lease; claims and finishes stay synchronous.
@@ -75,10 +79,107 @@ _PG_HEARTBEAT = _pyformat(
         SELECT :b_job_id, :b_attempt_id, m.step, m."time", m."values"
         FROM job, json_to_recordset(:metrics) AS m(step integer, "time" double precision, "values" json)
     ),
-    worker AS (UPDATE workers SET last_seen_at = :now FROM job WHERE workers.id = job.worker_id)
+    worker AS (
+        UPDATE workers SET last_seen_at = :now FROM job
+        WHERE workers.id = job.worker_id AND workers.last_seen_at < :seen_before
+    )
     SELECT cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
 )
+
+# The claim's pick, both databases. It starts the scan of ix_jobs_claim at the claim floor (rank, id) by a row
+# comparison in index order: claimed jobs stay in the index as dead entries until a VACUUM, and walking them
+# from the start made each claim read 3 -> 22 -> 80 index pages after 0 / 5,000 / 20,000 claims (issue 15).
+_CLAIM_PICK = """
+    SELECT id FROM jobs{indexed_by}
+    WHERE state = 'queued' AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
+      AND not_before <= :now AND gpus <= :gpus
+      AND (:any_trainer OR {trainer_in})
+      AND (code_rev IS NULL OR :can_pin)
+      AND (:any_grid OR grid_id = :grid_id)
+      AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
+    ORDER BY -priority, id
+    LIMIT 1{lock}
+"""
+_CLAIM_UPDATE = """
+    UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
+        lease_expires_at = :lease, attempts = attempts + 1,
+        started_at = COALESCE(started_at, :now)
+    WHERE id = ({pick})
+    RETURNING id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
+"""
+# SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
+SQLITE_TRAINER_IN = "trainer IN (SELECT value FROM json_each(:trainers))"
+# INDEXED BY: without statistics SQLite's planner took ix_jobs_grid_state and sorted every queued job of the
+# grid on each claim (EXPLAIN QUERY PLAN: "USE TEMP B-TREE FOR ORDER BY").
+_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="",
+                                                             indexed_by=" INDEXED BY ix_jobs_claim"))
+# Postgres: one statement, one round trip: claim the job, start its attempt, mark the worker busy (or idle
+# when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
+_PG_CLAIM = _pyformat(
+    f"""
+    WITH claimed AS ({_CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in="trainer = ANY(:trainers)",
+                                                                   lock=" FOR UPDATE SKIP LOCKED",
+                                                                   indexed_by=""))}),
+    new_attempt AS (
+        INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
+        SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
+    ),
+    worker AS (
+        UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
+            current_job_id = (SELECT id FROM claimed)
+        WHERE id = :wid
+    )
+    SELECT id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
+    FROM claimed
+    """
+)
+
+# Raw statements of the SQLite hot path and of the expiry scan (both databases; `:name` parameters, turned
+# into psycopg's by Queue._sql). Each is a fixed string: sqlite3 and psycopg keep it prepared.
+NEW_ATTEMPT = """
+    INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
+    VALUES (:aid, :job_id, :wid, 'running', :now, :code_rev)
+"""
+SET_WORKER = "UPDATE workers SET last_seen_at = :now, state = :state, current_job_id = :job_id WHERE id = :wid"
+_SQLITE_HEARTBEAT = """
+    UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
+        progress_done = COALESCE(:progress_done, progress_done),
+        progress_total = COALESCE(:progress_total, progress_total)
+    WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'
+    RETURNING cancel_requested, worker_id
+"""
+NEW_METRIC = """
+    INSERT INTO metrics (job_id, attempt_id, step, "time", "values") VALUES (:job_id, :attempt_id, :step, :time, :values)
+"""
+WORKER_SEEN = "UPDATE workers SET last_seen_at = :now WHERE id = :wid AND last_seen_at < :seen_before"
+_SQLITE_FINISH_READ = """
+    SELECT errors, max_attempts, preemptions, cancel_requested, worker_id FROM jobs
+    WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'
+"""
+END_ATTEMPT = """
+    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error WHERE id = :aid AND outcome = 'running'
+"""
+NEW_EVENT = """
+    INSERT INTO events (job_id, attempt_id, "time", kind, message) VALUES (:job_id, :aid, :now, :kind, :message)
+"""
+# ix_jobs_running (worker_id) of running jobs: no lease in any index, so heartbeats stay HOT; the scan reads
+# the running jobs (about one per worker) and sorts the expired ones.
+_EXPIRED = """
+    SELECT id, attempt_id, losses, cancel_requested FROM jobs
+    WHERE state = 'running' AND lease_expires_at < :now AND lease_expires_at >= :expired_since
+    ORDER BY lease_expires_at LIMIT {batch}{lock}
+"""
+_REQUEUE_LOST = """
+    UPDATE jobs SET losses = :losses, attempt_id = NULL, worker_id = NULL, lease_expires_at = NULL, state = :state,
+        finished_at = COALESCE(:finished_at, finished_at), last_error = COALESCE(:last_error, last_error),
+        not_before = COALESCE(:not_before, not_before)
+    WHERE id = :job_id AND attempt_id = :aid
+"""
+_END_LEASES_OF = """
+    UPDATE jobs SET lease_expires_at = :ended
+    WHERE state = 'running' AND worker_id IN (SELECT id FROM workers WHERE last_seen_at < :silent_since)
+"""
 
 
 @dataclass
@@ -148,64 +249,69 @@ class Queue:
         self._started = time.time()
         self._grace_ends = self._started + expiry_grace_seconds if expiry_grace_seconds > 0 else None
         self.pruner = Pruner(engine)  # early stopping, asked after a heartbeat stored its metrics
-        # Postgres work that is one statement runs in autocommit mode: the statement is its own transaction,
-        # which saves the BEGIN and COMMIT round trips. It runs on raw psycopg connections: SQLAlchemy's
-        # checkout, execution context and result set-up cost as much client CPU as the statement itself.
-        # Generic plans: the prepared hot-path statements skip planning on every run (Postgres CPU per cycle
-        # 1.0-1.4 -> 0.5-1.1 ms in a side-by-side bench run); their plans do not depend on the values.
+        # Where this Queue's next claim starts its index scan, per set of claim filters: the (rank, id) of the
+        # job it claimed last. Cleared by every expiry scan (at most expiry_scan_seconds apart), so a job that
+        # became claimable before a floor (a retry, a new grid of higher priority) waits at most that long.
+        self._claim_floors: dict[tuple, tuple[int, int]] = {}
+        # The hot path runs on raw DB-API connections the Queue keeps: SQLAlchemy's checkout, execution
+        # context and result set-up cost as much client CPU as the statement itself. Postgres: autocommit
+        # (a one-statement write is its own transaction: no BEGIN and COMMIT round trips) and generic plans
+        # (the prepared statements skip planning on every run; Postgres CPU per cycle 1.0-1.4 -> 0.5-1.1 ms in
+        # a side-by-side bench run; their plans do not depend on the values). SQLite: sqlite3 connections,
+        # each call one BEGIN IMMEDIATE transaction.
+        # enable_sort off: the generic plan costs the claim floor's row comparison at a default 1/3 of the rows,
+        # and below a few thousand queued jobs it then read them all and sorted them (a bitmap scan) instead
+        # of reading ix_jobs_claim in order from the floor; statements that need a sort still sort.
         self._autocommit = None if self._sqlite else AutocommitConnections(
-            engine, row_factory=dict_row, options="-c plan_cache_mode=force_generic_plan")
+            engine, row_factory=dict_row, options="-c plan_cache_mode=force_generic_plan -c enable_sort=off")
+        self._raw_sqlite = SqliteConnections(engine) if self._sqlite else None
         lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
-        self._finish_writes: dict[tuple[str, ...], str] = {}  # Postgres: one statement per set of job columns
-        trainer_in = "trainer IN :trainers" if self._sqlite else "trainer = ANY(:trainers)"
-        claim_update = f"""
-            UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
-                lease_expires_at = :lease, attempts = attempts + 1,
-                started_at = COALESCE(started_at, :now)
-            WHERE id = (
-                SELECT id FROM jobs
-                WHERE state = 'queued' AND not_before <= :now AND gpus <= :gpus
-                  AND (:any_trainer OR {trainer_in})
-                  AND (code_rev IS NULL OR :can_pin)
-                  AND (:any_grid OR grid_id = :grid_id)
-                  AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
-                ORDER BY priority DESC, id
-                LIMIT 1{lock}
-            )
-            RETURNING id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
-            """
-        if not self._sqlite:
-            # One statement, one round trip: claim the job, start its attempt, mark the worker busy (or
-            # idle when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
-            claim_update = f"""
-            WITH claimed AS ({claim_update}),
-            new_attempt AS (
-                INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
-                SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
-            ),
-            worker AS (
-                UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
-                    current_job_id = (SELECT id FROM claimed)
-                WHERE id = :wid
-            )
-            SELECT id, grid_id, trainer, config, seed, resources, code_rev, store, checkpoint, attempts FROM claimed
-            """
-            self._claim_sql = _pyformat(claim_update)  # run by psycopg
-        else:
-            self._claim_sql = text(claim_update).bindparams(bindparam("trainers", expanding=True))
-        self._expired_sql = text(
-            f"""
-            SELECT id, attempt_id, losses, cancel_requested FROM jobs
-            WHERE state = 'running' AND lease_expires_at < :now AND lease_expires_at >= :expired_since
-            ORDER BY lease_expires_at LIMIT {EXPIRED_BATCH}{lock}
-            """
-        )
+        self._finish_writes: dict[tuple[str, ...], str] = {}  # one statement per set of job columns
+        self._claim_sql = _SQLITE_CLAIM if self._sqlite else _PG_CLAIM
+        self._statements: dict[str, str] = {}  # raw `:name` SQL -> this database's form
+        self._expired_sql = _EXPIRED.format(batch=EXPIRED_BATCH, lock=lock)
 
     def close(self) -> None:
-        """Close the Queue's own Postgres connections (the engine's dispose() does it too)."""
+        """Close the Queue's own raw connections (the engine's dispose() does it too)."""
         if self._autocommit is not None:
             self._autocommit.close()
+        if self._raw_sqlite is not None:
+            self._raw_sqlite.close()
+
+    # ---- raw connections of the hot path -------------------------------------------------------
+    def _tx(self):
+        """A raw DB-API connection inside a write transaction (SQLite: BEGIN IMMEDIATE); rows by column name."""
+        return self._raw_sqlite.transaction() if self._sqlite else self._pg_tx()
+
+    @contextmanager
+    def _pg_tx(self) -> Iterator[Any]:
+        with self._autocommit.connection() as conn, conn.transaction():
+            yield conn
+
+    def _sql(self, statement: str) -> str:
+        """A raw `:name` statement as this database's driver takes it (psycopg: `%(name)s`), made once."""
+        if self._sqlite:
+            return statement
+        converted = self._statements.get(statement)
+        if converted is None:
+            converted = self._statements[statement] = _pyformat(statement)
+        return converted
+
+    def _set_worker(self, conn: Any, worker_id: str | None, now: float, state: str, job_id: int | None) -> None:
+        if worker_id:
+            conn.execute(self._sql(SET_WORKER), {"wid": worker_id, "now": now, "state": state, "job_id": job_id})
+
+    def claim_floor(self, filters: tuple, scan: bool) -> tuple[int, int]:
+        """Where a claim with these filters starts its scan of ix_jobs_claim: CLAIM_FLOOR (every job) when it
+        scans for expired leases, else the (rank, id) this Queue claimed last with them."""
+        if scan:
+            self._claim_floors.clear()
+        return self._claim_floors.get(filters, CLAIM_FLOOR)
+
+    def claimed_at(self, filters: tuple, priority: int, job_id: int) -> None:
+        """Every claimable job before (rank, id) of the job just claimed was taken or is not claimable now."""
+        self._claim_floors[filters] = (-priority, job_id)
 
     # ---- workers -------------------------------------------------------------------------------
     def register_worker(
@@ -278,12 +384,16 @@ class Queue:
             "can_pin": can_pin_code,
             "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
         }
+        filters = (tuple(trainer_list) if trainers is not None else None, gpus, can_pin_code, grid_id)
         claim_once = self._claim_sqlite if self._sqlite else self._claim_postgres
+        params["from_rank"], params["from_id"] = self.claim_floor(filters, scan)
         row = claim_once(params, scan)
-        if row is None and not scan:
+        if row is None and not scan:  # from every job, after the expiry scan: None only when nothing is left
+            params["from_rank"], params["from_id"] = self.claim_floor(filters, True)
             row = claim_once(params, True)
         if row is None:
             return None
+        self.claimed_at(filters, row["priority"], row["id"])
         return ClaimedJob(
             id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, worker_id=worker_id, trainer=row["trainer"],
             config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
@@ -293,70 +403,64 @@ class Queue:
 
     def _claim_sqlite(self, params: dict[str, Any], scan: bool):
         worker_id, now = params["wid"], params["now"]
-        with write_tx(self.engine) as conn:
+        with self._tx() as conn:
             if scan:
                 self._scan_expired(conn, now)
-            row = conn.execute(self._claim_sql, params).mappings().first()
+            row = conn.execute(self._claim_sql, {**params, "trainers": json.dumps(params["trainers"])}).fetchone()
             if row is None:
-                self.touch_worker(conn, worker_id, now, state="idle", current_job_id=None)
+                self._set_worker(conn, worker_id, now, "idle", None)
                 return None
-            conn.execute(
-                _INSERT_ATTEMPT,
-                {"id": params["aid"], "job_id": row["id"], "worker_id": worker_id, "outcome": "running",
-                 "started_at": now, "code_rev": row["code_rev"] or params["code_rev"]},
-            )
-            self.touch_worker(conn, worker_id, now, state="busy", current_job_id=row["id"])
+            conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
+                                       "code_rev": row["code_rev"] or params["code_rev"]})
+            self._set_worker(conn, worker_id, now, "busy", row["id"])
         return row
 
     def _claim_postgres(self, params: dict[str, Any], scan: bool):
         if scan:
-            with write_tx(self.engine) as conn:
+            with self._tx() as conn:
                 self._scan_expired(conn, params["now"])
         with self._autocommit.connection() as conn:
             return conn.execute(self._claim_sql, params).fetchone()
 
     def requeue_expired(self, now: float | None = None) -> int:
         """Handle expired leases now (the claim does this too). Returns how many were handled."""
-        with write_tx(self.engine) as conn:
+        with self._tx() as conn:
             return self._requeue_expired(conn, time.time() if now is None else now)
 
     def expire_leases_of_dead_workers(self, silent_for: float, now: float | None = None) -> int:
         """End the leases of running jobs whose worker has not been heard from for `silent_for` seconds,
         then requeue them as lost. Embedded mode calls this at start: its previous run died."""
         now = time.time() if now is None else now
-        with write_tx(self.engine) as conn:
-            dead = select(t.workers.c.id).where(t.workers.c.last_seen_at < now - silent_for)
-            conn.execute(
-                update(t.jobs)
-                .where(t.jobs.c.state == "running", t.jobs.c.worker_id.in_(dead))
-                .values(lease_expires_at=now - 1.0)
-            )
+        with self._tx() as conn:
+            conn.execute(self._sql(_END_LEASES_OF), {"ended": now - 1.0, "silent_since": now - silent_for})
             return self._requeue_expired(conn, now)
 
-    def _scan_expired(self, conn: Connection, now: float) -> int:
+    def _scan_expired(self, conn: Any, now: float) -> int:
         self._next_expiry_scan = time.monotonic() + self.expiry_scan_seconds
+        self._claim_floors.clear()
         return self._requeue_expired(conn, now)
 
-    def _requeue_expired(self, conn: Connection, now: float) -> int:
+    def _requeue_expired(self, conn: Any, now: float) -> int:
+        """`conn`: a raw connection in a write transaction (Queue._tx)."""
         in_grace = self._grace_ends is not None and now < self._grace_ends
         expired_since = self._started if in_grace else 0.0  # in the grace after start: only leases ended since
-        rows = conn.execute(self._expired_sql, {"now": now, "expired_since": expired_since}).mappings().all()
+        rows = conn.execute(self._sql(self._expired_sql), {"now": now, "expired_since": expired_since}).fetchall()
         for row in rows:
             losses = row["losses"] + 1
             message = f"lease expired (loss {losses} of at most {self.policy.max_lost})"
+            values: dict[str, Any] = {"finished_at": None, "last_error": None, "not_before": None}
             if row["cancel_requested"]:
-                values = dict(state="cancelled", finished_at=now)
+                values.update(state="cancelled", finished_at=now)
             elif losses >= self.policy.max_lost:  # the max_lost-th loss spends the budget
-                values = dict(state="failed", finished_at=now, last_error=message + "; giving up")
+                values.update(state="failed", finished_at=now, last_error=message + "; giving up")
             else:
-                values = dict(state="queued", not_before=now + self.policy.backoff("lost", losses))
-            conn.execute(
-                update(t.jobs)
-                .where(t.jobs.c.id == row["id"], t.jobs.c.attempt_id == row["attempt_id"])
-                .values(losses=losses, attempt_id=None, worker_id=None, lease_expires_at=None, **values)
-            )
-            self._end_attempt(conn, row["attempt_id"], "lost", now, message)
-            self._event(conn, row["id"], row["attempt_id"], "lost", message, now)
+                values.update(state="queued", not_before=now + self.policy.backoff("lost", losses))
+            conn.execute(self._sql(_REQUEUE_LOST), {"job_id": row["id"], "aid": row["attempt_id"], "losses": losses,
+                                                    **values})
+            conn.execute(self._sql(END_ATTEMPT), {"aid": row["attempt_id"], "outcome": "lost", "now": now,
+                                                  "error": message})
+            conn.execute(self._sql(NEW_EVENT), {"job_id": row["id"], "aid": row["attempt_id"], "now": now,
+                                                "kind": "lost", "message": message})
         return len(rows)
 
     # ---- fenced writes from the current attempt --------------------------------------------------
@@ -400,32 +504,26 @@ class Queue:
             values["step"] = step
         if progress is not None:
             values["progress_done"], values["progress_total"] = progress
+        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "lease": lease,
+                  "step": step, "progress_done": values.get("progress_done"),
+                  "progress_total": values.get("progress_total"), "now": now,
+                  "seen_before": now - WORKER_SEEN_SECONDS}
         if not self._sqlite:
-            params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "lease": lease,
-                      "step": step,
-                      "progress_done": values.get("progress_done"), "progress_total": values.get("progress_total"),
-                      "now": now,
-                      "metrics": Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])}
+            params["metrics"] = Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])
             with self._autocommit.connection() as conn:
                 row = conn.execute(_PG_HEARTBEAT, params).fetchone()
             if row is None:
                 return _stale(job_id, attempt_id, worker_id)
             return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
-        with write_tx(self.engine) as conn:
-            row = conn.execute(_HEARTBEAT, {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id,
-                                            **values}).first()
+        with self._tx() as conn:
+            row = conn.execute(_SQLITE_HEARTBEAT, params).fetchone()
             if row is None:
                 return _stale(job_id, attempt_id, worker_id)
             if metrics:
-                conn.execute(
-                    _INSERT_METRICS,
-                    [
-                        {"job_id": job_id, "attempt_id": attempt_id, "step": m.step, "time": m.time, "values": m.values}
-                        for m in metrics
-                    ],
-                )
-            self.touch_worker(conn, row.worker_id, now)
-        return Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
+                conn.executemany(NEW_METRIC, [{"job_id": job_id, "attempt_id": attempt_id, "step": m.step,
+                                               "time": m.time, "values": json.dumps(m.values)} for m in metrics])
+            conn.execute(WORKER_SEEN, {"wid": row["worker_id"], "now": now, "seen_before": params["seen_before"]})
+        return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
 
     def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], *, worker_id: str) -> Reply:
         """Record the last durable checkpoint (call only once the file it points to is durable).
@@ -498,20 +596,54 @@ class Queue:
                 if conn.execute(statement, params).fetchone() is None:
                     return _stale(job_id, attempt_id, worker_id)
             return Reply(ok=True, state=values["state"])
+        if self._sqlite:
+            return self._finish_sqlite(job_id, attempt_id, worker_id, outcome, result, error, now)
         with write_tx(self.engine) as conn:
             job = conn.execute(self._finish_read,
                                {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}).first()
             if job is None:
                 return _stale(job_id, attempt_id, worker_id)
             values = self._next_state(job, outcome, result, error, now)
-            if not self._sqlite:  # the row is locked and current: the statement will find it
-                conn.exec_driver_sql(*self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now))
-                return Reply(ok=True, state=values["state"])
-            conn.execute(_UPDATE_JOB, {"b_job_id": job_id, **values})
-            self._end_attempt(conn, attempt_id, outcome, now, error)
-            self._event(conn, job_id, attempt_id, outcome, _finish_message(outcome, values, error), now)
-            self.touch_worker(conn, job.worker_id, now, state="idle", current_job_id=None)
+            # the row is locked and current: the statement will find it
+            conn.exec_driver_sql(*self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now))
         return Reply(ok=True, state=values["state"])
+
+    def _finish_sqlite(self, job_id: int, attempt_id: str, worker_id: str, outcome: str,
+                       result: dict[str, Any] | None, error: str | None, now: float) -> Reply:
+        fence = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}
+        with self._tx() as conn:
+            if outcome in _ROW_FREE_OUTCOMES:  # the fenced UPDATE is the read: one statement fewer
+                values = self._next_state(None, outcome, result, error, now)
+                statement, params = self.job_write(values, fenced=True)
+                job = conn.execute(statement, {**fence, **params}).fetchone()
+                if job is None:
+                    return _stale(job_id, attempt_id, worker_id)
+            else:
+                job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
+                if job is None:
+                    return _stale(job_id, attempt_id, worker_id)
+                values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
+                statement, params = self.job_write(values)
+                conn.execute(statement, {"b_job_id": job_id, **params})
+            conn.execute(END_ATTEMPT, {"aid": attempt_id, "outcome": outcome, "now": now, "error": error})
+            conn.execute(NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": outcome,
+                                     "message": _finish_message(outcome, values, error)})
+            self._set_worker(conn, worker_id, now, "idle", None)  # the fence matched it: the job's worker
+        return Reply(ok=True, state=values["state"])
+
+    def job_write(self, values: dict[str, Any], fenced: bool = False) -> tuple[str, dict[str, Any]]:
+        """SQLite: `UPDATE jobs SET <values> WHERE id = :b_job_id` (one fixed string per set of columns, so
+        sqlite3 keeps it prepared) and its parameters, JSON columns encoded. `fenced`: only the current
+        attempt's running job of that worker, RETURNING its id (no row: the fence refused)."""
+        keys = (*values, fenced)
+        statement = self._finish_writes.get(keys)
+        if statement is None:
+            sets = ", ".join(f"{key} = :v_{key}" for key in values)
+            where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running' "
+                     "RETURNING id") if fenced else "id = :b_job_id"
+            statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE {where}"
+        return statement, {f"v_{key}": json.dumps(value) if isinstance(t.jobs.c[key].type, JSON) else value
+                           for key, value in values.items()}
 
     def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
                          error: str | None, now: float) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,165 @@
+"""The queue at grid scale (issue 15): a claim reads the same few index pages however many jobs finished
+before it (no VACUUM: the test server's autovacuum is off), the claim floor never hides a job, and
+migration 0009 goes down and up again on both databases."""
+from __future__ import annotations
+
+import re
+import time
+
+from alembic import command
+from sqlalchemy import inspect, text
+
+from common.db import alembic_config, make_engine
+from scheduler.grids import submit_grid
+from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat, _SQLITE_CLAIM, Queue
+from scheduler.spec import GridSpec
+from worker.trainers import validate_config
+
+FILTERS = (("noop",), 0.0, False, None)  # Queue.claim's filter key for claim(worker, trainers=["noop"])
+
+
+def submit(engine, name: str, jobs: int, priority: int = 0) -> int:
+    spec = GridSpec.model_validate({"name": name, "trainer": "noop", "priority": priority,
+                                    "axes": {"value": [float(i) for i in range(jobs)]}})
+    return submit_grid(engine, spec, validate_config).grid_id
+
+
+def cycles(queue: Queue, worker: str, n: int) -> None:
+    for _ in range(n):
+        job = queue.claim(worker, trainers=["noop"])
+        assert queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker).ok
+
+
+def pick_buffers(queue: Queue, floor: tuple[int, int]) -> int:
+    """Postgres: pages the claim's pick reads from `floor` (EXPLAIN ANALYZE BUFFERS, rolled back)."""
+    statement = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _pyformat(_CLAIM_PICK.format(
+        trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED", indexed_by=""))
+    params = {"now": time.time(), "gpus": 0.0, "any_trainer": False, "trainers": ["noop"], "can_pin": False,
+              "any_grid": True, "grid_id": 0, "from_rank": floor[0], "from_id": floor[1]}
+    with queue._autocommit.connection() as conn, conn.transaction(force_rollback=True):
+        plan = next(iter(conn.execute(statement, params).fetchone().values()))[0]["Plan"]
+    return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+
+
+def generic_pick_plan(queue: Queue) -> str:
+    """Postgres: the plan the Queue's connections use for the claim's pick (generic: plan_cache_mode)."""
+    names = ["now", "gpus", "any_trainer", "trainers", "can_pin", "any_grid", "grid_id", "from_rank", "from_id"]
+    pick = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", _pyformat(_CLAIM_PICK.format(
+        trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED", indexed_by="")))
+    with queue._autocommit.connection() as conn:
+        conn.execute("PREPARE pick (float8, float8, bool, text[], bool, bool, int, int, int) AS " + pick)
+        try:
+            rows = conn.execute("EXPLAIN (COSTS OFF) EXECUTE pick (1e10, 0, false, '{noop}', false, true, 0, 0, 1)")
+            return "\n".join(next(iter(row.values())) for row in rows.fetchall())
+        finally:
+            conn.execute("DEALLOCATE pick")
+
+
+def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
+    submit(engine, "big", 1_600)
+    queue = Queue(engine, expiry_scan_seconds=3600.0)  # no scan clears the floor during the test
+    worker = queue.register_worker("w", "host", ["noop"])
+    if engine.dialect.name == "sqlite":
+        # SQLite deletes index entries in place; what matters is the plan: the claim index in order, no sort.
+        with queue._raw_sqlite.transaction() as conn:
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + _SQLITE_CLAIM, {
+                "aid": "a", "wid": worker, "lease": 0.0, "now": time.time(), "gpus": 0.0, "any_trainer": False,
+                "trainers": '["noop"]', "can_pin": False, "any_grid": True, "grid_id": 0,
+                "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
+        assert "ix_jobs_claim" in plan and "TEMP B-TREE" not in plan, plan
+        cycles(queue, worker, 200)
+        assert queue._claim_floors[FILTERS][1] == 200  # the floor follows the claims (job ids 1..1600)
+        return
+    plan = generic_pick_plan(queue)
+    assert "Index Scan using ix_jobs_claim" in plan and "ROW((- priority), id) >= ROW($8, $9)" in plan, plan
+    cycles(queue, worker, 200)
+    early = pick_buffers(queue, queue._claim_floors[FILTERS])
+    cycles(queue, worker, 1_300)
+    floor = queue._claim_floors[FILTERS]
+    late = pick_buffers(queue, floor)
+    from_start = pick_buffers(queue, CLAIM_FLOOR)  # what the first claim after an expiry scan reads
+    assert late <= early + 1 and late <= 8, (early, late)
+    assert from_start > late, "walking the 1,500 dead entries from the start should read more pages than the floor"
+
+
+def test_the_claim_floor_never_hides_a_job(engine):
+    """Between expiry scans a claim starts at its floor; a job before it is still claimed once nothing after
+    it is left, and every scan starts from the first job again (priority order)."""
+    first = submit(engine, "low", 3)
+    queue = Queue(engine, expiry_scan_seconds=3600.0)
+    worker = queue.register_worker("w", "host", ["noop"])
+    a = queue.claim(worker, trainers=["noop"])
+    b = queue.claim(worker, trainers=["noop"])  # the floor is now at b
+    assert queue.finish(a.id, a.attempt_id, "error", error="try again", worker_id=worker).ok  # queued again, backoff
+    assert queue.finish(b.id, b.attempt_id, "succeeded", worker_id=worker).ok
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET not_before = 0 WHERE id = :id"), {"id": a.id})  # runnable at once
+    taken = []
+    while (job := queue.claim(worker, trainers=["noop"])) is not None:
+        taken.append(job.id)
+        assert queue.finish(job.id, job.attempt_id, "succeeded", worker_id=worker).ok
+    with engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM jobs WHERE grid_id = :g ORDER BY id"), {"g": first}).scalars().all()
+    assert taken == [ids[2], a.id]  # the third job from the floor, then the requeued one, before answering None
+    with engine.connect() as conn:
+        states = conn.execute(text("SELECT DISTINCT state FROM jobs WHERE grid_id = :g"), {"g": first}).scalars().all()
+    assert states == ["succeeded"]
+
+    low = submit(engine, "low-2", 2)
+    scanning = Queue(engine, expiry_scan_seconds=0.0)  # every claim scans: the floor is cleared each time
+    w2 = scanning.register_worker("w2", "host", ["noop"])
+    b = scanning.claim(w2, trainers=["noop"])
+    high = submit(engine, "high", 1, priority=5)
+    c = scanning.claim(w2, trainers=["noop"])
+    assert (b.grid_id, c.grid_id) == (low, high)
+
+
+def test_migration_0009_goes_down_and_up_with_the_jobs_kept(db_url):
+    engine = make_engine(db_url)
+    try:
+        grid = submit(engine, "kept", 3)
+        command.downgrade(alembic_config(db_url), "0006")
+        names = {ix["name"] for ix in inspect(engine).get_indexes("jobs")}
+        assert "ix_jobs_lease" in names and "ix_jobs_running" not in names
+        command.upgrade(alembic_config(db_url), "head")
+        inspector = inspect(engine)
+        names = {ix["name"] for ix in inspector.get_indexes("jobs")}
+        assert "ix_jobs_running" in names and "ix_jobs_lease" not in names
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                options = conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'jobs'")).scalar()
+                assert "fillfactor=70" in options
+                definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_claim'"))
+            else:
+                definition = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_claim'"))
+            assert "'queued'" in definition.scalar()  # the claimable state is listed: no other state is in it
+        queue = Queue(engine)
+        worker = queue.register_worker("w", "host", ["noop"])
+        claimed = [queue.claim(worker, trainers=["noop"]) for _ in range(4)]
+        assert sorted(j.grid_id for j in claimed if j) == [grid] * 3 and claimed[-1] is None
+    finally:
+        engine.dispose()
+
+
+def test_a_heartbeat_refreshes_the_workers_last_seen_at_most_every_5_seconds(engine):
+    """Per cycle only what users read is written every time (the job, attempts, events, metrics); the
+    worker's last-seen time is refreshed by heartbeats only once it is WORKER_SEEN_SECONDS old."""
+    from scheduler import reports
+    from scheduler.queue import WORKER_SEEN_SECONDS
+
+    submit(engine, "g", 1)
+    queue = Queue(engine)
+    worker = queue.register_worker("w", "host", ["noop"])
+    t0 = time.time()
+    job = queue.claim(worker, trainers=["noop"], now=t0)
+
+    def seen() -> float:
+        [row] = [w for w in reports.list_workers(engine) if w["id"] == worker]
+        return row["last_seen_at"]
+
+    assert queue.heartbeat(job.id, job.attempt_id, step=1, now=t0 + 1, worker_id=worker).ok
+    assert seen() == t0  # 1 s after the claim wrote it: not written again
+    assert queue.heartbeat(job.id, job.attempt_id, step=2, now=t0 + WORKER_SEEN_SECONDS + 1, worker_id=worker).ok
+    assert seen() == t0 + WORKER_SEEN_SECONDS + 1
+    assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + WORKER_SEEN_SECONDS + 2, worker_id=worker).ok
+    assert seen() == t0 + WORKER_SEEN_SECONDS + 2  # a state change (idle) always writes it
