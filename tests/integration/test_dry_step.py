@@ -35,6 +35,7 @@ def _config(trainer: str, corpus: Path, log_every: int = 1) -> dict:
         "learning_rules": {"rule": "bptt", "N": 2, "trial_length": 10, "batch_size": 4, "validation_trials": 8,
                            "hidden_size": 8, "max_steps": LONG, "log_every": log_every, "checkpoint_every": 1000},
         "noop": {"steps": LONG, "checkpoint_every": 1000, "fuse_group": "a"},
+        "curve": {"steps": LONG, "report_every": log_every, "checkpoint_every": 1000, "fuse_group": "a"},
     }[trainer]
 
 
