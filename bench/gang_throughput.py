@@ -19,7 +19,6 @@ bench/README.md.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 import uuid
@@ -29,9 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
-SPAWN = mp.get_context("spawn")
-MAX_JOBS_PER_GRID = 100_000  # scheduler.spec's bound
+from bench.processes import MAX_JOBS_PER_GRID, PG_ADMIN_URL_DEFAULT, SPAWN  # noqa: E402
+
 WARMUP = 3  # claims per worker before the window (connections, prepared statements)
 
 

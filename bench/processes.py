@@ -58,6 +58,9 @@ def _ignore_sigint_in_child() -> None:
 
 
 # ---- CPU accounting (Linux /proc; elsewhere the CPU columns show "-") --------------------------------
+PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+SPAWN = mp.get_context("spawn")  # bench processes start clean: no inherited connections or imports
+MAX_JOBS_PER_GRID = 100_000  # scheduler.spec.MAX_JOBS_PER_GRID: larger feeds are split over several grids
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

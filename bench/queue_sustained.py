@@ -22,7 +22,6 @@ scan, at most once a second). Targets (issue 15): last block >= 0.9x the first; 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -33,11 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.processes import Cleanup, create_pg_database, create_sqlite_database, load1, pg_setting  # noqa: E402
+from bench.processes import (  # noqa: E402
+    MAX_JOBS_PER_GRID, PG_ADMIN_URL_DEFAULT, SPAWN, Cleanup, create_pg_database, create_sqlite_database, load1, pg_setting,
+)
 
-PG_ADMIN_URL_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
-SPAWN = mp.get_context("spawn")
-MAX_JOBS_PER_GRID = 100_000  # scheduler.spec's bound
 SPARE_JOBS = 1_000  # left queued at the end, so the last EXPLAIN finds a job as every claim before it did
 TARGETS = {"postgres": 0.8, "sqlite": 0.3}  # gridfleet first block / bare first block
 TARGET_FLAT = 0.9  # last block / first block

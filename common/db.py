@@ -183,6 +183,18 @@ def _sqlite_settings(dbapi_conn) -> None:
     cur.close()
 
 
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Yield `conn` inside BEGIN IMMEDIATE: committed when the caller's block ends, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class SqliteConnections:
     """SQLite only: raw sqlite3 connections for the queue's hot path, as AutocommitConnections are for
     Postgres: no pool checkout, no statement compile, no result set-up; sqlite3 keeps each SQL string
@@ -211,14 +223,7 @@ class SqliteConnections:
         except IndexError:
             conn = self._new()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            yield from _immediate(conn)
         finally:
             self._idle.append(conn)
 
@@ -227,14 +232,7 @@ class SqliteConnections:
             conn = pooled.connection.driver_connection
             row_factory, conn.row_factory = conn.row_factory, sqlite3.Row
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
+                yield from _immediate(conn)
             finally:
                 conn.row_factory = row_factory
 
