@@ -94,7 +94,14 @@ def test_tpe_by_four_workers_beats_random_through_an_api_restart(db_url, fleet, 
         results = ok(server.api.get(f"/grids/{name}/results"))["results"]
         configs = {(r["config"]["x"], r["config"]["y"]) for r in results}
         assert len(results) == N_TRIALS and len(configs) == N_TRIALS, (name, len(results), len(configs), context)
-        assert all(r["state"] == "succeeded" and r["attempts"] == 1 for r in results), (name, results)
+        assert all(r["state"] == "succeeded" for r in results), (name, results)
+        # Each trial ran once. A second attempt is allowed only after a first that never started: a claim
+        # the server committed but whose answer died with it comes back when its lease ends, as `lost`.
+        for r in results:
+            if r["attempts"] > 1:
+                events = ok(server.api.get(f"/jobs/{r['job_id']}/events"))["events"]
+                ran = {e["attempt_id"] for e in events if e["attempt_id"] and e["kind"] != "lost"}
+                assert len(ran) == 1, (name, r["job_id"], events)
         assert (final[name]["done"], final[name]["n_trials"]) == (N_TRIALS, N_TRIALS)
         assert final[name]["best"]["value"] == pytest.approx(min(r["result"]["loss"] for r in results))
     best = {"tpe": sum(final[names[seed]]["best"]["value"] for seed in SEEDS) / len(SEEDS),
