@@ -20,6 +20,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.trainers import gangs
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -69,40 +71,31 @@ def train_many(configs: list[Config], ctxs: list) -> list[dict | Exception]:
         try:
             starts[i] = _start(ctx)
         except Exception as exc:  # noqa: BLE001 - e.g. its checkpoint is gone: this member fails alone
-            outcome[i] = _leave(ctx, exc)
+            outcome[i] = gangs.leave(ctx, exc)
     steps = list(starts)
     active = [i for i in range(len(configs)) if outcome[i] is None]
+
+    def ask(i: int) -> dict | None:  # first, as train does before each step: a stop costs no step
+        if steps[i] >= configs[i].steps:  # resumed from its last step: nothing left to train (as train)
+            return _result(configs[i], starts[i])
+        if ctxs[i].should_stop():
+            ctxs[i].save_checkpoint({"step": steps[i]})
+            return {"stopped_at": steps[i]}
+        return None
+
+    def advance(i: int) -> dict | None:
+        _step(configs[i], ctxs[i], steps[i])
+        steps[i] += 1
+        return _result(configs[i], starts[i]) if steps[i] >= configs[i].steps else None
+
     while active:
-        for i in list(active):  # ask first, as train does before each step: a stop costs no step
-            config, ctx, step = configs[i], ctxs[i], steps[i]
-            try:
-                if step >= config.steps:  # resumed from its last step: nothing left to train (as train)
-                    outcome[i] = _result(config, starts[i])
-                elif ctx.should_stop():
-                    ctx.save_checkpoint({"step": step})
-                    outcome[i] = {"stopped_at": step}
-            except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
-                outcome[i] = exc
-            if outcome[i] is not None:
-                _leave(ctx, outcome[i])
-                active.remove(i)
+        gangs.lockstep(active, outcome, ctxs, ask)
         if not active:
             break
         pause = max(configs[i].step_seconds for i in active)
         if pause:
             time.sleep(pause)
-        for i in list(active):
-            config, ctx = configs[i], ctxs[i]
-            try:
-                _step(config, ctx, steps[i])
-                steps[i] += 1
-                if steps[i] >= config.steps:
-                    outcome[i] = _result(config, starts[i])
-            except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
-                outcome[i] = exc
-            if outcome[i] is not None:
-                _leave(ctx, outcome[i])
-                active.remove(i)
+        gangs.lockstep(active, outcome, ctxs, advance)
     return outcome
 
 
@@ -124,9 +117,3 @@ def _result(config: Config, resumed_from: int) -> dict:
             "resumed_from": resumed_from}
 
 
-def _leave(ctx, outcome):
-    """Tell the agent at once that this member is done (a gang's ctx has `leave`; a solo ctx does not)."""
-    leave = getattr(ctx, "leave", None)
-    if leave is not None:
-        leave(outcome)
-    return outcome

@@ -83,3 +83,24 @@ def finished(result: Callable[[], dict]) -> dict | Exception:
         return {**result(), "fused": True}
     except Exception as exc:  # noqa: BLE001
         return exc
+
+
+def leave(ctx, outcome):
+    """Tell the agent at once that this member is done (a gang child's ctx has `leave`; a solo one does not)."""
+    tell = getattr(ctx, "leave", None)
+    if tell is not None:
+        tell(outcome)
+    return outcome
+
+
+def lockstep(active: list[int], outcome: Outcomes, ctxs: Sequence, act: Callable[[int], Any]) -> None:
+    """One pass over the active members, for trainers that step members one by one: `act(i)` returns member
+    i's outcome (None: it goes on) or raises (its failure ends it alone); an ended member leaves at once."""
+    for i in list(active):
+        try:
+            outcome[i] = act(i)
+        except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
+            outcome[i] = exc
+        if outcome[i] is not None:
+            leave(ctxs[i], outcome[i])
+            active.remove(i)

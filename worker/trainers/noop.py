@@ -14,6 +14,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.trainers import gangs
+
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -58,28 +60,23 @@ def train_many(configs: list[Config], ctxs: list) -> list[dict | Exception]:
     for i, (config, ctx) in enumerate(zip(configs, ctxs)):
         if steps[i] is None:  # the finish-at-once kind
             ctx.report(0, loss=config.value)
-            outcome[i] = _leave(ctx, {"loss": config.value})
+            outcome[i] = gangs.leave(ctx, {"loss": config.value})
     active = [i for i in range(len(configs)) if outcome[i] is None]
+
+    def tick(i: int) -> dict | None:
+        config, ctx, step = configs[i], ctxs[i], steps[i]
+        if ctx.should_stop():
+            ctx.save_checkpoint({"step": step})
+            return {"stopped_at": step}
+        if step >= config.steps:
+            return _result(config)
+        _step(config, ctx, step)
+        steps[i] = step + 1
+        return _result(config) if steps[i] >= config.steps else None
+
     while active:
         time.sleep(max(configs[i].seconds / configs[i].steps for i in active))
-        for i in list(active):
-            config, ctx, step = configs[i], ctxs[i], steps[i]
-            try:
-                if ctx.should_stop():
-                    ctx.save_checkpoint({"step": step})
-                    outcome[i] = {"stopped_at": step}
-                elif step >= config.steps:
-                    outcome[i] = _result(config)
-                else:
-                    _step(config, ctx, step)
-                    steps[i] = step + 1
-                    if steps[i] >= config.steps:
-                        outcome[i] = _result(config)
-            except Exception as exc:  # noqa: BLE001 - this member's failure ends this member only
-                outcome[i] = exc
-            if outcome[i] is not None:
-                _leave(ctx, outcome[i])
-                active.remove(i)
+        gangs.lockstep(active, outcome, ctxs, tick)
     return outcome
 
 
@@ -101,9 +98,3 @@ def _result(config: Config) -> dict:
     return {"loss": config.value / config.steps, "steps": config.steps}
 
 
-def _leave(ctx, outcome):
-    """Tell the agent at once that this member is done (a gang's ctx has `leave`; others do not need it)."""
-    leave = getattr(ctx, "leave", None)
-    if leave is not None:
-        leave(outcome)
-    return outcome
