@@ -400,9 +400,7 @@ class GridSpec(BaseModel):
     def _sample_keys_not_swept(cls, sample, info: ValidationInfo):
         if sample is None:
             return sample
-        swept = set(info.data.get("axes") or {})
-        for group in info.data.get("zip") or []:
-            swept.update(group)
+        swept = _swept_keys(info)
         for key in sample.params:
             if key in swept:
                 raise ValueError(f"key '{key}' is both sampled and swept (in axes or zip)")
@@ -414,8 +412,7 @@ class GridSpec(BaseModel):
         # `objective` is declared before `prune`: the rule's metric and mode may come from it.
         if prune is None:
             return prune
-        objective = info.data.get("objective")
-        parts = objective.split(":", 1) if objective else None
+        parts = _objective_parts(info.data.get("objective"))
         if prune.metric is None:
             if parts is None:
                 raise ValueError("metric: name the metric to prune on (or give the grid an objective)")
@@ -423,22 +420,20 @@ class GridSpec(BaseModel):
         if prune.mode is None:
             prune.mode = parts[0] if parts and parts[1] == prune.metric else "min"
         return prune
+
     @field_validator("search")
     @classmethod
     def _search_fits_grid(cls, search, info: ValidationInfo):
         if search is None:
             return search
-        swept = set(info.data.get("axes") or {})
-        for group in info.data.get("zip") or []:
-            swept.update(group)
         sample = info.data.get("sample")
-        swept.update(sample.params if sample is not None else ())
+        swept = _swept_keys(info) | set(sample.params if sample is not None else ())
         for key in search.space:
             if key in swept:
                 raise ValueError(f"space.{key}: the key is both searched and swept (in axes, zip or sample)")
         # The search's metric and direction and the grid's objective are one thing: either gives the other.
         objective = info.data.get("objective")
-        parts = tuple(objective.split(":", 1)) if objective else None
+        parts = _objective_parts(objective)
         if search.metric is None:
             if parts is None:
                 raise ValueError("metric: name the result key to optimise (or give the grid an objective such "
@@ -459,10 +454,7 @@ class GridSpec(BaseModel):
 
     @property
     def objective_parts(self) -> tuple[str, str] | None:
-        if not self.objective:
-            return None
-        direction, metric = self.objective.split(":", 1)
-        return direction, metric
+        return _objective_parts(self.objective)
 
     def job_count_upper_bound(self) -> int:
         count = len(self.seeds)
@@ -618,3 +610,19 @@ def validate_jobs(spec: GridSpec, jobs: list[JobSpec], validate_config: ConfigVa
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _swept_keys(info: ValidationInfo) -> set[str]:
+    """The config keys the grid's axes and zip groups sweep (validated before `sample` and `search`)."""
+    swept = set(info.data.get("axes") or {})
+    for group in info.data.get("zip") or []:
+        swept.update(group)
+    return swept
+
+
+def _objective_parts(objective: str | None) -> tuple[str, str] | None:
+    """"min:loss" -> ("min", "loss"); None when the grid names no objective."""
+    if not objective:
+        return None
+    direction, metric = objective.split(":", 1)
+    return direction, metric
