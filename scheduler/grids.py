@@ -298,17 +298,22 @@ def cancel_job(engine: Engine, job_id: int) -> str:
         return "cancelled" if state == "queued" else "cancel_requested"
 
 
+def _refuse_in_cancelled_grid(conn, job_id: int) -> None:
+    """A job of a cancelled grid is not queued again on its own: the grid's resume does that."""
+    grid_state = conn.execute(
+        select(t.grids.c.state).join(t.jobs, t.jobs.c.grid_id == t.grids.c.id).where(t.jobs.c.id == job_id)
+    ).scalar_one()
+    if grid_state == "cancelled":
+        raise Conflict(f"job {job_id} belongs to a cancelled grid; resume the grid first")
+
+
 def retry_job(engine: Engine, job_id: int) -> str:
     """Queue a failed or cancelled job again with fresh error, loss and preemption budgets."""
     with write_tx(engine) as conn:
         state = _job_state(conn, job_id)
         if state not in ("failed", "cancelled"):
             raise Conflict(f"job {job_id} is {state}; only failed or cancelled jobs can be retried")
-        grid_state = conn.execute(
-            select(t.grids.c.state).join(t.jobs, t.jobs.c.grid_id == t.grids.c.id).where(t.jobs.c.id == job_id)
-        ).scalar_one()
-        if grid_state == "cancelled":
-            raise Conflict(f"job {job_id} belongs to a cancelled grid; resume the grid first")
+        _refuse_in_cancelled_grid(conn, job_id)
         conn.execute(
             update(t.jobs).where(t.jobs.c.id == job_id)
             .values(state="queued", errors=0, losses=0, preemptions=0, not_before=0.0, cancel_requested=False,
@@ -329,11 +334,7 @@ def resume_job(engine: Engine, job_id: int) -> str:
             raise NotFound(f"no job {job_id}")
         if row.state not in ("pruned", "cancelled"):
             raise Conflict(f"job {job_id} is {row.state}; only pruned or cancelled jobs can be resumed")
-        grid_state = conn.execute(
-            select(t.grids.c.state).join(t.jobs, t.jobs.c.grid_id == t.grids.c.id).where(t.jobs.c.id == job_id)
-        ).scalar_one()
-        if grid_state == "cancelled":
-            raise Conflict(f"job {job_id} belongs to a cancelled grid; resume the grid first")
+        _refuse_in_cancelled_grid(conn, job_id)
         # The fence stays as it is: only the state of a job nobody holds changes (the WHERE repeats it).
         changed = conn.execute(
             update(t.jobs).where(t.jobs.c.id == job_id, t.jobs.c.state == row.state)
