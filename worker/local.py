@@ -71,7 +71,7 @@ def run_grid(spec: GridSpec, workers: int, settings: Settings, console: Console)
     from worker.trainers import external_id, fuse_key, validate_config
 
     settings.home.mkdir(parents=True, exist_ok=True)
-    lock = _single_run_lock(settings.home)  # noqa: F841 - held until the process exits
+    _single_run_lock(settings.home)  # held in _run_lock until the process exits
     migrate(settings.database_url)
     engine = make_engine(settings.database_url)
     policy = RetryPolicy.from_settings(settings)
@@ -264,7 +264,7 @@ def _print_results(console: Console, summary: dict[str, Any], rows: list[dict[st
     console.print(" ".join(f"{k}: {v}" for k, v in summary["counts"].items()))
 
 
-def _single_run_lock(home: Path):
+def _single_run_lock(home: Path) -> None:
     global _run_lock
     handle = _run_lock = open(home / "run.lock", "w")
     try:
@@ -272,4 +272,3 @@ def _single_run_lock(home: Path):
     except BlockingIOError:
         raise SystemExit(f"another `gridfleet run` is using {home}; wait for it or use another directory") from None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
-    return handle
