@@ -31,7 +31,7 @@ from sqlalchemy import Engine, and_, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from common import schema as t
-from common.db import is_sqlite, read_tx, write_tx
+from common.db import is_sqlite, is_unavailable, read_tx, write_tx
 from scheduler.grids import job_row
 from scheduler.spec import GridError, GridSpec, JobSpec, SearchSpec, canonical_json, expand, job_key, with_params
 
@@ -115,8 +115,8 @@ class Searches:
                 points.setdefault(row.grid_id, set()).add(row.point)
             for grid_id in sorted(points):  # only the finished jobs' points: the timer looks at all of them
                 self.advance(grid_id, points[grid_id])
-        except Exception:  # noqa: BLE001 - logged; the search goes on at the next advance
-            log.exception("advancing the search after finishing job(s) %s failed; it is retried later", job_ids)
+        except Exception as exc:  # noqa: BLE001 - logged; the search goes on at the next advance
+            _log_failure(exc, f"advancing the search after finishing job(s) {job_ids} failed; it is retried later")
 
     def _running_searches(self) -> frozenset[int]:
         read_at, grid_ids = self._running
@@ -541,6 +541,15 @@ class SearchLoop:
         while not self._stop.is_set():
             try:
                 self.searches.advance_all()
-            except Exception:  # noqa: BLE001 - a database outage must not end the loop
-                log.warning("advancing searches failed; trying again in %.0f s", self.interval, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a database outage must not end the loop
+                _log_failure(exc, f"advancing searches failed; trying again in {self.interval:.0f} s")
             self._stop.wait(self.interval)
+
+
+def _log_failure(exc: Exception, what: str) -> None:
+    """A database that is down or restarting is expected (docs/database_outages.md): one line that names it.
+    Anything else is a bug worth its traceback."""
+    if is_unavailable(exc):
+        log.warning("%s: the database is unavailable (%s)", what, type(exc).__name__)
+    else:
+        log.exception(what)
