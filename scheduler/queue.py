@@ -29,11 +29,12 @@ from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text
 
 from common import schema as t
 from common.db import AutocommitConnections, SqliteConnections, is_sqlite, write_tx
-from scheduler.policy import RetryPolicy
+from scheduler.policy import JOB_STATES, RetryPolicy
 from scheduler.pruning import Pruner
 
 OUTCOMES = ("succeeded", "error", "preempted", "cancelled", "pruned")
 _ROW_FREE_OUTCOMES = ("succeeded", "cancelled", "pruned")  # their next state does not depend on the job's counters
+_NOW_COLUMNS = ("finished_at", "not_before")  # a finish often sets them to its own `now`
 EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 log = logging.getLogger("gridfleet.scheduler")
@@ -647,43 +648,52 @@ class Queue:
 
     def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
                          error: str | None, now: float) -> tuple[str, dict[str, Any]]:
-        """The whole finish as one statement, for psycopg, and its parameters: fence and lock the job, set
-        `values`, end the attempt, add the event, mark the worker idle. It returns no row when the attempt is
-        not the current one (then nothing changed)."""
-        keys = tuple(values)
-        statement = self._finish_writes.get(keys)
+        """The whole finish as one statement, for psycopg, and its parameters: fenced, set `values`, end the
+        attempt, add the event, mark the worker idle. It returns no row when the attempt is not the current one
+        (then nothing changed).
+
+        The fenced UPDATE is the lock: the other parts read its RETURNING row, so they run only when the fence
+        held, and a concurrent write to the job (an expiry scan, a cancel) makes it wait and re-check the fence
+        on the new row version. The outcome, the new state, NULLs and values equal to `now` are written into
+        the statement (one per shape, a few in all), so a run binds 5 or 6 parameters instead of 13: psycopg
+        dumps each one, and the server binds each one."""
+        sets = tuple((key, _finish_value(key, value, now)) for key, value in values.items())
+        shape = ("postgres", outcome, error is None, sets)
+        statement = self._finish_writes.get(shape)
         if statement is None:
-            sets = ", ".join(f"{key} = :v_{key}" for key in keys)
+            assignments = ", ".join(f"{key} = {sql}" for key, sql in sets)
+            ended_error = "NULL" if error is None else ":error"
             statement = _pyformat(
                 f"""
-                WITH fenced AS MATERIALIZED (
-                    SELECT id, worker_id FROM jobs
+                WITH job AS (
+                    UPDATE jobs SET {assignments}
                     WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id
                       AND state = 'running'
-                    FOR UPDATE
+                    RETURNING id
                 ),
-                job AS (UPDATE jobs SET {sets} FROM fenced WHERE jobs.id = fenced.id RETURNING fenced.worker_id),
                 ended AS (
-                    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error
-                    FROM fenced WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
+                    UPDATE attempts SET outcome = '{outcome}', ended_at = :now, error = {ended_error}
+                    FROM job WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
                 ),
                 event AS (
                     INSERT INTO events (job_id, attempt_id, "time", kind, message)
-                    SELECT id, :b_attempt_id, :now, :outcome, :message FROM fenced
+                    SELECT id, :b_attempt_id, :now, '{outcome}', :message FROM job
                 ),
                 worker AS (
                     UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
-                    FROM job WHERE workers.id = job.worker_id
+                    FROM job WHERE workers.id = :b_worker_id
                 )
                 SELECT 1 FROM job
                 """
             )
-            self._finish_writes[keys] = statement
-        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "outcome": outcome,
-                  "now": now, "error": error,
+            self._finish_writes[shape] = statement
+        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "now": now,
                   "message": _finish_message(outcome, values, error)}
-        for key, value in values.items():
-            params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
+        if error is not None:
+            params["error"] = error
+        for (key, sql), value in zip(sets, values.values()):
+            if sql == f":v_{key}":
+                params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
         return statement, params
 
     def _next_state(self, job, outcome: str, result, error, now: float) -> dict[str, Any]:
@@ -826,6 +836,20 @@ def refresh_planner_stats(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("ANALYZE jobs"))
         conn.commit()
+
+
+def _finish_value(key: str, value: Any, now: float) -> str:
+    """How a finish writes a job column: a constant in the statement text (NULL, `now`, a job state), or
+    `:v_<key>` bound per run. Only job states are written as text, and they are checked to be one."""
+    if value is None:
+        return "NULL"
+    if key == "state":
+        if value not in JOB_STATES:
+            raise ValueError(f"not a job state: {value!r}")
+        return f"'{value}'"
+    if key in _NOW_COLUMNS and value == now:
+        return ":now"
+    return f":v_{key}"
 
 
 def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> str:
