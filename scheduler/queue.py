@@ -20,6 +20,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,6 +42,7 @@ ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at le
 WORKER_SEEN_SECONDS = 5.0  # a heartbeat refreshes workers.last_seen_at only when it is older than this
 # (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
 CLAIM_FLOOR = (-2_000_000_000, 0)
+_JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
 
 
 def _pyformat(sql: str) -> str:
@@ -384,8 +386,8 @@ class Queue:
             "aid": new_id(), "wid": worker_id, "lease": now + self.policy.lease_seconds, "now": now, "gpus": gpus,
             "any_trainer": trainers is None,
             # An empty list matches no trainer ("" is never a trainer name; Postgres text
-            # cannot hold the NUL byte this used to be).
-            "trainers": trainer_list or [""],
+            # cannot hold the NUL byte this used to be). SQLite: one JSON parameter.
+            "trainers": _json_list(tuple(trainer_list or [""])) if self._sqlite else trainer_list or [""],
             "can_pin": can_pin_code,
             "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
         }
@@ -429,7 +431,7 @@ class Queue:
         worker_id, now = params["wid"], params["now"]
         if scan:
             self._scan_expired(conn, now)
-        row = conn.execute(self._claim_sql, {**params, "trainers": json.dumps(params["trainers"])}).fetchone()
+        row = conn.execute(self._claim_sql, params).fetchone()
         if row is None:
             return None
         conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
@@ -694,7 +696,8 @@ class Queue:
         if outcome in _ROW_FREE_OUTCOMES:  # the fenced UPDATE is the read: one statement fewer
             values = self._next_state(None, outcome, result, error, now)
             statement, params = self.job_write(values, fenced=True)
-            if conn.execute(statement, {**fence, **params}).fetchone() is None:
+            params.update(fence)
+            if conn.execute(statement, params).fetchone() is None:
                 return _stale(job_id, attempt_id, worker_id)
         else:
             job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
@@ -719,7 +722,7 @@ class Queue:
             where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running' "
                      "RETURNING id") if fenced else "id = :b_job_id"
             statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE {where}"
-        return statement, {f"v_{key}": json.dumps(value) if isinstance(t.jobs.c[key].type, JSON) else value
+        return statement, {f"v_{key}": json.dumps(value) if key in _JSON_JOB_COLUMNS else value
                            for key, value in values.items()}
 
     def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
@@ -912,6 +915,12 @@ def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> 
     if error:
         message += f"\n{error}"
     return message
+
+
+@lru_cache(maxsize=64)
+def _json_list(items: tuple[str, ...]) -> str:
+    """A claim's trainer list as SQLite's one JSON parameter: the same few lists on every claim."""
+    return json.dumps(list(items))
 
 
 def _json(value: Any) -> Any:
