@@ -6,7 +6,8 @@ SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so n
 The hot path (claim, heartbeat, finish, the expiry scan) runs on the Queue's own raw DB-API connections,
 without SQLAlchemy's per-statement CPU (bench/README.md): on Postgres each of claim, heartbeat and the common
 finishes is one statement (data-modifying CTEs) in autocommit mode, prepared by psycopg; on SQLite each is
-one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared.
+one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared, and `finish_and_claim` (the
+embedded agent's cycle) puts a finish and the next claim in one (docs/queue.md).
 A claim starts its index scan at this Queue's claim floor (docs/queue.md): the entries that claims leave
 behind in ix_jobs_claim until a VACUUM are never read again, so a claim costs the same after 100,000 jobs.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.

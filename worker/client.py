@@ -250,7 +250,7 @@ class DirectClient:
         result, error = self._cleaned_end(worker_id, job_id, attempt_id, result, error)
         reply, job = self.queue.finish_and_claim(job_id, attempt_id, outcome, result=result, error=error,
                                                  worker_id=worker_id, **(claim or {}))
-        if reply.ok and self.searches is not None:  # a trial it makes now is claimed by the agent's next claim
+        if reply.ok and self.searches is not None:  # a trial made now waits for a later claim (this one ran)
             self.searches.after_finish([job_id])
         return self._reply(reply), None if job is None else asdict(job)
 
