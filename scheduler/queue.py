@@ -113,10 +113,15 @@ _CLAIM_UPDATE = """
 """
 # SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
 SQLITE_TRAINER_IN = "trainer IN (SELECT value FROM json_each(:trainers))"
+# SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
+# SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
+_ACTIVE_GRID_IN = "grid_id IN (SELECT id FROM grids WHERE state = 'active')"
+_SQLITE_ACTIVE_GRID = "EXISTS (SELECT 1 FROM grids WHERE grids.id = jobs.grid_id AND grids.state = 'active')"
 # INDEXED BY: without statistics SQLite's planner took ix_jobs_grid_state and sorted every queued job of the
 # grid on each claim (EXPLAIN QUERY PLAN: "USE TEMP B-TREE FOR ORDER BY").
-_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="",
-                                                             indexed_by=" INDEXED BY ix_jobs_claim"))
+_SQLITE_PICK = _CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
+assert _ACTIVE_GRID_IN in _SQLITE_PICK, "the claim's grid filter changed: update _SQLITE_ACTIVE_GRID with it"
+_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_SQLITE_PICK.replace(_ACTIVE_GRID_IN, _SQLITE_ACTIVE_GRID))
 # Postgres: one statement, one round trip: claim the job, start its attempt, mark the worker busy (or idle
 # when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
 _PG_CLAIM = _pyformat(

@@ -182,3 +182,30 @@ def test_a_job_claimed_with_the_last_finish_is_released_when_the_agent_stops(eng
     assert agent.next_job is None
     job = next(j for j in snapshot(engine)["jobs"] if j["id"] == ids[1])
     assert (job["state"], job["preemptions"], job["attempt_id"]) == ("queued", 1, None)
+
+
+def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(tmp_path):
+    """SQLite builds an `IN (SELECT ...)` list by reading every grid on each claim; embedded databases collect
+    a grid per run. The claim looks up the job's grid by its key instead, and still skips inactive grids."""
+    from common.db import make_engine, migrate
+    from scheduler.grids import cancel_grid, pause_grid
+    from scheduler.queue import _SQLITE_CLAIM, CLAIM_FLOOR
+
+    url = f"sqlite:///{tmp_path / 'claim.db'}"
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        (paused, _), (cancelled, _), (active, ids) = (grid(engine, name, 2) for name in ("p", "c", "a"))
+        pause_grid(engine, paused)
+        cancel_grid(engine, cancelled)
+        queue = Queue(engine)
+        with queue._raw_sqlite.transaction() as conn:
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + _SQLITE_CLAIM, {
+                "aid": "a", "wid": "w", "lease": 0.0, "now": time.time(), "gpus": 0.0, "any_trainer": True,
+                "trainers": '[""]', "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
+                "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
+        assert "SCAN grids" not in plan and "SEARCH grids USING INTEGER PRIMARY KEY" in plan, plan
+        claimed = [queue.claim("w", now=time.time()) for _ in range(3)]
+        assert [job and job.id for job in claimed] == [*ids, None]
+    finally:
+        engine.dispose()
