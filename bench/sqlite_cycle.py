@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/sqlite_cycle.py                      # 12,000 cycles each, blocks of 500
     .venv/bin/python bench/sqlite_cycle.py --drop-grid-state    # without ix_jobs_grid_state (migration 0010)
+    .venv/bin/python bench/sqlite_cycle.py --other-grids 500     # beside 500 finished grids
 
 Read `main`: the loops take turns in blocks of --block cycles on one database (and one process), so load from
 other work on the machine falls on all of them alike; each prints its CPU us per cycle.
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=12_000, help="cycles per loop (12,000)")
     parser.add_argument("--block", type=int, default=500, help="cycles per turn (500)")
     parser.add_argument("--drop-grid-state", action="store_true", help="drop ix_jobs_grid_state first")
+    parser.add_argument("--other-grids", type=int, default=0,
+                        help="grids with no queued job beside the one claimed from (finished grids stay; 0)")
     args = parser.parse_args(argv)
     from common.db import make_engine
     from scheduler.grids import submit_grid
@@ -122,11 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             conn.exec_driver_sql(BARE_SQLITE["setup"][2].format(n=args.cycles + 1_000))
             if args.drop_grid_state:
                 conn.exec_driver_sql("DROP INDEX ix_jobs_grid_state")
+            now = time.time()
+            for i in range(args.other_grids):  # a finished grid stays 'active' with no queued job
+                conn.exec_driver_sql("INSERT INTO grids (name, trainer, spec, priority, max_attempts, state, created_at, "
+                                     "updated_at) VALUES (?, 'noop', '{}', 0, 3, 'active', ?, ?)", (f"done-{i}", now, now))
         engine.dispose()
         loops = Loops(url)
         cpu = dict.fromkeys(LOOPS, 0.0)
         print(f"SQLite claim+finish, {args.cycles:,} cycles per loop in turns of {args.block}"
-              f"{', without ix_jobs_grid_state' if args.drop_grid_state else ''}; load average {load1()}")
+              f"{', without ix_jobs_grid_state' if args.drop_grid_state else ''}, {args.other_grids} other grids; "
+              f"load average {load1()}")
         for _ in range(args.cycles // args.block):
             for loop in LOOPS:
                 started = time.process_time()
