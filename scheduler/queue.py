@@ -432,8 +432,8 @@ class Queue:
         return row
 
     def _claim_sqlite_in(self, conn: Any, params: dict[str, Any], scan: bool):
-        """One claim inside the caller's transaction: the job, its attempt and (claimed) the worker busy.
-        Writes nothing when nothing is claimable: the caller marks the worker idle once."""
+        """One claim inside the caller's transaction: the job, its new attempt, the worker busy with it.
+        Writes nothing when no job is claimable: the caller marks the worker idle, once."""
         worker_id, now = params["wid"], params["now"]
         if scan:
             self._scan_expired(conn, now)
