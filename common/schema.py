@@ -86,8 +86,9 @@ jobs = Table(
     Column("pruned_step", Integer),
     Column("pruned_by", Text),
     Column("prune_exempt", Boolean, nullable=False, default=False),
+    # Its grid_id prefix also serves a grid's jobs by state: no (grid_id, state) index, since every claim and
+    # finish would insert into it (migration 0010).
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
-    Index("ix_jobs_grid_state", "grid_id", "state"),
     # Postgres: room on each page for a row's next version, so updates that change no indexed column
     # (a heartbeat's lease, step and progress) stay HOT (migration 0009).
     postgresql_with={"fillfactor": 70},

@@ -6,7 +6,8 @@ SQLite runs the same UPDATE inside `BEGIN IMMEDIATE` (one writer at a time, so n
 The hot path (claim, heartbeat, finish, the expiry scan) runs on the Queue's own raw DB-API connections,
 without SQLAlchemy's per-statement CPU (bench/README.md): on Postgres each of claim, heartbeat and the common
 finishes is one statement (data-modifying CTEs) in autocommit mode, prepared by psycopg; on SQLite each is
-one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared.
+one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared, and `finish_and_claim` (the
+embedded agent's cycle) puts a finish and the next claim in one (docs/queue.md).
 A claim starts its index scan at this Queue's claim floor (docs/queue.md): the entries that claims leave
 behind in ix_jobs_claim until a VACUUM are never read again, so a claim costs the same after 100,000 jobs.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
@@ -20,6 +21,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
@@ -29,11 +31,12 @@ from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text
 
 from common import schema as t
 from common.db import AutocommitConnections, SqliteConnections, is_sqlite, write_tx
-from scheduler.policy import RetryPolicy
+from scheduler.policy import JOB_STATES, RetryPolicy
 from scheduler.pruning import Pruner
 
 OUTCOMES = ("succeeded", "error", "preempted", "cancelled", "pruned")
 _ROW_FREE_OUTCOMES = ("succeeded", "cancelled", "pruned")  # their next state does not depend on the job's counters
+_NOW_COLUMNS = ("finished_at", "not_before")  # a finish often sets them to its own `now`
 EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 log = logging.getLogger("gridfleet.scheduler")
@@ -41,6 +44,7 @@ ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at le
 WORKER_SEEN_SECONDS = 5.0  # a heartbeat refreshes workers.last_seen_at only when it is older than this
 # (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
 CLAIM_FLOOR = (-2_000_000_000, 0)
+_JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
 
 
 def _pyformat(sql: str) -> str:
@@ -110,10 +114,15 @@ _CLAIM_UPDATE = """
 """
 # SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
 SQLITE_TRAINER_IN = "trainer IN (SELECT value FROM json_each(:trainers))"
+# SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
+# SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
+_ACTIVE_GRID_IN = "grid_id IN (SELECT id FROM grids WHERE state = 'active')"
+_SQLITE_ACTIVE_GRID = "EXISTS (SELECT 1 FROM grids WHERE grids.id = jobs.grid_id AND grids.state = 'active')"
 # INDEXED BY: without statistics SQLite's planner took ix_jobs_grid_state and sorted every queued job of the
 # grid on each claim (EXPLAIN QUERY PLAN: "USE TEMP B-TREE FOR ORDER BY").
-_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="",
-                                                             indexed_by=" INDEXED BY ix_jobs_claim"))
+_SQLITE_PICK = _CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
+assert _ACTIVE_GRID_IN in _SQLITE_PICK, "the claim's grid filter changed: update _SQLITE_ACTIVE_GRID with it"
+_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_SQLITE_PICK.replace(_ACTIVE_GRID_IN, _SQLITE_ACTIVE_GRID))
 # Postgres: one statement, one round trip: claim the job, start its attempt, mark the worker busy (or idle
 # when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
 _PG_CLAIM = _pyformat(
@@ -370,49 +379,71 @@ class Queue:
         Expired leases are handled here too: at most every `expiry_scan_seconds`, always when `now` is given
         (tests move time that way), and before answering None (an expired job may be all that is left).
         """
+        request = self._claim_request(worker_id, trainers, gpus, can_pin_code, code_rev, grid_id, now)
+        return self._claimed(request, self._claim_from_floor(request, self._claim_sqlite if self._sqlite
+                                                             else self._claim_postgres))
+
+    def _claim_request(self, worker_id: str, trainers: Iterable[str] | None, gpus: float, can_pin_code: bool,
+                       code_rev: str | None, grid_id: int | None, now: float | None) -> SimpleNamespace:
+        """A claim's parameters, its filters (the key of its claim floor) and whether it scans expired leases."""
         scan = now is not None or time.monotonic() >= self._next_expiry_scan
         now = time.time() if now is None else now
         trainer_list = sorted(set(trainers)) if trainers is not None else []
-        attempt_id = new_id()
-        lease = now + self.policy.lease_seconds
         params = {
-            "aid": attempt_id, "wid": worker_id, "lease": lease, "now": now, "gpus": gpus,
+            "aid": new_id(), "wid": worker_id, "lease": now + self.policy.lease_seconds, "now": now, "gpus": gpus,
             "any_trainer": trainers is None,
             # An empty list matches no trainer ("" is never a trainer name; Postgres text
-            # cannot hold the NUL byte this used to be).
-            "trainers": trainer_list or [""],
+            # cannot hold the NUL byte this used to be). SQLite: one JSON parameter.
+            "trainers": _json_list(tuple(trainer_list or [""])) if self._sqlite else trainer_list or [""],
             "can_pin": can_pin_code,
             "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
         }
         filters = (tuple(trainer_list) if trainers is not None else None, gpus, can_pin_code, grid_id)
-        claim_once = self._claim_sqlite if self._sqlite else self._claim_postgres
-        params["from_rank"], params["from_id"] = self.claim_floor(filters, scan)
-        row = claim_once(params, scan)
-        if row is None and not scan:  # from every job, after the expiry scan: None only when nothing is left
-            params["from_rank"], params["from_id"] = self.claim_floor(filters, True)
+        return SimpleNamespace(params=params, filters=filters, scan=scan)
+
+    def _claim_from_floor(self, request: SimpleNamespace, claim_once: Callable[[dict[str, Any], bool], Any]):
+        """The claimed row, or None: from the claim floor, then from every job after the expiry scan, so
+        None only when nothing is left."""
+        params = request.params
+        params["from_rank"], params["from_id"] = self.claim_floor(request.filters, request.scan)
+        row = claim_once(params, request.scan)
+        if row is None and not request.scan:
+            params["from_rank"], params["from_id"] = self.claim_floor(request.filters, True)
             row = claim_once(params, True)
+        return row
+
+    def _claimed(self, request: SimpleNamespace, row) -> ClaimedJob | None:
+        """The ClaimedJob of a committed claim's row (None: nothing claimed); moves the claim floor past it."""
         if row is None:
             return None
-        self.claimed_at(filters, row["priority"], row["id"])
+        self.claimed_at(request.filters, row["priority"], row["id"])
+        params = request.params
         return ClaimedJob(
-            id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, worker_id=worker_id, trainer=row["trainer"],
-            config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
+            id=row["id"], grid_id=row["grid_id"], attempt_id=params["aid"], worker_id=params["wid"],
+            trainer=row["trainer"], config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
             code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
-            lease_expires_at=lease,
+            lease_expires_at=params["lease"],
         )
 
     def _claim_sqlite(self, params: dict[str, Any], scan: bool):
-        worker_id, now = params["wid"], params["now"]
         with self._tx() as conn:
-            if scan:
-                self._scan_expired(conn, now)
-            row = conn.execute(self._claim_sql, {**params, "trainers": json.dumps(params["trainers"])}).fetchone()
+            row = self._claim_sqlite_in(conn, params, scan)
             if row is None:
-                self._set_worker(conn, worker_id, now, "idle", None)
-                return None
-            conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
-                                       "code_rev": row["code_rev"] or params["code_rev"]})
-            self._set_worker(conn, worker_id, now, "busy", row["id"])
+                self._set_worker(conn, params["wid"], params["now"], "idle", None)
+        return row
+
+    def _claim_sqlite_in(self, conn: Any, params: dict[str, Any], scan: bool):
+        """One claim inside the caller's transaction: the job, its new attempt, the worker busy with it.
+        Writes nothing when no job is claimable: the caller marks the worker idle, once."""
+        worker_id, now = params["wid"], params["now"]
+        if scan:
+            self._scan_expired(conn, now)
+        row = conn.execute(self._claim_sql, params).fetchone()
+        if row is None:
+            return None
+        conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
+                                   "code_rev": row["code_rev"] or params["code_rev"]})
+        self._set_worker(conn, worker_id, now, "busy", row["id"])
         return row
 
     def _claim_postgres(self, params: dict[str, Any], scan: bool):
@@ -587,6 +618,54 @@ class Queue:
         return self._or_regain(lambda: self._finish(job_id, attempt_id, worker_id, outcome, result, error, now),
                                job_id, attempt_id, worker_id, now)
 
+    def finish_and_claim(
+        self,
+        job_id: int,
+        attempt_id: str,
+        outcome: str,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        *,
+        worker_id: str,
+        trainers: Iterable[str] | None = None,
+        gpus: float = 0.0,
+        can_pin_code: bool = False,
+        code_rev: str | None = None,
+        grid_id: int | None = None,
+    ) -> tuple[Reply, ClaimedJob | None]:
+        """`finish`, then, only when the finish was accepted, `claim` for the same worker with these filters:
+        the finish's reply and the next job (None: nothing claimable, or the finish was refused).
+
+        SQLite: both in one BEGIN IMMEDIATE transaction, so a cycle commits once and writes the worker row
+        once (busy with the next job, or idle). A refused (stale) finish claims nothing and changes nothing;
+        a lost attempt is regained first, as `finish` does. Postgres: `finish` then `claim`, as before.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
+        if not self._sqlite:
+            reply = self.finish(job_id, attempt_id, outcome, result, error, now, worker_id=worker_id)
+            if not reply.ok:
+                return reply, None
+            return reply, self.claim(worker_id, trainers, gpus, can_pin_code, code_rev, grid_id, now)
+        request = self._claim_request(worker_id, trainers, gpus, can_pin_code, code_rev, grid_id, now)
+        now = request.params["now"]
+
+        def once() -> tuple[Reply, Any]:
+            with self._tx() as conn:
+                reply = self._finish_sqlite_in(conn, job_id, attempt_id, worker_id, outcome, result, error, now)
+                if not reply.ok:
+                    return reply, None
+                row = self._claim_from_floor(request, lambda params, scan: self._claim_sqlite_in(conn, params, scan))
+                if row is None:
+                    self._set_worker(conn, worker_id, now, "idle", None)
+            return reply, row
+
+        reply, row = once()
+        if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
+            reply, row = once()
+        return reply, self._claimed(request, row)
+
     def _finish(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, result: dict[str, Any] | None,
                 error: str | None, now: float) -> Reply:
         if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
@@ -610,25 +689,33 @@ class Queue:
 
     def _finish_sqlite(self, job_id: int, attempt_id: str, worker_id: str, outcome: str,
                        result: dict[str, Any] | None, error: str | None, now: float) -> Reply:
-        fence = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}
         with self._tx() as conn:
-            if outcome in _ROW_FREE_OUTCOMES:  # the fenced UPDATE is the read: one statement fewer
-                values = self._next_state(None, outcome, result, error, now)
-                statement, params = self.job_write(values, fenced=True)
-                job = conn.execute(statement, {**fence, **params}).fetchone()
-                if job is None:
-                    return _stale(job_id, attempt_id, worker_id)
-            else:
-                job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
-                if job is None:
-                    return _stale(job_id, attempt_id, worker_id)
-                values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
-                statement, params = self.job_write(values)
-                conn.execute(statement, {"b_job_id": job_id, **params})
-            conn.execute(END_ATTEMPT, {"aid": attempt_id, "outcome": outcome, "now": now, "error": error})
-            conn.execute(NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": outcome,
-                                     "message": _finish_message(outcome, values, error)})
-            self._set_worker(conn, worker_id, now, "idle", None)  # the fence matched it: the job's worker
+            reply = self._finish_sqlite_in(conn, job_id, attempt_id, worker_id, outcome, result, error, now)
+            if reply.ok:
+                self._set_worker(conn, worker_id, now, "idle", None)  # the fence matched it: the job's worker
+        return reply
+
+    def _finish_sqlite_in(self, conn: Any, job_id: int, attempt_id: str, worker_id: str, outcome: str,
+                          result: dict[str, Any] | None, error: str | None, now: float) -> Reply:
+        """The fenced finish inside the caller's transaction, without the worker row (the caller writes it:
+        idle, or busy with the next job). A stale attempt changes nothing."""
+        fence = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id}
+        if outcome in _ROW_FREE_OUTCOMES:  # the fenced UPDATE is the read: one statement fewer
+            values = self._next_state(None, outcome, result, error, now)
+            statement, params = self.job_write(values, fenced=True)
+            params.update(fence)
+            if conn.execute(statement, params).fetchone() is None:
+                return _stale(job_id, attempt_id, worker_id)
+        else:
+            job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
+            if job is None:
+                return _stale(job_id, attempt_id, worker_id)
+            values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
+            statement, params = self.job_write(values)
+            conn.execute(statement, {"b_job_id": job_id, **params})
+        conn.execute(END_ATTEMPT, {"aid": attempt_id, "outcome": outcome, "now": now, "error": error})
+        conn.execute(NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": outcome,
+                                 "message": _finish_message(outcome, values, error)})
         return Reply(ok=True, state=values["state"])
 
     def job_write(self, values: dict[str, Any], fenced: bool = False) -> tuple[str, dict[str, Any]]:
@@ -642,48 +729,57 @@ class Queue:
             where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running' "
                      "RETURNING id") if fenced else "id = :b_job_id"
             statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE {where}"
-        return statement, {f"v_{key}": json.dumps(value) if isinstance(t.jobs.c[key].type, JSON) else value
+        return statement, {f"v_{key}": json.dumps(value) if key in _JSON_JOB_COLUMNS else value
                            for key, value in values.items()}
 
     def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
                          error: str | None, now: float) -> tuple[str, dict[str, Any]]:
-        """The whole finish as one statement, for psycopg, and its parameters: fence and lock the job, set
-        `values`, end the attempt, add the event, mark the worker idle. It returns no row when the attempt is
-        not the current one (then nothing changed)."""
-        keys = tuple(values)
-        statement = self._finish_writes.get(keys)
+        """The whole finish as one statement, for psycopg, and its parameters: fenced, set `values`, end the
+        attempt, add the event, mark the worker idle. It returns no row when the attempt is not the current one
+        (then nothing changed).
+
+        The fenced UPDATE is the lock: the other parts read its RETURNING row, so they run only when the fence
+        held, and a concurrent write to the job (an expiry scan, a cancel) makes it wait and re-check the fence
+        on the new row version. The outcome, the new state, NULLs and values equal to `now` are written into
+        the statement (one per shape, a few in all), so a run binds 5 or 6 parameters instead of 13: psycopg
+        dumps each one, and the server binds each one."""
+        sets = tuple((key, _finish_value(key, value, now)) for key, value in values.items())
+        shape = ("postgres", outcome, error is None, sets)
+        statement = self._finish_writes.get(shape)
         if statement is None:
-            sets = ", ".join(f"{key} = :v_{key}" for key in keys)
+            assignments = ", ".join(f"{key} = {sql}" for key, sql in sets)
+            ended_error = "NULL" if error is None else ":error"
             statement = _pyformat(
                 f"""
-                WITH fenced AS MATERIALIZED (
-                    SELECT id, worker_id FROM jobs
+                WITH job AS (
+                    UPDATE jobs SET {assignments}
                     WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id
                       AND state = 'running'
-                    FOR UPDATE
+                    RETURNING id
                 ),
-                job AS (UPDATE jobs SET {sets} FROM fenced WHERE jobs.id = fenced.id RETURNING fenced.worker_id),
                 ended AS (
-                    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error
-                    FROM fenced WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
+                    UPDATE attempts SET outcome = '{outcome}', ended_at = :now, error = {ended_error}
+                    FROM job WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
                 ),
                 event AS (
                     INSERT INTO events (job_id, attempt_id, "time", kind, message)
-                    SELECT id, :b_attempt_id, :now, :outcome, :message FROM fenced
+                    SELECT id, :b_attempt_id, :now, '{outcome}', :message FROM job
                 ),
                 worker AS (
                     UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
-                    FROM job WHERE workers.id = job.worker_id
+                    FROM job WHERE workers.id = :b_worker_id
                 )
                 SELECT 1 FROM job
                 """
             )
-            self._finish_writes[keys] = statement
-        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "outcome": outcome,
-                  "now": now, "error": error,
+            self._finish_writes[shape] = statement
+        params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "now": now,
                   "message": _finish_message(outcome, values, error)}
-        for key, value in values.items():
-            params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
+        if error is not None:
+            params["error"] = error
+        for (key, sql), value in zip(sets, values.values()):
+            if sql == f":v_{key}":
+                params[f"v_{key}"] = Json(value) if isinstance(t.jobs.c[key].type, JSON) else value
         return statement, params
 
     def _next_state(self, job, outcome: str, result, error, now: float) -> dict[str, Any]:
@@ -828,6 +924,20 @@ def refresh_planner_stats(engine: Engine) -> None:
         conn.commit()
 
 
+def _finish_value(key: str, value: Any, now: float) -> str:
+    """How a finish writes a job column: a constant in the statement text (NULL, `now`, a job state), or
+    `:v_<key>` bound per run. Only job states are written as text, and they are checked to be one."""
+    if value is None:
+        return "NULL"
+    if key == "state":
+        if value not in JOB_STATES:
+            raise ValueError(f"not a job state: {value!r}")
+        return f"'{value}'"
+    if key in _NOW_COLUMNS and value == now:
+        return ":now"
+    return f":v_{key}"
+
+
 def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> str:
     message = f"attempt ended: {outcome}; job is now {values['state']}"
     if values["state"] == "queued" and values.get("not_before"):
@@ -835,6 +945,12 @@ def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> 
     if error:
         message += f"\n{error}"
     return message
+
+
+@lru_cache(maxsize=64)
+def _json_list(items: tuple[str, ...]) -> str:
+    """A claim's trainer list as SQLite's one JSON parameter: the same few lists on every claim."""
+    return json.dumps(list(items))
 
 
 def _json(value: Any) -> Any:

@@ -90,6 +90,8 @@ class Agent:
         self.worker_id: str | None = None
         self.heartbeat_seconds = 5.0
         self.claim_filters: dict[str, Any] = {}  # extra claim filters (embedded mode: its grid_id)
+        self.capacity = 0.0  # GPUs this worker offers a claim
+        self.next_job: dict[str, Any] | None = None  # claimed with the last finish (embedded mode: _end)
         self.launcher = Launcher(self.trainers, warm=options.warm_starts)  # starts each job's child
         self.updater = updater  # worker/self_update.SelfUpdater: checked between jobs
         self.code_cache = code_cache  # worker/code_cache.CodeCache: worktrees for jobs with a pinned code_rev
@@ -125,7 +127,7 @@ class Agent:
         if self.update_report:  # re-exec'd on a new commit: say so on the new registration too
             self._report_update()
         self.sync.resume_pending()  # uploads an earlier agent here left when it was killed
-        capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
+        self.capacity = capacity = float(len(gpus)) if self.options.gpus is None else self.options.gpus
         log.info("worker %s registered (trainers: %s; gpus: %s)", self.worker_id, ", ".join(self.trainers), capacity)
         idle = 0.5
         while not self.stopping:
@@ -155,6 +157,7 @@ class Agent:
             else:
                 GangRunner(self, jobs).run()  # one child trains them all (worker/gang_run.py)
             self.jobs_done += len(jobs)
+        self._release_next_job()
         self.sync.close()
         self.client.close()
         if self.reexec_pending:
@@ -164,11 +167,12 @@ class Agent:
 
     def _claim(self, capacity: float) -> list[dict[str, Any]]:
         """One claim: a gang of up to K jobs when our trainers train gangs, else one job. [] when none."""
-        filters = dict(trainers=self.trainers, gpus=capacity, can_pin_code=self.options.can_pin_code,
-                       code_rev=self.code_rev, **self.claim_filters)
-        left = None if self.options.max_jobs is None else self.options.max_jobs - self.jobs_done
-        k = gang_size.claim_size(self.options.max_gang, self.server_gang_limit, left, self.device_fit)
-        if self.gangs and k > 1:
+        if self.next_job is not None:  # the last job's finish claimed it (embedded mode: _end)
+            job, self.next_job = self.next_job, None
+            return [job]
+        filters = self._claim_filters(capacity)
+        k = self._gang_size(self.jobs_done)
+        if k > 1:
             try:
                 return self.client.claim_gang(self.worker_id, k, **filters)
             except Refused as exc:  # a server that takes fewer (or no) gangs: one job at a time from now on
@@ -176,6 +180,40 @@ class Agent:
                 self.gangs = False
         job = self.client.claim(self.worker_id, **filters)
         return [] if job is None else [job]
+
+    def _claim_filters(self, capacity: float) -> dict[str, Any]:
+        return dict(trainers=self.trainers, gpus=capacity, can_pin_code=self.options.can_pin_code,
+                    code_rev=self.code_rev, **self.claim_filters)
+
+    def _gang_size(self, jobs_done: int) -> int:
+        """How many jobs the claim after `jobs_done` jobs asks for (1: a single claim)."""
+        if not self.gangs:
+            return 1
+        left = None if self.options.max_jobs is None else self.options.max_jobs - jobs_done
+        return gang_size.claim_size(self.options.max_gang, self.server_gang_limit, left, self.device_fit)
+
+    def _claim_with_finish(self) -> dict[str, Any] | None:
+        """The claim filters when the finish of the job now ending may claim the next one in the same call
+        (DirectClient.finish_and_claim: one transaction on SQLite): only where the loop would claim one job
+        right after it. None: the loop decides (API mode, stopping, the last of --max-jobs, too little time
+        left, a self-update to check, a gang next)."""
+        if not hasattr(self.client, "finish_and_claim") or self.stopping or self.updater is not None:
+            return None
+        done = self.jobs_done + 1  # the job now ending is counted when run_job returns
+        if self.options.max_jobs is not None and done >= self.options.max_jobs:
+            return None
+        if self._time_left() < self.options.min_job_time or self._gang_size(done) > 1:
+            return None
+        return self._claim_filters(self.capacity)
+
+    def _release_next_job(self) -> None:
+        """A job claimed with the last finish that the loop will not run (it stopped meanwhile) goes back to
+        the queue at once, as a stop during it would send it: preempted."""
+        job, self.next_job = self.next_job, None
+        if job is not None:
+            reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
+                                       outcome="preempted")
+            log.info("job %s released unstarted: preempted -> %s", job["id"], reply.get("state"))
 
     # ---- self-update (worker/self_update.py) ---------------------------------------------------
     def _registration(self) -> dict[str, Any]:
@@ -408,15 +446,24 @@ class Agent:
         if run.stale:  # a pointer of this attempt was refused meanwhile
             return
         try:
-            reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
-                                       outcome=outcome, result=run.result if outcome == "succeeded" else None,
-                                       error=error)
+            reply = self._end(job, outcome, run.result if outcome == "succeeded" else None, error)
         except Refused as exc:  # e.g. a result nested too deep: the attempt ends as an error that says why
             outcome = "error"
             reply = self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
                                        outcome=outcome, error=f"the trainer's result was refused: {exc}")
         log.info("job %s finished: %s -> %s%s", job["id"], outcome, reply.get("state"),
                  logs.job_summary(run.step, run.result if outcome == "succeeded" else None))
+
+    def _end(self, job: dict[str, Any], outcome: str, result: dict[str, Any] | None, error: str | None) -> dict:
+        """Finish the attempt; in embedded mode claim the next job with it (self.next_job) when the loop would."""
+        claim = self._claim_with_finish()
+        if claim is None:
+            return self.client.finish(self.worker_id, job_id=job["id"], attempt_id=job["attempt_id"],
+                                      outcome=outcome, result=result, error=error)
+        reply, self.next_job = self.client.finish_and_claim(self.worker_id, job_id=job["id"],
+                                                            attempt_id=job["attempt_id"], outcome=outcome,
+                                                            result=result, error=error, claim=claim)
+        return reply
 
     # ---- stopping ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:

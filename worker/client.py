@@ -237,16 +237,31 @@ class DirectClient:
         return self._reply(self.queue.add_events(job_id, attempt_id, events, worker_id=worker_id))
 
     def finish(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None) -> dict:
+        result, error = self._cleaned_end(worker_id, job_id, attempt_id, result, error)
+        reply = self.queue.finish(job_id, attempt_id, outcome, result=result, error=error, worker_id=worker_id)
+        if reply.ok and self.searches is not None:
+            self.searches.after_finish([job_id])
+        return self._reply(reply)
+
+    def finish_and_claim(self, worker_id: str, job_id: int, attempt_id: str, outcome: str, result=None, error=None,
+                         claim: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """finish, then claim with the filters in `claim`, in one transaction on SQLite (Queue.finish_and_claim):
+        the finish's reply and the next job or None (nothing claimable, or the finish was refused)."""
+        result, error = self._cleaned_end(worker_id, job_id, attempt_id, result, error)
+        reply, job = self.queue.finish_and_claim(job_id, attempt_id, outcome, result=result, error=error,
+                                                 worker_id=worker_id, **(claim or {}))
+        if reply.ok and self.searches is not None:  # a trial made now waits for a later claim (this one ran)
+            self.searches.after_finish([job_id])
+        return self._reply(reply), None if job is None else asdict(job)
+
+    def _cleaned_end(self, worker_id: str, job_id: int, attempt_id: str, result, error):
+        """A finish's result and error under the API's rules; what was repaired is said in an event."""
         if result is not None:
             result, repaired = _cleaned(result, "result")
             if repaired:
                 self.queue.add_events(job_id, attempt_id, [("input_cleaned", cleaned_note(repaired))],
                                       worker_id=worker_id)
-        error = None if error is None else clean_text(error)[0]
-        reply = self.queue.finish(job_id, attempt_id, outcome, result=result, error=error, worker_id=worker_id)
-        if reply.ok and self.searches is not None:
-            self.searches.after_finish([job_id])
-        return self._reply(reply)
+        return result, None if error is None else clean_text(error)[0]
 
     def record_code_rev(self, worker_id: str, job_id: int, attempt_id: str, sha: str) -> dict[str, Any]:
         return self._reply(self.queue.record_code_rev(job_id, attempt_id, sha, worker_id=worker_id))
