@@ -5,8 +5,8 @@ jobs/s per 10,000-job block, beside a bare reference loop on the same database, 
     .venv/bin/python bench/queue_sustained.py --backends postgres --jobs 30000 --workers 4
 
 Read `main` (per database: the bare loop, then gridfleet), `_gridfleet` and `_bare` (one worker process each).
-    gridfleet  Queue.finish_and_claim(succeeded) on noop jobs, one job per cycle, as the embedded agent
-               does (SQLite: finish and next claim in one transaction; Postgres: finish, then claim)
+    gridfleet  noop jobs, one job per cycle: SQLite Queue.finish_and_claim(succeeded) (the finish and the
+               next claim in one transaction, as the embedded agent does); Postgres Queue.claim, Queue.finish
     bare       Postgres: `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id`
                on a partial index of queued rows, then `UPDATE ... SET state = 'succeeded'`, autocommit,
                prepared (what a minimal queue does); SQLite: the same two statements without the lock,
@@ -68,7 +68,7 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, resul
     queue = Queue(engine)
     worker_id = queue.register_worker(name="bench", host="bench", trainers=["noop"])
     explains, done, cpu = {}, [], []
-    job = None
+    job, sqlite = None, is_sqlite(url)
     results.put("ready")
     go.wait()
     while len(done) < jobs:
@@ -76,12 +76,15 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, resul
             cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
         if len(done) in explain_at and not is_sqlite(url):
             explains[len(done)] = _claim_buffers(queue)
-        if job is None:  # the first claim (after a finish, finish_and_claim claimed the next one)
+        if job is None:  # the first claim; on SQLite each finish_and_claim claims the next job
             job = queue.claim(worker_id, trainers=["noop"])
             if job is None:
                 break
-        reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id,
-                                            trainers=["noop"])
+        if sqlite:
+            reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 0.0},
+                                                worker_id=worker_id, trainers=["noop"])
+        else:  # Postgres' finish_and_claim is finish then claim; this way the EXPLAINs find no job held
+            reply, job = queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id), None
         if not reply.ok:
             raise RuntimeError("finish refused")
         done.append(time.time())
