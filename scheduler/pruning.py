@@ -16,6 +16,11 @@ for each decision from our tables (no Optuna storage: the search helper's RDBSto
 - threshold: optuna.pruners.ThresholdPruner on the job's own values.
 A decision is written on the job (pruned_step, pruned_by) in the same transaction; a later beat of the same
 job is told again without deciding anew. A job resumed by hand (prune_exempt) is never pruned again.
+
+Exact rung stops: a claimed job carries `prune_steps` (`Pruner.judge_steps`, ASHA's rungs below
+max_resource). At the first report at or past one, the worker's child waits (bounded) for the verdict of a
+heartbeat the agent sends at once, so a pruned job stops at its rung instead of at the next regular beat.
+The median and threshold rules judge at every report past their warm-up: their jobs never wait.
 """
 from __future__ import annotations
 
@@ -115,6 +120,12 @@ class Pruner:
             self._next_rung.pop(job_id, None)
             raise
 
+    def judge_steps(self, grid_id: int) -> list[int]:
+        """The steps at which the grid's rule decides, for a claimed job's worker to wait for the verdict
+        there; [] for grids without a rule and for rules that judge every report (median, threshold)."""
+        rule = self._rule(grid_id)
+        return asha_rungs(rule) if rule is not None and rule.rule == "asha" else []
+
     def _grid(self, job_id: int) -> int | None:
         grid_id = self._grid_of.get(job_id)
         if grid_id is None:
@@ -174,6 +185,19 @@ def _study(rule: PruneSpec, pruner):
 # ---- asha ------------------------------------------------------------------------------------------------
 def rung_step(rule: PruneSpec, rung: int) -> int:
     return (rule.min_resource or rule.min_steps) * rule.reduction_factor ** (rule.min_early_stopping_rate + rung)
+
+
+MAX_RUNG_STEP = 1_000_000_000  # without max_resource: the rungs up to the largest step a spec may name
+
+
+def asha_rungs(rule: PruneSpec) -> list[int]:
+    """The steps of the rungs that decide: every rung below max_resource."""
+    cap = rule.max_resource if rule.max_resource is not None else MAX_RUNG_STEP + 1
+    steps, rung = [], 0
+    while rung_step(rule, rung) < cap:
+        steps.append(rung_step(rule, rung))
+        rung += 1
+    return steps
 
 
 def _last_rung_step(rule: PruneSpec) -> int:
