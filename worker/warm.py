@@ -134,10 +134,17 @@ class Launcher:
     def _start_cold(self, args: JobArgs, code_root: Path | None) -> Started:
         job, workdir, store_root, keep, stores = args
         receiver, sender = self._mp.Pipe(duplex=False)
+        if code_root is not None:  # a pinned commit may be older than verdicts: its runner takes an Event
+            stop = self._mp.Event()
+            child = self._mp.Process(target=runner.run_job, daemon=True,
+                                     args=(job, workdir, store_root, keep, sender, stop, os.getpid(), stores))
+            start_child(child, code_root)  # a pinned job's child imports the worktree's code
+            sender.close()
+            return Started(child, receiver, stop, warm=False)
         stop_read, stop_write = self._mp.Pipe(duplex=False)  # a pipe as a warm child's: it carries verdicts too
         child = self._mp.Process(target=_job_cold_main, daemon=True,
                                  args=(job, workdir, store_root, keep, sender, stop_read, os.getpid(), stores))
-        start_child(child, code_root)  # a pinned job's child imports the worktree's code
+        start_child(child, None)
         sender.close()
         stop_read.close()
         return Started(child, receiver, PipeStop(stop_write.fileno(), stop_write), warm=False)
@@ -484,15 +491,18 @@ def serve(conn: Connection, agent_pid: int, preload: list[str]) -> None:
 
 
 def _preload(names: list[str]) -> dict[str, Any]:
-    """Import the trainers (and so torch) and what torch imports on first use; run nothing. No tensor
-    operation runs here: torch's OpenMP pool would start threads, and a child forked after that hangs on
+    """Import the trainers (and so torch) and what torch imports on first use, and run their `prewarm()`
+    hooks (work every job would repeat, e.g. listing a corpus's files); nothing else. No tensor operation
+    runs here: torch's OpenMP pool would start threads, and a child forked after that hangs on
     its first parallel operation."""
     from worker import trainers
 
     failed: dict[str, str] = {}
     for name in names:
         try:
-            trainers.load(name)
+            prewarm = getattr(trainers.load(name), "prewarm", None)
+            if prewarm is not None:  # a trainer's own set-up every job would repeat (no tensor operation)
+                prewarm()
         except Exception as exc:  # noqa: BLE001 - a trainer that fails to import fails its own jobs, with its traceback
             failed[name] = f"{type(exc).__name__}: {exc}"
     for module in WARM_IMPORTS if "torch" in sys.modules else ():
