@@ -399,7 +399,7 @@ class Queue:
             id=row["id"], grid_id=row["grid_id"], attempt_id=attempt_id, worker_id=worker_id, trainer=row["trainer"],
             config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
             code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
-            lease_expires_at=lease, prune_steps=self.pruner.judge_steps(row["grid_id"]),
+            lease_expires_at=lease, prune_steps=self.pruner.judge_steps(row["grid_id"], row["id"]),
         )
 
     def _claim_sqlite(self, params: dict[str, Any], scan: bool):
