@@ -5,7 +5,8 @@ training in child processes), one after the other in this run, on the same machi
 The grid: seed 001's four gate flags (input, forget, output, state; new state and residual on) x `--layers`
 (seed 001's n_layers; default 1), 32 units, the seed's Adam lr 1e-3, batch `--batch`, a window longer than the run, `--steps` steps, the
 seed's moving-average loss reported every 10 steps; objective min:min_loss (the seed's). The ASHA run adds
-`prune: {rule: asha, metric: loss, min_steps, reduction_factor, max_resource: steps}`.
+`prune: {rule: asha, metric: loss, min_steps, reduction_factor, max_resource: steps}` (`--rule hyperband`:
+the same with Optuna's Hyperband brackets; the run is still labelled "asha" in the table).
 
 Printed: jobs succeeded/pruned, steps trained (the sum over jobs of the steps they reached), worker-seconds
 (the sum over attempts of their wall time: what a fleet pays for), the wall time, and the best config each
@@ -43,7 +44,7 @@ def grid(name: str, args, prune: bool) -> dict:
         "axes": {**{flag: [False, True] for flag in FLAGS}, "n_layers": args.layers},
     }
     if prune:
-        spec["prune"] = {"rule": "asha", "metric": "loss", "min_steps": args.min_steps,
+        spec["prune"] = {"rule": args.rule, "metric": "loss", "min_steps": args.min_steps,
                          "reduction_factor": args.eta, "max_resource": args.steps}
     return spec
 
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=100)
     parser.add_argument("--eta", type=int, default=3)
     parser.add_argument("--heartbeat", type=float, default=0.25)
+    parser.add_argument("--rule", choices=["asha", "hyperband"], default="asha",
+                        help="the pruned run's rule (hyperband: Optuna's brackets of ASHA; same min_steps, eta)")
     parser.add_argument("--gang", type=int, default=1,
                         help="gridfleet run --gang (default 1: jobs one at a time, so worker-seconds add up)")
     args = parser.parse_args()
@@ -109,7 +112,7 @@ def main() -> None:
     ranked = sorted((j for j in full["jobs"] if j["min_loss"] is not None), key=lambda j: j["min_loss"])
     rank = {j["key"]: i + 1 for i, j in enumerate(ranked)}
     print(f"{len(full['jobs'])} configs x {args.steps} steps, batch {args.batch}, {args.workers} workers, "
-          f"heartbeat {args.heartbeat} s; ASHA min_steps {args.min_steps}, eta {args.eta}")
+          f"heartbeat {args.heartbeat} s; {args.rule} min_steps {args.min_steps}, eta {args.eta}")
     print(f"{'run':<6} {'succeeded':>9} {'pruned':>6} {'steps':>7} {'worker-s':>9} {'wall s':>7}  best found (rank in full)")
     for name, out in (("full", full), ("asha", asha)):
         done = [j for j in out["jobs"] if j["state"] == "succeeded"]
