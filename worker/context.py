@@ -4,11 +4,11 @@ Trainers call report/progress/save_checkpoint freely; the agent batches metrics 
 from its own side thread, so nothing here touches the network or the database.
 
 Exact rung stops (docs/early_stopping.md): the claimed job names the steps its grid's prune rule decides at
-(`prune_steps`). The first report at or past one marks a verdict as due; the next `should_stop` asks the
-agent for it (the agent heartbeats at once) and waits for the answer, at most VERDICT_WAIT_SECONDS, before
-the trainer goes on; after one wait in vain it waits no more (a slow or unreachable scheduler costs a job
-one wait at most). The wait sits in should_stop, not in report, so that a gang's members all report the
-step first and one gang heartbeat answers them all.
+(`prune_steps`). The first report at or past one also asks the agent for the verdict (the agent heartbeats
+at once); the next `should_stop` waits for the answer, at most VERDICT_WAIT_SECONDS, before the trainer
+goes on; after one wait in vain it waits no more (a slow or unreachable scheduler costs a job one wait at
+most). The wait sits in should_stop, not in report, so that a gang's members all report (and ask) first
+and one gang heartbeat, rarely two, answers them all.
 """
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ class TrainerContext:
             while self._judge_steps and self._judge_steps[0] <= step:  # one verdict for every rung it passed
                 self._judge_steps.pop(0)
             self._due = int(step)
+            self._conn.send(("verdict?", self._due))
 
     def progress(self, done: float, total: float) -> None:
         self._conn.send(("progress", float(done), float(total)))
@@ -95,7 +96,6 @@ class TrainerContext:
         """True when the job must checkpoint and return: preempted, cancelled, pruned or out of time."""
         if self._due is not None:
             step, self._due = self._due, None
-            self._conn.send(("verdict?", step))
             if not self._stop_event.wait_verdict(step, VERDICT_WAIT_SECONDS):
                 self._judge_steps = []  # no answer in time: the scheduler is slow or away; no more waits
         return self._signalled or self._stop_event.is_set()

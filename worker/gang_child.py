@@ -48,9 +48,9 @@ class MemberStops:
         self._buffer = b""
         self._read_at = 0.0
 
-    def _poll(self, now_or_never: bool = False) -> None:
+    def _poll(self, at_once: bool = False) -> None:
         now = time.monotonic()
-        if self.everyone or (now - self._read_at < POLL_SECONDS and not now_or_never):
+        if self.everyone or (now - self._read_at < POLL_SECONDS and not at_once):
             return
         self._read_at = now
         while True:
@@ -84,7 +84,7 @@ class MemberStops:
         False when no answer came."""
         deadline = time.monotonic() + timeout
         while True:
-            self._poll(now_or_never=True)
+            self._poll(at_once=True)
             if self.stop(index) or self.go_on.get(index, 0) >= step:
                 return True
             left = deadline - time.monotonic()
