@@ -266,7 +266,8 @@ def claim_gang(queue: Queue, worker_id: str, max_jobs: int, trainers: Iterable[s
         ClaimedJob(id=row["id"], grid_id=row["grid_id"], attempt_id=row["attempt_id"], worker_id=worker_id,
                    trainer=row["trainer"], config=_json(row["config"]), seed=row["seed"],
                    resources=_json(row["resources"]), code_rev=row["code_rev"], store=row["store"],
-                   checkpoint=_json(row["checkpoint"]), attempt=row["attempts"], lease_expires_at=lease)
+                   checkpoint=_json(row["checkpoint"]), attempt=row["attempts"], lease_expires_at=lease,
+                   prune_steps=queue.pruner.judge_steps(row["grid_id"], row["id"]))
         for row in rows
     ]
 

@@ -12,13 +12,23 @@ for each decision from our tables (no Optuna storage: the search helper's RDBSto
   each rung are kept in `prune_rungs`, and the decisions of one grid are serialized (a Postgres advisory
   lock per grid; SQLite has one writer), so two heartbeats at the same rung never both read the rung
   without the other's value. The best value at a rung is always promoted.
+- hyperband: optuna.pruners.HyperbandPruner (Li et al. 2018) through the same rung study: several ASHA
+  brackets, each job in one of them, chosen from its job id (`JobBrackets`), each bracket deciding among its
+  own jobs only; bracket b's rung k is at min_resource * eta^(b + k).
 - median: optuna.pruners.MedianPruner against the succeeded jobs' values at the same step (our metrics).
 - threshold: optuna.pruners.ThresholdPruner on the job's own values.
 A decision is written on the job (pruned_step, pruned_by) in the same transaction; a later beat of the same
 job is told again without deciding anew. A job resumed by hand (prune_exempt) is never pruned again.
+
+Exact rung stops: a claimed job carries `prune_steps` (`Pruner.judge_steps`: its rungs below max_resource,
+ASHA's or its Hyperband bracket's). At the first report at or past one, the worker's child waits (bounded) for the verdict of a
+heartbeat the agent sends at once, so a pruned job stops at its rung instead of at the next regular beat.
+The median and threshold rules judge at every report past their warm-up: their jobs never wait.
 """
 from __future__ import annotations
 
+import binascii
+import functools
 import json
 import math
 import time
@@ -34,6 +44,7 @@ from scheduler.spec import PruneSpec
 RULE_CACHE_SECONDS = 5.0  # a re-posted grid's new rule applies within this long
 MAX_CACHED_JOBS = 100_000
 _LOCK_CLASS = 0x6766  # pg_advisory_xact_lock(class, grid_id): "gf", apart from anyone else's locks
+RUNG_RULES = ("asha", "hyperband")  # rules that decide at rungs, in the rung study
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class Pruner:
         if not beat or beat[-1].step < max(_earliest_step(rule), self._next_rung.get(job_id, 0)):
             return None
         now = time.time() if now is None else now
-        if rule.rule != "asha":  # pure functions of what is recorded: decide on a read, write only a prune
+        if rule.rule not in RUNG_RULES:  # pure functions of what is recorded: decide on a read, write only a prune
             with read_tx(self.engine) as conn:
                 found = _unless_decided(conn, job_id)
                 if found is None:
@@ -104,7 +115,7 @@ class Pruner:
                 if found is None:
                     found, recorded = _asha(conn, rule, grid_id, job_id, beat, now, rungs)
                     # Until the job reaches its next rung, its beats need no statement (a prune is told anew).
-                    self._next_rung[job_id] = 0 if found else rung_step(rule, recorded)
+                    self._next_rung[job_id] = 0 if found else rung_step(rule, recorded, rate_of(rule, job_id))
                     if len(self._next_rung) >= MAX_CACHED_JOBS:
                         self._next_rung.clear()
                 if isinstance(found, str) or found is None:
@@ -114,6 +125,12 @@ class Pruner:
             self._studies.pop(grid_id, None)  # it may hold what was rolled back: rebuild it next time
             self._next_rung.pop(job_id, None)
             raise
+
+    def judge_steps(self, grid_id: int, job_id: int) -> list[int]:
+        """The steps at which the grid's rule decides about the job, for its worker to wait for the verdict
+        there; [] for grids without a rule and for rules that judge every report (median, threshold)."""
+        rule = self._rule(grid_id)
+        return rungs_below_max(rule, rate_of(rule, job_id)) if rule is not None and rule.rule in RUNG_RULES else []
 
     def _grid(self, job_id: int) -> int | None:
         grid_id = self._grid_of.get(job_id)
@@ -159,7 +176,7 @@ def _record(conn: Connection, job_id: int, step: int, reason: str, now: float) -
 
 
 def _earliest_step(rule: PruneSpec) -> int:
-    if rule.rule == "asha":
+    if rule.rule in RUNG_RULES:  # hyperband: bracket 0's first rung
         return rule.first_rung
     return rule.min_steps if rule.n_warmup_steps is None else max(rule.n_warmup_steps, 1)
 
@@ -171,17 +188,87 @@ def _study(rule: PruneSpec, pruner):
     return optuna.create_study(direction="minimize" if rule.mode == "min" else "maximize", pruner=pruner)
 
 
-# ---- asha ------------------------------------------------------------------------------------------------
-def rung_step(rule: PruneSpec, rung: int) -> int:
-    return (rule.min_resource or rule.min_steps) * rule.reduction_factor ** (rule.min_early_stopping_rate + rung)
+# ---- asha and hyperband ------------------------------------------------------------------------------
+def rung_step(rule: PruneSpec, rung: int, rate: int) -> int:
+    """Rung `rung`'s step for a job whose early-stopping rate is `rate` (`rate_of`)."""
+    return (rule.min_resource or rule.min_steps) * rule.reduction_factor ** (rate + rung)
 
 
-def _last_rung_step(rule: PruneSpec) -> int:
-    """The step of the last rung below max_resource (validation keeps the first rung below it)."""
-    rung = 0
-    while rung_step(rule, rung + 1) < rule.max_resource:
+MAX_RUNG_STEP = 1_000_000_000  # without max_resource: the rungs up to the largest step a spec may name
+
+
+def rungs_below_max(rule: PruneSpec, rate: int) -> list[int]:
+    """The steps of the rungs that decide: every rung below max_resource."""
+    cap = rule.max_resource if rule.max_resource is not None else MAX_RUNG_STEP + 1
+    steps, rung = [], 0
+    while rung_step(rule, rung, rate) < cap:
+        steps.append(rung_step(rule, rung, rate))
         rung += 1
-    return rung_step(rule, rung)
+    return steps
+
+
+def _last_rung_step(rule: PruneSpec, rate: int) -> int:
+    """The step of the last rung below max_resource (the caller checked that the first is below it)."""
+    rung = 0
+    while rung_step(rule, rung + 1, rate) < rule.max_resource:
+        rung += 1
+    return rung_step(rule, rung, rate)
+
+
+def rate_of(rule: PruneSpec, job_id: int) -> int:
+    """The job's early-stopping rate: the spec's for asha; its bracket's for hyperband (bracket b is
+    Optuna's SuccessiveHalvingPruner with min_early_stopping_rate b)."""
+    if rule.rule != "hyperband":
+        return rule.min_early_stopping_rate
+    return _rung_pruner(rule).bracket(job_id)
+
+
+def _rung_pruner(rule: PruneSpec):
+    import optuna
+
+    if rule.rule == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=rule.min_resource or rule.min_steps, reduction_factor=rule.reduction_factor,
+            min_early_stopping_rate=rule.min_early_stopping_rate, bootstrap_count=rule.bootstrap_count)
+    return _hyperband(rule.min_resource or rule.min_steps, rule.max_resource, rule.reduction_factor,
+                      rule.bootstrap_count)
+
+
+@functools.lru_cache(maxsize=64)
+def _hyperband(min_resource: int, max_resource: int, reduction_factor: int, bootstrap_count: int):
+    """One JobBrackets per setting, set up here (its brackets are asked for outside any study: judge_steps)."""
+    pruner = _job_brackets()(min_resource=min_resource, max_resource=max_resource,
+                             reduction_factor=reduction_factor, bootstrap_count=bootstrap_count)
+    pruner._try_initialization(None)  # an int max_resource reads nothing of the study
+    return pruner
+
+
+_JOB_BRACKETS = None
+
+
+def _job_brackets():
+    """Optuna's HyperbandPruner, a trial's bracket chosen from its job id (the trial's `job_id` system
+    attribute) instead of its trial number: a rung study's trial numbers follow the order in which one API
+    process met the jobs, which another process (or a rebuilt study) need not share. The brackets' sizes
+    and everything else are Optuna's (its allocation budgets; the hash is crc32, as its own)."""
+    global _JOB_BRACKETS
+    if _JOB_BRACKETS is None:
+        import optuna
+
+        class JobBrackets(optuna.pruners.HyperbandPruner):
+            def bracket(self, job_id: int) -> int:
+                n = binascii.crc32(f"job_{job_id}".encode()) % self._total_trial_allocation_budget
+                for bracket_id, budget in enumerate(self._trial_allocation_budgets):
+                    n -= budget
+                    if n < 0:
+                        return bracket_id
+                raise AssertionError("the budgets add up to their total")
+
+            def _get_bracket_id(self, study, trial) -> int:
+                return self.bracket(trial.system_attrs["job_id"])
+
+        _JOB_BRACKETS = JobBrackets
+    return _JOB_BRACKETS
 
 
 class RungStudy:
@@ -205,6 +292,7 @@ class RungStudy:
         trial_id = self.trial_of.get(job_id)
         if trial_id is None:
             trial_id = self.trial_of[job_id] = self.study.ask()._trial_id
+            self.study._storage.set_trial_system_attr(trial_id, "job_id", job_id)  # hyperband's bracket
         return trial_id
 
     def catch_up(self, conn: Connection, grid_id: int) -> None:
@@ -220,33 +308,32 @@ class RungStudy:
         attrs = self.study._storage.get_trial(self.trial(job_id)).system_attrs
         return {int(k.rsplit("_", 1)[1]): v for k, v in attrs.items() if k.startswith("completed_rung_")}
 
-    def competing(self, rung: int) -> int:
+    def competing(self, rung: int, rule: PruneSpec, rate: int) -> int:
+        """How many jobs of the rate's bracket (all, for asha) have a value at the rung."""
         key = f"completed_rung_{rung}"
-        return sum(1 for trial in self.study.get_trials(deepcopy=False) if key in trial.system_attrs)
+        return sum(1 for trial in self.study.get_trials(deepcopy=False) if key in trial.system_attrs
+                   and (rule.rule != "hyperband" or rate_of(rule, trial.system_attrs["job_id"]) == rate))
 
 
 def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: list[Point], now: float,
           rungs: RungStudy) -> tuple[tuple[int, str] | None, int]:
     """(step, reason) when the job is pruned, else None; and how many rungs the job has recorded now."""
-    import optuna
-
     rungs.catch_up(conn, grid_id)
     own = rungs.rungs_of(job_id)
     next_rung = len(own)  # rungs are recorded in order, from 0
+    rate = rate_of(rule, job_id)
     if any(r not in own for r in range(next_rung)):
         return None, next_rung  # cannot happen (recorded in order); be safe rather than decide on a gap
-    if rule.max_resource is not None and rung_step(rule, next_rung) >= rule.max_resource:
+    if rule.max_resource is not None and rung_step(rule, next_rung, rate) >= rule.max_resource:
         return None, next_rung  # rungs at or past the last step decide nothing (Optuna has no cap)
-    pending = [p for p in beat if p.step >= rung_step(rule, next_rung)]
+    pending = [p for p in beat if p.step >= rung_step(rule, next_rung, rate)]
     if not pending:
         return None, next_rung
-    pruner = optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=rule.min_resource or rule.min_steps, reduction_factor=rule.reduction_factor,
-        min_early_stopping_rate=rule.min_early_stopping_rate, bootstrap_count=rule.bootstrap_count)
+    pruner = _rung_pruner(rule)
     point = pending[0]  # the first value at or after the rung's step is the job's value there
     # Optuna goes on up the rungs a step passes; it has no cap: a step past the last rung before max_resource
     # is given to it as that rung's step, so it never decides at or past max_resource.
-    step = point.step if rule.max_resource is None else min(point.step, _last_rung_step(rule))
+    step = point.step if rule.max_resource is None else min(point.step, _last_rung_step(rule, rate))
     trial_id = rungs.trial(job_id)
     storage = rungs.study._storage
     storage.set_trial_intermediate_value(trial_id, step, point.value)
@@ -259,9 +346,10 @@ def _asha(conn: Connection, rule: PruneSpec, grid_id: int, job_id: int, beat: li
     if not pruned:
         return None, next_rung + len(new)
     rung = new[-1] if new else next_rung
-    return (point.step, f"asha: {rule.metric} {point.value:.6g} at step {point.step} is not in the best "
-                        f"1/{rule.reduction_factor} of the {rungs.competing(rung)} values recorded at rung {rung} "
-                        f"(step {rung_step(rule, rung)})"), next_rung + len(new)
+    where = f" of bracket {rate}" if rule.rule == "hyperband" else ""
+    return (point.step, f"{rule.rule}: {rule.metric} {point.value:.6g} at step {point.step} is not in the best "
+                        f"1/{rule.reduction_factor} of the {rungs.competing(rung, rule, rate)} values recorded at "
+                        f"rung {rung}{where} (step {rung_step(rule, rung, rate)})"), next_rung + len(new)
 
 
 # ---- median and threshold: pure functions of what is recorded ------------------------------------------

@@ -206,6 +206,7 @@ class ClaimedJob:
     checkpoint: dict[str, Any] | None
     attempt: int  # 1 for the first attempt
     lease_expires_at: float
+    prune_steps: list[int] = field(default_factory=list)  # where its worker waits for a verdict (pruning.py)
 
 
 @dataclass
@@ -422,7 +423,7 @@ class Queue:
             id=row["id"], grid_id=row["grid_id"], attempt_id=params["aid"], worker_id=params["wid"],
             trainer=row["trainer"], config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
             code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
-            lease_expires_at=params["lease"],
+            lease_expires_at=params["lease"], prune_steps=self.pruner.judge_steps(row["grid_id"], row["id"]),
         )
 
     def _claim_sqlite(self, params: dict[str, Any], scan: bool):

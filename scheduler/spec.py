@@ -273,11 +273,12 @@ class PruneSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rule: Literal["asha", "median", "threshold"]
+    rule: Literal["asha", "hyperband", "median", "threshold"]
     metric: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_./-]{1,200}$")
     mode: Literal["min", "max"] | None = None
     min_steps: int = Field(default=1, ge=1, le=1_000_000_000)
-    # asha (Optuna's SuccessiveHalvingPruner): rung k is at min_resource * reduction_factor ** (k + rate)
+    # asha (Optuna's SuccessiveHalvingPruner): rung k is at min_resource * reduction_factor ** (k + rate);
+    # hyperband (Optuna's HyperbandPruner): ASHA brackets b = 0, 1, ... (rate b), max_resource required
     reduction_factor: int = Field(default=3, ge=2, le=100)
     min_resource: int | None = Field(default=None, ge=1, le=1_000_000_000)
     max_resource: int | None = Field(default=None, ge=1, le=1_000_000_000)
@@ -303,7 +304,12 @@ class PruneSpec(BaseModel):
             for name in ("lower", "upper"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: for the threshold rule only (rule is {self.rule})")
-        if self.rule == "asha" and self.max_resource is not None and self.max_resource < self.first_rung:
+        if self.rule == "hyperband":
+            if self.max_resource is None:
+                raise ValueError("max_resource: the hyperband rule needs it (it sets the brackets)")
+            if self.min_early_stopping_rate:
+                raise ValueError("min_early_stopping_rate: the hyperband rule sets it per bracket")
+        if self.rule in ("asha", "hyperband") and self.max_resource is not None and self.max_resource < self.first_rung:
             raise ValueError(f"max_resource: {self.max_resource} is below the first rung ({self.first_rung})")
         return self
 

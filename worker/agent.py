@@ -273,7 +273,7 @@ class Agent:
         started = self.launcher.start((job, str(workdir), str(self.options.home / "checkpoints"),
                                        self.options.keep_checkpoints, self.options.stores), code_root)
         child, receiver, stop_event = started.child, started.receiver, started.stop
-        heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run,), daemon=True)
+        heartbeats = threading.Thread(target=self._heartbeat_loop, args=(run, stop_event), daemon=True)
         heartbeats.start()
         kill_at: float | None = None
         while True:
@@ -297,9 +297,9 @@ class Agent:
             if self._time_left() < self.options.grace_seconds:
                 run.request_stop("preempted")
         child.join()
-        started.close()
-        run.done.set()
+        run.end()
         heartbeats.join()
+        started.close()  # after the heartbeat thread: it writes verdicts on the stop pipe
         self._finish(run, child.exitcode, workdir)
         self.current = None
 
@@ -340,6 +340,8 @@ class Agent:
                 run.events.append({"kind": message[1], "message": message[2]})
         elif kind == "checkpoint":
             self.sync.checkpoint_saved(run.job, message[1])  # never waits: a refusal comes via _pointer_refused
+        elif kind == "verdict?":  # the child waits at a rung step: heartbeat now (docs/early_stopping.md)
+            run.ask_verdict(message[1])
         elif kind == "stopped":  # the child was signalled and stopped early: not a success
             run.request_stop(message[1])
         elif kind == "result":
@@ -355,9 +357,18 @@ class Agent:
         else:  # an upload that landed after its attempt ended, and not the one that succeeded
             log.info("job %s: checkpoint of attempt %s not recorded: %s", job_id, attempt_id, reason)
 
-    def _heartbeat_loop(self, run: JobRun) -> None:
-        while not run.done.wait(self.heartbeat_seconds):
+    def _heartbeat_loop(self, run: JobRun, stop) -> None:
+        """A beat every heartbeat_seconds, and one at once when the child waits for a verdict at a rung step:
+        its answer (stop, or go on: also when the beat failed) goes back on the stop pipe."""
+        while True:
+            run.wake.wait(self.heartbeat_seconds)
+            run.wake.clear()
+            if run.done.is_set():
+                return
+            due = run.take_verdict_due()
             self._send_heartbeat(run)
+            if due is not None and hasattr(stop, "answer"):  # a pinned commit's cold child has an Event
+                stop.answer(due, stop=run.must_stop())
 
     def _send_heartbeat(self, run: JobRun) -> bool:
         """One try. False when the server could not be reached (the data stays buffered for the next try)."""

@@ -2,6 +2,13 @@
 
 Trainers call report/progress/save_checkpoint freely; the agent batches metrics into heartbeats sent
 from its own side thread, so nothing here touches the network or the database.
+
+Exact rung stops (docs/early_stopping.md): the claimed job names the steps its grid's prune rule decides at
+(`prune_steps`). The first report at or past one also asks the agent for the verdict (the agent heartbeats
+at once); the next `should_stop` waits for the answer, at most VERDICT_WAIT_SECONDS, before the trainer
+goes on; after one wait in vain it waits no more (a slow or unreachable scheduler costs a job one wait at
+most). The wait sits in should_stop, not in report, so that a gang's members all report (and ask) first
+and one gang heartbeat, rarely two, answers them all.
 """
 from __future__ import annotations
 
@@ -12,6 +19,11 @@ from typing import Any
 
 from common.checkpoints import LocalStore, StoreOptions
 from common.stores import load_checkpoint
+
+
+# How long a child waits for a verdict at a rung step: a heartbeat's round trip and one decision, with room
+# for a loaded server. When it passes (the server is slow or away) the job goes on, as without the wait.
+VERDICT_WAIT_SECONDS = 3.0
 
 
 def _plain(value: Any) -> Any:
@@ -39,6 +51,10 @@ class TrainerContext:
         self._signalled = False  # set by the child's SIGTERM handler
         self._last_step = 0
         self._device: str | None = None
+        # Verdicts come on the stop pipe (worker/warm.py's ChildStop); a plain Event carries none: no waits.
+        judged = sorted(job.get("prune_steps") or []) if hasattr(stop_event, "wait_verdict") else []
+        self._judge_steps = judged
+        self._due: int | None = None  # a reported step whose verdict the next should_stop waits for
 
     @property
     def device(self) -> str:
@@ -51,6 +67,11 @@ class TrainerContext:
     def report(self, step: int, **metrics: Any) -> None:
         self._last_step = int(step)
         self._conn.send(("report", int(step), {k: _plain(v) for k, v in metrics.items()}, time.time()))
+        if self._judge_steps and self._judge_steps[0] <= step:
+            while self._judge_steps and self._judge_steps[0] <= step:  # one verdict for every rung it passed
+                self._judge_steps.pop(0)
+            self._due = int(step)
+            self._conn.send(("verdict?", self._due))
 
     def progress(self, done: float, total: float) -> None:
         self._conn.send(("progress", float(done), float(total)))
@@ -72,5 +93,9 @@ class TrainerContext:
         return None if not pointer else load_checkpoint(pointer, self._store.root, self._stores)
 
     def should_stop(self) -> bool:
-        """True when the job must checkpoint and return: preempted, cancelled or out of time."""
+        """True when the job must checkpoint and return: preempted, cancelled, pruned or out of time."""
+        if self._due is not None:
+            step, self._due = self._due, None
+            if not self._stop_event.wait_verdict(step, VERDICT_WAIT_SECONDS):
+                self._judge_steps = []  # no answer in time: the scheduler is slow or away; no more waits
         return self._signalled or self._stop_event.is_set()

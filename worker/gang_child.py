@@ -13,11 +13,13 @@ bytes) for its cache, ("fit", fit, asked) for its next claims.
 
 The agent steers members through the stop pipe: a line "s<index>" asks that member to checkpoint and stop
 (`ctx.should_stop()` turns true for it only), "d<index>" drops it (its attempt is not ours any more: stop,
-write no checkpoint). End of file (the agent died) or SIGTERM stops every member.
+write no checkpoint), "c<index>:<step>" answers its wait for a verdict at a rung step: go on
+(docs/early_stopping.md). End of file (the agent died) or SIGTERM stops every member.
 """
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -42,12 +44,13 @@ class MemberStops:
         self.stopped: set[int] = set()
         self.dropped: set[int] = set()
         self.everyone = False  # SIGTERM, or the agent is gone
+        self.go_on: dict[int, int] = {}  # member -> the highest step the agent said to go on at
         self._buffer = b""
         self._read_at = 0.0
 
-    def _poll(self) -> None:
+    def _poll(self, at_once: bool = False) -> None:
         now = time.monotonic()
-        if self.everyone or now - self._read_at < POLL_SECONDS:
+        if self.everyone or (now - self._read_at < POLL_SECONDS and not at_once):
             return
         self._read_at = now
         while True:
@@ -63,6 +66,10 @@ class MemberStops:
             for line in lines:
                 if line[:1] in (b"s", b"d") and line[1:].isdigit():
                     (self.stopped if line[:1] == b"s" else self.dropped).add(int(line[1:]))
+                elif line[:1] == b"c":
+                    index, _, step = line[1:].partition(b":")
+                    if index.isdigit() and step.isdigit():
+                        self.go_on[int(index)] = max(self.go_on.get(int(index), 0), int(step))
 
     def stop(self, index: int) -> bool:
         self._poll()
@@ -71,6 +78,32 @@ class MemberStops:
     def dropped_now(self, index: int) -> bool:
         self._poll()
         return index in self.dropped
+
+    def wait_verdict(self, index: int, step: int, timeout: float) -> bool:
+        """Until the agent answers for this member at `step` (go on, or a stop), at most `timeout` seconds.
+        False when no answer came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._poll(at_once=True)
+            if self.stop(index) or self.go_on.get(index, 0) >= step:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._fd], [], [], left)
+
+
+class _MemberStop:
+    """One member's view of the stop pipe, as a solo child's ChildStop: `is_set` and `wait_verdict`."""
+
+    def __init__(self, stops: MemberStops, index: int):
+        self._stops, self._index = stops, index
+
+    def is_set(self) -> bool:
+        return self._stops.stop(self._index)
+
+    def wait_verdict(self, step: int, timeout: float) -> bool:
+        return self._stops.wait_verdict(self._index, step, timeout)
 
 
 class _Tagged:
@@ -89,7 +122,7 @@ class MemberContext(TrainerContext):
 
     def __init__(self, index: int, job: dict[str, Any], conn, stops: MemberStops, store: LocalStore,
                  workdir: Path, stores: StoreOptions):
-        super().__init__(job, _Tagged(conn, index, self), None, store, workdir, stores)
+        super().__init__(job, _Tagged(conn, index, self), _MemberStop(stops, index), store, workdir, stores)
         self.index = index
         self.left = False
         self._stops = stops
@@ -98,9 +131,6 @@ class MemberContext(TrainerContext):
     @property
     def dropped(self) -> bool:
         return self._stops.dropped_now(self.index)
-
-    def should_stop(self) -> bool:
-        return self._signalled or self._stops.stop(self.index)
 
     def save_checkpoint(self, state: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         if self.dropped:  # another attempt owns this job now: its checkpoints are not ours to write

@@ -66,6 +66,7 @@ class GangRun:
     members: list[Member]
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # the members' own: beat now
     unreachable_since: float | None = None
     outage_logged_at: float = 0.0
 
@@ -84,7 +85,9 @@ class GangRunner:
     def __init__(self, agent, jobs: list[dict[str, Any]]):
         self.agent = agent
         self.options = agent.options
-        self.gang = GangRun([Member(job=job) for job in jobs])
+        wake = threading.Event()  # one for the gang: a member's verdict request wakes its heartbeat thread
+        self.gang = GangRun([Member(job=job, wake=wake) for job in jobs], wake=wake)
+        self.stop = None  # the child's GangStop, once started: the heartbeat thread writes verdicts on it
         self.gang_dir = self.options.home / "work" / f"gang-{jobs[0]['id']}"
         # Members that leave early are finished here, one batch at a time, so the loop keeps reading the
         # child (and the others keep training) while a finish waits for the server.
@@ -126,6 +129,7 @@ class GangRunner:
                                              str(self.options.home / "checkpoints"), self.options.keep_checkpoints,
                                              self.options.stores), code_root)
         child, receiver, stop = started.child, started.receiver, started.stop
+        self.stop = stop
         beats = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beats.start()
         kill_at: float | None = None
@@ -153,10 +157,11 @@ class GangRunner:
             if agent._time_left() < self.options.grace_seconds:
                 self.gang.request_stop("preempted")
         child.join()
-        started.close()
         self.finisher.shutdown(wait=True)  # the early ones first: their finishes may still wait on the server
         self.gang.done.set()
+        self.gang.wake.set()
         beats.join()
+        started.close()  # after the heartbeat thread: it writes verdicts on the stop pipe
         self._finish([m for m in members if not m.ended], child.exitcode)
         agent.current = None
 
@@ -218,11 +223,21 @@ class GangRunner:
 
     # ---- heartbeats ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        while not self.gang.done.wait(self.agent.heartbeat_seconds):
+        """As a solo job's: a beat every heartbeat_seconds, and one at once when members wait for verdicts at
+        a rung step (members that reached it together asked before the first of them waits: one beat)."""
+        while True:
+            self.gang.wake.wait(self.agent.heartbeat_seconds)
+            self.gang.wake.clear()
+            if self.gang.done.is_set():
+                return
             with self.gang.send_lock:
-                running = [m for m in self.gang.members if not m.ended]
+                running = [(i, m) for i, m in enumerate(self.gang.members) if not m.ended]
+                due = [(i, m, m.take_verdict_due()) for i, m in running]
                 if running:
-                    self._beat(running)
+                    self._beat([m for _, m in running])
+                for i, m, step in due:
+                    if step is not None:
+                        self.stop.answer_member(i, step, stop=m.must_stop())
 
     def _beat(self, members: list) -> bool:
         """One heartbeat_gang for `members` (the caller holds send_lock). False when the server is away."""

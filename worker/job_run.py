@@ -28,10 +28,33 @@ class JobRun:
     unreachable_since: float | None = None  # time.monotonic() of the first heartbeat that did not arrive
     outage_logged_at: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
+    # Set to heartbeat now: the child waits for a verdict at a rung step (a gang's members share one).
+    wake: threading.Event = field(default_factory=threading.Event)
+    verdict_due: int | None = None  # that step, until a heartbeat took it
 
     def request_stop(self, reason: str) -> None:
         with self.lock:
             self.stop_reason = self.stop_reason or reason
+
+    def ask_verdict(self, step: int) -> None:
+        with self.lock:
+            self.verdict_due = step
+        self.wake.set()
+
+    def take_verdict_due(self) -> int | None:
+        """The step a verdict is due at, once: the heartbeat about to go carries its metric."""
+        with self.lock:
+            step, self.verdict_due = self.verdict_due, None
+        return step
+
+    def must_stop(self) -> bool:
+        """The verdict after a heartbeat: stop (pruned, cancelled, preempted, or not ours any more)."""
+        return bool(self.stop_reason or self.stale)
+
+    def end(self) -> None:
+        """The child has exited: the heartbeat thread ends without another beat."""
+        self.done.set()
+        self.wake.set()
 
     def find(self, job_id: int, attempt_id: str) -> "JobRun | None":
         """This run when it is that attempt (a gang answers for its members)."""

@@ -133,13 +133,21 @@ class Launcher:
     # ---- inside --------------------------------------------------------------------------------
     def _start_cold(self, args: JobArgs, code_root: Path | None) -> Started:
         job, workdir, store_root, keep, stores = args
-        stop = self._mp.Event()
         receiver, sender = self._mp.Pipe(duplex=False)
-        child = self._mp.Process(target=runner.run_job, daemon=True,
-                                 args=(job, workdir, store_root, keep, sender, stop, os.getpid(), stores))
-        start_child(child, code_root)  # a pinned job's child imports the worktree's code
+        if code_root is not None:  # a pinned commit may be older than verdicts: its runner takes an Event
+            stop = self._mp.Event()
+            child = self._mp.Process(target=runner.run_job, daemon=True,
+                                     args=(job, workdir, store_root, keep, sender, stop, os.getpid(), stores))
+            start_child(child, code_root)  # a pinned job's child imports the worktree's code
+            sender.close()
+            return Started(child, receiver, stop, warm=False)
+        stop_read, stop_write = self._mp.Pipe(duplex=False)  # a pipe as a warm child's: it carries verdicts too
+        child = self._mp.Process(target=_job_cold_main, daemon=True,
+                                 args=(job, workdir, store_root, keep, sender, stop_read, os.getpid(), stores))
+        start_child(child, None)
         sender.close()
-        return Started(child, receiver, stop, warm=False)
+        stop_read.close()
+        return Started(child, receiver, PipeStop(stop_write.fileno(), stop_write), warm=False)
 
     def _start_gang_cold(self, args: GangArgs, code_root: Path | None) -> Started:
         jobs, workdirs, gang_dir, store_root, keep, stores = args
@@ -324,25 +332,38 @@ class WarmChild:
 
 
 class PipeStop:
-    """The agent's end of a job's stop pipe (a multiprocessing.Event cannot be sent to a running process)."""
+    """The agent's end of a job's stop pipe (a multiprocessing.Event cannot be sent to a running process):
+    b"s" asks the child to stop; b"c<step>\n" answers its wait at a rung step: go on (docs/early_stopping.md)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, owner: Any = None):
         self._fd = fd
+        self._owner = owner  # a Connection whose descriptor this is (cold start): closing it closes fd
         self._set = False
 
     def set(self) -> None:
         if not self._set:
             self._set = True
-            try:
-                os.write(self._fd, b"s")
-            except BrokenPipeError:  # the child is gone already
-                pass
+            self._write(b"s")
 
     def is_set(self) -> bool:
         return self._set
 
+    def answer(self, step: int, stop: bool) -> None:
+        """The verdict the child waits for at `step` (from the heartbeat thread): stop now, or go on. A stop
+        leaves `is_set` alone: the agent's loop still sets it, and starts the grace period then."""
+        self._write(b"s" if stop else b"c%d\n" % step)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self._fd, data)  # a few bytes: never blocks on a pipe the child reads
+        except BrokenPipeError:  # the child is gone already
+            pass
+
     def close(self) -> None:
-        os.close(self._fd)
+        if self._owner is not None:
+            self._owner.close()
+        else:
+            os.close(self._fd)
 
 
 class GangStop:
@@ -355,6 +376,10 @@ class GangStop:
 
     def stop_member(self, index: int) -> None:
         self._say(b"s%d\n" % index)
+
+    def answer_member(self, index: int, step: int, stop: bool) -> None:
+        """A member's verdict at a rung step (PipeStop.answer): "s<index>" stops it, "c<index>:<step>" goes on."""
+        self._say(b"s%d\n" % index if stop else b"c%d:%d\n" % (index, step))
 
     def drop_member(self, index: int) -> None:
         self._say(b"d%d\n" % index)
@@ -375,16 +400,38 @@ class GangStop:
 
 
 class ChildStop:
-    """The job child's end: set once the agent writes, or once the agent is gone (end of file)."""
+    """The job child's end: set once the agent writes b"s", or once the agent is gone (end of file); the
+    lines b"c<step>" are verdicts to go on (`wait_verdict`)."""
 
     def __init__(self, fd: int):
         self._fd = fd
         self._set = False
+        self._go_on = 0  # the highest step the agent said to go on at
 
     def is_set(self) -> bool:
-        if not self._set:
-            self._set = _readable(self._fd, 0)
+        if not self._set and _readable(self._fd, 0):
+            self._read()
         return self._set
+
+    def wait_verdict(self, step: int, timeout: float) -> bool:
+        """Until the agent answers for `step` (go on, or stop: `is_set`), at most `timeout` seconds. False
+        when no answer came."""
+        deadline = time.monotonic() + timeout
+        while not self._set and self._go_on < step:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _readable(self._fd, left):
+                return False
+            self._read()
+        return True
+
+    def _read(self) -> None:
+        data = os.read(self._fd, 4096)  # readable: returns at once
+        if not data or b"s" in data:  # end of file (the agent is gone) or a stop
+            self._set = True
+            return
+        for line in data.split(b"\n"):  # the agent writes whole lines, each at once (under PIPE_BUF)
+            if line[:1] == b"c" and line[1:].isdigit():
+                self._go_on = max(self._go_on, int(line[1:]))
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
@@ -444,15 +491,18 @@ def serve(conn: Connection, agent_pid: int, preload: list[str]) -> None:
 
 
 def _preload(names: list[str]) -> dict[str, Any]:
-    """Import the trainers (and so torch) and what torch imports on first use; run nothing. No tensor
-    operation runs here: torch's OpenMP pool would start threads, and a child forked after that hangs on
+    """Import the trainers (and so torch) and what torch imports on first use, and run their `prewarm()`
+    hooks (work every job would repeat, e.g. listing a corpus's files); nothing else. No tensor operation
+    runs here: torch's OpenMP pool would start threads, and a child forked after that hangs on
     its first parallel operation."""
     from worker import trainers
 
     failed: dict[str, str] = {}
     for name in names:
         try:
-            trainers.load(name)
+            prewarm = getattr(trainers.load(name), "prewarm", None)
+            if prewarm is not None:  # a trainer's own set-up every job would repeat (no tensor operation)
+                prewarm()
         except Exception as exc:  # noqa: BLE001 - a trainer that fails to import fails its own jobs, with its traceback
             failed[name] = f"{type(exc).__name__}: {exc}"
     for module in WARM_IMPORTS if "torch" in sys.modules else ():
@@ -492,6 +542,11 @@ def _gang_main(control: Connection, args: GangArgs, sender_fd: int, stop_fd: int
     jobs, workdirs, gang_dir, store_root, keep, stores = args
     gang_child.run_gang(jobs, workdirs, gang_dir, store_root, keep, Connection(sender_fd, readable=False), stop_fd,
                         parent_pid, stores)
+
+
+def _job_cold_main(job, workdir, store_root, keep, sender, stop_read, parent_pid, stores) -> None:
+    """A job child spawned cold: the stop pipe arrived as a Connection; it is read as a warm child's is."""
+    runner.run_job(job, workdir, store_root, keep, sender, ChildStop(stop_read.fileno()), parent_pid, stores)
 
 
 def _gang_cold_main(jobs, workdirs, gang_dir, store_root, keep, sender, stop_read, parent_pid, stores) -> None:

@@ -224,7 +224,8 @@ def test_threshold_rule_and_grids_without_rules(queue):
 
 
 @pytest.mark.parametrize("prune, field, words", [
-    ({"rule": "hyperband"}, "grid.prune.rule", "asha"),
+    ({"rule": "bohb"}, "grid.prune.rule", "hyperband"),  # not a rule: the message lists the rules
+    ({"rule": "hyperband"}, "grid.prune", "max_resource: the hyperband rule needs it"),
     ({"rule": "asha", "reduction_factor": 1}, "grid.prune.reduction_factor", "greater than or equal to 2"),
     ({"rule": "threshold", "metric": "loss"}, "grid.prune", "lower/upper"),
     ({"rule": "asha", "metric": "loss", "upper": 3}, "grid.prune", "upper: for the threshold rule only"),
