@@ -7,7 +7,8 @@ The hot path (claim, heartbeat, finish, the expiry scan) runs on the Queue's own
 without SQLAlchemy's per-statement CPU (bench/README.md): on Postgres each of claim, heartbeat and the common
 finishes is one statement (data-modifying CTEs) in autocommit mode, prepared by psycopg; on SQLite each is
 one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared, and `finish_and_claim` (the
-embedded agent's cycle) puts a finish and the next claim in one (docs/queue.md).
+embedded agent's cycle) puts a finish and the next claim in one (docs/queue.md): one transaction on SQLite,
+one statement on Postgres for the terminal outcomes.
 A claim starts its index scan at this Queue's claim floor (docs/queue.md): the entries that claims leave
 behind in ix_jobs_claim until a VACUUM are never read again, so a claim costs the same after 100,000 jobs.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
@@ -123,26 +124,39 @@ _SQLITE_ACTIVE_GRID = "EXISTS (SELECT 1 FROM grids WHERE grids.id = jobs.grid_id
 _SQLITE_PICK = _CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
 assert _ACTIVE_GRID_IN in _SQLITE_PICK, "the claim's grid filter changed: update _SQLITE_ACTIVE_GRID with it"
 _SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_SQLITE_PICK.replace(_ACTIVE_GRID_IN, _SQLITE_ACTIVE_GRID))
+# Postgres: the claim's data-modifying CTEs (`:name` text): claim the job, start its attempt. _PG_CLAIM and
+# the one-statement finish_and_claim (Queue._pg_finish_claim) add the worker row to them.
+_PG_CLAIMED = _CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in="trainer = ANY(:trainers)",
+                                                           lock=" FOR UPDATE SKIP LOCKED", indexed_by=""))
+_PG_CLAIM_CTES = """
+    claimed AS ({claimed}),
+    new_attempt AS (
+        INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
+        SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
+    )"""
+_CLAIM_COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
 # Postgres: one statement, one round trip: claim the job, start its attempt, mark the worker busy (or idle
 # when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
 _PG_CLAIM = _pyformat(
     f"""
-    WITH claimed AS ({_CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in="trainer = ANY(:trainers)",
-                                                                   lock=" FOR UPDATE SKIP LOCKED",
-                                                                   indexed_by=""))}),
-    new_attempt AS (
-        INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
-        SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
-    ),
+    WITH {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED)},
     worker AS (
         UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
             current_job_id = (SELECT id FROM claimed)
         WHERE id = :wid
     )
-    SELECT id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
+    SELECT {_CLAIM_COLUMNS}
     FROM claimed
     """
 )
+# finish_and_claim's claim: only when the finish's fence held (its `job` CTE returned the row: a one-time
+# filter, so a refused finish locks and scans nothing), and never the job being finished. Only terminal
+# outcomes take that path, so the job is `running` in the statement's snapshot and the pick could not see
+# it anyway; the id test keeps the one statement from ever updating that row twice.
+_QUEUED = "WHERE state = 'queued' AND"
+assert _PG_CLAIMED.count(_QUEUED) == 1, "the claim's pick changed: update _PG_CLAIMED_AFTER_FINISH with it"
+_PG_CLAIMED_AFTER_FINISH = _PG_CLAIMED.replace(
+    _QUEUED, "WHERE state = 'queued' AND EXISTS (SELECT 1 FROM job) AND id <> :b_job_id AND")
 
 # Raw statements of the SQLite hot path and of the expiry scan (both databases; `:name` parameters, turned
 # into psycopg's by Queue._sql). Each is a fixed string: sqlite3 and psycopg keep it prepared.
@@ -640,16 +654,15 @@ class Queue:
 
         SQLite: both in one BEGIN IMMEDIATE transaction, so a cycle commits once and writes the worker row
         once (busy with the next job, or idle). A refused (stale) finish claims nothing and changes nothing;
-        a lost attempt is regained first, as `finish` does. Postgres: `finish` then `claim`, as before.
+        a lost attempt is regained first, as `finish` does. Postgres: one statement (one round trip, one
+        commit) for a terminal outcome (succeeded, cancelled, pruned) when no expiry scan is due
+        (_finish_and_claim_postgres); else `finish` then `claim`, as before.
         """
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got '{outcome}'")
-        if not self._sqlite:
-            reply = self.finish(job_id, attempt_id, outcome, result, error, now, worker_id=worker_id)
-            if not reply.ok:
-                return reply, None
-            return reply, self.claim(worker_id, trainers, gpus, can_pin_code, code_rev, grid_id, now)
         request = self._claim_request(worker_id, trainers, gpus, can_pin_code, code_rev, grid_id, now)
+        if not self._sqlite:
+            return self._finish_and_claim_postgres(job_id, attempt_id, outcome, result, error, request)
         now = request.params["now"]
 
         def once() -> tuple[Reply, Any]:
@@ -666,6 +679,29 @@ class Queue:
         if not reply.ok and self.regain(job_id, attempt_id, now, worker_id=worker_id):
             reply, row = once()
         return reply, self._claimed(request, row)
+
+    def _finish_and_claim_postgres(self, job_id: int, attempt_id: str, outcome: str, result: dict[str, Any] | None,
+                                   error: str | None, request: SimpleNamespace) -> tuple[Reply, ClaimedJob | None]:
+        """One statement (_pg_finish_claim) for the finishes that are one statement themselves (_ROW_FREE_OUTCOMES)
+        when no expiry scan is due; otherwise, and after it refused, `finish` (which regains a lost attempt)
+        then `claim`. When it finds nothing from the claim floor, the claim runs again from every job after
+        the expiry scan, as `claim` does, in a statement of its own."""
+        worker_id, now = request.params["wid"], request.params["now"]
+        if outcome in _ROW_FREE_OUTCOMES and not request.scan:
+            values = self._next_state(None, outcome, result, error, now)
+            params = request.params
+            params["from_rank"], params["from_id"] = self.claim_floor(request.filters, False)
+            row = self._pg_finish_claim(job_id, attempt_id, worker_id, outcome, values, error, now, params)
+            if row is not None:
+                reply = Reply(ok=True, state=values["state"])
+                if row["id"] is None:
+                    params["from_rank"], params["from_id"] = self.claim_floor(request.filters, True)
+                    row = self._claim_postgres(params, True)
+                return reply, self._claimed(request, row)
+        reply = self.finish(job_id, attempt_id, outcome, result, error, now, worker_id=worker_id)
+        if not reply.ok:
+            return reply, None
+        return reply, self._claimed(request, self._claim_from_floor(request, self._claim_postgres))
 
     def _finish(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, result: dict[str, Any] | None,
                 error: str | None, now: float) -> Reply:
@@ -744,15 +780,54 @@ class Queue:
         on the new row version. The outcome, the new state, NULLs and values equal to `now` are written into
         the statement (one per shape, a few in all), so a run binds 5 or 6 parameters instead of 13: psycopg
         dumps each one, and the server binds each one."""
+        return self._pg_finish_statement(("finish",), outcome, values, error, now, job_id, attempt_id, worker_id,
+                                         lambda ctes: f"""
+                WITH {ctes},
+                worker AS (
+                    UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
+                    FROM job WHERE workers.id = :b_worker_id
+                )
+                SELECT 1 FROM job
+                """)
+
+    def _pg_finish_claim(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
+                         error: str | None, now: float, claim: dict[str, Any]):
+        """finish_and_claim on Postgres as one statement (one round trip, one commit), run: `_finish_postgres`'s
+        fenced finish and `_PG_CLAIM`'s claim from `claim["from_rank"], claim["from_id"]` (`claim`: the
+        request's parameters; no expiry scan). The worker row is written once: busy with the claimed job, idle
+        when nothing was claimed, untouched when the fence refused. Returns None when the fence refused (then
+        nothing changed, nothing was claimed), else the claimed job's row or a row whose `id` is None.
+
+        The claim runs only when the fence held (its pick reads the fenced UPDATE's RETURNING row) and never
+        picks the job being finished (_PG_CLAIMED_AFTER_FINISH)."""
+        statement, params = self._pg_finish_statement(
+            ("finish_and_claim",), outcome, values, error, now, job_id, attempt_id, worker_id, lambda ctes: f"""
+                WITH {ctes},
+                {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED_AFTER_FINISH)},
+                worker AS (
+                    UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
+                        current_job_id = (SELECT id FROM claimed)
+                    FROM job WHERE workers.id = :b_worker_id
+                )
+                SELECT {", ".join(f"claimed.{column}" for column in _CLAIM_COLUMNS.split(", "))}
+                FROM job LEFT JOIN claimed ON true
+                """)
+        with self._autocommit.connection() as conn:
+            return conn.execute(statement, {**claim, **params}).fetchone()
+
+    def _pg_finish_statement(self, kind: tuple, outcome: str, values: dict[str, Any], error: str | None, now: float,
+                             job_id: int, attempt_id: str, worker_id: str,
+                             around: Callable[[str], str]) -> tuple[str, dict[str, Any]]:
+        """A Postgres statement holding the finish's CTEs (`job`: the fenced UPDATE, RETURNING id; `ended`;
+        `event`) wrapped by `around`, made once per `kind` and shape, and the finish's parameters."""
         sets = tuple((key, _finish_value(key, value, now)) for key, value in values.items())
-        shape = ("postgres", outcome, error is None, sets)
+        shape = ("postgres", *kind, outcome, error is None, sets)
         statement = self._finish_writes.get(shape)
         if statement is None:
             assignments = ", ".join(f"{key} = {sql}" for key, sql in sets)
             ended_error = "NULL" if error is None else ":error"
-            statement = _pyformat(
-                f"""
-                WITH job AS (
+            statement = self._finish_writes[shape] = _pyformat(around(
+                f"""job AS (
                     UPDATE jobs SET {assignments}
                     WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id
                       AND state = 'running'
@@ -765,15 +840,8 @@ class Queue:
                 event AS (
                     INSERT INTO events (job_id, attempt_id, "time", kind, message)
                     SELECT id, :b_attempt_id, :now, '{outcome}', :message FROM job
-                ),
-                worker AS (
-                    UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
-                    FROM job WHERE workers.id = :b_worker_id
-                )
-                SELECT 1 FROM job
-                """
-            )
-            self._finish_writes[shape] = statement
+                )"""
+            ))
         params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "now": now,
                   "message": _finish_message(outcome, values, error)}
         if error is not None:

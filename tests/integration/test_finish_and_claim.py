@@ -1,17 +1,26 @@
 """Queue.finish_and_claim (every test runs on SQLite and on Postgres): the finish is exactly `finish`'s, a
 stale attempt's call claims nothing and changes nothing, the next job is claimed once; and the embedded
-agent's loop (DirectClient) cycles through it. Time moves through `now=`, never by sleeping.
+agent's loop (DirectClient) cycles through it. Time moves through `now=` (or a frozen clock), never by sleeping.
+
+A call with `now=` scans for expired leases, and on Postgres a call that scans runs `finish` then `claim`;
+the tests marked "one statement" call without `now` on a Queue whose scan is not due, so on Postgres the
+terminal outcomes (succeeded, cancelled, pruned) take the one-statement path (Queue._pg_finish_claim).
 """
 from __future__ import annotations
 
 import threading
 import time
+import traceback
+from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import select
 
 from common import schema as t
+from common.db import make_engine
 from scheduler.grids import cancel_job, submit_grid
+from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
 from scheduler.spec import GridSpec
 from worker.agent import Agent, AgentOptions
@@ -46,6 +55,48 @@ def worker(engine, worker_id: str) -> dict:
 @pytest.fixture
 def t0():
     return time.time()
+
+
+@pytest.fixture
+def unscanned(engine, policy):
+    """A Queue whose expiry scan is due only on its first call (and with `now=`): calls without `now`
+    after that take finish_and_claim's one-statement path on Postgres."""
+    queue = Queue(engine, policy, expiry_scan_seconds=3600.0)
+    yield queue
+    queue.close()
+
+
+class _Counted:
+    """A psycopg connection that counts the statements run on it."""
+
+    def __init__(self, conn, counts: list[str]):
+        self._conn, self._counts = conn, counts
+
+    def execute(self, statement, *args, **kwargs):
+        self._counts.append(statement)
+        return self._conn.execute(statement, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def count_statements(queue: Queue, monkeypatch) -> list[str]:
+    """The statements `queue` runs on its raw Postgres connections from now on (SQLite: none are counted)."""
+    counts: list[str] = []
+    if queue._autocommit is None:
+        return counts
+    connection = queue._autocommit.connection
+
+    @contextmanager
+    def counted():
+        with connection() as conn:
+            yield _Counted(conn, counts)
+    monkeypatch.setattr(queue._autocommit, "connection", counted)
+    return counts
+
+
+def one_statement_path(engine) -> bool:
+    return engine.dialect.name == "postgresql"
 
 
 def test_each_call_ends_the_attempt_and_claims_the_next_job_once(engine, queue, t0):
@@ -209,3 +260,202 @@ def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(
         assert [job and job.id for job in claimed] == [*ids, None]
     finally:
         engine.dispose()
+
+
+# ---- the one-statement path (Postgres; the same calls on SQLite run its one transaction) --------------
+def test_one_statement_cycles_claim_each_job_once_and_write_the_worker_once(engine, unscanned, monkeypatch):
+    _, ids = grid(engine, "g", 3)
+    queue = unscanned
+    wid = queue.register_worker(name="w", host="h", trainers=["noop"])
+    job = queue.claim(wid, trainers=["noop"])  # the scan, once
+    statements = count_statements(queue, monkeypatch)
+    monkeypatch.setattr(queue, "finish", None)  # the one statement must not fall back to finish then claim
+    seen, per_call = [], []
+    while job is not None:
+        seen.append(job.id)
+        before = len(statements)
+        reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 1.0}, worker_id=wid,
+                                            trainers=["noop"])
+        per_call.append(len(statements) - before)
+        assert reply.ok and reply.state == "succeeded"
+        expected = ("busy", job.id) if job is not None else ("idle", None)
+        assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == expected
+    assert seen == ids
+    if one_statement_path(engine):  # the last call found nothing from the floor: the scan, then a claim
+        assert per_call[:2] == [1, 1] and per_call[2] > 1, per_call
+    state = snapshot(engine)
+    assert [(j["state"], j["attempts"], j["result"], j["attempt_id"], j["worker_id"]) for j in state["jobs"]] == \
+        [("succeeded", 1, {"loss": 1.0}, None, None)] * 3
+    assert sorted((a["job_id"], a["outcome"], a["worker_id"]) for a in state["attempts"]) == \
+        [(i, "succeeded", wid) for i in ids]
+    assert all(a["ended_at"] is not None for a in state["attempts"])
+    assert [(e["job_id"], e["kind"]) for e in state["events"]] == [(i, "succeeded") for i in ids]
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "cancelled", "pruned"])
+def test_one_statement_never_claims_the_job_it_finishes(engine, unscanned, monkeypatch, outcome):
+    """The only job of the queue, finished in the one statement: nothing to claim (the finished job is
+    terminal, so finish then claim would not claim it either), the job ends as `finish` ends it, one attempt,
+    the worker idle."""
+    _, (only,) = grid(engine, "g", 1)
+    queue = unscanned
+    wid = queue.register_worker(name="w", host="h", trainers=["noop"])
+    job = queue.claim(wid)
+    reply, nxt = queue.finish_and_claim(job.id, job.attempt_id, outcome, {"loss": 1.0}, worker_id=wid)
+    assert (reply.ok, reply.state, nxt) == (True, outcome, None)
+    state = snapshot(engine)
+    assert [(j["id"], j["state"], j["attempts"], j["attempt_id"]) for j in state["jobs"]] == [(only, outcome, 1, None)]
+    assert [(a["job_id"], a["outcome"]) for a in state["attempts"]] == [(only, outcome)]
+    assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == ("idle", None)
+
+
+def test_one_statement_refused_claims_nothing_and_changes_nothing(engine, unscanned, t0, monkeypatch):
+    _, ids = grid(engine, "g", 2)
+    queue = unscanned
+    old = queue.register_worker(name="old", host="h", trainers=["noop"])
+    new = queue.register_worker(name="new", host="h", trainers=["noop"])
+    first = queue.claim(old, now=t0)
+    again = queue.claim(new, now=t0 + LEASE + 1)  # the lease expired: requeued as lost, claimed again
+    assert again.id == first.id and again.attempt_id != first.attempt_id
+    before = snapshot(engine)
+    statements = count_statements(queue, monkeypatch)
+    for attempt_id, worker_id in ((first.attempt_id, old), (again.attempt_id, old), ("no-such-attempt", new)):
+        reply, job = queue.finish_and_claim(again.id, attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id)
+        assert (reply.ok, reply.stop, job) == (False, True, None)
+    assert snapshot(engine) == before  # ids[1] still queued; no attempt, event or worker write
+    if one_statement_path(engine):
+        assert any("LEFT JOIN claimed" in s for s in statements), "the one statement did not run"
+    reply, job = queue.finish_and_claim(again.id, again.attempt_id, "succeeded", {"loss": 0.0}, worker_id=new)
+    assert reply.ok and job.id == ids[1]
+    assert (worker(engine, new)["state"], worker(engine, new)["current_job_id"]) == ("busy", ids[1])
+    assert worker(engine, old) == next(w for w in before["workers"] if w["id"] == old)
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "error", "preempted", "cancelled", "pruned", "cancel_requested"])
+def test_one_statement_finish_is_exactly_finishs(engine, unscanned, monkeypatch, t0, outcome):
+    """test_the_finish_is_exactly_finishs without `now=` (a frozen clock instead), so that the terminal
+    outcomes take the one statement on Postgres: the same job row, attempt and event as `finish`."""
+    grids = {name: grid(engine, name, 2) for name in ("a", "b")}
+    queue = unscanned
+    wid = queue.register_worker(name="w", host="h", trainers=["noop"])
+    jobs = {name: queue.claim(wid, grid_id=grid_id, now=t0) for name, (grid_id, _) in grids.items()}
+    if outcome == "cancel_requested":
+        for job in jobs.values():
+            cancel_job(engine, job.id)
+    end = "error" if outcome == "cancel_requested" else outcome
+    monkeypatch.setattr(time, "time", lambda: t0 + 1)
+    statements = count_statements(queue, monkeypatch)
+    ends = {"a": (queue.finish(jobs["a"].id, jobs["a"].attempt_id, end, {"loss": 2.0}, "boom", worker_id=wid), None),
+            "b": queue.finish_and_claim(jobs["b"].id, jobs["b"].attempt_id, end, {"loss": 2.0}, "boom",
+                                        worker_id=wid, grid_id=grids["b"][0])}
+    monkeypatch.undo()
+    if one_statement_path(engine):
+        assert any("LEFT JOIN claimed" in s for s in statements) == (end in ("succeeded", "cancelled", "pruned"))
+    assert ends["a"][0] == ends["b"][0]
+    state = snapshot(engine)
+    ignored = {"id", "grid_id", "key", "config", "created_at", "started_at", "attempt_id", "worker_id",
+               "lease_expires_at", "attempts"}
+
+    def ended(name):
+        job_row = next(j for j in state["jobs"] if j["id"] == jobs[name].id)
+        attempt = next(a for a in state["attempts"] if a["id"] == jobs[name].attempt_id)
+        events = [(e["kind"], e["message"]) for e in state["events"] if e["job_id"] == jobs[name].id]
+        return ({k: v for k, v in job_row.items() if k not in ignored},
+                {k: attempt[k] for k in ("outcome", "ended_at", "error")}, events)
+
+    a, b = ended("a"), ended("b")
+    assert a[1] == b[1] and a[2] == b[2]
+    if outcome == "preempted":  # requeued at once, so b's call claimed it again; a's stays queued
+        assert (a[0].pop("state"), b[0].pop("state")) == ("queued", "running")
+    assert a[0] == b[0]
+    nxt, (b_first, b_second) = ends["b"][1], grids["b"][1]
+    assert (nxt.id, nxt.attempt) == ((b_first, 2) if outcome == "preempted" else (b_second, 1))
+    assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == ("busy", nxt.id)
+
+
+def test_one_statement_falls_back_to_the_scan_when_the_floor_finds_nothing(engine, unscanned, monkeypatch):
+    """A job of higher priority added behind the claim floor: the one statement claims from the floor while
+    jobs are left there; when it finds nothing, the claim scans from the first job, as `claim` does."""
+    _, ids = grid(engine, "low", 2)
+    queue = unscanned
+    wid = queue.register_worker(name="w", host="h", trainers=["noop"])
+    first = queue.claim(wid)
+    spec = GridSpec.model_validate({"name": "high", "trainer": "noop", "priority": 5, "axes": {"value": [1.0]}})
+    high = submit_grid(engine, spec, validate_config).grid_id
+    reply, second = queue.finish_and_claim(first.id, first.attempt_id, "succeeded", {"loss": 0.0}, worker_id=wid)
+    assert reply.ok and second.id == ids[1]  # from the floor
+    reply, third = queue.finish_and_claim(second.id, second.attempt_id, "succeeded", {"loss": 0.0}, worker_id=wid)
+    assert reply.ok and third is not None and third.grid_id == high
+    assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == ("busy", third.id)
+    reply, none = queue.finish_and_claim(third.id, third.attempt_id, "succeeded", {"loss": 0.0}, worker_id=wid)
+    assert reply.ok and none is None
+    assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == ("idle", None)
+
+
+# ---- a race of processes, each cycling through finish_and_claim -------------------------------------------
+RACERS = 6
+RACE_JOBS = 240
+
+
+def _cycling_worker(db_url: str, name: str, barrier, results) -> None:
+    """Register, claim once (the expiry scan), then finish_and_claim until nothing is left: on Postgres each
+    call is the one statement (the last one's fallback claim scans). Reports every claim and finish."""
+    from test_claim_race import LONG_LEASE, START_TIMEOUT
+    claims: list[tuple[int, str]] = []
+    finishes: list[tuple[int, bool, str | None]] = []
+    fast: list[int] = []  # calls that ran the one statement (Postgres)
+    try:
+        engine = make_engine(db_url)
+        q = Queue(engine, RetryPolicy(lease_seconds=LONG_LEASE), expiry_scan_seconds=3600.0)
+        q.register_worker(name=name, host="h", trainers=["noop"], worker_id=name)
+        one_statement = q._pg_finish_claim
+
+        def counted(*args, **kwargs):
+            fast.append(1)
+            return one_statement(*args, **kwargs)
+        q._pg_finish_claim = counted
+        barrier.wait(timeout=START_TIMEOUT)
+        job = q.claim(name, trainers=["noop"])
+        while job is not None:
+            claims.append((job.id, job.attempt_id))
+            reply, nxt = q.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=name,
+                                            trainers=["noop"])
+            finishes.append((job.id, reply.ok, reply.state))
+            job = nxt
+        q.close()
+        engine.dispose()
+        results.put({"name": name, "claims": claims, "finishes": finishes, "fast": len(fast), "error": None})
+    except BaseException:  # noqa: BLE001 - report everything to the test process
+        results.put({"name": name, "claims": claims, "finishes": finishes, "fast": len(fast),
+                     "error": traceback.format_exc()})
+
+
+def test_processes_racing_through_finish_and_claim_claim_each_job_exactly_once(db_url, engine):
+    from test_claim_race import RUN_TIMEOUT, SPAWN, START_TIMEOUT, _get, _stop
+
+    _, ids = grid(engine, "race", RACE_JOBS)
+    barrier, results = SPAWN.Barrier(RACERS + 1), SPAWN.Queue()
+    processes = [SPAWN.Process(target=_cycling_worker, args=(db_url, f"w{i}", barrier, results), daemon=True)
+                 for i in range(RACERS)]
+    try:
+        for p in processes:
+            p.start()
+        barrier.wait(timeout=START_TIMEOUT)
+        reports = [_get(results, RUN_TIMEOUT) for _ in processes]
+    finally:
+        _stop(processes)
+    errors = [f"{r['name']}:\n{r['error']}" for r in reports if r["error"]]
+    assert not errors, "worker processes failed:\n" + "\n".join(errors)
+    claims = [(job_id, attempt_id, r["name"]) for r in reports for job_id, attempt_id in r["claims"]]
+    per_job = Counter(job_id for job_id, _, _ in claims)
+    assert sorted(per_job) == ids and set(per_job.values()) == {1}, {j: n for j, n in per_job.items() if n > 1}
+    assert all(ok and state == "succeeded" for r in reports for _, ok, state in r["finishes"])
+    assert len({name for _, _, name in claims}) >= 2, "no race: one process claimed everything"
+    if one_statement_path(engine):
+        assert [r["fast"] for r in reports] == [len(r["finishes"]) for r in reports]
+    state = snapshot(engine)
+    assert {(j["state"], j["attempts"], j["attempt_id"]) for j in state["jobs"]} == {("succeeded", 1, None)}
+    stored = {(a["job_id"], a["id"], a["worker_id"], a["outcome"]) for a in state["attempts"]}
+    assert stored == {(job_id, attempt_id, name, "succeeded") for job_id, attempt_id, name in claims}
+    assert Counter(e["job_id"] for e in state["events"] if e["kind"] == "succeeded") == Counter(ids)
+    assert {(w["state"], w["current_job_id"]) for w in state["workers"]} == {("idle", None)}
