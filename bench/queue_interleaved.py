@@ -4,7 +4,9 @@
 
 Three processes (the bare loop of bench/queue_sustained.py, gridfleet at `--base` extracted with git archive,
 gridfleet of this working tree), each on a fresh database of its own, run `--cycles` claim+finish cycles in
-turns, the order reversed every turn, so the machine's load moves all three alike. Printed per turn: CPU us
+turns, the order reversed every turn, so the machine's load moves all three alike. A gridfleet side whose
+Queue has `finish_and_claim` cycles through it (each finish claims the next job, as the embedded agent does);
+an older one runs claim then finish. Printed per turn: CPU us
 per cycle of each process and its Postgres backends (/proc, local server), and the medians: bare/gridfleet
 by CPU per job and by jobs/s, and this tree / base. A change worth a few percent shows here when runs
 minutes apart differ by 2x (bench/README.md).
@@ -100,10 +102,20 @@ def _gridfleet_side(url: str, jobs: int, migrate, make_engine, close: list):
     queue = Queue(engine)
     worker_id = queue.register_worker(name="bench", host="bench", trainers=["noop"])
 
-    def cycle():
-        job = queue.claim(worker_id, trainers=["noop"])
-        if not queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id).ok:
-            raise RuntimeError("finish refused")
+    if not hasattr(queue, "finish_and_claim"):  # a base before it: claim, then finish
+        def cycle():
+            job = queue.claim(worker_id, trainers=["noop"])
+            if not queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id).ok:
+                raise RuntimeError("finish refused")
+    else:  # the embedded agent's cycle: each finish claims the next job
+        held = [queue.claim(worker_id, trainers=["noop"])]
+
+        def cycle():
+            job = held[0]
+            reply, held[0] = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 0.0},
+                                                    worker_id=worker_id, trainers=["noop"])
+            if not reply.ok or held[0] is None:
+                raise RuntimeError("finish refused" if not reply.ok else "no job left to claim")
     for _ in range(50):  # psycopg prepares after 5 runs
         cycle()
     return cycle, [c.info.backend_pid for c in queue._autocommit._open]
