@@ -152,3 +152,19 @@ def private_pg_url(pg_cluster):
     if not pg_cluster.running():
         pg_cluster.start()
     return pg_cluster.create_database(f"gf_p_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def start_agent():
+    """start_agent(client, home, trainers, ...) -> tests.agents.Running: a real Agent in a thread; each one
+    started is stopped at teardown."""
+    from tests.agents import Running
+    started: list[Running] = []
+
+    def start(*args, **kwargs) -> Running:
+        started.append(Running(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -21,7 +20,7 @@ from scheduler.grids import submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
 from scheduler.spec import GridSpec
-from worker.agent import Agent, AgentOptions
+from worker.agent import Agent
 from worker.client import DirectClient, ServerUnavailable
 from worker.trainers import curve, fuse_key, validate_config
 
@@ -46,35 +45,6 @@ def _grid(engine, name: str, xs: list[float], rule: str = "asha", **config) -> l
     with engine.connect() as conn:
         return list(conn.execute(select(t.jobs.c.id).where(t.jobs.c.grid_id == grid_id).order_by(t.jobs.c.id))
                     .scalars())
-
-
-class Running:
-    """An Agent in a thread (its job children are real processes), stopped at teardown."""
-
-    def __init__(self, client, home: Path, max_gang: int = 1, warm: bool = True):
-        options = AgentOptions(name=home.name, home=home, trainers=["curve"], max_gang=max_gang, warm_starts=warm,
-                               grace_seconds=20.0, idle_sleep_max=0.2)
-        self.agent = Agent(client, options)
-        self.thread = threading.Thread(target=self.agent.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.agent.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the agent did not stop"
-
-
-@pytest.fixture
-def start_agent():
-    started: list[Running] = []
-
-    def start(*args, **kwargs) -> Running:
-        started.append(Running(*args, **kwargs))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _wait_ended(engine, ids: list[int]) -> dict[int, dict]:
@@ -125,7 +95,7 @@ def test_cold_started_jobs_pruned_by_asha_stop_at_their_rung_step(db_url, engine
 
 def _solo_jobs_stop_at_their_rung_step(engine, fast_queue, tmp_path, start_agent, warm: bool) -> None:
     ids = _grid(engine, "exact", XS)
-    start_agent(DirectClient(fast_queue, heartbeat_seconds=HEARTBEAT_SECONDS), tmp_path / "w1", warm=warm)
+    start_agent(DirectClient(fast_queue, heartbeat_seconds=HEARTBEAT_SECONDS), tmp_path / "w1", ["curve"], warm=warm)
     _assert_stopped_at_rungs(engine, _wait_ended(engine, ids))
 
 
@@ -133,14 +103,14 @@ def _solo_jobs_stop_at_their_rung_step(engine, fast_queue, tmp_path, start_agent
 def test_solo_jobs_pruned_by_hyperband_stop_at_their_bracket_rung_step(db_url, engine, fast_queue, tmp_path,
                                                                         start_agent):
     ids = _grid(engine, "exact-hb", XS + [round(x + 0.05, 6) for x in XS], rule="hyperband")
-    start_agent(DirectClient(fast_queue, heartbeat_seconds=HEARTBEAT_SECONDS), tmp_path / "w1")
+    start_agent(DirectClient(fast_queue, heartbeat_seconds=HEARTBEAT_SECONDS), tmp_path / "w1", ["curve"])
     _assert_stopped_at_rungs(engine, _wait_ended(engine, ids), rule="hyperband")
 
 
 def test_gang_members_pruned_by_asha_stop_at_their_rung_step(db_url, engine, fast_queue, tmp_path, start_agent):
     ids = _grid(engine, "exact-gang", XS[:6], fuse_group="g")
     start_agent(DirectClient(fast_queue, heartbeat_seconds=HEARTBEAT_SECONDS, max_gang_jobs=64), tmp_path / "w1",
-                max_gang=6)
+                ["curve"], max_gang=6)
     jobs = _wait_ended(engine, ids)
     _assert_stopped_at_rungs(engine, jobs)
     assert [p.name for p in (tmp_path / "w1" / "work").glob("gang-*")] == [f"gang-{ids[0]}"]  # one gang
@@ -178,7 +148,7 @@ def test_a_verdict_that_never_comes_leaves_the_job_training_to_its_end(db_url, e
                                                                        start_agent, hang):
     ids = _grid(engine, "no-verdict", [0.3])
     client = AwayAtRungs(fast_queue, hang)
-    running = start_agent(client, tmp_path / "w1")
+    running = start_agent(client, tmp_path / "w1", ["curve"])
     client.agent = running.agent
     jobs = _wait_ended(engine, ids)
     job = jobs[ids[0]]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from scheduler.grids import cancel_job, submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
 from scheduler.spec import GridSpec
-from worker.agent import Agent, AgentOptions
 from worker.client import DirectClient
 from worker.trainers import fuse_key, validate_config
 
@@ -44,37 +42,8 @@ def _grid(engine, name: str, trainer: str, configs: list[dict], **fields) -> tup
     return grid_id, ids
 
 
-class Running:
-    """An Agent in a thread of this process (its job children are real processes)."""
-
-    def __init__(self, queue, home: Path, trainers: list[str], max_gang: int, warm: bool = True,
-                 grid_id: int | None = None):
-        options = AgentOptions(name=home.name, home=home, trainers=trainers, max_gang=max_gang, warm_starts=warm,
-                               grace_seconds=20.0, idle_sleep_max=0.2)
-        self.agent = Agent(DirectClient(queue, heartbeat_seconds=0.2, max_gang_jobs=64), options)
-        if grid_id is not None:
-            self.agent.claim_filters = {"grid_id": grid_id}
-        self.thread = threading.Thread(target=self.agent.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.agent.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the agent did not stop"
-
-
-@pytest.fixture
-def start_agent():
-    """Start Running agents; each is stopped at teardown, also when the test failed."""
-    started: list[Running] = []
-
-    def start(*args, **kwargs) -> Running:
-        started.append(Running(*args, **kwargs))
-        return started[-1]
-
-    yield start
-    for running in started:
-        running.stop()
+def _client(queue) -> DirectClient:
+    return DirectClient(queue, heartbeat_seconds=0.2, max_gang_jobs=64)
 
 
 def _jobs(engine, ids: list[int]) -> dict[int, dict]:
@@ -123,7 +92,7 @@ def test_a_gated_rnn_gang_trains_in_one_child_and_each_member_equals_its_solo_ru
     members = [dict(zip(("lr", *flags), values)) for values in
                [(3e-3, False, False, False, True), (1e-3, True, True, False, True), (5e-3, False, False, True, False)]]
     gang_grid, gang_ids = _grid(engine, "fused", "gated_rnn", members, config=base)
-    start_agent(fast_queue, tmp_path / "fused", ["gated_rnn"], max_gang=8, grid_id=gang_grid)
+    start_agent(_client(fast_queue), tmp_path / "fused", ["gated_rnn"], max_gang=8, grid_id=gang_grid)
     done = _wait(lambda: _ended(engine, gang_ids), "the gang to finish")
     assert [p.name for p in _gangs_in_log(tmp_path / "fused")] == [f"gang-{gang_ids[0]}"]  # one child for all
 
@@ -185,7 +154,7 @@ def _noop_members(n: int, **special) -> list[dict]:
 def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_queue, tmp_path, start_agent):
     members = _noop_members(4)
     grid_id, ids = _grid(engine, "cancel", "noop", members, config={"steps": 40, "seconds": 3.0})
-    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
+    start_agent(_client(fast_queue), tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
     _wait(lambda: (_jobs(engine, [ids[1]])[ids[1]]["step"] or 0) >= 3, "the gang to train")
     assert cancel_job(engine, ids[1]) == "cancel_requested"
     cancelled = _wait(lambda: (j := _jobs(engine, [ids[1]])[ids[1]])["state"] == "cancelled" and j,
@@ -207,7 +176,7 @@ def test_a_cancelled_member_leaves_and_the_others_finish_unchanged(engine, fast_
 def test_a_nan_member_fails_alone_and_is_retried_alone(db_url, engine, fast_queue, tmp_path, start_agent):
     members = _noop_members(3, m2={"nan_at_step": 5})
     grid_id, ids = _grid(engine, "nan", "noop", members, config={"steps": 30, "seconds": 3.0}, max_attempts=2)
-    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
+    start_agent(_client(fast_queue), tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id)
     first_error = _wait(lambda: (a := _attempts(engine, ids[2])) and a[0]["outcome"] == "error" and a[0],
                         "the NaN member's first attempt to fail")
     others = _jobs(engine, ids[:2])
@@ -226,7 +195,7 @@ def test_a_nan_member_fails_alone_and_is_retried_alone(db_url, engine, fast_queu
 def test_a_member_whose_attempt_is_taken_is_dropped_and_the_others_finish(db_url, engine, fast_queue, tmp_path,
                                                                           start_agent):
     grid_id, ids = _grid(engine, "stale", "noop", _noop_members(3), config={"steps": 30, "seconds": 3.0})
-    start_agent(fast_queue, tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id, warm=False)  # cold
+    start_agent(_client(fast_queue), tmp_path / "w1", ["noop"], max_gang=8, grid_id=grid_id, warm=False)  # cold
     _wait(lambda: (_jobs(engine, [ids[0]])[ids[0]]["step"] or 0) >= 3, "the gang to train")
     with engine.begin() as conn:  # as if its lease ran out and another worker took it
         conn.execute(update(t.jobs).where(t.jobs.c.id == ids[0]).values(attempt_id="someone-else"))
@@ -246,7 +215,7 @@ def test_a_gang_of_a_trainer_without_train_many_runs_its_first_job_alone_and_rel
     grid_id, ids = _grid(engine, "unfused", "noop", _noop_members(3), config={"steps": 3, "seconds": 0.3,
                                                                               "checkpoint_every": 100})
     # gated_rnn still trains gangs, so the agent claims them; cold children import noop only
-    start_agent(fast_queue, tmp_path / "w1", ["noop", "gated_rnn"], max_gang=8, grid_id=grid_id, warm=False)
+    start_agent(_client(fast_queue), tmp_path / "w1", ["noop", "gated_rnn"], max_gang=8, grid_id=grid_id, warm=False)
     done = _wait(lambda: _ended(engine, ids), "the grid to finish")
     assert [done[i]["state"] for i in ids] == ["succeeded"] * 3
     assert _gangs_in_log(tmp_path / "w1") == []  # no gang child: each ran alone
