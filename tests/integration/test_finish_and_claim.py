@@ -164,24 +164,9 @@ def test_the_finish_is_exactly_finishs(engine, queue, t0, outcome):
         ends[name] = (reply, nxt, job.attempt_id)
     assert ends["a"][0] == ends["b"][0]
     state = snapshot(engine)
-    ignored = {"id", "grid_id", "key", "config", "created_at", "started_at", "attempt_id", "worker_id",
-               "lease_expires_at", "attempts"}  # the held next job's, when b's first job was claimed again
-
-    def ended(name):
-        grid_id, ids = grids[name]
-        job_row = next(j for j in state["jobs"] if j["id"] == ids[0])
-        attempt = next(a for a in state["attempts"] if a["id"] == ends[name][2])
-        events = [(e["kind"], e["message"]) for e in state["events"] if e["job_id"] == ids[0]]
-        return ({k: v for k, v in job_row.items() if k not in ignored},
-                {k: attempt[k] for k in ("outcome", "ended_at", "error")}, events)
-
-    a, b = ended("a"), ended("b")
-    assert a[1] == b[1] and a[2] == b[2]
-    if outcome == "preempted":  # requeued at once, so b's call claimed it again; a's stays queued
-        assert (a[0].pop("state"), b[0].pop("state")) == ("queued", "running")
-    assert a[0] == b[0]
-    nxt, (b_first, b_second) = ends["b"][1], grids["b"][1]
-    assert (nxt.id, nxt.attempt) == ((b_first, 2) if outcome == "preempted" else (b_second, 1))
+    nxt, (b_first, _) = ends["b"][1], grids["b"][1]
+    _assert_ended_alike(_end_of(state, grids["a"][1][0], ends["a"][2]), _end_of(state, b_first, ends["b"][2]),
+                        outcome, nxt, grids["b"][1])
     attempts_of = [a_["job_id"] for a_ in state["attempts"]]
     assert sorted(attempts_of) == sorted([grids["a"][1][0], b_first, nxt.id])  # each claim made one attempt
 
@@ -353,23 +338,9 @@ def test_one_statement_finish_is_exactly_finishs(engine, unscanned, monkeypatch,
         assert any("LEFT JOIN claimed" in s for s in statements) == (end in ("succeeded", "cancelled", "pruned"))
     assert ends["a"][0] == ends["b"][0]
     state = snapshot(engine)
-    ignored = {"id", "grid_id", "key", "config", "created_at", "started_at", "attempt_id", "worker_id",
-               "lease_expires_at", "attempts"}
-
-    def ended(name):
-        job_row = next(j for j in state["jobs"] if j["id"] == jobs[name].id)
-        attempt = next(a for a in state["attempts"] if a["id"] == jobs[name].attempt_id)
-        events = [(e["kind"], e["message"]) for e in state["events"] if e["job_id"] == jobs[name].id]
-        return ({k: v for k, v in job_row.items() if k not in ignored},
-                {k: attempt[k] for k in ("outcome", "ended_at", "error")}, events)
-
-    a, b = ended("a"), ended("b")
-    assert a[1] == b[1] and a[2] == b[2]
-    if outcome == "preempted":  # requeued at once, so b's call claimed it again; a's stays queued
-        assert (a[0].pop("state"), b[0].pop("state")) == ("queued", "running")
-    assert a[0] == b[0]
-    nxt, (b_first, b_second) = ends["b"][1], grids["b"][1]
-    assert (nxt.id, nxt.attempt) == ((b_first, 2) if outcome == "preempted" else (b_second, 1))
+    nxt = ends["b"][1]
+    _assert_ended_alike(_end_of(state, jobs["a"].id, jobs["a"].attempt_id),
+                        _end_of(state, jobs["b"].id, jobs["b"].attempt_id), outcome, nxt, grids["b"][1])
     assert (worker(engine, wid)["state"], worker(engine, wid)["current_job_id"]) == ("busy", nxt.id)
 
 
@@ -459,3 +430,29 @@ def test_processes_racing_through_finish_and_claim_claim_each_job_exactly_once(d
     assert stored == {(job_id, attempt_id, name, "succeeded") for job_id, attempt_id, name in claims}
     assert Counter(e["job_id"] for e in state["events"] if e["kind"] == "succeeded") == Counter(ids)
     assert {(w["state"], w["current_job_id"]) for w in state["workers"]} == {("idle", None)}
+
+
+# A job row's columns that differ between two jobs ended alike (the held next job's too, when b's first job
+# was claimed again).
+_NOT_COMPARED = {"id", "grid_id", "key", "config", "created_at", "started_at", "attempt_id", "worker_id",
+                 "lease_expires_at", "attempts"}
+
+
+def _end_of(state: dict, job_id: int, attempt_id: str) -> tuple[dict, dict, list]:
+    """How a job ended, from a snapshot: its row (less _NOT_COMPARED), its attempt's end, its events."""
+    job_row = next(j for j in state["jobs"] if j["id"] == job_id)
+    attempt = next(a for a in state["attempts"] if a["id"] == attempt_id)
+    events = [(e["kind"], e["message"]) for e in state["events"] if e["job_id"] == job_id]
+    return ({k: v for k, v in job_row.items() if k not in _NOT_COMPARED},
+            {k: attempt[k] for k in ("outcome", "ended_at", "error")}, events)
+
+
+def _assert_ended_alike(a: tuple, b: tuple, outcome: str, nxt, b_ids: list[int]) -> None:
+    """a ended by finish, b by finish_and_claim: the same end, and b's call claimed the job finish-then-claim
+    would (its first job again when it was preempted, else its second)."""
+    assert a[1] == b[1] and a[2] == b[2]
+    if outcome == "preempted":  # requeued at once, so b's call claimed it again; a's stays queued
+        assert (a[0].pop("state"), b[0].pop("state")) == ("queued", "running")
+    assert a[0] == b[0]
+    b_first, b_second = b_ids
+    assert (nxt.id, nxt.attempt) == ((b_first, 2) if outcome == "preempted" else (b_second, 1))
