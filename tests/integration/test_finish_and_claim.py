@@ -123,11 +123,7 @@ def test_each_call_ends_the_attempt_and_claims_the_next_job_once(engine, queue, 
 
 def test_a_stale_attempt_claims_nothing_and_changes_nothing(engine, queue, t0):
     _, ids = grid(engine, "g", 2)
-    old = queue.register_worker(name="old", host="h", trainers=["noop"])
-    new = queue.register_worker(name="new", host="h", trainers=["noop"])
-    first = queue.claim(old, now=t0)
-    again = queue.claim(new, now=t0 + LEASE + 1)  # the lease expired: requeued as lost, claimed again
-    assert again.id == first.id and again.attempt_id != first.attempt_id
+    old, new, first, again = _lost_and_claimed_again(queue, t0)
     before = snapshot(engine)
     reply, job = queue.finish_and_claim(first.id, first.attempt_id, "succeeded", {"loss": 0.0},
                                         now=t0 + LEASE + 2, worker_id=old)
@@ -297,11 +293,7 @@ def test_one_statement_never_claims_the_job_it_finishes(engine, unscanned, monke
 def test_one_statement_refused_claims_nothing_and_changes_nothing(engine, unscanned, t0, monkeypatch):
     _, ids = grid(engine, "g", 2)
     queue = unscanned
-    old = queue.register_worker(name="old", host="h", trainers=["noop"])
-    new = queue.register_worker(name="new", host="h", trainers=["noop"])
-    first = queue.claim(old, now=t0)
-    again = queue.claim(new, now=t0 + LEASE + 1)  # the lease expired: requeued as lost, claimed again
-    assert again.id == first.id and again.attempt_id != first.attempt_id
+    old, new, first, again = _lost_and_claimed_again(queue, t0)
     before = snapshot(engine)
     statements = count_statements(queue, monkeypatch)
     for attempt_id, worker_id in ((first.attempt_id, old), (again.attempt_id, old), ("no-such-attempt", new)):
@@ -456,3 +448,14 @@ def _assert_ended_alike(a: tuple, b: tuple, outcome: str, nxt, b_ids: list[int])
     assert a[0] == b[0]
     b_first, b_second = b_ids
     assert (nxt.id, nxt.attempt) == ((b_first, 2) if outcome == "preempted" else (b_second, 1))
+
+
+def _lost_and_claimed_again(queue, t0: float):
+    """Worker `old` claims the first job and loses its lease; worker `new` claims it again: (old, new, old's
+    claim, new's claim), so old's attempt is stale."""
+    old = queue.register_worker(name="old", host="h", trainers=["noop"])
+    new = queue.register_worker(name="new", host="h", trainers=["noop"])
+    first = queue.claim(old, now=t0)
+    again = queue.claim(new, now=t0 + LEASE + 1)  # the lease expired: requeued as lost, claimed again
+    assert again.id == first.id and again.attempt_id != first.attempt_id
+    return old, new, first, again
