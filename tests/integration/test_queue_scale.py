@@ -163,3 +163,32 @@ def test_a_heartbeat_refreshes_the_workers_last_seen_at_most_every_5_seconds(eng
     assert seen() == t0 + WORKER_SEEN_SECONDS + 1
     assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + WORKER_SEEN_SECONDS + 2, worker_id=worker).ok
     assert seen() == t0 + WORKER_SEEN_SECONDS + 2  # a state change (idle) always writes it
+
+
+def explain_analyze(conn, statement: str, params: dict) -> dict:
+    """EXPLAIN ANALYZE of one statement, rolled back (a data-modifying statement changes nothing)."""
+    with conn.transaction(force_rollback=True):
+        return next(iter(conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params).fetchone().values()))[0]
+
+
+def test_no_hot_path_statement_is_jit_compiled_on_postgres(engine):
+    """Under the Queue's enable_sort=off every plan that sorts costs over jit_above_cost: with the server's
+    default jit a gang claim and an expiry scan each spent 0.05-0.4 s compiling, on every run."""
+    if engine.dialect.name != "postgresql":
+        return  # SQLite has no JIT
+    from scheduler.gang import _PG_CLAIM
+
+    submit(engine, "jit", 40)
+    queue = Queue(engine)
+    now = time.time()
+    claim = {"wid": "w", "lease": now + 60, "now": now, "gpus": 0.0, "k": 8, "any_trainer": True,
+             "trainers": [""], "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
+             "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}
+    with queue._autocommit.connection() as conn:
+        plans = {"gang claim": explain_analyze(conn, _PG_CLAIM, claim),
+                 "expiry scan": explain_analyze(conn, queue._sql(queue._expired_sql),
+                                                {"now": now, "expired_since": 0.0})}
+    assert plans["gang claim"]["Plan"]["Total Cost"] > 100_000  # over the default jit_above_cost
+    assert {name: "JIT" in plan for name, plan in plans.items()} == {"gang claim": False, "expiry scan": False}
+    with engine.connect() as conn:  # the engine's own connections (API reads over large grids) too
+        assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
