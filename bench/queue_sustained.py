@@ -5,8 +5,9 @@ jobs/s per 10,000-job block, beside a bare reference loop on the same database, 
     .venv/bin/python bench/queue_sustained.py --backends postgres --jobs 30000 --workers 4
 
 Read `main` (per database: the bare loop, then gridfleet), `_gridfleet` and `_bare` (one worker process each).
-    gridfleet  noop jobs, one job per cycle: SQLite Queue.finish_and_claim(succeeded) (the finish and the
-               next claim in one transaction, as the embedded agent does); Postgres Queue.claim, Queue.finish
+    gridfleet  noop jobs, one job per cycle: Queue.finish_and_claim(succeeded), the finish and the next
+               claim in one transaction (SQLite) or one statement (Postgres), as the embedded agent does;
+               with --two-calls, Queue.finish then Queue.claim (an HTTP worker's cycle)
     bare       Postgres: `UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING id`
                on a partial index of queued rows, then `UPDATE ... SET state = 'succeeded'`, autocommit,
                prepared (what a minimal queue does); SQLite: the same two statements without the lock,
@@ -58,7 +59,7 @@ BARE_SQLITE = {
 
 
 # ---- worker processes -------------------------------------------------------------------------------------
-def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, results) -> None:
+def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], two_calls: bool, go, results) -> None:
     """Claim and finish `jobs` jobs; the finish times, CPU seconds (this process and its Postgres backends)
     after every `block` jobs, and EXPLAIN buffers at `explain_at` (Postgres)."""
     from common.db import is_sqlite, make_engine
@@ -68,7 +69,7 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, resul
     queue = Queue(engine)
     worker_id = queue.register_worker(name="bench", host="bench", trainers=["noop"])
     explains, done, cpu = {}, [], []
-    job, sqlite = None, is_sqlite(url)
+    job = None
     results.put("ready")
     go.wait()
     while len(done) < jobs:
@@ -76,15 +77,15 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], go, resul
             cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
         if len(done) in explain_at and not is_sqlite(url):
             explains[len(done)] = _claim_buffers(queue)
-        if job is None:  # the first claim; on SQLite each finish_and_claim claims the next job
+        if job is None:  # the first claim (finish_and_claim claims each next one), or --two-calls
             job = queue.claim(worker_id, trainers=["noop"])
             if job is None:
                 break
-        if sqlite:
+        if two_calls:  # the next loop's claim takes the next job
+            reply, job = queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id), None
+        else:
             reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", {"loss": 0.0},
                                                 worker_id=worker_id, trainers=["noop"])
-        else:  # Postgres' finish_and_claim is finish then claim; this way the EXPLAINs find no job held
-            reply, job = queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker_id), None
         if not reply.ok:
             raise RuntimeError("finish refused")
         done.append(time.time())
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-jobs", type=int, default=20_000, help="rows claimed by the bare loop (20,000)")
     parser.add_argument("--block", type=int, default=10_000, help="jobs per block (10,000)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes per loop (1)")
+    parser.add_argument("--two-calls", action="store_true",
+                        help="gridfleet cycles through Queue.finish then Queue.claim (an HTTP worker's way)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("GRIDFLEET_BENCH_POSTGRES_URL", PG_ADMIN_URL_DEFAULT))
     args = parser.parse_args(argv)
     explain_at = sorted({0, min(20_000, args.jobs), args.jobs})
@@ -271,7 +274,7 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
     conn.close()
     # Worker 0 takes the EXPLAINs after its own share of the points (exact with one worker).
     own_points = [point // args.workers for point in explain_at]
-    started, times, own, cpu = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [])
+    started, times, own, cpu = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [], args.two_calls)
                                                       for i, n in enumerate(shares(args.jobs, args.workers))])
     explains = {point * args.workers: value for point, value in own.items()}
     rates = blocks(started, times, args.block)
