@@ -123,11 +123,11 @@ def _explain_buffers(connections, statement: str, params) -> int:
     return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
 
 
-def _cpu_now(backend_pids: list[int]) -> float:
+def _cpu_now(backend_pids: list[int]) -> tuple[float, float]:
     """CPU seconds of this process and of the given Postgres backends (Linux /proc; the server is local)."""
     from bench.processes import proc_cpu
 
-    return time.process_time() + sum(proc_cpu(pid) or 0.0 for pid in backend_pids)
+    return time.process_time(), sum(proc_cpu(pid) or 0.0 for pid in backend_pids)
 
 
 def _bare(url: str, jobs: int, block: int, go, results) -> None:
@@ -197,7 +197,8 @@ def run_loop(target, per_worker: list[tuple]) -> tuple[float, list[float], dict,
     for out in outs:
         explains.update(out["explains"])
     steps = min(len(out["cpu"]) for out in outs) - 1
-    cpu = [sum(out["cpu"][i + 1] - out["cpu"][i] for out in outs) for i in range(steps)]
+    cpu = [[sum(out["cpu"][i + 1][part] - out["cpu"][i][part] for out in outs) for part in (0, 1)]
+           for i in range(steps)]
     return started, sorted(t for out in outs for t in out["times"]), explains, cpu
 
 
@@ -268,13 +269,13 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
     engine.dispose()
     print(f"\n{backend}: {args.jobs:,} gridfleet jobs, {args.bare_jobs:,} bare rows; load average {load1()}")
     per_block = args.block // args.workers  # each process samples its CPU after its share of a block
-    started, times, _, bare_cpu = run_loop(_bare, [(url, n, per_block) for n in shares(args.bare_jobs, args.workers)])
+    started, times, _, bare_split = run_loop(_bare, [(url, n, per_block) for n in shares(args.bare_jobs, args.workers)])
     bare_rates = blocks(started, times, args.block)
     after = None if backend == "sqlite" else _bare_buffers(conn, bare["pick"])
     conn.close()
     # Worker 0 takes the EXPLAINs after its own share of the points (exact with one worker).
     own_points = [point // args.workers for point in explain_at]
-    started, times, own, cpu = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [], args.two_calls)
+    started, times, own, split = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [], args.two_calls)
                                                       for i, n in enumerate(shares(args.jobs, args.workers))])
     explains = {point * args.workers: value for point, value in own.items()}
     rates = blocks(started, times, args.block)
@@ -283,6 +284,7 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
     print(f"{'gridfleet':<10} {len(times):>8,}  " + " ".join(f"{r:.0f}" for r in rates))
     what = "the worker process" + ("" if backend == "sqlite" else " + its Postgres backends")
     print(f"CPU us per job, per block ({what}; steadier than jobs/s when other work shares the cores):")
+    bare_cpu, cpu = [sum(block) for block in bare_split], [sum(block) for block in split]
     print(f"{'bare':<10} {'':>8}  " + " ".join(f"{c / per_block / args.workers * 1e6:.0f}" for c in bare_cpu))
     print(f"{'gridfleet':<10} {'':>8}  " + " ".join(f"{c / per_block / args.workers * 1e6:.0f}" for c in cpu))
     if cpu and bare_cpu:
@@ -290,6 +292,12 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
         print(f"by CPU per job: first block / last: {flat:.2f}x (target >= {TARGET_FLAT}: "
               f"{'PASS' if flat >= TARGET_FLAT else 'FAIL'}); bare / gridfleet (first blocks): {versus:.2f}x "
               f"(target >= {TARGETS[backend]}: {'PASS' if versus >= TARGETS[backend] else 'FAIL'})")
+    if backend == "postgres" and split and bare_split:  # where it went: worse for more workers than cores
+        def parts(blocks: list[list[float]]) -> str:
+            jobs = per_block * args.workers * len(blocks)
+            return " / ".join(f"{sum(block[part] for block in blocks) / jobs * 1e6:.0f}" for part in (0, 1))
+        print(f"CPU us per job over the run, worker processes / their backends: bare {parts(bare_split)}, "
+              f"gridfleet {parts(split)}")
     if rates and bare_rates:
         flat, versus = rates[-1] / rates[0], rates[0] / bare_rates[0]
         print(f"by jobs/s: last block / first: {flat:.2f}x (target >= {TARGET_FLAT}: {'PASS' if flat >= TARGET_FLAT else 'FAIL'}); "

@@ -105,7 +105,9 @@ Index("ix_jobs_claim", -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED, sq
 Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED,
       sqlite_where=_QUEUED)
 # Running jobs by worker: the expiry scan and "what does this worker still run". No lease in it (heartbeats).
-Index("ix_jobs_running", jobs.c.worker_id, postgresql_where=_RUNNING, sqlite_where=_RUNNING)
+# No deduplication: a posting list holding the live running job is never removed (migration 0011).
+Index("ix_jobs_running", jobs.c.worker_id, postgresql_where=_RUNNING, sqlite_where=_RUNNING,
+      postgresql_with={"deduplicate_items": "off"})
 _HAS_EXTERNAL_ID = text("external_id IS NOT NULL")
 Index("ix_jobs_external_id", jobs.c.external_id, postgresql_where=_HAS_EXTERNAL_ID, sqlite_where=_HAS_EXTERNAL_ID)
 
