@@ -14,7 +14,7 @@ import torch
 from scipy.optimize import brentq
 from typer.testing import CliRunner
 
-from worker.trainers import learning_rules, population
+from worker.trainers import learning_rules
 from worker.trainers.rnn_dynamics import fixed_points, geometry
 from worker.trainers.rnn_dynamics.network import BadNetwork, Network
 
