@@ -56,21 +56,21 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
+# No JIT: our statements are short OLTP ones, and a plan whose cost crosses jit_above_cost (any sort under the
+# Queue's enable_sort=off, a count over a 100,000-job grid) spent 0.05-0.4 s compiling on every run.
+NO_JIT = "-c jit=off"
+
+
 def make_engine(url: str, **kwargs) -> Engine:
     url = normalize_url(url)
     if is_sqlite(url):
         return _sqlite_engine(url, **kwargs)
-    url = _with_connect_timeout(url)
+    url = _with_server_options(_with_connect_timeout(url), NO_JIT)
     # Survive a Postgres restart. pool_pre_ping would cost a round trip per transaction; the checkout
     # check below costs none (where poll() is missing, pre-ping it is).
     check_on_checkout = "pool_pre_ping" not in kwargs and hasattr(select, "poll")
     if not check_on_checkout:
         kwargs.setdefault("pool_pre_ping", True)
-    # No JIT: our statements are short OLTP ones, and a plan whose cost crosses jit_above_cost (any sort
-    # under the Queue's enable_sort=off, a count over a 100,000-job grid) spent 0.1-0.4 s compiling.
-    connect_args = dict(kwargs.pop("connect_args", {}))
-    connect_args.setdefault("options", "-c jit=off")
-    kwargs["connect_args"] = connect_args
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
@@ -78,6 +78,14 @@ def make_engine(url: str, **kwargs) -> Engine:
     if check_on_checkout:
         event.listen(engine, "checkout", _refuse_closed_connection)
     return engine
+
+
+def _with_server_options(url: URL, options: str) -> URL:
+    """The URL with `options` (libpq's "-c name=value" settings) after any the URL names already, so that
+    the pool's connections and AutocommitConnections both get them and a user's own (a search_path) stay."""
+    named = url.query.get("options")
+    named = " ".join(named) if isinstance(named, tuple) else named
+    return url.update_query_dict({"options": f"{named} {options}" if named else options})
 
 
 def _with_connect_timeout(url: str) -> URL:
@@ -122,6 +130,8 @@ class AutocommitConnections:
     def __init__(self, engine: Engine, prepare_threshold: int | None = 5, **connect_kwargs):
         self._dialect = engine.dialect
         cargs, cparams = engine.dialect.create_connect_args(engine.url)  # what the engine's pool connects with
+        if cparams.get("options") and connect_kwargs.get("options"):  # ours after the URL's own
+            connect_kwargs["options"] = f"{cparams['options']} {connect_kwargs['options']}"
         self._connect_args = cargs, {**cparams, **connect_kwargs, "autocommit": True,
                                      "prepare_threshold": prepare_threshold}
         self._idle: deque[psycopg.Connection] = deque()  # append/pop are atomic: no lock needed

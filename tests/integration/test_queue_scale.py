@@ -215,3 +215,24 @@ def test_no_hot_path_statement_is_jit_compiled_on_postgres(engine):
     assert {name: "JIT" in plan for name, plan in plans.items()} == {"gang claim": False, "expiry scan": False}
     with engine.connect() as conn:  # the engine's own connections (API reads over large grids) too
         assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+
+
+def test_jit_off_keeps_the_server_options_a_database_url_names(db_url):
+    """`?options=-c ...` in DATABASE_URL (a search_path, a timeout) still reaches both kinds of connection."""
+    from sqlalchemy.engine import make_url
+
+    if not db_url.startswith("postgresql"):
+        return
+    url = make_url(db_url).update_query_dict({"options": "-c statement_timeout=98765"})
+    engine = make_engine(url.render_as_string(hide_password=False))
+    queue = Queue(engine)
+    try:
+        with engine.connect() as conn:
+            pooled = [conn.exec_driver_sql(f"SHOW {name}").scalar() for name in ("statement_timeout", "jit")]
+        with queue._autocommit.connection() as conn:
+            raw = [next(iter(conn.execute(f"SHOW {name}").fetchone().values()))
+                   for name in ("statement_timeout", "jit", "enable_sort")]
+        assert (pooled, raw) == (["98765ms", "off"], ["98765ms", "off", "off"])
+    finally:
+        queue.close()
+        engine.dispose()
