@@ -169,7 +169,9 @@ workers = Table(
     Column("trainers", JSON, nullable=False),  # trainer names it can run
     Column("resources", JSON, nullable=False),
     Column("code_rev", String(100)),
-    Column("state", String(20), nullable=False, default="idle"),  # idle | busy | stopped
+    # As registered (idle, NULL): no claim or finish writes them. GET /workers derives a worker's state (busy,
+    # idle) and current job from the jobs it runs (scheduler/reports.list_workers).
+    Column("state", String(20), nullable=False, default="idle"),
     Column("current_job_id", Integer),
     Column("registered_at", Float, nullable=False),
     Column("last_seen_at", Float, nullable=False),

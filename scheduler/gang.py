@@ -20,8 +20,8 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_SECONDS, ClaimedJob, \
-    Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
+from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_NOW, \
+    WORKER_SEEN_SECONDS, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
 
 _CLAIMABLE = """
     state = 'queued' AND not_before <= :now AND gpus <= :gpus
@@ -79,11 +79,7 @@ _PG_CLAIM = _pyformat(
         INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
         SELECT attempt_id, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
     ),
-    worker AS (
-        UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed LIMIT 1), 'idle'),
-            current_job_id = (SELECT min(id) FROM claimed)
-        WHERE id = :wid
-    )
+    worker AS ({WORKER_SEEN_NOW.format(worker="id = :wid")})
     SELECT attempt_id, {_COLUMNS} FROM claimed ORDER BY id
     """
 )
@@ -155,7 +151,7 @@ _FINISH_SETS = ", ".join(
      + f" ELSE jobs.{name} END" for name, kind in _FINISH_COLUMNS.items()]
     + [f"{name} = NULL" for name in _RELEASED])
 # Postgres: every member's finish in one statement: fence and set each member's values, end its attempt, add
-# its event, and mark the worker idle unless it still runs another job.
+# its event, and refresh the worker's last_seen_at (at most every WORKER_SEEN_SECONDS).
 _PG_FINISH = _pyformat(
     """
     WITH done AS (
@@ -177,15 +173,7 @@ _PG_FINISH = _pyformat(
         INSERT INTO events (job_id, attempt_id, "time", kind, message)
         SELECT id, attempt_id, :now, outcome, message FROM job
     ),
-    still_running AS (
-        SELECT min(id) AS id FROM jobs
-        WHERE worker_id = :wid AND state = 'running' AND id NOT IN (SELECT id FROM job)
-    ),
-    worker AS (
-        UPDATE workers SET last_seen_at = :now, current_job_id = still_running.id,
-            state = CASE WHEN still_running.id IS NULL THEN 'idle' ELSE 'busy' END
-        FROM still_running WHERE workers.id = :wid AND EXISTS (SELECT 1 FROM job)
-    )
+    worker AS (""" + WORKER_SEEN_NOW.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)") + """)
     SELECT id, state FROM job
     """
 )
@@ -288,7 +276,7 @@ def _claim_sqlite(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict
             queue._scan_expired(conn, now)
         first = conn.execute(_SQLITE_FIRST, params).fetchone()
         if first is None:
-            queue._set_worker(conn, worker_id, now, "idle", None)
+            queue._saw_worker(conn, worker_id, now)
             return []
         ids = [first["id"]]  # a NULL key gangs only itself; else the first job leads its key's members
         if first["fuse_key"] is not None:
@@ -303,7 +291,7 @@ def _claim_sqlite(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict
             conn.execute(NEW_ATTEMPT, {"aid": attempt_id, "job_id": job_id, "wid": worker_id, "now": now,
                                        "code_rev": row["code_rev"] or params["code_rev"]})
             rows.append(row)
-        queue._set_worker(conn, worker_id, now, "busy", min(ids))
+        queue._saw_worker(conn, worker_id, now)
     return rows
 
 
@@ -409,9 +397,7 @@ def _finish_sqlite(queue: Queue, worker_id: str, members: list[MemberFinish], no
             queue._event(conn, m.job_id, m.attempt_id, m.outcome, _finish_message(m.outcome, values, m.error), now)
             replies[m.job_id] = Reply(ok=True, state=values["state"])
         if replies:
-            still = conn.execute(text("SELECT min(id) FROM jobs WHERE worker_id = :wid AND state = 'running'"),
-                                 {"wid": worker_id}).scalar()
-            queue.touch_worker(conn, worker_id, now, state="idle" if still is None else "busy", current_job_id=still)
+            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now, "seen_before": now - WORKER_SEEN_SECONDS})
     return replies
 
 

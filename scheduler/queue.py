@@ -42,7 +42,13 @@ EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
-WORKER_SEEN_SECONDS = 5.0  # a heartbeat refreshes workers.last_seen_at only when it is older than this
+WORKER_SEEN_SECONDS = 5.0  # a claim, finish or heartbeat refreshes workers.last_seen_at when older than this
+# A claim, a finish and a heartbeat refresh the worker's last_seen_at at most every WORKER_SEEN_SECONDS: the
+# row's only per-job write. GET /workers derives busy/idle and the current job from running jobs.
+WORKER_SEEN = "UPDATE workers SET last_seen_at = :now WHERE id = :wid AND last_seen_at < :seen_before"
+# The same inside a Postgres statement's CTE (`{worker}`: which row), the threshold written in.
+WORKER_SEEN_NOW = ("UPDATE workers SET last_seen_at = :now WHERE {worker} "
+                   f"AND last_seen_at < CAST(:now AS double precision) - {WORKER_SEEN_SECONDS}")
 # (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
 CLAIM_FLOOR = (-2_000_000_000, 0)
 _JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
@@ -135,16 +141,12 @@ _PG_CLAIM_CTES = """
         SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
     )"""
 _CLAIM_COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
-# Postgres: one statement, one round trip: claim the job, start its attempt, mark the worker busy (or idle
-# when nothing was claimed). Data-modifying CTEs all run, each sees `claimed`.
+# Postgres: one statement, one round trip: claim the job, start its attempt, and (every WORKER_SEEN_SECONDS
+# at most) refresh the worker's last_seen_at. Data-modifying CTEs all run, each sees `claimed`.
 _PG_CLAIM = _pyformat(
     f"""
     WITH {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED)},
-    worker AS (
-        UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
-            current_job_id = (SELECT id FROM claimed)
-        WHERE id = :wid
-    )
+    worker AS ({WORKER_SEEN_NOW.format(worker="id = :wid")})
     SELECT {_CLAIM_COLUMNS}
     FROM claimed
     """
@@ -164,7 +166,6 @@ NEW_ATTEMPT = """
     INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
     VALUES (:aid, :job_id, :wid, 'running', :now, :code_rev)
 """
-SET_WORKER = "UPDATE workers SET last_seen_at = :now, state = :state, current_job_id = :job_id WHERE id = :wid"
 _SQLITE_HEARTBEAT = """
     UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
         progress_done = COALESCE(:progress_done, progress_done),
@@ -175,7 +176,6 @@ _SQLITE_HEARTBEAT = """
 NEW_METRIC = """
     INSERT INTO metrics (job_id, attempt_id, step, "time", "values") VALUES (:job_id, :attempt_id, :step, :time, :values)
 """
-WORKER_SEEN = "UPDATE workers SET last_seen_at = :now WHERE id = :wid AND last_seen_at < :seen_before"
 _SQLITE_FINISH_READ = """
     SELECT errors, max_attempts, preemptions, cancel_requested, worker_id FROM jobs
     WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'
@@ -324,9 +324,11 @@ class Queue:
             converted = self._statements[statement] = _pyformat(statement)
         return converted
 
-    def _set_worker(self, conn: Any, worker_id: str | None, now: float, state: str, job_id: int | None) -> None:
+    def _saw_worker(self, conn: Any, worker_id: str | None, now: float) -> None:
+        """Refresh the worker's last_seen_at, at most every WORKER_SEEN_SECONDS (raw connection)."""
         if worker_id:
-            conn.execute(self._sql(SET_WORKER), {"wid": worker_id, "now": now, "state": state, "job_id": job_id})
+            conn.execute(self._sql(WORKER_SEEN), {"wid": worker_id, "now": now,
+                                                  "seen_before": now - WORKER_SEEN_SECONDS})
 
     def claim_floor(self, filters: tuple, scan: bool) -> tuple[int, int]:
         """Where a claim with these filters starts its scan of ix_jobs_claim: CLAIM_FLOOR (every job) when it
@@ -446,12 +448,12 @@ class Queue:
         with self._tx() as conn:
             row = self._claim_sqlite_in(conn, params, scan)
             if row is None:
-                self._set_worker(conn, params["wid"], params["now"], "idle", None)
+                self._saw_worker(conn, params["wid"], params["now"])
         return row
 
     def _claim_sqlite_in(self, conn: Any, params: dict[str, Any], scan: bool):
-        """One claim inside the caller's transaction: the job, its new attempt, the worker busy with it.
-        Writes nothing when no job is claimable: the caller marks the worker idle, once."""
+        """One claim inside the caller's transaction: the job, its new attempt, the worker seen. Writes nothing
+        when no job is claimable: the caller refreshes the worker's last_seen_at then."""
         worker_id, now = params["wid"], params["now"]
         if scan:
             self._scan_expired(conn, now)
@@ -460,7 +462,7 @@ class Queue:
             return None
         conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
                                    "code_rev": row["code_rev"] or params["code_rev"]})
-        self._set_worker(conn, worker_id, now, "busy", row["id"])
+        self._saw_worker(conn, worker_id, now)
         return row
 
     def _claim_postgres(self, params: dict[str, Any], scan: bool):
@@ -674,7 +676,7 @@ class Queue:
                     return reply, None
                 row = self._claim_from_floor(request, lambda params, scan: self._claim_sqlite_in(conn, params, scan))
                 if row is None:
-                    self._set_worker(conn, worker_id, now, "idle", None)
+                    self._saw_worker(conn, worker_id, now)
             return reply, row
 
         reply, row = once()
@@ -731,7 +733,7 @@ class Queue:
         with self._tx() as conn:
             reply = self._finish_sqlite_in(conn, job_id, attempt_id, worker_id, outcome, result, error, now)
             if reply.ok:
-                self._set_worker(conn, worker_id, now, "idle", None)  # the fence matched it: the job's worker
+                self._saw_worker(conn, worker_id, now)  # the fence matched it: the job's worker
         return reply
 
     def _finish_sqlite_in(self, conn: Any, job_id: int, attempt_id: str, worker_id: str, outcome: str,
@@ -785,10 +787,7 @@ class Queue:
         return self._pg_finish_statement(("finish",), outcome, values, error, now, job_id, attempt_id, worker_id,
                                          lambda ctes: f"""
                 WITH {ctes},
-                worker AS (
-                    UPDATE workers SET last_seen_at = :now, state = 'idle', current_job_id = NULL
-                    FROM job WHERE workers.id = :b_worker_id
-                )
+                worker AS ({WORKER_SEEN_NOW.format(worker="workers.id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")})
                 SELECT 1 FROM job
                 """)
 
@@ -796,8 +795,8 @@ class Queue:
                          error: str | None, now: float, claim: dict[str, Any]):
         """finish_and_claim on Postgres as one statement (one round trip, one commit), run: `_finish_postgres`'s
         fenced finish and `_PG_CLAIM`'s claim from `claim["from_rank"], claim["from_id"]` (`claim`: the
-        request's parameters; no expiry scan). The worker row is written once: busy with the claimed job, idle
-        when nothing was claimed, untouched when the fence refused. Returns None when the fence refused (then
+        request's parameters; no expiry scan). The worker's last_seen_at is refreshed as a heartbeat refreshes
+        it, never when the fence refused. Returns None when the fence refused (then
         nothing changed, nothing was claimed), else the claimed job's row or a row whose `id` is None.
 
         The claim runs only when the fence held (its pick reads the fenced UPDATE's RETURNING row) and never
@@ -806,11 +805,7 @@ class Queue:
             ("finish_and_claim",), outcome, values, error, now, job_id, attempt_id, worker_id, lambda ctes: f"""
                 WITH {ctes},
                 {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED_AFTER_FINISH)},
-                worker AS (
-                    UPDATE workers SET last_seen_at = :now, state = COALESCE((SELECT 'busy' FROM claimed), 'idle'),
-                        current_job_id = (SELECT id FROM claimed)
-                    FROM job WHERE workers.id = :b_worker_id
-                )
+                worker AS ({WORKER_SEEN_NOW.format(worker="workers.id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")})
                 SELECT {", ".join(f"claimed.{column}" for column in _CLAIM_COLUMNS.split(", "))}
                 FROM job LEFT JOIN claimed ON true
                 """)
@@ -927,7 +922,7 @@ class Queue:
             self._event(conn, job_id, attempt_id, "regained",
                         f"lease regained{silent} without heartbeats: nobody had claimed the job since its lease "
                         "expired, so the same attempt goes on and the loss is not counted", now)
-            self.touch_worker(conn, row.worker_id, now, state="busy", current_job_id=job_id)
+            self.touch_worker(conn, row.worker_id, now)
         return True
 
     # ---- helpers -------------------------------------------------------------------------------

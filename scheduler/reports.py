@@ -216,15 +216,23 @@ def job_events(engine: Engine, job_id: int, limit: int = 1000) -> list[dict]:
 
 
 def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
+    """Every worker; `state` (busy or idle) and `current_job_id` (its lowest running job) come from the jobs
+    it runs now: the hot path writes no worker row per job (scheduler/queue.py, WORKER_SEEN)."""
     now = time.time()
-    shown = [c for c in t.workers.c if c.name != "secret_hash"]  # the hash is no one's business
+    hidden = ("secret_hash", "state", "current_job_id")  # the hash is no one's business; the other two: below
+    shown = [c for c in t.workers.c if c.name not in hidden]
+    running = (select(t.jobs.c.worker_id, func.min(t.jobs.c.id).label("job_id"))
+               .where(t.jobs.c.state == "running").group_by(t.jobs.c.worker_id).subquery())
     with read_tx(engine) as conn:
-        rows = conn.execute(select(*shown).order_by(t.workers.c.registered_at)).mappings().all()
-    return [
-        {**{k: _loads(v) if k in ("gpus", "trainers", "resources") else v for k, v in r.items()},
-         "alive": now - r["last_seen_at"] < stale_after}
-        for r in rows
-    ]
+        rows = conn.execute(
+            select(*shown, running.c.job_id).outerjoin_from(t.workers, running, running.c.worker_id == t.workers.c.id)
+            .order_by(t.workers.c.registered_at)).mappings().all()
+    out = []
+    for r in rows:
+        worker = {k: _loads(v) if k in ("gpus", "trainers", "resources") else v for k, v in r.items() if k != "job_id"}
+        out.append({**worker, "state": "idle" if r["job_id"] is None else "busy", "current_job_id": r["job_id"],
+                    "alive": now - r["last_seen_at"] < stale_after})
+    return out
 
 
 def worker_events(engine: Engine, worker_id: str) -> list[dict[str, Any]]:

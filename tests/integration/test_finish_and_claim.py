@@ -19,6 +19,8 @@ from sqlalchemy import select
 
 from common import schema as t
 from common.db import make_engine
+from scheduler import reports
+from scheduler.reports import list_workers
 from scheduler.grids import cancel_job, submit_grid
 from scheduler.policy import RetryPolicy
 from scheduler.queue import Queue
@@ -49,7 +51,8 @@ def snapshot(engine) -> dict[str, list[dict]]:
 
 
 def worker(engine, worker_id: str) -> dict:
-    return next(w for w in rows(engine, t.workers, t.workers.c.id) if w["id"] == worker_id)
+    """The worker as GET /workers shows it: state and current job derived from the jobs it runs."""
+    return next(w for w in reports.list_workers(engine) if w["id"] == worker_id)
 
 
 @pytest.fixture
@@ -198,7 +201,7 @@ def test_the_embedded_agent_claims_each_next_job_with_the_last_finish(engine, qu
     state = snapshot(engine)
     assert [(j["id"], j["state"], j["attempts"]) for j in state["jobs"]] == [(i, "succeeded", 1) for i in ids]
     assert [a["outcome"] for a in state["attempts"]] == ["succeeded"] * 3
-    assert [(w["state"], w["current_job_id"]) for w in state["workers"]] == [("idle", None)]
+    assert [(w["state"], w["current_job_id"]) for w in reports.list_workers(engine)] == [("idle", None)]
 
 
 def test_a_job_claimed_with_the_last_finish_is_released_when_the_agent_stops(engine, queue, tmp_path):
@@ -305,7 +308,7 @@ def test_one_statement_refused_claims_nothing_and_changes_nothing(engine, unscan
     reply, job = queue.finish_and_claim(again.id, again.attempt_id, "succeeded", {"loss": 0.0}, worker_id=new)
     assert reply.ok and job.id == ids[1]
     assert (worker(engine, new)["state"], worker(engine, new)["current_job_id"]) == ("busy", ids[1])
-    assert worker(engine, old) == next(w for w in before["workers"] if w["id"] == old)
+    assert [w for w in snapshot(engine)["workers"] if w["id"] == old] == [w for w in before["workers"] if w["id"] == old]
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "error", "preempted", "cancelled", "pruned", "cancel_requested"])
@@ -421,7 +424,7 @@ def test_processes_racing_through_finish_and_claim_claim_each_job_exactly_once(d
     stored = {(a["job_id"], a["id"], a["worker_id"], a["outcome"]) for a in state["attempts"]}
     assert stored == {(job_id, attempt_id, name, "succeeded") for job_id, attempt_id, name in claims}
     assert Counter(e["job_id"] for e in state["events"] if e["kind"] == "succeeded") == Counter(ids)
-    assert {(w["state"], w["current_job_id"]) for w in state["workers"]} == {("idle", None)}
+    assert {(w["state"], w["current_job_id"]) for w in list_workers(engine)} == {("idle", None)}
 
 
 # A job row's columns that differ between two jobs ended alike (the held next job's too, when b's first job

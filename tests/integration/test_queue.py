@@ -715,15 +715,23 @@ def test_claim_without_now_scans_for_expired_leases_only_when_due(engine, policy
     assert job(engine, first)["losses"] == 1
 
 
-def test_empty_claim_marks_the_worker_idle(engine, queue, t0):
+def test_a_worker_shows_busy_while_a_job_holds_its_lease_and_idle_after(engine, queue, t0):
+    """GET /workers derives state and current job from the jobs a worker runs: no claim writes them."""
     worker = queue.register_worker("w", "host", ["noop"])
     assert queue.claim(worker, now=t0) is None
+    [w] = reports.list_workers(engine)
+    assert (w["state"], w["current_job_id"]) == ("idle", None)
     submit(engine, "g")
     claimed = queue.claim(worker, now=t0)
-    assert queue.claim(worker, now=t0 + 1) is None  # a worker that asks again has given up its job
+    assert queue.claim(worker, now=t0 + 1) is None  # asking again gives nothing up: the job keeps its lease
     [w] = reports.list_workers(engine)
-    assert (w["state"], w["current_job_id"], w["last_seen_at"]) == ("idle", None, pytest.approx(t0 + 1))
-    assert job(engine, claimed.id)["state"] == "running"  # the job itself is untouched
+    assert (w["state"], w["current_job_id"]) == ("busy", claimed.id)
+    assert job(engine, claimed.id)["state"] == "running"
+    with engine.connect() as conn:  # the row is as registered
+        assert conn.execute(select(t.workers.c.state, t.workers.c.current_job_id)).one() == ("idle", None)
+    assert queue.finish(claimed.id, claimed.attempt_id, "succeeded", now=t0 + 2, worker_id=worker).ok
+    [w] = reports.list_workers(engine)
+    assert (w["state"], w["current_job_id"]) == ("idle", None)
 
 
 @pytest.mark.parametrize("outcome", ["succeeded", "error", "preempted", "cancelled"])

@@ -141,28 +141,33 @@ def test_migration_0009_goes_down_and_up_with_the_jobs_kept(db_url):
         engine.dispose()
 
 
-def test_a_heartbeat_refreshes_the_workers_last_seen_at_most_every_5_seconds(engine):
+def test_claims_finishes_and_heartbeats_refresh_the_workers_last_seen_at_most_every_5_seconds(engine):
     """Per cycle only what users read is written every time (the job, attempts, events, metrics); the
-    worker's last-seen time is refreshed by heartbeats only once it is WORKER_SEEN_SECONDS old."""
+    worker row's last-seen time is refreshed only once it is WORKER_SEEN_SECONDS old, and nothing else of the
+    row is written (GET /workers derives busy/idle from the jobs)."""
     from scheduler import reports
     from scheduler.queue import WORKER_SEEN_SECONDS
 
-    submit(engine, "g", 1)
+    submit(engine, "g", 2)
     queue = Queue(engine)
     worker = queue.register_worker("w", "host", ["noop"])
-    t0 = time.time()
-    job = queue.claim(worker, trainers=["noop"], now=t0)
+    t0 = time.time() + 100.0  # later than the registration by more than WORKER_SEEN_SECONDS
 
-    def seen() -> float:
+    def seen() -> tuple[float, str]:
         [row] = [w for w in reports.list_workers(engine) if w["id"] == worker]
-        return row["last_seen_at"]
+        return row["last_seen_at"], row["state"]
 
+    job = queue.claim(worker, trainers=["noop"], now=t0)
+    assert seen() == (t0, "busy")
     assert queue.heartbeat(job.id, job.attempt_id, step=1, now=t0 + 1, worker_id=worker).ok
-    assert seen() == t0  # 1 s after the claim wrote it: not written again
+    assert seen() == (t0, "busy")  # 1 s after the claim wrote it: not written again
     assert queue.heartbeat(job.id, job.attempt_id, step=2, now=t0 + WORKER_SEEN_SECONDS + 1, worker_id=worker).ok
-    assert seen() == t0 + WORKER_SEEN_SECONDS + 1
-    assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + WORKER_SEEN_SECONDS + 2, worker_id=worker).ok
-    assert seen() == t0 + WORKER_SEEN_SECONDS + 2  # a state change (idle) always writes it
+    assert seen() == (t0 + WORKER_SEEN_SECONDS + 1, "busy")
+    reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", now=t0 + WORKER_SEEN_SECONDS + 2,
+                                        worker_id=worker, trainers=["noop"])
+    assert reply.ok and job is not None and seen() == (t0 + WORKER_SEEN_SECONDS + 1, "busy")
+    assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + 2 * WORKER_SEEN_SECONDS + 2, worker_id=worker).ok
+    assert seen() == (t0 + 2 * WORKER_SEEN_SECONDS + 2, "idle")
 
 
 def test_migration_0011_turns_deduplication_off_for_ix_jobs_running_and_back(db_url):
