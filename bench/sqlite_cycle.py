@@ -88,7 +88,7 @@ class Loops:
             "trainers": json.dumps(["noop"]), "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
             "from_rank": floor[0], "from_id": floor[1]}).fetchone()
         conn.execute(q.NEW_ATTEMPT, {"aid": aid, "job_id": row["id"], "wid": wid, "now": now, "code_rev": None})
-        conn.execute(q.WORKER_SEEN, {"wid": wid, "now": now, "seen_before": now - q.WORKER_SEEN_SECONDS})
+        conn.execute(q.WORKER_SEEN, {"wid": wid, "now": now})
         conn.execute("COMMIT")
         return SimpleJob(row["id"], aid)
 

@@ -20,9 +20,11 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_NOW, \
-    WORKER_SEEN_SECONDS, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
+from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_OF, \
+    ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
 
+# A gang heartbeat's or finish's: only when some member's fenced UPDATE (CTE `job`) held.
+_GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
 _CLAIMABLE = """
     state = 'queued' AND not_before <= :now AND gpus <= :gpus
     AND (:any_trainer OR {trainer_in})
@@ -79,7 +81,7 @@ _PG_CLAIM = _pyformat(
         INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
         SELECT attempt_id, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
     ),
-    worker AS ({WORKER_SEEN_NOW.format(worker="id = :wid")})
+    worker AS ({WORKER_SEEN})
     SELECT attempt_id, {_COLUMNS} FROM claimed ORDER BY id
     """
 )
@@ -124,10 +126,7 @@ _PG_HEARTBEAT = _pyformat(
         SELECT job.id, job.attempt_id, m.step, m."time", m."values"
         FROM job, json_to_recordset(job.metrics) AS m(step integer, "time" double precision, "values" json)
     ),
-    worker AS (
-        UPDATE workers SET last_seen_at = :now
-        WHERE id = :wid AND last_seen_at < :seen_before AND EXISTS (SELECT 1 FROM job)
-    )
+    worker AS (""" + _GANG_WORKER_SEEN + """)
     SELECT id, cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
 )
@@ -173,7 +172,7 @@ _PG_FINISH = _pyformat(
         INSERT INTO events (job_id, attempt_id, "time", kind, message)
         SELECT id, attempt_id, :now, outcome, message FROM job
     ),
-    worker AS (""" + WORKER_SEEN_NOW.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)") + """)
+    worker AS (""" + _GANG_WORKER_SEEN + """)
     SELECT id, state FROM job
     """
 )
@@ -315,8 +314,7 @@ def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: flo
                    for m in members]
         with queue._autocommit.connection() as conn:
             rows = conn.execute(_PG_HEARTBEAT, {"members": Json(payload), "lease": lease, "now": now,
-                                                "wid": worker_id,
-                                                "seen_before": now - WORKER_SEEN_SECONDS}).fetchall()
+                                                "wid": worker_id}).fetchall()
         return {row["id"]: Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease) for row in rows}
     replies = {}
     with write_tx(queue.engine) as conn:
@@ -332,7 +330,7 @@ def _heartbeat(queue: Queue, worker_id: str, members: list[MemberBeat], now: flo
                                                    "time": x.time, "values": x.values} for x in m.metrics])
             replies[m.job_id] = Reply(ok=True, cancel=bool(row.cancel_requested), lease_expires_at=lease)
         if replies:
-            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now, "seen_before": now - WORKER_SEEN_SECONDS})
+            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now})
     return replies
 
 
@@ -397,7 +395,7 @@ def _finish_sqlite(queue: Queue, worker_id: str, members: list[MemberFinish], no
             queue._event(conn, m.job_id, m.attempt_id, m.outcome, _finish_message(m.outcome, values, m.error), now)
             replies[m.job_id] = Reply(ok=True, state=values["state"])
         if replies:
-            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now, "seen_before": now - WORKER_SEEN_SECONDS})
+            conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now})
     return replies
 
 

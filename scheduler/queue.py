@@ -45,10 +45,12 @@ ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at le
 WORKER_SEEN_SECONDS = 5.0  # a claim, finish or heartbeat refreshes workers.last_seen_at when older than this
 # A claim, a finish and a heartbeat refresh the worker's last_seen_at at most every WORKER_SEEN_SECONDS: the
 # row's only per-job write. GET /workers derives busy/idle and the current job from running jobs.
-WORKER_SEEN = "UPDATE workers SET last_seen_at = :now WHERE id = :wid AND last_seen_at < :seen_before"
-# The same inside a Postgres statement's CTE (`{worker}`: which row), the threshold written in.
-WORKER_SEEN_NOW = ("UPDATE workers SET last_seen_at = :now WHERE {worker} "
-                   f"AND last_seen_at < CAST(:now AS double precision) - {WORKER_SEEN_SECONDS}")
+# `{worker}`: which row (a Postgres statement's CTE names it from its other parts); WORKER_SEEN stands alone.
+WORKER_SEEN_OF = ("UPDATE workers SET last_seen_at = :now WHERE {worker} "
+                  f"AND last_seen_at < CAST(:now AS double precision) - {WORKER_SEEN_SECONDS}")
+WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid")
+# A heartbeat's or a finish's: only when its fenced job UPDATE (CTE `job`) held.
+_FENCED_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")
 # (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
 CLAIM_FLOOR = (-2_000_000_000, 0)
 _JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
@@ -77,7 +79,7 @@ _FINISH_READ = select(
 # set_config(..., true) is SET LOCAL: this statement's transaction commits without waiting for the WAL
 # flush. A heartbeat lost in a Postgres crash only shortens a lease; claims and finishes stay synchronous.
 _PG_HEARTBEAT = _pyformat(
-    """
+    f"""
     WITH job AS (
         UPDATE jobs SET lease_expires_at = :lease, step = COALESCE(:step, step),
             progress_done = COALESCE(:progress_done, progress_done),
@@ -90,10 +92,7 @@ _PG_HEARTBEAT = _pyformat(
         SELECT :b_job_id, :b_attempt_id, m.step, m."time", m."values"
         FROM job, json_to_recordset(:metrics) AS m(step integer, "time" double precision, "values" json)
     ),
-    worker AS (
-        UPDATE workers SET last_seen_at = :now FROM job
-        WHERE workers.id = job.worker_id AND workers.last_seen_at < :seen_before
-    )
+    worker AS ({_FENCED_WORKER_SEEN})
     SELECT cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
 )
@@ -146,7 +145,7 @@ _CLAIM_COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_
 _PG_CLAIM = _pyformat(
     f"""
     WITH {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED)},
-    worker AS ({WORKER_SEEN_NOW.format(worker="id = :wid")})
+    worker AS ({WORKER_SEEN})
     SELECT {_CLAIM_COLUMNS}
     FROM claimed
     """
@@ -327,8 +326,7 @@ class Queue:
     def _saw_worker(self, conn: Any, worker_id: str | None, now: float) -> None:
         """Refresh the worker's last_seen_at, at most every WORKER_SEEN_SECONDS (raw connection)."""
         if worker_id:
-            conn.execute(self._sql(WORKER_SEEN), {"wid": worker_id, "now": now,
-                                                  "seen_before": now - WORKER_SEEN_SECONDS})
+            conn.execute(self._sql(WORKER_SEEN), {"wid": worker_id, "now": now})
 
     def claim_floor(self, filters: tuple, scan: bool) -> tuple[int, int]:
         """Where a claim with these filters starts its scan of ix_jobs_claim: CLAIM_FLOOR (every job) when it
@@ -378,9 +376,9 @@ class Queue:
             ).first()
         return found is not None
 
-    def touch_worker(self, conn: Connection, worker_id: str | None, now: float, **values) -> None:
+    def touch_worker(self, conn: Connection, worker_id: str | None, now: float) -> None:
         if worker_id:
-            conn.execute(_UPDATE_WORKER, {"b_worker_id": worker_id, "last_seen_at": now, **values})
+            conn.execute(_UPDATE_WORKER, {"b_worker_id": worker_id, "last_seen_at": now})
 
     # ---- claim ---------------------------------------------------------------------------------
     def claim(
@@ -556,8 +554,7 @@ class Queue:
             values["progress_done"], values["progress_total"] = progress
         params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "lease": lease,
                   "step": step, "progress_done": values.get("progress_done"),
-                  "progress_total": values.get("progress_total"), "now": now,
-                  "seen_before": now - WORKER_SEEN_SECONDS}
+                  "progress_total": values.get("progress_total"), "now": now}
         if not self._sqlite:
             params["metrics"] = Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])
             with self._autocommit.connection() as conn:
@@ -572,7 +569,7 @@ class Queue:
             if metrics:
                 conn.executemany(NEW_METRIC, [{"job_id": job_id, "attempt_id": attempt_id, "step": m.step,
                                                "time": m.time, "values": json.dumps(m.values)} for m in metrics])
-            conn.execute(WORKER_SEEN, {"wid": row["worker_id"], "now": now, "seen_before": params["seen_before"]})
+            conn.execute(WORKER_SEEN, {"wid": row["worker_id"], "now": now})
         return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
 
     def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], *, worker_id: str) -> Reply:
@@ -787,7 +784,7 @@ class Queue:
         return self._pg_finish_statement(("finish",), outcome, values, error, now, job_id, attempt_id, worker_id,
                                          lambda ctes: f"""
                 WITH {ctes},
-                worker AS ({WORKER_SEEN_NOW.format(worker="workers.id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")})
+                worker AS ({_FENCED_WORKER_SEEN})
                 SELECT 1 FROM job
                 """)
 
@@ -805,7 +802,7 @@ class Queue:
             ("finish_and_claim",), outcome, values, error, now, job_id, attempt_id, worker_id, lambda ctes: f"""
                 WITH {ctes},
                 {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED_AFTER_FINISH)},
-                worker AS ({WORKER_SEEN_NOW.format(worker="workers.id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")})
+                worker AS ({_FENCED_WORKER_SEEN})
                 SELECT {", ".join(f"claimed.{column}" for column in _CLAIM_COLUMNS.split(", "))}
                 FROM job LEFT JOIN claimed ON true
                 """)
