@@ -130,13 +130,13 @@ def _stop(processes) -> None:
 
 
 # ---- tests -------------------------------------------------------------------------------------------
-def race(worker, db_url: str):
-    """N_WORKERS processes running `worker(db_url, name, barrier, results)`, started together at a barrier;
+def race(worker, db_url: str, workers: int = N_WORKERS):
+    """`workers` processes running `worker(db_url, name, barrier, results)`, started together at a barrier;
     returns the processes (joined), each one's report, and the seconds from the barrier to the last report."""
-    barrier = SPAWN.Barrier(N_WORKERS + 1)  # the workers and this process: all go at once
+    barrier = SPAWN.Barrier(workers + 1)  # the workers and this process: all go at once
     results = SPAWN.Queue()
     processes = [SPAWN.Process(target=worker, args=(db_url, f"w{i:02d}", barrier, results), daemon=True)
-                 for i in range(N_WORKERS)]
+                 for i in range(workers)]
     try:
         for p in processes:
             p.start()

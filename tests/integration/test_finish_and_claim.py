@@ -397,19 +397,10 @@ def _cycling_worker(db_url: str, name: str, barrier, results) -> None:
 
 
 def test_processes_racing_through_finish_and_claim_claim_each_job_exactly_once(db_url, engine):
-    from test_claim_race import RUN_TIMEOUT, SPAWN, START_TIMEOUT, _get, _stop
+    from test_claim_race import race
 
     _, ids = grid(engine, "race", RACE_JOBS)
-    barrier, results = SPAWN.Barrier(RACERS + 1), SPAWN.Queue()
-    processes = [SPAWN.Process(target=_cycling_worker, args=(db_url, f"w{i}", barrier, results), daemon=True)
-                 for i in range(RACERS)]
-    try:
-        for p in processes:
-            p.start()
-        barrier.wait(timeout=START_TIMEOUT)
-        reports = [_get(results, RUN_TIMEOUT) for _ in processes]
-    finally:
-        _stop(processes)
+    _, reports, _ = race(_cycling_worker, db_url, workers=RACERS)
     errors = [f"{r['name']}:\n{r['error']}" for r in reports if r["error"]]
     assert not errors, "worker processes failed:\n" + "\n".join(errors)
     claims = [(job_id, attempt_id, r["name"]) for r in reports for job_id, attempt_id in r["claims"]]
