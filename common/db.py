@@ -129,9 +129,10 @@ class AutocommitConnections:
 
     def __init__(self, engine: Engine, prepare_threshold: int | None = 5, **connect_kwargs):
         self._dialect = engine.dialect
-        cargs, cparams = engine.dialect.create_connect_args(engine.url)  # what the engine's pool connects with
-        if cparams.get("options") and connect_kwargs.get("options"):  # ours after the URL's own
-            connect_kwargs["options"] = f"{cparams['options']} {connect_kwargs['options']}"
+        url = engine.url  # what the engine's pool connects with; `options` go after the URL's own
+        if "options" in connect_kwargs:
+            url = _with_server_options(url, connect_kwargs.pop("options"))
+        cargs, cparams = engine.dialect.create_connect_args(url)
         self._connect_args = cargs, {**cparams, **connect_kwargs, "autocommit": True,
                                      "prepare_threshold": prepare_threshold}
         self._idle: deque[psycopg.Connection] = deque()  # append/pop are atomic: no lock needed
