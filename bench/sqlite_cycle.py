@@ -1,7 +1,6 @@
 """SQLite: what one claim+finish cycle costs, four ways side by side in one process (issue 15).
 
     .venv/bin/python bench/sqlite_cycle.py                      # 12,000 cycles each, blocks of 500
-    .venv/bin/python bench/sqlite_cycle.py --drop-grid-state    # without ix_jobs_grid_state (migration 0010)
     .venv/bin/python bench/sqlite_cycle.py --other-grids 500     # beside 500 finished grids
 
 Read `main`: the loops take turns in blocks of --block cycles on one database (and one process), so load from
@@ -12,7 +11,7 @@ other work on the machine falls on all of them alike; each prints its CPU us per
     one tx    Queue.finish_and_claim(succeeded): one transaction, the embedded agent's cycle
     raw 1 tx  the statements finish_and_claim runs, from a plain sqlite3 loop: the cycle's SQLite cost alone
 `one tx - raw 1 tx` is what the Queue's Python adds; `raw 1 tx / bare` is what the schema's writes cost (the
-job row's indexes, the attempt, the event, the worker row: bench/README.md).
+job row's indexes, the attempt: bench/README.md).
 """
 from __future__ import annotations
 
@@ -79,8 +78,7 @@ class Loops:
         if finished is None:
             raise RuntimeError("finish refused")
         conn.execute(q.END_ATTEMPT, {"aid": attempt_id, "outcome": "succeeded", "now": now, "error": None})
-        conn.execute(q.NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": "succeeded",
-                                   "message": "attempt ended: succeeded; job is now succeeded"})
+        # no events row: a succeeded attempt's row is its end event (q.ENDS_IN_ATTEMPT_ROW)
         aid = q.new_id()
         floor = self.queue.claim_floor((("noop",), 0.0, False, None), False)
         row = conn.execute(q._SQLITE_CLAIM, {
@@ -88,7 +86,7 @@ class Loops:
             "trainers": json.dumps(["noop"]), "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
             "from_rank": floor[0], "from_id": floor[1]}).fetchone()
         conn.execute(q.NEW_ATTEMPT, {"aid": aid, "job_id": row["id"], "wid": wid, "now": now, "code_rev": None})
-        conn.execute(q.WORKER_SEEN, {"wid": wid, "now": now})
+        # no WORKER_SEEN: the Queue skips it while the last_seen_at it wrote is under 5 s old
         conn.execute("COMMIT")
         return SimpleJob(row["id"], aid)
 
@@ -102,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=12_000, help="cycles per loop (12,000)")
     parser.add_argument("--block", type=int, default=500, help="cycles per turn (500)")
-    parser.add_argument("--drop-grid-state", action="store_true", help="drop ix_jobs_grid_state first")
     parser.add_argument("--other-grids", type=int, default=0,
                         help="grids with no queued job beside the one claimed from (finished grids stay; 0)")
     args = parser.parse_args(argv)
@@ -123,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             conn.exec_driver_sql(BARE_SQLITE["setup"][0])
             conn.exec_driver_sql(BARE_SQLITE["setup"][1])
             conn.exec_driver_sql(BARE_SQLITE["setup"][2].format(n=args.cycles + 1_000))
-            if args.drop_grid_state:
-                conn.exec_driver_sql("DROP INDEX ix_jobs_grid_state")
             now = time.time()
             for i in range(args.other_grids):  # a finished grid stays 'active' with no queued job
                 conn.exec_driver_sql("INSERT INTO grids (name, trainer, spec, priority, max_attempts, state, created_at, "
@@ -133,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         loops = Loops(url)
         cpu = dict.fromkeys(LOOPS, 0.0)
         print(f"SQLite claim+finish, {args.cycles:,} cycles per loop in turns of {args.block}"
-              f"{', without ix_jobs_grid_state' if args.drop_grid_state else ''}, {args.other_grids} other grids; "
+              f", {args.other_grids} other grids; "
               f"load average {load1()}")
         for _ in range(args.cycles // args.block):
             for loop in LOOPS:

@@ -20,8 +20,8 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, WORKER_SEEN_OF, \
-    ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
+from scheduler.queue import ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, \
+    WORKER_SEEN_OF, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
 
 # A gang heartbeat's or finish's: only when some member's fenced UPDATE (CTE `job`) held.
 _GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
@@ -168,9 +168,9 @@ _PG_FINISH = _pyformat(
         UPDATE attempts SET outcome = job.outcome, ended_at = :now, error = job.error
         FROM job WHERE attempts.id = job.attempt_id AND attempts.outcome = 'running'
     ),
-    event AS (
+    event AS (  -- not for the ends an attempt row says in full (ENDS_IN_ATTEMPT_ROW)
         INSERT INTO events (job_id, attempt_id, "time", kind, message)
-        SELECT id, attempt_id, :now, outcome, message FROM job
+        SELECT id, attempt_id, :now, outcome, message FROM job WHERE outcome <> ALL(:in_attempt_row)
     ),
     worker AS (""" + _GANG_WORKER_SEEN + """)
     SELECT id, state FROM job
@@ -370,7 +370,7 @@ def _finish_params(queue: Queue, worker_id: str, members: list[MemberFinish], lo
         payload.append({"job_id": m.job_id, "attempt_id": m.attempt_id, "outcome": m.outcome, "error": m.error,
                         "message": _finish_message(m.outcome, values, m.error),
                         "v": {k: v for k, v in values.items() if k not in _RELEASED}})
-    return {"members": Json(payload), "wid": worker_id, "now": now}
+    return {"members": Json(payload), "wid": worker_id, "now": now, "in_attempt_row": list(ENDS_IN_ATTEMPT_ROW)}
 
 
 class _Row:
@@ -392,7 +392,9 @@ def _finish_sqlite(queue: Queue, worker_id: str, members: list[MemberFinish], no
             values = queue._next_state(_Row(dict(row)), m.outcome, m.result, m.error, now)
             conn.execute(t.jobs.update().where(t.jobs.c.id == m.job_id), values)
             queue._end_attempt(conn, m.attempt_id, m.outcome, now, m.error)
-            queue._event(conn, m.job_id, m.attempt_id, m.outcome, _finish_message(m.outcome, values, m.error), now)
+            if m.outcome not in ENDS_IN_ATTEMPT_ROW:
+                queue._event(conn, m.job_id, m.attempt_id, m.outcome, _finish_message(m.outcome, values, m.error),
+                             now)
             replies[m.job_id] = Reply(ok=True, state=values["state"])
         if replies:
             conn.execute(text(WORKER_SEEN), {"wid": worker_id, "now": now})

@@ -1,17 +1,20 @@
 """Read models for the API and CLI: grid summaries with progress and best result, results, job views."""
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import math
 import time
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, exists, func, select
 
 from common import schema as t
 from common.db import read_tx
 from scheduler.grids import NotFound, grid_id_by_name
 from scheduler.policy import JOB_STATES, TERMINAL_STATES
+from scheduler.queue import ENDS_IN_ATTEMPT_ROW, attempt_end_event
 from scheduler.search import search_summary
 
 
@@ -206,13 +209,23 @@ def job_metrics(engine: Engine, job_id: int, after_step: int | None = None, limi
 
 
 def job_events(engine: Engine, job_id: int, limit: int = 1000) -> list[dict]:
+    """The job's first `limit` events in time order: its events rows, and the end of each attempt that ended in
+    ENDS_IN_ATTEMPT_ROW, read from the attempt row (the hot path writes no events row for those; one written
+    before it stopped, or by a path that still writes one, is not doubled)."""
+    a, e = t.attempts, t.events
     with read_tx(engine) as conn:
         if conn.execute(select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
             raise NotFound(f"no job {job_id}")
-        rows = conn.execute(
-            select(t.events).where(t.events.c.job_id == job_id).order_by(t.events.c.id).limit(limit)
-        ).mappings().all()
-    return [dict(r) for r in rows]
+        rows = conn.execute(select(e).where(e.c.job_id == job_id).order_by(e.c.id).limit(limit)).mappings().all()
+        ended = conn.execute(
+            select(a.c.id, a.c.job_id, a.c.outcome, a.c.ended_at, a.c.error)
+            .where(a.c.job_id == job_id, a.c.outcome.in_(ENDS_IN_ATTEMPT_ROW), a.c.ended_at.is_not(None),
+                   ~exists().where(e.c.attempt_id == a.c.id, e.c.kind == a.c.outcome))
+            .order_by(a.c.ended_at)).all()
+    # The rows keep their order; each attempt's end goes in after the rows of its time or earlier.
+    events = heapq.merge([dict(r) for r in rows], [attempt_end_event(attempt) for attempt in ended],
+                         key=lambda event: event["time"])
+    return list(itertools.islice(events, limit))
 
 
 def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:

@@ -46,8 +46,12 @@ def rows(engine, table, *order) -> list[dict]:
 
 
 def snapshot(engine) -> dict[str, list[dict]]:
-    return {"jobs": rows(engine, t.jobs, t.jobs.c.id), "attempts": rows(engine, t.attempts, t.attempts.c.id),
-            "events": rows(engine, t.events, t.events.c.id), "workers": rows(engine, t.workers, t.workers.c.id)}
+    """Every row a cycle writes; `events` as GET /jobs/{id}/events shows them (an attempt row can be its end
+    event), job by job."""
+    jobs = rows(engine, t.jobs, t.jobs.c.id)
+    return {"jobs": jobs, "attempts": rows(engine, t.attempts, t.attempts.c.id),
+            "events": [e for j in jobs for e in reports.job_events(engine, j["id"])],
+            "workers": rows(engine, t.workers, t.workers.c.id)}
 
 
 def worker(engine, worker_id: str) -> dict:

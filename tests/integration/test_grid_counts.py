@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 from alembic import command
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 
 from common import schema as t
 from common.db import alembic_config, make_engine
+from scheduler import reports
 from scheduler.grids import cancel_grid, retry_job, submit_grid
 from scheduler.policy import JOB_STATES, RetryPolicy
 from scheduler.queue import Queue
@@ -89,9 +90,36 @@ def test_counts_follow_claims_finishes_retries_and_cancels(engine):
     assert counts_of(engine, "other") == {"queued": 2}
 
 
+def test_an_attempt_row_is_its_end_event_in_time_order_and_an_old_events_row_is_not_doubled(engine):
+    """A succeeded finish writes no events row; GET /jobs/{id}/events shows its end from the attempt, between
+    the events before and after it. A job finished by the code before (an events row for that end) shows it
+    once."""
+    queue = Queue(engine, RetryPolicy(lease_seconds=30.0))
+    worker = queue.register_worker("w", "host", ["noop"])
+    submit(engine, "g", 2)
+    first = queue.claim(worker, trainers=["noop"], now=1000.0)
+    assert queue.add_events(first.id, first.attempt_id, [("log", "before the end")], now=1500.0, worker_id=worker).ok
+    assert queue.finish(first.id, first.attempt_id, "succeeded", {"loss": 1.0}, now=2000.0, worker_id=worker).ok
+    with engine.begin() as conn:
+        assert conn.execute(select(func.count()).select_from(t.events)
+                            .where(t.events.c.kind == "succeeded")).scalar_one() == 0
+        conn.execute(t.events.insert().values(job_id=first.id, time=2500.0, kind="note", message="after the end"))
+    assert [(e["time"], e["kind"], e["attempt_id"]) for e in reports.job_events(engine, first.id)] == [
+        (1500.0, "log", first.attempt_id), (2000.0, "succeeded", first.attempt_id), (2500.0, "note", None)]
+    assert reports.job_events(engine, first.id, limit=2)[-1]["message"] == \
+        "attempt ended: succeeded; job is now succeeded"
+
+    second = queue.claim(worker, trainers=["noop"], now=3000.0)
+    assert queue.finish(second.id, second.attempt_id, "succeeded", {"loss": 2.0}, now=4000.0, worker_id=worker).ok
+    with engine.begin() as conn:  # as the code before this one left it
+        conn.execute(t.events.insert().values(job_id=second.id, attempt_id=second.attempt_id, time=4000.0,
+                                              kind="succeeded", message="attempt ended: succeeded; job is now succeeded"))
+    assert [(e["kind"], e["id"] is not None) for e in reports.job_events(engine, second.id)] == [("succeeded", True)]
+
 def test_each_finish_writes_its_attempt_and_event(engine):
     """The finish statement (Postgres: one statement per shape, constants in its text) ends the attempt with
-    its outcome and error and adds one event, for each outcome; the job row gets the new state's values."""
+    its outcome and error and adds one event, for each outcome (as GET /jobs/{id}/events reads them: for
+    succeeded, cancelled and pruned the attempt row is the event); the job row gets the new state's values."""
     queue = Queue(engine, RetryPolicy(lease_seconds=30.0, max_lost=3, backoff_base_seconds=5.0))
     worker = queue.register_worker("w", "host", ["noop"])
     submit(engine, "g", 5)
@@ -103,10 +131,10 @@ def test_each_finish_writes_its_attempt_and_event(engine):
         assert reply.ok
         with engine.connect() as conn:
             attempt = conn.execute(select(t.attempts).where(t.attempts.c.id == job.attempt_id)).mappings().one()
-            events = conn.execute(select(t.events.c.kind, t.events.c.message)
-                                  .where(t.events.c.attempt_id == job.attempt_id)).all()
             row = conn.execute(select(t.jobs).where(t.jobs.c.id == job.id)).mappings().one()
         assert (attempt["outcome"], attempt["ended_at"], attempt["error"]) == (outcome, 2000.0, error)
+        events = [(e["kind"], e["message"]) for e in reports.job_events(engine, job.id)
+                  if e["attempt_id"] == job.attempt_id]
         assert [kind for kind, _ in events] == [outcome]
         assert events[0][1].startswith(f"attempt ended: {outcome}; job is now {reply.state}")
         assert (row["attempt_id"], row["worker_id"], row["lease_expires_at"]) == (None, None, None)
