@@ -101,9 +101,11 @@ _QUEUED = text("state = 'queued'")
 _RUNNING = text("state = 'running'")
 # The claim scans queued jobs by rank, then id.
 Index("ix_jobs_claim", -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED, sqlite_where=_QUEUED)
-# A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order.
-Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED,
-      sqlite_where=_QUEUED)
+# A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order. Jobs without
+# a key gang only themselves and are never read through it, so it does not hold them (migration 0012).
+_QUEUED_WITH_KEY = text("state = 'queued' AND fuse_key IS NOT NULL")
+Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED_WITH_KEY,
+      sqlite_where=_QUEUED_WITH_KEY)
 # Running jobs by worker: the expiry scan and "what does this worker still run". No lease in it (heartbeats).
 # No deduplication: a posting list holding the live running job is never removed (migration 0011).
 Index("ix_jobs_running", jobs.c.worker_id, postgresql_where=_RUNNING, sqlite_where=_RUNNING,

@@ -193,6 +193,26 @@ def test_migration_0011_turns_deduplication_off_for_ix_jobs_running_and_back(db_
         engine.dispose()
 
 
+def test_migration_0012_keeps_jobs_without_a_fuse_key_out_of_ix_jobs_gang_and_back(db_url):
+    """A claim of a job without a fuse key wrote ix_jobs_gang (SQLite: a page in every cycle's commit), though
+    no gang claim reads such a job through it. Down and up keep the jobs; gang claims still find keyed ones."""
+    engine = make_engine(db_url)
+    definition = ("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_gang'" if engine.dialect.name == "sqlite"
+                  else "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_gang'")
+    try:
+        submit(engine, "kept", 3)
+        with engine.connect() as conn:
+            assert "fuse_key IS NOT NULL" in conn.execute(text(definition)).scalar()
+        command.downgrade(alembic_config(db_url), "0011")
+        with engine.connect() as conn:
+            assert "fuse_key IS NOT NULL" not in conn.execute(text(definition)).scalar()
+        command.upgrade(alembic_config(db_url), "head")
+        with engine.connect() as conn:
+            assert "fuse_key IS NOT NULL" in conn.execute(text(definition)).scalar()
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
+    finally:
+        engine.dispose()
+
 def explain_analyze(conn, statement: str, params: dict) -> dict:
     """EXPLAIN ANALYZE of one statement, rolled back (a data-modifying statement changes nothing)."""
     with conn.transaction(force_rollback=True):
