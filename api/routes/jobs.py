@@ -57,6 +57,8 @@ def get_metrics(
 @router.get("/jobs/{job_id}/events", dependencies=[Depends(auth.any_role)])
 def get_events(job_id: JobId, limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                engine: Engine = Depends(get_engine)):
+    """The job's first `limit` events in time order. The end of an attempt that succeeded, was cancelled or
+    pruned comes from the attempt itself and has `id` null (docs/queue.md)."""
     return JSONResponse({"job_id": job_id, "events": reports.job_events(engine, job_id, limit)})
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any, Callable
 
 from alembic import command
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from common.db import alembic_config, make_engine
+from scheduler.gang import claim_gang
 from scheduler.grids import submit_grid
 from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat, _SQLITE_CLAIM, Queue
 from scheduler.spec import GridSpec
@@ -170,48 +172,51 @@ def test_claims_finishes_and_heartbeats_refresh_the_workers_last_seen_at_most_ev
     assert seen() == (t0 + 2 * WORKER_SEEN_SECONDS + 2, "idle")
 
 
+def _down_and_up(db_url: str, before: str, done: Callable[[Any], bool]) -> Engine:
+    """Check `done(conn)` holds at head, not after downgrading to `before`, and again after upgrading back,
+    with the three jobs submitted first kept. Returns the engine (the caller disposes of it)."""
+    engine = make_engine(db_url)
+    submit(engine, "kept", 3)
+    with engine.connect() as conn:
+        assert done(conn)
+    command.downgrade(alembic_config(db_url), before)
+    with engine.connect() as conn:
+        assert not done(conn)
+    command.upgrade(alembic_config(db_url), "head")
+    with engine.connect() as conn:
+        assert done(conn)
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
+    return engine
+
+
 def test_migration_0011_turns_deduplication_off_for_ix_jobs_running_and_back(db_url):
     """Postgres merged a worker's running job and its finished jobs' dead entries into one posting list that
     never died: the expiry scan read 377 pages after 20,000 jobs of four workers instead of 28."""
-    engine = make_engine(db_url)
-    if engine.dialect.name != "postgresql":
-        engine.dispose()
+    if db_url.startswith("sqlite"):
         return  # SQLite's B-trees do not deduplicate
     options = "SELECT coalesce(reloptions, '{}') FROM pg_class WHERE relname = 'ix_jobs_running'"
-    try:
-        submit(engine, "kept", 3)
-        with engine.connect() as conn:
-            assert "deduplicate_items=off" in conn.execute(text(options)).scalar()
-        command.downgrade(alembic_config(db_url), "0010")
-        with engine.connect() as conn:
-            assert conn.execute(text(options)).scalar() == []
-        command.upgrade(alembic_config(db_url), "head")
-        with engine.connect() as conn:
-            assert "deduplicate_items=off" in conn.execute(text(options)).scalar()
-            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
-    finally:
-        engine.dispose()
+    _down_and_up(db_url, "0010", lambda conn: "deduplicate_items=off" in conn.execute(text(options)).scalar()).dispose()
 
 
 def test_migration_0012_keeps_jobs_without_a_fuse_key_out_of_ix_jobs_gang_and_back(db_url):
     """A claim of a job without a fuse key wrote ix_jobs_gang (SQLite: a page in every cycle's commit), though
-    no gang claim reads such a job through it. Down and up keep the jobs; gang claims still find keyed ones."""
-    engine = make_engine(db_url)
-    definition = ("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_gang'" if engine.dialect.name == "sqlite"
-                  else "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_gang'")
+    no gang claim reads such a job through it. Down and up keep the jobs; a gang claim still takes keyed ones."""
+    def keyed_only(conn) -> bool:
+        definition = ("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_gang'" if conn.dialect.name == "sqlite"
+                      else "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_gang'")
+        return "fuse_key IS NOT NULL" in conn.execute(text(definition)).scalar()
+
+    engine = _down_and_up(db_url, "0011", keyed_only)
     try:
-        submit(engine, "kept", 3)
-        with engine.connect() as conn:
-            assert "fuse_key IS NOT NULL" in conn.execute(text(definition)).scalar()
-        command.downgrade(alembic_config(db_url), "0011")
-        with engine.connect() as conn:
-            assert "fuse_key IS NOT NULL" not in conn.execute(text(definition)).scalar()
-        command.upgrade(alembic_config(db_url), "head")
-        with engine.connect() as conn:
-            assert "fuse_key IS NOT NULL" in conn.execute(text(definition)).scalar()
-            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET fuse_key = 'k' WHERE id > (SELECT min(id) FROM jobs)"))
+        queue = Queue(engine)
+        worker = queue.register_worker("w", "h", ["noop"])
+        assert [len(claim_gang(queue, worker, 8, trainers=["noop"])) for _ in range(3)] == [1, 2, 0]
+        queue.close()
     finally:
         engine.dispose()
+
 
 def explain_analyze(conn, statement: str, params: dict) -> dict:
     """EXPLAIN ANALYZE of one statement, rolled back (a data-modifying statement changes nothing)."""
