@@ -27,6 +27,8 @@ from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
+import psycopg
+from psycopg.adapt import Dumper
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text, update
@@ -430,7 +432,7 @@ class Queue:
             "any_trainer": trainers is None,
             # An empty list matches no trainer ("" is never a trainer name; Postgres text
             # cannot hold the NUL byte this used to be). SQLite: one JSON parameter.
-            "trainers": _json_list(tuple(trainer_list or [""])) if self._sqlite else trainer_list or [""],
+            "trainers": (_json_list if self._sqlite else _text_array)(tuple(trainer_list or [""])),
             "can_pin": can_pin_code,
             "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
         }
@@ -1034,6 +1036,32 @@ def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> 
     if error:
         message += f"\n{error}"
     return message
+
+
+class TextArray:
+    """A claim's trainer list for psycopg as the text[] literal it dumps to, made once per list: psycopg's list
+    dumper looks for the element type and dumps each element on every run (6 of a cycle's 17 us of dumping)."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, items: tuple[str, ...]):
+        quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+        self.literal = ("{" + ",".join(quoted) + "}").encode()
+
+
+class _TextArrayDumper(Dumper):
+    oid = psycopg.postgres.types["text"].array_oid
+
+    def dump(self, obj: TextArray) -> bytes:
+        return obj.literal
+
+
+psycopg.adapters.register_dumper(TextArray, _TextArrayDumper)
+
+
+@lru_cache(maxsize=64)
+def _text_array(items: tuple[str, ...]) -> TextArray:
+    return TextArray(items)
 
 
 @lru_cache(maxsize=64)
