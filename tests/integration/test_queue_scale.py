@@ -13,7 +13,7 @@ from sqlalchemy import Engine, inspect, text
 from common.db import alembic_config, make_engine
 from scheduler.gang import claim_gang
 from scheduler.grids import submit_grid
-from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat, _SQLITE_CLAIM, Queue
+from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat, _SQLITE_CLAIM, Queue, TextArray
 from scheduler.spec import GridSpec
 from worker.trainers import validate_config
 
@@ -263,6 +263,27 @@ def test_jit_off_keeps_the_server_options_a_database_url_names(db_url):
             raw = [next(iter(conn.execute(f"SHOW {name}").fetchone().values()))
                    for name in ("statement_timeout", "jit", "enable_sort")]
         assert (pooled, raw) == (["98765ms", "off"], ["98765ms", "off", "off"])
+    finally:
+        queue.close()
+        engine.dispose()
+
+
+def test_a_claims_trainer_list_reaches_postgres_as_the_same_text_array(db_url):
+    """The trainer list is dumped once as a text[] literal (queue.TextArray): quotes, backslashes, commas,
+    braces, spaces and the word NULL come back as the same strings, and a claim filters by them."""
+    if db_url.startswith("sqlite"):
+        return  # SQLite takes the list as one JSON parameter
+    names = ("noop", 'a"b', "c\\d", "x,y", "{z}", "NULL", " sp ", "")
+    engine = make_engine(db_url)
+    queue = Queue(engine)
+    try:
+        with queue._autocommit.connection() as conn:
+            assert tuple(next(iter(conn.execute("SELECT %(t)s::text[] AS t", {"t": TextArray(names)}).fetchone()
+                                   .values()))) == names
+        submit(engine, "g", 2)
+        worker = queue.register_worker("w", "h", ["noop"])
+        assert queue.claim(worker, trainers=['a"b', "x,y"]) is None
+        assert queue.claim(worker, trainers=["{z}", "noop"]) is not None
     finally:
         queue.close()
         engine.dispose()
