@@ -20,8 +20,8 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, WORKER_SEEN, \
-    WORKER_SEEN_OF, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
+from scheduler.queue import _ROW_FREE_OUTCOMES, ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, \
+    WORKER_SEEN, WORKER_SEEN_OF, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
 
 # A gang heartbeat's or finish's: only when some member's fenced UPDATE (CTE `job`) held.
 _GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
@@ -170,7 +170,8 @@ _PG_FINISH = _pyformat(
     ),
     event AS (  -- not for the ends an attempt row says in full (ENDS_IN_ATTEMPT_ROW)
         INSERT INTO events (job_id, attempt_id, "time", kind, message)
-        SELECT id, attempt_id, :now, outcome, message FROM job WHERE outcome <> ALL(:in_attempt_row)
+        SELECT id, attempt_id, :now, outcome, message FROM job
+        WHERE outcome NOT IN (""" + ", ".join(f"'{outcome}'" for outcome in ENDS_IN_ATTEMPT_ROW) + """)
     ),
     worker AS (""" + _GANG_WORKER_SEEN + """)
     SELECT id, state FROM job
@@ -191,7 +192,6 @@ _SQLITE_FINISH_READ = text(
     WHERE id IN :ids AND worker_id = :wid AND state = 'running'
     """
 ).bindparams(bindparam("ids", expanding=True))
-_ROW_FREE = ("succeeded", "cancelled", "pruned")
 _PG_KNOWN = _pyformat("SELECT id FROM jobs WHERE id = ANY(:ids)")
 _KNOWN = text("SELECT id FROM jobs WHERE id IN :ids").bindparams(bindparam("ids", expanding=True))
 
@@ -349,7 +349,7 @@ def finish_gang(queue: Queue, worker_id: str, members: list[MemberFinish], now: 
 def _finish(queue: Queue, worker_id: str, members: list[MemberFinish], now: float) -> dict[int, Reply]:
     if queue._sqlite:
         return _finish_sqlite(queue, worker_id, members, now)
-    if all(m.outcome in _ROW_FREE for m in members):  # the common case: one statement
+    if all(m.outcome in _ROW_FREE_OUTCOMES for m in members):  # the common case: one statement
         with queue._autocommit.connection() as conn:
             rows = conn.execute(_PG_FINISH, _finish_params(queue, worker_id, members, {}, now)).fetchall()
         return {row["id"]: Reply(ok=True, state=row["state"]) for row in rows}
@@ -364,13 +364,13 @@ def _finish_params(queue: Queue, worker_id: str, members: list[MemberFinish], lo
                    now: float) -> dict[str, Any]:
     payload = []
     for m in members:
-        if m.outcome not in _ROW_FREE and m.job_id not in locked:
+        if m.outcome not in _ROW_FREE_OUTCOMES and m.job_id not in locked:
             continue  # not held by this worker: the fence would refuse it anyway
         values = queue._next_state(_Row(locked.get(m.job_id)), m.outcome, m.result, m.error, now)
         payload.append({"job_id": m.job_id, "attempt_id": m.attempt_id, "outcome": m.outcome, "error": m.error,
                         "message": _finish_message(m.outcome, values, m.error),
                         "v": {k: v for k, v in values.items() if k not in _RELEASED}})
-    return {"members": Json(payload), "wid": worker_id, "now": now, "in_attempt_row": list(ENDS_IN_ATTEMPT_ROW)}
+    return {"members": Json(payload), "wid": worker_id, "now": now}
 
 
 class _Row:

@@ -345,7 +345,7 @@ class Queue:
         """Refresh the worker's last_seen_at, at most every WORKER_SEEN_SECONDS (raw connection). While the value
         this Queue wrote last is that fresh the statement would change nothing, so it is not run (5 us of a
         SQLite cycle). Should the caller's transaction roll back, the next refresh comes at most that late."""
-        if worker_id and not now - self._seen_written.get(worker_id, -math.inf) < WORKER_SEEN_SECONDS:
+        if worker_id and now - self._seen_written.get(worker_id, -math.inf) >= WORKER_SEEN_SECONDS:
             if conn.execute(self._sql(WORKER_SEEN), {"wid": worker_id, "now": now}).rowcount:
                 self._seen_written[worker_id] = now
 
@@ -590,7 +590,7 @@ class Queue:
             if metrics:
                 conn.executemany(NEW_METRIC, [{"job_id": job_id, "attempt_id": attempt_id, "step": m.step,
                                                "time": m.time, "values": json.dumps(m.values)} for m in metrics])
-            conn.execute(WORKER_SEEN, {"wid": row["worker_id"], "now": now})
+            self._saw_worker(conn, row["worker_id"], now)
         return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
 
     def set_checkpoint(self, job_id: int, attempt_id: str, pointer: dict[str, Any], *, worker_id: str) -> Reply:

@@ -210,8 +210,8 @@ def job_metrics(engine: Engine, job_id: int, after_step: int | None = None, limi
 
 def job_events(engine: Engine, job_id: int, limit: int = 1000) -> list[dict]:
     """The job's first `limit` events in time order: its events rows, and the end of each attempt that ended in
-    ENDS_IN_ATTEMPT_ROW, read from the attempt row (the hot path writes no events row for those; one written
-    before it stopped, or by a path that still writes one, is not doubled)."""
+    ENDS_IN_ATTEMPT_ROW, read from the attempt row (no finish writes an events row for those; one that an
+    earlier version stored is shown once, not twice)."""
     a, e = t.attempts, t.events
     with read_tx(engine) as conn:
         if conn.execute(select(t.jobs.c.id).where(t.jobs.c.id == job_id)).first() is None:
