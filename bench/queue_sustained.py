@@ -100,16 +100,15 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], two_calls
 def _claim_buffers(queue) -> dict[str, int]:
     """Buffers the claim's pick reads (EXPLAIN ANALYZE in a rolled-back transaction): from this Queue's claim
     floor, and from the start."""
-    from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat
+    from scheduler.claim_sql import CLAIM_FLOOR, pick, pyformat
 
-    pick = _pyformat(_CLAIM_PICK.format(trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED",
-                                        indexed_by=""))
-    floor = queue._claim_floors.get((("noop",), 0.0, False, None), CLAIM_FLOOR)
+    filters = (("noop",), 0.0, False, None)  # the claim's filters: trainers=["noop"]
+    statement = pyformat(pick(filters, True))
+    floor = queue._claim_floors.get(filters, CLAIM_FLOOR)
     out = {}
     for name, (rank, job_id) in (("floor", floor), ("start", CLAIM_FLOOR)):
-        params = {"now": time.time(), "gpus": 0.0, "any_trainer": False, "trainers": ["noop"], "can_pin": False,
-                  "any_grid": True, "grid_id": 0, "from_rank": rank, "from_id": job_id}
-        out[name] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + pick, params)
+        params = {"now": time.time(), "from_rank": rank, "from_id": job_id}
+        out[name] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params)
     out["expiry"] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
                                      + queue._sql(queue._expired_sql), {"now": time.time(), "expired_since": 0.0})
     return out

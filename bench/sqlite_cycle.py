@@ -16,7 +16,6 @@ job row's indexes, the attempt: bench/README.md).
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import sys
 import time
@@ -68,6 +67,7 @@ class Loops:
     def _raw_cycle(self, job_id: int, attempt_id: str):
         """finish_and_claim's statements (scheduler/queue.py), without the Queue's Python around them."""
         from scheduler import queue as q
+        from scheduler.claim_sql import sqlite_claim
 
         conn, wid, now = self.conn, self.worker_id, time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -80,11 +80,10 @@ class Loops:
         conn.execute(q.END_ATTEMPT, {"aid": attempt_id, "outcome": "succeeded", "now": now, "error": None})
         # no events row: a succeeded attempt's row is its end event (q.ENDS_IN_ATTEMPT_ROW)
         aid = q.new_id()
-        floor = self.queue.claim_floor((("noop",), 0.0, False, None), False)
-        row = conn.execute(q._SQLITE_CLAIM, {
-            "aid": aid, "wid": wid, "lease": now + 60.0, "now": now, "gpus": 0.0, "any_trainer": False,
-            "trainers": json.dumps(["noop"]), "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
-            "from_rank": floor[0], "from_id": floor[1]}).fetchone()
+        filters = (("noop",), 0.0, False, None)  # the claim's filters: trainers=["noop"]
+        floor = self.queue.claim_floor(filters, False)
+        row = conn.execute(sqlite_claim(filters), {
+            "aid": aid, "wid": wid, "lease": now + 60.0, "now": now, "from_rank": floor[0], "from_id": floor[1]}).fetchone()
         conn.execute(q.NEW_ATTEMPT, {"aid": aid, "job_id": row["id"], "wid": wid, "now": now, "code_rev": None})
         # no WORKER_SEEN: the Queue skips it while the last_seen_at it wrote is under 5 s old
         conn.execute("COMMIT")

@@ -20,8 +20,10 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.queue import _ROW_FREE_OUTCOMES, ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, SQLITE_TRAINER_IN, \
-    WORKER_SEEN, WORKER_SEEN_OF, ClaimedJob, Metric, Queue, Reply, _finish_message, _json, _pyformat, _stale, new_id
+from scheduler.claim_sql import WORKER_SEEN, WORKER_SEEN_OF
+from scheduler.claim_sql import pyformat as _pyformat
+from scheduler.queue import _ROW_FREE_OUTCOMES, ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, ClaimedJob, Metric, Queue, \
+    Reply, _finish_message, _json, _stale, new_id
 
 # A gang heartbeat's or finish's: only when some member's fenced UPDATE (CTE `job`) held.
 _GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
@@ -87,7 +89,8 @@ _PG_CLAIM = _pyformat(
 )
 # SQLite: the same two picks, inside BEGIN IMMEDIATE (one writer at a time: nothing to skip), on the Queue's
 # raw sqlite3 connection; INDEXED BY as in Queue.claim (without statistics SQLite sorted the grid's jobs).
-_SQLITE_CLAIMABLE = _CLAIMABLE.format(trainer_in=SQLITE_TRAINER_IN)
+# SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
+_SQLITE_CLAIMABLE = _CLAIMABLE.format(trainer_in="trainer IN (SELECT value FROM json_each(:trainers))")
 _SQLITE_FIRST = _FIRST.format(claimable=_SQLITE_CLAIMABLE, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
 _SQLITE_MEMBERS = f"""
     SELECT id FROM jobs INDEXED BY ix_jobs_gang

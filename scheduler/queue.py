@@ -19,22 +19,23 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
-import psycopg
-from psycopg.adapt import Dumper
 from psycopg.rows import dict_row
 from psycopg.types.json import Json
 from sqlalchemy import JSON, Connection, Engine, bindparam, insert, select, text, update
 
 from common import schema as t
 from common.db import AutocommitConnections, SqliteConnections, is_sqlite, write_tx
+from scheduler.claim_sql import (
+    CLAIM_COLUMNS, CLAIM_FLOOR, WORKER_SEEN, WORKER_SEEN_OF, WORKER_SEEN_SECONDS, ClaimFilters, pg_claim, pg_claim_ctes,
+    sqlite_claim,
+)
+from scheduler.claim_sql import pyformat as _pyformat
 from scheduler.policy import JOB_STATES, RetryPolicy
 from scheduler.pruning import Pruner
 
@@ -49,23 +50,9 @@ EXPIRED_BATCH = 50
 EXPIRY_SCAN_SECONDS = 1.0  # a claim looks for expired leases at most this often per Queue (and when it finds nothing)
 log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
-WORKER_SEEN_SECONDS = 5.0  # a claim, finish or heartbeat refreshes workers.last_seen_at when older than this
-# A claim, a finish and a heartbeat refresh the worker's last_seen_at at most every WORKER_SEEN_SECONDS: the
-# row's only per-job write. GET /workers derives busy/idle and the current job from running jobs.
-# `{worker}`: which row (a Postgres statement's CTE names it from its other parts); WORKER_SEEN stands alone.
-WORKER_SEEN_OF = ("UPDATE workers SET last_seen_at = :now WHERE {worker} "
-                  f"AND last_seen_at < CAST(:now AS double precision) - {WORKER_SEEN_SECONDS}")
-WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid")
 # A heartbeat's or a finish's: only when its fenced job UPDATE (CTE `job`) held.
 _FENCED_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")
-# (rank, id) before every job: rank = -priority, and priorities are within +-1,000,000 (scheduler/spec.py).
-CLAIM_FLOOR = (-2_000_000_000, 0)
 _JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
-
-
-def _pyformat(sql: str) -> str:
-    """SQLAlchemy text()'s `:name` parameters as psycopg's `%(name)s` (`::type` casts stay as they are)."""
-    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
 
 
 # Hot-path statements, built once. Building a Core statement and its cache key costs about 70 us of CPU per
@@ -103,68 +90,6 @@ _PG_HEARTBEAT = _pyformat(
     SELECT cancel_requested, set_config('synchronous_commit', 'off', true) FROM job
     """
 )
-
-# The claim's pick, both databases. It starts the scan of ix_jobs_claim at the claim floor (rank, id) by a row
-# comparison in index order: claimed jobs stay in the index as dead entries until a VACUUM, and walking them
-# from the start made each claim read 3 -> 22 -> 80 index pages after 0 / 5,000 / 20,000 claims (issue 15).
-_CLAIM_PICK = """
-    SELECT id FROM jobs{indexed_by}
-    WHERE state = 'queued' AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
-      AND not_before <= :now AND gpus <= :gpus
-      AND (:any_trainer OR {trainer_in})
-      AND (code_rev IS NULL OR :can_pin)
-      AND (:any_grid OR grid_id = :grid_id)
-      AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
-    ORDER BY -priority, id
-    LIMIT 1{lock}
-"""
-_CLAIM_UPDATE = """
-    UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
-        lease_expires_at = :lease, attempts = attempts + 1,
-        started_at = COALESCE(started_at, :now)
-    WHERE id = ({pick})
-    RETURNING id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts
-"""
-# SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
-SQLITE_TRAINER_IN = "trainer IN (SELECT value FROM json_each(:trainers))"
-# SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
-# SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
-_ACTIVE_GRID_IN = "grid_id IN (SELECT id FROM grids WHERE state = 'active')"
-_SQLITE_ACTIVE_GRID = "EXISTS (SELECT 1 FROM grids WHERE grids.id = jobs.grid_id AND grids.state = 'active')"
-# INDEXED BY: without statistics SQLite's planner took ix_jobs_grid_state and sorted every queued job of the
-# grid on each claim (EXPLAIN QUERY PLAN: "USE TEMP B-TREE FOR ORDER BY").
-_SQLITE_PICK = _CLAIM_PICK.format(trainer_in=SQLITE_TRAINER_IN, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
-assert _ACTIVE_GRID_IN in _SQLITE_PICK, "the claim's grid filter changed: update _SQLITE_ACTIVE_GRID with it"
-_SQLITE_CLAIM = _CLAIM_UPDATE.format(pick=_SQLITE_PICK.replace(_ACTIVE_GRID_IN, _SQLITE_ACTIVE_GRID))
-# Postgres: the claim's data-modifying CTEs (`:name` text): claim the job, start its attempt. _PG_CLAIM and
-# the one-statement finish_and_claim (Queue._pg_finish_claim) add the worker row to them.
-_PG_CLAIMED = _CLAIM_UPDATE.format(pick=_CLAIM_PICK.format(trainer_in="trainer = ANY(:trainers)",
-                                                           lock=" FOR UPDATE SKIP LOCKED", indexed_by=""))
-_PG_CLAIM_CTES = """
-    claimed AS ({claimed}),
-    new_attempt AS (
-        INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
-        SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
-    )"""
-_CLAIM_COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
-# Postgres: one statement, one round trip: claim the job, start its attempt, and (every WORKER_SEEN_SECONDS
-# at most) refresh the worker's last_seen_at. Data-modifying CTEs all run, each sees `claimed`.
-_PG_CLAIM = _pyformat(
-    f"""
-    WITH {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED)},
-    worker AS ({WORKER_SEEN})
-    SELECT {_CLAIM_COLUMNS}
-    FROM claimed
-    """
-)
-# finish_and_claim's claim: only when the finish's fence held (its `job` CTE returned the row: a one-time
-# filter, so a refused finish locks and scans nothing), and never the job being finished. Only terminal
-# outcomes take that path, so the job is `running` in the statement's snapshot and the pick could not see
-# it anyway; the id test keeps the one statement from ever updating that row twice.
-_QUEUED = "WHERE state = 'queued' AND"
-assert _PG_CLAIMED.count(_QUEUED) == 1, "the claim's pick changed: update _PG_CLAIMED_AFTER_FINISH with it"
-_PG_CLAIMED_AFTER_FINISH = _PG_CLAIMED.replace(
-    _QUEUED, "WHERE state = 'queued' AND EXISTS (SELECT 1 FROM job) AND id <> :b_job_id AND")
 
 # Raw statements of the SQLite hot path and of the expiry scan (both databases; `:name` parameters, turned
 # into psycopg's by Queue._sql). Each is a fixed string: sqlite3 and psycopg keep it prepared.
@@ -310,7 +235,6 @@ class Queue:
         lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
         self._finish_writes: dict[tuple[str, ...], str] = {}  # one statement per set of job columns
-        self._claim_sql = _SQLITE_CLAIM if self._sqlite else _PG_CLAIM
         self._statements: dict[str, str] = {}  # raw `:name` SQL -> this database's form
         self._seen_written: dict[str, float] = {}  # worker id -> the last_seen_at this Queue wrote last
         self._expired_sql = _EXPIRED.format(batch=EXPIRED_BATCH, lock=lock)
@@ -345,9 +269,15 @@ class Queue:
         """Refresh the worker's last_seen_at, at most every WORKER_SEEN_SECONDS (raw connection). While the value
         this Queue wrote last is that fresh the statement would change nothing, so it is not run (5 us of a
         SQLite cycle). Should the caller's transaction roll back, the next refresh comes at most that late."""
-        if worker_id and now - self._seen_written.get(worker_id, -math.inf) >= WORKER_SEEN_SECONDS:
+        if worker_id and self._worker_seen_due(worker_id, now):
             if conn.execute(self._sql(WORKER_SEEN), {"wid": worker_id, "now": now}).rowcount:
                 self._seen_written[worker_id] = now
+
+    def _worker_seen_due(self, worker_id: str, now: float) -> bool:
+        """Whether the worker's last_seen_at may be WORKER_SEEN_SECONDS old: this Queue has not written it since.
+        (Another process's Queue may have: the statement itself skips a row that is fresh.) Postgres then adds
+        the worker row's CTE to its statement, and otherwise leaves it out."""
+        return now - self._seen_written.get(worker_id, -math.inf) >= WORKER_SEEN_SECONDS
 
     def claim_floor(self, filters: tuple, scan: bool) -> tuple[int, int]:
         """Where a claim with these filters starts its scan of ix_jobs_claim: CLAIM_FLOOR (every job) when it
@@ -423,31 +353,23 @@ class Queue:
 
     def _claim_request(self, worker_id: str, trainers: Iterable[str] | None, gpus: float, can_pin_code: bool,
                        code_rev: str | None, grid_id: int | None, now: float | None) -> SimpleNamespace:
-        """A claim's parameters, its filters (the key of its claim floor) and whether it scans expired leases."""
+        """A claim's parameters, its filters (the key of its claim floor and of its statements, which hold them:
+        scheduler/claim_sql.py) and whether it scans expired leases."""
         scan = now is not None or time.monotonic() >= self._next_expiry_scan
         now = time.time() if now is None else now
-        trainer_list = sorted(set(trainers)) if trainers is not None else []
-        params = {
-            "aid": new_id(), "wid": worker_id, "lease": now + self.policy.lease_seconds, "now": now, "gpus": gpus,
-            "any_trainer": trainers is None,
-            # An empty list matches no trainer ("" is never a trainer name; Postgres text
-            # cannot hold the NUL byte this used to be). SQLite: one JSON parameter.
-            "trainers": (_json_list if self._sqlite else _text_array)(tuple(trainer_list or [""])),
-            "can_pin": can_pin_code,
-            "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
-        }
-        filters = (tuple(trainer_list) if trainers is not None else None, gpus, can_pin_code, grid_id)
-        return SimpleNamespace(params=params, filters=filters, scan=scan)
+        params = {"aid": new_id(), "wid": worker_id, "lease": now + self.policy.lease_seconds, "now": now,
+                  "code_rev": code_rev}
+        return SimpleNamespace(params=params, filters=ClaimFilters.of(trainers, gpus, can_pin_code, grid_id), scan=scan)
 
-    def _claim_from_floor(self, request: SimpleNamespace, claim_once: Callable[[dict[str, Any], bool], Any]):
+    def _claim_from_floor(self, request: SimpleNamespace, claim_once: Callable[[SimpleNamespace, bool], Any]):
         """The claimed row, or None: from the claim floor, then from every job after the expiry scan, so
         None only when nothing is left."""
         params = request.params
         params["from_rank"], params["from_id"] = self.claim_floor(request.filters, request.scan)
-        row = claim_once(params, request.scan)
+        row = claim_once(request, request.scan)
         if row is None and not request.scan:
             params["from_rank"], params["from_id"] = self.claim_floor(request.filters, True)
-            row = claim_once(params, True)
+            row = claim_once(request, True)
         return row
 
     def _claimed(self, request: SimpleNamespace, row) -> ClaimedJob | None:
@@ -463,20 +385,21 @@ class Queue:
             lease_expires_at=params["lease"], prune_steps=self.pruner.judge_steps(row["grid_id"], row["id"]),
         )
 
-    def _claim_sqlite(self, params: dict[str, Any], scan: bool):
+    def _claim_sqlite(self, request: SimpleNamespace, scan: bool):
         with self._tx() as conn:
-            row = self._claim_sqlite_in(conn, params, scan)
+            row = self._claim_sqlite_in(conn, request, scan)
             if row is None:
-                self._saw_worker(conn, params["wid"], params["now"])
+                self._saw_worker(conn, request.params["wid"], request.params["now"])
         return row
 
-    def _claim_sqlite_in(self, conn: Any, params: dict[str, Any], scan: bool):
+    def _claim_sqlite_in(self, conn: Any, request: SimpleNamespace, scan: bool):
         """One claim inside the caller's transaction: the job, its new attempt, the worker seen. Writes nothing
         when no job is claimable: the caller refreshes the worker's last_seen_at then."""
+        params = request.params
         worker_id, now = params["wid"], params["now"]
         if scan:
             self._scan_expired(conn, now)
-        row = conn.execute(self._claim_sql, params).fetchone()
+        row = conn.execute(sqlite_claim(request.filters), params).fetchone()
         if row is None:
             return None
         conn.execute(NEW_ATTEMPT, {"aid": params["aid"], "job_id": row["id"], "wid": worker_id, "now": now,
@@ -484,12 +407,17 @@ class Queue:
         self._saw_worker(conn, worker_id, now)
         return row
 
-    def _claim_postgres(self, params: dict[str, Any], scan: bool):
+    def _claim_postgres(self, request: SimpleNamespace, scan: bool):
+        params = request.params
         if scan:
             with self._tx() as conn:
                 self._scan_expired(conn, params["now"])
+        see_worker = self._worker_seen_due(params["wid"], params["now"])
         with self._autocommit.connection() as conn:
-            return conn.execute(self._claim_sql, params).fetchone()
+            row = conn.execute(pg_claim(request.filters, see_worker), params).fetchone()
+        if see_worker:
+            self._seen_written[params["wid"]] = params["now"]
+        return row
 
     def requeue_expired(self, now: float | None = None) -> int:
         """Handle expired leases now (the claim does this too). Returns how many were handled."""
@@ -692,7 +620,7 @@ class Queue:
                 reply = self._finish_sqlite_in(conn, job_id, attempt_id, worker_id, outcome, result, error, now)
                 if not reply.ok:
                     return reply, None
-                row = self._claim_from_floor(request, lambda params, scan: self._claim_sqlite_in(conn, params, scan))
+                row = self._claim_from_floor(request, lambda request, scan: self._claim_sqlite_in(conn, request, scan))
                 if row is None:
                     self._saw_worker(conn, worker_id, now)
             return reply, row
@@ -713,12 +641,12 @@ class Queue:
             values = self._next_state(None, outcome, result, error, now)
             params = request.params
             params["from_rank"], params["from_id"] = self.claim_floor(request.filters, False)
-            row = self._pg_finish_claim(job_id, attempt_id, worker_id, outcome, values, error, now, params)
+            row = self._pg_finish_claim(job_id, attempt_id, worker_id, outcome, values, error, now, request)
             if row is not None:
                 reply = Reply(ok=True, state=values["state"])
                 if row["id"] is None:
                     params["from_rank"], params["from_id"] = self.claim_floor(request.filters, True)
-                    row = self._claim_postgres(params, True)
+                    row = self._claim_postgres(request, True)
                 return reply, self._claimed(request, row)
         reply = self.finish(job_id, attempt_id, outcome, result, error, now, worker_id=worker_id)
         if not reply.ok:
@@ -729,10 +657,14 @@ class Queue:
                 error: str | None, now: float) -> Reply:
         if not self._sqlite and outcome in _ROW_FREE_OUTCOMES:
             values = self._next_state(None, outcome, result, error, now)
-            statement, params = self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now)
+            see_worker = self._worker_seen_due(worker_id, now)
+            statement, params = self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now,
+                                                      see_worker)
             with self._autocommit.connection() as conn:
                 if conn.execute(statement, params).fetchone() is None:
                     return _stale(job_id, attempt_id, worker_id)
+            if see_worker:
+                self._seen_written[worker_id] = now
             return Reply(ok=True, state=values["state"])
         if self._sqlite:
             return self._finish_sqlite(job_id, attempt_id, worker_id, outcome, result, error, now)
@@ -793,43 +725,47 @@ class Queue:
                            for key, value in values.items()}
 
     def _finish_postgres(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
-                         error: str | None, now: float) -> tuple[str, dict[str, Any]]:
+                         error: str | None, now: float, see_worker: bool = True) -> tuple[str, dict[str, Any]]:
         """The whole finish as one statement, for psycopg, and its parameters: fenced, set `values`, end the
-        attempt, add the event, mark the worker idle. It returns no row when the attempt is not the current one
-        (then nothing changed).
+        attempt, add the event, refresh the worker's last_seen_at (`see_worker`: Queue._worker_seen_due). It
+        returns no row when the attempt is not the current one (then nothing changed).
 
         The fenced UPDATE is the lock: the other parts read its RETURNING row, so they run only when the fence
         held, and a concurrent write to the job (an expiry scan, a cancel) makes it wait and re-check the fence
         on the new row version. The outcome, the new state, NULLs and values equal to `now` are written into
         the statement (one per shape, a few in all), so a run binds 5 or 6 parameters instead of 13: psycopg
         dumps each one, and the server binds each one."""
-        return self._pg_finish_statement(("finish",), outcome, values, error, now, job_id, attempt_id, worker_id,
-                                         lambda ctes: f"""
-                WITH {ctes},
-                worker AS ({_FENCED_WORKER_SEEN})
+        worker = f",\n                worker AS ({_FENCED_WORKER_SEEN})" if see_worker else ""
+        return self._pg_finish_statement(("finish", see_worker), outcome, values, error, now, job_id, attempt_id,
+                                         worker_id, lambda ctes: f"""
+                WITH {ctes}{worker}
                 SELECT 1 FROM job
                 """)
 
     def _pg_finish_claim(self, job_id: int, attempt_id: str, worker_id: str, outcome: str, values: dict[str, Any],
-                         error: str | None, now: float, claim: dict[str, Any]):
+                         error: str | None, now: float, request: SimpleNamespace):
         """finish_and_claim on Postgres as one statement (one round trip, one commit), run: `_finish_postgres`'s
-        fenced finish and `_PG_CLAIM`'s claim from `claim["from_rank"], claim["from_id"]` (`claim`: the
-        request's parameters; no expiry scan). The worker's last_seen_at is refreshed as a heartbeat refreshes
-        it, never when the fence refused. Returns None when the fence refused (then
-        nothing changed, nothing was claimed), else the claimed job's row or a row whose `id` is None.
+        fenced finish and the claim of claim_sql.pg_claim from the claim floor in `request.params` (no expiry
+        scan). The worker's last_seen_at is refreshed as a heartbeat refreshes it, never when the fence
+        refused. Returns None when the fence refused (then nothing changed, nothing was claimed), else the
+        claimed job's row or a row whose `id` is None.
 
         The claim runs only when the fence held (its pick reads the fenced UPDATE's RETURNING row) and never
-        picks the job being finished (_PG_CLAIMED_AFTER_FINISH)."""
+        picks the job being finished (claim_sql.pg_claim_ctes after a finish)."""
+        see_worker = self._worker_seen_due(worker_id, now)
+        worker = f",\n                worker AS ({_FENCED_WORKER_SEEN})" if see_worker else ""
         statement, params = self._pg_finish_statement(
-            ("finish_and_claim",), outcome, values, error, now, job_id, attempt_id, worker_id, lambda ctes: f"""
-                WITH {ctes},
-                {_PG_CLAIM_CTES.format(claimed=_PG_CLAIMED_AFTER_FINISH)},
-                worker AS ({_FENCED_WORKER_SEEN})
-                SELECT {", ".join(f"claimed.{column}" for column in _CLAIM_COLUMNS.split(", "))}
+            ("finish_and_claim", request.filters, see_worker), outcome, values, error, now, job_id, attempt_id,
+            worker_id, lambda ctes: f"""
+                WITH {ctes},{pg_claim_ctes(request.filters, True)}{worker}
+                SELECT {", ".join(f"claimed.{column}" for column in CLAIM_COLUMNS.split(", "))}
                 FROM job LEFT JOIN claimed ON true
                 """)
         with self._autocommit.connection() as conn:
-            return conn.execute(statement, {**claim, **params}).fetchone()
+            row = conn.execute(statement, {**request.params, **params}).fetchone()
+        if see_worker and row is not None:
+            self._seen_written[worker_id] = now
+        return row
 
     def _pg_finish_statement(self, kind: tuple, outcome: str, values: dict[str, Any], error: str | None, now: float,
                              job_id: int, attempt_id: str, worker_id: str,
@@ -1036,38 +972,6 @@ def _finish_message(outcome: str, values: dict[str, Any], error: str | None) -> 
     if error:
         message += f"\n{error}"
     return message
-
-
-class TextArray:
-    """A claim's trainer list for psycopg as the text[] literal it dumps to, made once per list: psycopg's list
-    dumper looks for the element type and dumps each element on every run (6 of a cycle's 17 us of dumping)."""
-
-    __slots__ = ("literal",)
-
-    def __init__(self, items: tuple[str, ...]):
-        quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
-        self.literal = ("{" + ",".join(quoted) + "}").encode()
-
-
-class _TextArrayDumper(Dumper):
-    oid = psycopg.postgres.types["text"].array_oid
-
-    def dump(self, obj: TextArray) -> bytes:
-        return obj.literal
-
-
-psycopg.adapters.register_dumper(TextArray, _TextArrayDumper)
-
-
-@lru_cache(maxsize=64)
-def _text_array(items: tuple[str, ...]) -> TextArray:
-    return TextArray(items)
-
-
-@lru_cache(maxsize=64)
-def _json_list(items: tuple[str, ...]) -> str:
-    """A claim's trainer list as SQLite's one JSON parameter: the same few lists on every claim."""
-    return json.dumps(list(items))
 
 
 def _json(value: Any) -> Any:

@@ -228,7 +228,7 @@ def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(
     a grid per run. The claim looks up the job's grid by its key instead, and still skips inactive grids."""
     from common.db import make_engine, migrate
     from scheduler.grids import cancel_grid, pause_grid
-    from scheduler.queue import _SQLITE_CLAIM, CLAIM_FLOOR
+    from scheduler.claim_sql import CLAIM_FLOOR, ClaimFilters, sqlite_claim
 
     url = f"sqlite:///{tmp_path / 'claim.db'}"
     migrate(url)
@@ -239,9 +239,9 @@ def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(
         cancel_grid(engine, cancelled)
         queue = Queue(engine)
         with queue._raw_sqlite.transaction() as conn:
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + _SQLITE_CLAIM, {
-                "aid": "a", "wid": "w", "lease": 0.0, "now": time.time(), "gpus": 0.0, "any_trainer": True,
-                "trainers": '[""]', "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
+            claim = sqlite_claim(ClaimFilters.of(None, 0.0, False, None))
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + claim, {
+                "aid": "a", "wid": "w", "lease": 0.0, "now": time.time(),
                 "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
         assert "SCAN grids" not in plan and "SEARCH grids USING INTEGER PRIMARY KEY" in plan, plan
         claimed = [queue.claim("w", now=time.time()) for _ in range(3)]

@@ -7,13 +7,15 @@ import re
 import time
 from typing import Any, Callable
 
+import pytest
 from alembic import command
 from sqlalchemy import Engine, inspect, text
 
 from common.db import alembic_config, make_engine
 from scheduler.gang import claim_gang
 from scheduler.grids import submit_grid
-from scheduler.queue import _CLAIM_PICK, CLAIM_FLOOR, _pyformat, _SQLITE_CLAIM, Queue, TextArray
+from scheduler.claim_sql import CLAIM_FLOOR, ClaimFilters, pick, pyformat, sql_string, sqlite_claim
+from scheduler.queue import Queue
 from scheduler.spec import GridSpec
 from worker.trainers import validate_config
 
@@ -34,10 +36,8 @@ def cycles(queue: Queue, worker: str, n: int) -> None:
 
 def pick_buffers(queue: Queue, floor: tuple[int, int]) -> int:
     """Postgres: pages the claim's pick reads from `floor` (EXPLAIN ANALYZE BUFFERS, rolled back)."""
-    statement = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + _pyformat(_CLAIM_PICK.format(
-        trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED", indexed_by=""))
-    params = {"now": time.time(), "gpus": 0.0, "any_trainer": False, "trainers": ["noop"], "can_pin": False,
-              "any_grid": True, "grid_id": 0, "from_rank": floor[0], "from_id": floor[1]}
+    statement = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + pyformat(pick(FILTERS, True))
+    params = {"now": time.time(), "from_rank": floor[0], "from_id": floor[1]}
     with queue._autocommit.connection() as conn, conn.transaction(force_rollback=True):
         plan = next(iter(conn.execute(statement, params).fetchone().values()))[0]["Plan"]
     return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
@@ -45,13 +45,12 @@ def pick_buffers(queue: Queue, floor: tuple[int, int]) -> int:
 
 def generic_pick_plan(queue: Queue) -> str:
     """Postgres: the plan the Queue's connections use for the claim's pick (generic: plan_cache_mode)."""
-    names = ["now", "gpus", "any_trainer", "trainers", "can_pin", "any_grid", "grid_id", "from_rank", "from_id"]
-    pick = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", _pyformat(_CLAIM_PICK.format(
-        trainer_in="trainer = ANY(:trainers)", lock=" FOR UPDATE SKIP LOCKED", indexed_by="")))
+    names = ["now", "from_rank", "from_id"]
+    statement = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", pyformat(pick(FILTERS, True)))
     with queue._autocommit.connection() as conn:
-        conn.execute("PREPARE pick (float8, float8, bool, text[], bool, bool, int, int, int) AS " + pick)
+        conn.execute("PREPARE pick (float8, int, int) AS " + statement)
         try:
-            rows = conn.execute("EXPLAIN (COSTS OFF) EXECUTE pick (1e10, 0, false, '{noop}', false, true, 0, 0, 1)")
+            rows = conn.execute("EXPLAIN (COSTS OFF) EXECUTE pick (1e10, 0, 1)")
             return "\n".join(next(iter(row.values())) for row in rows.fetchall())
         finally:
             conn.execute("DEALLOCATE pick")
@@ -64,16 +63,15 @@ def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
     if engine.dialect.name == "sqlite":
         # SQLite deletes index entries in place; what matters is the plan: the claim index in order, no sort.
         with queue._raw_sqlite.transaction() as conn:
-            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + _SQLITE_CLAIM, {
-                "aid": "a", "wid": worker, "lease": 0.0, "now": time.time(), "gpus": 0.0, "any_trainer": False,
-                "trainers": '["noop"]', "can_pin": False, "any_grid": True, "grid_id": 0,
+            plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_claim(FILTERS), {
+                "aid": "a", "wid": worker, "lease": 0.0, "now": time.time(),
                 "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
         assert "ix_jobs_claim" in plan and "TEMP B-TREE" not in plan, plan
         cycles(queue, worker, 200)
         assert queue._claim_floors[FILTERS][1] == 200  # the floor follows the claims (job ids 1..1600)
         return
     plan = generic_pick_plan(queue)
-    assert "Index Scan using ix_jobs_claim" in plan and "ROW((- priority), id) >= ROW($8, $9)" in plan, plan
+    assert "Index Scan using ix_jobs_claim" in plan and "ROW((- priority), id) >= ROW($2, $3)" in plan, plan
     cycles(queue, worker, 200)
     early = pick_buffers(queue, queue._claim_floors[FILTERS])
     cycles(queue, worker, 1_300)
@@ -148,7 +146,7 @@ def test_claims_finishes_and_heartbeats_refresh_the_workers_last_seen_at_most_ev
     worker row's last-seen time is refreshed only once it is WORKER_SEEN_SECONDS old, and nothing else of the
     row is written (GET /workers derives busy/idle from the jobs)."""
     from scheduler import reports
-    from scheduler.queue import WORKER_SEEN_SECONDS
+    from scheduler.claim_sql import WORKER_SEEN_SECONDS
 
     submit(engine, "g", 2)
     queue = Queue(engine)
@@ -268,22 +266,37 @@ def test_jit_off_keeps_the_server_options_a_database_url_names(db_url):
         engine.dispose()
 
 
-def test_a_claims_trainer_list_reaches_postgres_as_the_same_text_array(db_url):
-    """The trainer list is dumped once as a text[] literal (queue.TextArray): quotes, backslashes, commas,
-    braces, spaces and the word NULL come back as the same strings, and a claim filters by them."""
-    if db_url.startswith("sqlite"):
-        return  # SQLite takes the list as one JSON parameter
-    names = ("noop", 'a"b', "c\\d", "x,y", "{z}", "NULL", " sp ", "")
+def test_a_claims_trainer_names_reach_the_database_as_the_same_strings(db_url):
+    """The claim writes its filters into its statement (scheduler/claim_sql.py): trainer names with quotes,
+    backslashes, commas, braces, spaces, SQL and the word NULL come back as the same strings, and a claim
+    filters by them on both databases; a name the database cannot hold is refused by name."""
+    names = ("noop", 'a"b', "it's", "''", "c\\d", "x,y", "{z}", "NULL", " sp ", "", "'); DROP TABLE jobs; --")
     engine = make_engine(db_url)
     queue = Queue(engine)
     try:
-        with queue._autocommit.connection() as conn:
-            assert tuple(next(iter(conn.execute("SELECT %(t)s::text[] AS t", {"t": TextArray(names)}).fetchone()
-                                   .values()))) == names
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT " + ", ".join(map(sql_string, names)))).one()
+        assert tuple(back) == names
         submit(engine, "g", 2)
         worker = queue.register_worker("w", "h", ["noop"])
-        assert queue.claim(worker, trainers=['a"b', "x,y"]) is None
-        assert queue.claim(worker, trainers=["{z}", "noop"]) is not None
+        assert queue.claim(worker, trainers=[name for name in names if name != "noop"]) is None
+        assert queue.claim(worker, trainers=[]) is None
+        assert queue.claim(worker, trainers=["{z}", "it's", "noop"]) is not None
+        with pytest.raises(ValueError, match="NUL"):
+            queue.claim(worker, trainers=["a\x00b"])
+        with pytest.raises(ValueError, match="gpus must be a finite number"):
+            queue.claim(worker, trainers=["noop"], gpus=float("nan"))
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 2
     finally:
         queue.close()
         engine.dispose()
+
+
+def test_claim_filters_are_one_statement_each_and_find_the_floor_by_their_values():
+    filters = ClaimFilters.of(["b", "a", "b"], 1, 0, None)
+    assert filters == (("a", "b"), 1.0, False, None) and hash(filters) == hash((("a", "b"), 1.0, False, None))
+    assert filters.where() == "gpus <= 1.0 AND trainer IN ('a', 'b') AND code_rev IS NULL"
+    assert ClaimFilters.of(None, 0.5, True, 7).where() == "gpus <= 0.5 AND grid_id = 7"
+    assert ClaimFilters.of([], 0, True, None).where() == "gpus <= 0.0 AND 1 = 0"
+    assert pick(filters, True) is pick((("a", "b"), 1.0, False, None), True)  # made once per filter set
