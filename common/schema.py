@@ -107,8 +107,10 @@ _QUEUED_WITH_KEY = text("state = 'queued' AND fuse_key IS NOT NULL")
 Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED_WITH_KEY,
       sqlite_where=_QUEUED_WITH_KEY)
 # Running jobs by worker: the expiry scan and "what does this worker still run". No lease in it (heartbeats).
-# No deduplication: a posting list holding the live running job is never removed (migration 0011).
-Index("ix_jobs_running", jobs.c.worker_id, postgresql_where=_RUNNING, sqlite_where=_RUNNING,
+# The job's id after the worker's: a fenced write descends to its one entry instead of reading the entries the
+# worker's finished jobs left until a VACUUM (migration 0013). No deduplication: a posting list holding the
+# live running job is never removed (migration 0011).
+Index("ix_jobs_running", jobs.c.worker_id, jobs.c.id, postgresql_where=_RUNNING, sqlite_where=_RUNNING,
       postgresql_with={"deduplicate_items": "off"})
 _HAS_EXTERNAL_ID = text("external_id IS NOT NULL")
 Index("ix_jobs_external_id", jobs.c.external_id, postgresql_where=_HAS_EXTERNAL_ID, sqlite_where=_HAS_EXTERNAL_ID)

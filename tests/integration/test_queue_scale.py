@@ -216,10 +216,67 @@ def test_migration_0012_keeps_jobs_without_a_fuse_key_out_of_ix_jobs_gang_and_ba
         engine.dispose()
 
 
-def explain_analyze(conn, statement: str, params: dict) -> dict:
+def fenced_write_buffers(queue: Queue, job) -> tuple[str, int]:
+    """Postgres: the index a heartbeat's fenced UPDATE finds its job by, and the pages it reads there."""
+    from scheduler.queue import _PG_HEARTBEAT
+
+    params = {"b_job_id": job.id, "b_attempt_id": job.attempt_id, "b_worker_id": job.worker_id, "lease": 0.0,
+              "step": None, "progress_done": None, "progress_total": None, "now": time.time(), "metrics": "[]"}
+    with queue._autocommit.connection() as conn:
+        conn.execute("SET plan_cache_mode = auto")  # a custom plan: EXPLAIN runs the statement unprepared
+        try:
+            plan = explain_analyze(conn, _PG_HEARTBEAT, params, buffers=True)["Plan"]
+        finally:
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+    nodes, scans = [plan], []
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans", []))
+        if node.get("Relation Name") == "jobs" and "Index Name" in node:
+            scans.append((node["Index Name"], node["Shared Hit Blocks"] + node["Shared Read Blocks"]))
+    [scan] = scans
+    return scan
+
+
+def test_migration_0013_a_fenced_write_skips_the_entries_its_workers_finished_jobs_left(db_url):
+    """ix_jobs_running keyed by worker alone: the fenced UPDATE of every finish and heartbeat read the entries of
+    all the jobs its worker had finished (nothing vacuums here) when the statistics say few jobs run: 15 pages
+    after 1,500 jobs. Keyed by (worker_id, id) it descends to the one entry, or the plan takes the primary key:
+    4 pages."""
+    if db_url.startswith("sqlite"):
+        return  # SQLite deletes index entries in place
+    command.downgrade(alembic_config(db_url), "0012")
+    engine = make_engine(db_url)
+    queue = Queue(engine, expiry_scan_seconds=3600.0)
+    try:
+        submit(engine, "g", 3_100)  # ANALYZE: no job runs yet
+        worker = queue.register_worker("w", "h", ["noop"])
+        job = queue.claim(worker, trainers=["noop"])
+
+        def cycles() -> None:
+            nonlocal job
+            for _ in range(1_500):
+                reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", worker_id=worker,
+                                                    trainers=["noop"])
+                assert reply.ok
+
+        cycles()
+        before = fenced_write_buffers(queue, job)
+        command.upgrade(alembic_config(db_url), "head")  # builds the index anew: cycle as many jobs again
+        cycles()
+        head = fenced_write_buffers(queue, job)
+        assert head[1] <= 4 and before == ("ix_jobs_running", before[1]) and before[1] >= 8, (head, before)
+        assert queue.heartbeat(job.id, job.attempt_id, step=1, worker_id=worker).ok  # its entry is back
+    finally:
+        queue.close()
+        engine.dispose()
+
+
+def explain_analyze(conn, statement: str, params: dict, buffers: bool = False) -> dict:
     """EXPLAIN ANALYZE of one statement, rolled back (a data-modifying statement changes nothing)."""
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if buffers else "ANALYZE, FORMAT JSON"
     with conn.transaction(force_rollback=True):
-        return next(iter(conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params).fetchone().values()))[0]
+        return next(iter(conn.execute(f"EXPLAIN ({options}) " + statement, params).fetchone().values()))[0]
 
 
 def test_no_hot_path_statement_is_jit_compiled_on_postgres(engine):
