@@ -74,7 +74,7 @@ def pyformat(sql: str) -> str:
 # made each claim read 3 -> 22 -> 80 index pages after 0 / 5,000 / 20,000 claims (issue 15).
 # `{after}`: finish_and_claim's extra condition on Postgres (pg_claim_ctes).
 _PICK = """
-    SELECT id FROM jobs{indexed_by}
+    SELECT {columns} FROM jobs{indexed_by}
     WHERE state = 'queued'{after} AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
       AND not_before <= :now AND {filters}
       AND {active_grid}
@@ -100,15 +100,21 @@ _AFTER_FINISH = " AND EXISTS (SELECT 1 FROM job) AND id <> :b_job_id"
 
 
 @lru_cache(maxsize=256)
-def pick(filters: ClaimFilters, postgres: bool, after_finish: bool = False) -> str:
-    """The pick of one claimable job (`:name` parameters: from_rank, from_id, now; b_job_id after a finish).
+def pick(filters: ClaimFilters, postgres: bool, after_finish: bool = False, columns: str = "id") -> str:
+    """The pick of one claimable job, its `columns` (`:name` parameters: from_rank, from_id, now; b_job_id
+    after a finish); a gang claim's first job too (scheduler/gang.py).
     Postgres locks it (FOR UPDATE SKIP LOCKED). SQLite: INDEXED BY, because without statistics its planner
     took ix_jobs_grid_state and sorted every queued job of the grid on each claim (EXPLAIN QUERY PLAN: "USE
     TEMP B-TREE FOR ORDER BY"); and a lookup of the job's grid instead of the IN list."""
-    return _PICK.format(indexed_by="" if postgres else " INDEXED BY ix_jobs_claim",
+    return _PICK.format(columns=columns, indexed_by="" if postgres else " INDEXED BY ix_jobs_claim",
                         after=_AFTER_FINISH if after_finish else "", filters=ClaimFilters(*filters).where(),
                         active_grid=_ACTIVE_GRID_IN if postgres else _SQLITE_ACTIVE_GRID,
                         lock=" FOR UPDATE SKIP LOCKED" if postgres else "")
+
+
+def claimable(filters: ClaimFilters) -> str:
+    """The condition a claimable job meets, without the claim floor and its grid's state (a gang's members)."""
+    return f"state = 'queued' AND not_before <= :now AND {ClaimFilters(*filters).where()}"
 
 
 @lru_cache(maxsize=256)

@@ -10,9 +10,9 @@ member is refused (and may regain its job, as in the single path) while the othe
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable
 
 from psycopg.types.json import Json
@@ -20,29 +20,16 @@ from sqlalchemy import bindparam, text
 
 from common import schema as t
 from common.db import write_tx
-from scheduler.claim_sql import WORKER_SEEN, WORKER_SEEN_OF
+from scheduler.claim_sql import WORKER_SEEN, WORKER_SEEN_OF, ClaimFilters, claimable, pick
 from scheduler.claim_sql import pyformat as _pyformat
 from scheduler.queue import _ROW_FREE_OUTCOMES, ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT, OUTCOMES, ClaimedJob, Metric, Queue, \
     Reply, _finish_message, _json, _stale, new_id
 
 # A gang heartbeat's or finish's: only when some member's fenced UPDATE (CTE `job`) held.
 _GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
-_CLAIMABLE = """
-    state = 'queued' AND not_before <= :now AND gpus <= :gpus
-    AND (:any_trainer OR {trainer_in})
-    AND (code_rev IS NULL OR :can_pin)
-"""
 _COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
-# The first job: the one Queue.claim would take, from the Queue's claim floor (scheduler/queue.py).
-_FIRST = """
-    SELECT id, grid_id, priority, fuse_key FROM jobs{indexed_by}
-    WHERE {claimable}
-      AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
-      AND (:any_grid OR grid_id = :grid_id)
-      AND grid_id IN (SELECT id FROM grids WHERE state = 'active')
-    ORDER BY -priority, id
-    LIMIT 1{lock}
-"""
+# The first job: the one Queue.claim would take (claim_sql.pick: same filters, from the Queue's claim floor).
+_FIRST_COLUMNS = "id, grid_id, priority, fuse_key"
 # The members: queued jobs of the first job's grid and fuse key, from the first job on in claim order (no
 # claimable one of them comes before it: the first job is the first claimable of all). The row comparison
 # starts the scan of ix_jobs_gang there instead of at the claimed jobs the grid left behind.
@@ -56,15 +43,17 @@ _SAME_KEY = """
 # NULL key gangs only itself), skipping rows other claimers hold. Two branches, not an OR, and the keyed one
 # LATERAL: it then reads ix_jobs_gang in order for the first job's values (an OR, or a plain join, made the
 # generic plan filter every queued job through ix_jobs_claim: 31 ms per claim at 40,000 queued).
-# Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python).
-_PG_CLAIMABLE = _CLAIMABLE.format(trainer_in="trainer = ANY(:trainers)")
-_PG_CLAIM = _pyformat(
-    f"""
-    WITH first AS ({_FIRST.format(claimable=_PG_CLAIMABLE, lock=" FOR UPDATE SKIP LOCKED", indexed_by="")}),
+# Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python). One statement
+# per filter set, as the single claim's (claim_sql.py).
+@lru_cache(maxsize=256)
+def _pg_claim(filters: ClaimFilters) -> str:
+    return _pyformat(
+        f"""
+    WITH first AS ({pick(filters, True, columns=_FIRST_COLUMNS)}),
     keyed AS (
         SELECT same.id FROM first, LATERAL (
             SELECT id FROM jobs  -- ix_jobs_gang: this grid's queued jobs of this key, in claim order
-            WHERE {_SAME_KEY.format(first="first")} AND {_PG_CLAIMABLE}
+            WHERE {_SAME_KEY.format(first="first")} AND {claimable(filters)}
             ORDER BY -priority, id
             LIMIT :k FOR UPDATE SKIP LOCKED
         ) AS same
@@ -86,19 +75,22 @@ _PG_CLAIM = _pyformat(
     worker AS ({WORKER_SEEN})
     SELECT attempt_id, {_COLUMNS} FROM claimed ORDER BY id
     """
-)
+    )
+
+
 # SQLite: the same two picks, inside BEGIN IMMEDIATE (one writer at a time: nothing to skip), on the Queue's
 # raw sqlite3 connection; INDEXED BY as in Queue.claim (without statistics SQLite sorted the grid's jobs).
-# SQLite's IN list: a JSON array bound as one parameter (sqlite3 cannot expand a list).
-_SQLITE_CLAIMABLE = _CLAIMABLE.format(trainer_in="trainer IN (SELECT value FROM json_each(:trainers))")
-_SQLITE_FIRST = _FIRST.format(claimable=_SQLITE_CLAIMABLE, lock="", indexed_by=" INDEXED BY ix_jobs_claim")
-_SQLITE_MEMBERS = f"""
+@lru_cache(maxsize=256)
+def _sqlite_members(filters: ClaimFilters) -> str:
+    return f"""
     SELECT id FROM jobs INDEXED BY ix_jobs_gang
     WHERE grid_id = :first_grid AND fuse_key = :first_key
       AND (-priority, id) >= (-CAST(:first_priority AS INTEGER), CAST(:first_id AS INTEGER))
-      AND {_SQLITE_CLAIMABLE}
+      AND {claimable(filters)}
     ORDER BY -priority, id LIMIT :k
 """
+
+
 _SQLITE_TAKE = f"""
     UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid, lease_expires_at = :lease,
         attempts = attempts + 1, started_at = COALESCE(started_at, :now)
@@ -237,18 +229,14 @@ def claim_gang(queue: Queue, worker_id: str, max_jobs: int, trainers: Iterable[s
     scan = now is not None or time.monotonic() >= queue._next_expiry_scan
     now = time.time() if now is None else now
     lease = now + queue.policy.lease_seconds
-    params = {
-        "wid": worker_id, "lease": lease, "now": now, "gpus": gpus, "k": max_jobs,
-        "any_trainer": trainers is None, "trainers": sorted(set(trainers or ())) or [""],  # "" is never a trainer
-        "can_pin": can_pin_code, "any_grid": grid_id is None, "grid_id": grid_id or 0, "code_rev": code_rev,
-    }
-    filters = (tuple(params["trainers"]) if trainers is not None else None, gpus, can_pin_code, grid_id)
+    params = {"wid": worker_id, "lease": lease, "now": now, "k": max_jobs, "code_rev": code_rev}
+    filters = ClaimFilters.of(trainers, gpus, can_pin_code, grid_id)
     claim_once = _claim_sqlite if queue._sqlite else _claim_postgres
     params["from_rank"], params["from_id"] = queue.claim_floor(filters, scan)
-    rows = claim_once(queue, params, scan)
+    rows = claim_once(queue, filters, params, scan)
     if not rows and not scan:  # from every job, after the expiry scan, as Queue.claim
         params["from_rank"], params["from_id"] = queue.claim_floor(filters, True)
-        rows = claim_once(queue, params, True)
+        rows = claim_once(queue, filters, params, True)
     if rows:
         first = min(rows, key=lambda row: (-row["priority"], row["id"]))
         queue.claimed_at(filters, first["priority"], first["id"])
@@ -262,27 +250,26 @@ def claim_gang(queue: Queue, worker_id: str, max_jobs: int, trainers: Iterable[s
     ]
 
 
-def _claim_postgres(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
+def _claim_postgres(queue: Queue, filters: ClaimFilters, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
     if scan:
         with queue._tx() as conn:
             queue._scan_expired(conn, params["now"])
     with queue._autocommit.connection() as conn:
-        return conn.execute(_PG_CLAIM, params).fetchall()
+        return conn.execute(_pg_claim(filters), params).fetchall()
 
 
-def _claim_sqlite(queue: Queue, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
+def _claim_sqlite(queue: Queue, filters: ClaimFilters, params: dict[str, Any], scan: bool) -> list[dict[str, Any]]:
     worker_id, now = params["wid"], params["now"]
-    params = {**params, "trainers": json.dumps(params["trainers"])}
     with queue._tx() as conn:
         if scan:
             queue._scan_expired(conn, now)
-        first = conn.execute(_SQLITE_FIRST, params).fetchone()
+        first = conn.execute(pick(filters, False, columns=_FIRST_COLUMNS), params).fetchone()
         if first is None:
             queue._saw_worker(conn, worker_id, now)
             return []
         ids = [first["id"]]  # a NULL key gangs only itself; else the first job leads its key's members
         if first["fuse_key"] is not None:
-            ids = [row["id"] for row in conn.execute(_SQLITE_MEMBERS, {
+            ids = [row["id"] for row in conn.execute(_sqlite_members(filters), {
                 **params, "first_grid": first["grid_id"], "first_id": first["id"], "first_key": first["fuse_key"],
                 "first_priority": first["priority"]}).fetchall()]
         rows = []

@@ -284,16 +284,15 @@ def test_no_hot_path_statement_is_jit_compiled_on_postgres(engine):
     default jit a gang claim and an expiry scan each spent 0.05-0.4 s compiling, on every run."""
     if engine.dialect.name != "postgresql":
         return  # SQLite has no JIT
-    from scheduler.gang import _PG_CLAIM
+    from scheduler.gang import _pg_claim
 
     submit(engine, "jit", 40)
     queue = Queue(engine)
     now = time.time()
-    claim = {"wid": "w", "lease": now + 60, "now": now, "gpus": 0.0, "k": 8, "any_trainer": True,
-             "trainers": [""], "can_pin": False, "any_grid": True, "grid_id": 0, "code_rev": None,
+    claim = {"wid": "w", "lease": now + 60, "now": now, "k": 8, "code_rev": None,
              "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}
     with queue._autocommit.connection() as conn:
-        plans = {"gang claim": explain_analyze(conn, _PG_CLAIM, claim),
+        plans = {"gang claim": explain_analyze(conn, _pg_claim(ClaimFilters.of(None, 0.0, False, None)), claim),
                  "expiry scan": explain_analyze(conn, queue._sql(queue._expired_sql),
                                                 {"now": now, "expired_since": 0.0})}
     assert plans["gang claim"]["Plan"]["Total Cost"] > 100_000  # over the default jit_above_cost
