@@ -76,7 +76,7 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], two_calls
         if len(done) % block == 0:
             cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
         if len(done) in explain_at and not is_sqlite(url):
-            explains[len(done)] = _claim_buffers(queue)
+            explains[len(done)] = _claim_buffers(queue, job)
         if job is None:  # the first claim (finish_and_claim claims each next one), or --two-calls
             job = queue.claim(worker_id, trainers=["noop"])
             if job is None:
@@ -91,16 +91,17 @@ def _gridfleet(url: str, jobs: int, block: int, explain_at: list[int], two_calls
         done.append(time.time())
     cpu.append(_cpu_now([c.info.backend_pid for c in queue._autocommit._open] if queue._autocommit else []))
     if len(done) in explain_at and not is_sqlite(url):
-        explains[len(done)] = _claim_buffers(queue)
+        explains[len(done)] = _claim_buffers(queue, job)
     results.put({"times": done, "explains": explains, "cpu": cpu})
     queue.close()
     engine.dispose()
 
 
-def _claim_buffers(queue) -> dict[str, int]:
+def _claim_buffers(queue, job) -> dict[str, int]:
     """Buffers the claim's pick reads (EXPLAIN ANALYZE in a rolled-back transaction): from this Queue's claim
-    floor, and from the start."""
-    from scheduler.claim_sql import CLAIM_FLOOR, pick, pyformat
+    floor, and from the start; the expiry scan's; and the fence of a finish or heartbeat of `job` (its
+    WHERE as a prepared SELECT: the generic plan the Queue's connections use), when a job is held."""
+    from scheduler.claim_sql import CLAIM_FLOOR, pick, pyformat, sql_string
 
     filters = (("noop",), 0.0, False, None)  # the claim's filters: trainers=["noop"]
     statement = pyformat(pick(filters, True))
@@ -111,6 +112,17 @@ def _claim_buffers(queue) -> dict[str, int]:
         out[name] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params)
     out["expiry"] = _explain_buffers(queue._autocommit, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) "
                                      + queue._sql(queue._expired_sql), {"now": time.time(), "expired_since": 0.0})
+    if job is not None:
+        with queue._autocommit.connection() as conn:
+            conn.execute("PREPARE fence (int, text, text) AS SELECT id FROM jobs WHERE id = $1 AND attempt_id = $2 "
+                         "AND worker_id = $3 AND state = 'running'")
+            try:
+                row = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE fence ({job.id:d}, "  # no binds
+                                   f"{sql_string(job.attempt_id)}, {sql_string(job.worker_id)})").fetchone()
+            finally:
+                conn.execute("DEALLOCATE fence")
+        plan = next(iter(row.values()))[0]["Plan"]
+        out["fence"] = plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
     return out
 
 
@@ -268,14 +280,18 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
     engine.dispose()
     print(f"\n{backend}: {args.jobs:,} gridfleet jobs, {args.bare_jobs:,} bare rows; load average {load1()}")
     per_block = args.block // args.workers  # each process samples its CPU after its share of a block
+    wal = [_wal_bytes(conn, backend)]
     started, times, _, bare_split = run_loop(_bare, [(url, n, per_block) for n in shares(args.bare_jobs, args.workers)])
+    wal.append(_wal_bytes(conn, backend))
     bare_rates = blocks(started, times, args.block)
     after = None if backend == "sqlite" else _bare_buffers(conn, bare["pick"])
-    conn.close()
     # Worker 0 takes the EXPLAINs after its own share of the points (exact with one worker).
     own_points = [point // args.workers for point in explain_at]
+    wal.append(_wal_bytes(conn, backend))
     started, times, own, split = run_loop(_gridfleet, [(url, n, per_block, own_points if i == 0 else [], args.two_calls)
                                                       for i, n in enumerate(shares(args.jobs, args.workers))])
+    wal.append(_wal_bytes(conn, backend))
+    conn.close()
     explains = {point * args.workers: value for point, value in own.items()}
     rates = blocks(started, times, args.block)
     print(f"{'loop':<10} {'jobs':>8}  jobs/s per {args.block:,}-job block")
@@ -297,6 +313,8 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
             return " / ".join(f"{sum(block[part] for block in blocks) / jobs * 1e6:.0f}" for part in (0, 1))
         print(f"CPU us per job over the run, worker processes / their backends: bare {parts(bare_split)}, "
               f"gridfleet {parts(split)}")
+        print(f"WAL bytes per job (the server's, EXPLAINs included): bare {(wal[1] - wal[0]) / args.bare_jobs:.0f}, "
+              f"gridfleet {(wal[3] - wal[2]) / args.jobs:.0f}")
     if rates and bare_rates:
         flat, versus = rates[-1] / rates[0], rates[0] / bare_rates[0]
         print(f"by jobs/s: last block / first: {flat:.2f}x (target >= {TARGET_FLAT}: {'PASS' if flat >= TARGET_FLAT else 'FAIL'}); "
@@ -307,9 +325,17 @@ def _measure(backend: str, url: str, args, explain_at: list[int]) -> None:
         print(f"EXPLAIN buffers of the claim's pick after {points} finished jobs: from the claim floor "
               + " / ".join(str(explains[n]["floor"]) for n in sorted(explains)) + "; from the start "
               + " / ".join(str(explains[n]["start"]) for n in sorted(explains)) + "; the expiry scan "
-              + " / ".join(str(explains[n]["expiry"]) for n in sorted(explains)))
+              + " / ".join(str(explains[n]["expiry"]) for n in sorted(explains)) + "; a finish's fence "
+              + " / ".join(str(explains[n].get("fence", "-")) for n in sorted(explains)))
         print(f"bare loop's pick: {before} buffers at 0, {after} after {args.bare_jobs:,} claimed")
     print(f"load average after: {load1()}")
+
+
+def _wal_bytes(conn, backend: str) -> int:
+    """Postgres: where the server's write-ahead log is now, in bytes (0 on SQLite)."""
+    if backend == "sqlite":
+        return 0
+    return int(conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')").fetchone()[0])
 
 
 def _bare_buffers(conn, pick: str) -> int:
