@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import signal
 import sys
 import time
@@ -194,11 +195,11 @@ def run_loop(target, per_worker: list[tuple]) -> tuple[float, list[float], dict,
         for p in procs:
             p.start()
         for _ in procs:
-            if results.get(timeout=180) != "ready":
+            if _result(results, procs, 180) != "ready":
                 raise RuntimeError("a worker failed to start")
         started = time.time()
         go.set()
-        outs = [results.get(timeout=3600) for _ in procs]
+        outs = [_result(results, procs, 3600) for _ in procs]
     finally:
         for p in procs:
             p.join(timeout=30 if go.is_set() else 0)
@@ -211,6 +212,19 @@ def run_loop(target, per_worker: list[tuple]) -> tuple[float, list[float], dict,
     cpu = [[sum(out["cpu"][i + 1][part] - out["cpu"][i][part] for out in outs) for part in (0, 1)]
            for i in range(steps)]
     return started, sorted(t for out in outs for t in out["times"]), explains, cpu
+
+
+def _result(results, procs, timeout: float):
+    """The next worker's message; a worker that died first (its traceback is above) ends the run at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return results.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"worker process {dead[0].name} exited with code {dead[0].exitcode}") from None
+    raise RuntimeError(f"no worker reported within {timeout:.0f} s")
 
 
 def shares(jobs: int, workers: int) -> list[int]:
