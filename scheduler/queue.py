@@ -52,6 +52,7 @@ log = logging.getLogger("gridfleet.scheduler")
 ANALYZE_AFTER_ROWS = 1000  # refresh the planner's statistics after adding at least this many jobs at once
 # A heartbeat's or a finish's: only when its fenced job UPDATE (CTE `job`) held.
 _FENCED_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :b_worker_id AND EXISTS (SELECT 1 FROM job)")
+_FENCED_WORKER_CTE = f",\n                worker AS ({_FENCED_WORKER_SEEN})"  # added to a finish when it is due
 _JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.type, JSON))  # sqlite3 takes text
 
 
@@ -735,7 +736,7 @@ class Queue:
         on the new row version. The outcome, the new state, NULLs and values equal to `now` are written into
         the statement (one per shape, a few in all), so a run binds 5 or 6 parameters instead of 13: psycopg
         dumps each one, and the server binds each one."""
-        worker = f",\n                worker AS ({_FENCED_WORKER_SEEN})" if see_worker else ""
+        worker = _FENCED_WORKER_CTE if see_worker else ""
         return self._pg_finish_statement(("finish", see_worker), outcome, values, error, now, job_id, attempt_id,
                                          worker_id, lambda ctes: f"""
                 WITH {ctes}{worker}
@@ -753,7 +754,7 @@ class Queue:
         The claim runs only when the fence held (its pick reads the fenced UPDATE's RETURNING row) and never
         picks the job being finished (claim_sql.pg_claim_ctes after a finish)."""
         see_worker = self._worker_seen_due(worker_id, now)
-        worker = f",\n                worker AS ({_FENCED_WORKER_SEEN})" if see_worker else ""
+        worker = _FENCED_WORKER_CTE if see_worker else ""
         statement, params = self._pg_finish_statement(
             ("finish_and_claim", request.filters, see_worker), outcome, values, error, now, job_id, attempt_id,
             worker_id, lambda ctes: f"""
