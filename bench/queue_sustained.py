@@ -102,9 +102,9 @@ def _claim_buffers(queue, job) -> dict[str, int]:
     """Buffers the claim's pick reads (EXPLAIN ANALYZE in a rolled-back transaction): from this Queue's claim
     floor, and from the start; the expiry scan's; and the fence of a finish or heartbeat of `job` (its
     WHERE as a prepared SELECT: the generic plan the Queue's connections use), when a job is held."""
-    from scheduler.claim_sql import CLAIM_FLOOR, pick, pyformat, sql_string
+    from scheduler.claim_sql import CLAIM_FLOOR, ClaimFilters, pick, pyformat, sql_string
 
-    filters = (("noop",), 0.0, False, None)  # the claim's filters: trainers=["noop"]
+    filters = ClaimFilters.of(["noop"], 0.0, False, None)  # as Queue.claim(wid, trainers=["noop"])
     statement = pyformat(pick(filters, True))
     floor = queue._claim_floors.get(filters, CLAIM_FLOOR)
     out = {}

@@ -67,7 +67,7 @@ class Loops:
     def _raw_cycle(self, job_id: int, attempt_id: str):
         """finish_and_claim's statements (scheduler/queue.py), without the Queue's Python around them."""
         from scheduler import queue as q
-        from scheduler.claim_sql import sqlite_claim
+        from scheduler.claim_sql import ClaimFilters, sqlite_claim
 
         conn, wid, now = self.conn, self.worker_id, time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -80,7 +80,7 @@ class Loops:
         conn.execute(q.END_ATTEMPT, {"aid": attempt_id, "outcome": "succeeded", "now": now, "error": None})
         # no events row: a succeeded attempt's row is its end event (q.ENDS_IN_ATTEMPT_ROW)
         aid = q.new_id()
-        filters = (("noop",), 0.0, False, None)  # the claim's filters: trainers=["noop"]
+        filters = ClaimFilters.of(["noop"], 0.0, False, None)  # as Queue.claim(wid, trainers=["noop"])
         floor = self.queue.claim_floor(filters, False)
         row = conn.execute(sqlite_claim(filters), {
             "aid": aid, "wid": wid, "lease": now + 60.0, "now": now, "from_rank": floor[0], "from_id": floor[1]}).fetchone()
