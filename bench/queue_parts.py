@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.processes import PG_ADMIN_URL_DEFAULT, Cleanup, create_pg_database, proc_cpu  # noqa: E402
-from bench.queue_sustained import BARE_CLAIM, BARE_FINISH, BARE_PG, _bare_connection  # noqa: E402
+from bench.processes import PG_ADMIN_URL_DEFAULT, Cleanup, create_pg_database  # noqa: E402
+from bench.queue_sustained import BARE_CLAIM, BARE_FINISH, BARE_PG, _bare_connection, _cpu_now  # noqa: E402
 
 # name -> SQL run on its database after the migrations. "as shipped" is the reference.
 VARIANTS = {
@@ -38,6 +38,7 @@ VARIANTS = {
 }
 VARIANTS["all three dropped"] = VARIANTS["no attempts FK"] + VARIANTS["no uq key, no running index"]
 TURN = 500  # cycles per loop per turn
+WARMUP = 500  # cycles per loop before measuring: statements prepared, caches warm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +77,8 @@ def _gridfleet_loop(cleanup: Cleanup, jobs: int, variant_sql: list[str]) -> _Loo
     from worker.trainers import validate_config
 
     engine = make_engine(create_pg_database(cleanup, "parts"))
-    warmup = 500
     submit_grid(engine, GridSpec.model_validate({"name": "parts", "trainer": "noop",
-                                                 "axes": {"value": [float(i) for i in range(jobs + warmup + 10)]}}),
+                                                 "axes": {"value": [float(i) for i in range(jobs + WARMUP + 10)]}}),
                 validate_config)
     with engine.begin() as conn:
         for statement in variant_sql:
@@ -94,7 +94,7 @@ def _gridfleet_loop(cleanup: Cleanup, jobs: int, variant_sql: list[str]) -> _Loo
         if not reply.ok or held[0] is None:
             raise RuntimeError("a finish was refused or nothing was left to claim")
 
-    for _ in range(warmup):  # statements prepared, caches warm
+    for _ in range(WARMUP):
         cycle()
 
     def close() -> None:
@@ -107,13 +107,13 @@ def _gridfleet_loop(cleanup: Cleanup, jobs: int, variant_sql: list[str]) -> _Loo
 def _bare_loop(cleanup: Cleanup, jobs: int) -> _Loop:
     conn = _bare_connection(create_pg_database(cleanup, "parts_bare"))
     for statement in BARE_PG["setup"]:
-        conn.execute(statement.format(n=jobs + 1000))
+        conn.execute(statement.format(n=jobs + WARMUP + 10))
     claim, finish = BARE_CLAIM.format(pick=BARE_PG["pick"]), BARE_FINISH.format(param="%s")
 
     def cycle() -> None:
         conn.execute(finish, (conn.execute(claim).fetchone()[0],))
 
-    for _ in range(500):
+    for _ in range(WARMUP):
         cycle()
     return _Loop(cycle, lambda: [conn.info.backend_pid], conn.close, conn)
 
@@ -137,11 +137,12 @@ def _run(loops: dict[str, _Loop], jobs: int) -> dict[str, list[float]]:
         for name in names if round_number % 2 == 0 else reversed(names):
             loop = loops[name]
             pids = loop.pids()
-            backend, client = sum(proc_cpu(pid) or 0.0 for pid in pids), time.process_time()
+            client, backend = _cpu_now(pids)
             for _ in range(TURN):
                 loop.cycle()
-            totals[name][0] += time.process_time() - client
-            totals[name][1] += sum(proc_cpu(pid) or 0.0 for pid in pids) - backend
+            client_after, backend_after = _cpu_now(pids)
+            totals[name][0] += client_after - client
+            totals[name][1] += backend_after - backend
     return totals
 
 
