@@ -23,6 +23,7 @@ SETTINGS = {
     "listen_addresses": "'127.0.0.1'", "unix_socket_directories": "''", "fsync": "off",
     "full_page_writes": "off", "shared_buffers": "'32MB'", "max_connections": "100",
     "logging_collector": "off", "log_min_messages": "warning",
+    "max_prepared_transactions": "2",  # a test holds a row lock through a shutdown in a prepared transaction
 }
 
 

@@ -29,6 +29,7 @@ from common.settings import Settings
 API = "/api/v1"
 ADMIN_TOKEN = "gf_dbdown_admin_" + "a" * 32
 WAIT_S = 60.0  # any poll's deadline on a loaded machine
+LOCK_XACT = "gf_test_row_lock"  # the prepared transaction that holds a job's row lock through a shutdown
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -146,7 +147,8 @@ def test_every_endpoint_answers_503_while_postgres_is_down_and_works_again_after
 def test_statements_in_flight_when_postgres_stops_answer_503_and_the_api_recovers(setup, pg_cluster, mode):
     """A statement already sent when the server goes away (fast: AdminShutdown; immediate: the connection
     just closes) fails; it is not re-sent, the reply is 503. Each waits on a row lock we hold, so it is
-    surely in flight when pg_ctl stops the server."""
+    surely in flight when pg_ctl stops the server. A prepared transaction holds the lock: it outlives the
+    shutdown, where a session's lock could go first and let a waiter commit before its own session ends."""
     s = setup
     w, job = f"{API}/workers/{s.worker_id}", s.job
     fenced = {"job_id": job["id"], "attempt_id": job["attempt_id"]}
@@ -155,11 +157,11 @@ def test_statements_in_flight_when_postgres_stops_answer_503_and_the_api_recover
         ("POST", f"{w}/finish", {**fenced, "outcome": "succeeded", "result": {"loss": 0.1}}),  # raw psycopg
         ("POST", f"{API}/jobs/{job['id']}/cancel", None),  # SQLAlchemy
     ]
-    locker = psycopg.connect(s.pg_url)
-    watcher = psycopg.connect(s.pg_url, autocommit=True)
-    try:
+    with psycopg.connect(s.pg_url) as locker:
         locker.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (job["id"],))  # opens a transaction
-        with ThreadPoolExecutor(len(in_flight)) as pool:
+        locker.execute(f"PREPARE TRANSACTION '{LOCK_XACT}'")
+    try:
+        with ThreadPoolExecutor(len(in_flight)) as pool, psycopg.connect(s.pg_url, autocommit=True) as watcher:
             replies = [pool.submit(call, s, *request) for request in in_flight]
             _wait_for_lock_waiters(watcher, len(in_flight), replies)
             pg_cluster.stop(mode)
@@ -170,8 +172,8 @@ def test_statements_in_flight_when_postgres_stops_answer_503_and_the_api_recover
             finally:
                 pg_cluster.start()
     finally:
-        for conn in (locker, watcher):
-            conn.close()
+        with psycopg.connect(s.pg_url, autocommit=True) as admin:
+            admin.execute(f"ROLLBACK PREPARED '{LOCK_XACT}'")
 
     # Nothing was re-sent: the job still runs with the same attempt, which can heartbeat and finish now.
     beat = s.client.post(f"{w}/heartbeat", json={**fenced, "step": 4})
