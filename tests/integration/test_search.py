@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import secrets
+import time
 import traceback
 from collections import Counter
 
@@ -206,11 +207,27 @@ def test_a_live_holder_makes_others_wait_and_wakes_it_a_dead_one_does_not(engine
     if holder is not None:
         holder.invalidate()  # the holder dies: its connection goes, and the server drops its lock
         holder.close()
+        _wait_until_the_server_drops_the_lock(engine, ADVISORY_SPACE, grid_id)
     else:
         with engine.begin() as conn:  # the holder dies: on SQLite its lease has to run out
             conn.execute(update(t.searches).values(lock_until=0.0))
     assert searches.advance(grid_id) is True
     assert len(jobs_of(engine, grid_id)) == 3
+
+
+def _wait_until_the_server_drops_the_lock(engine, space: int, key: int, within_s: float = 60.0) -> None:
+    """A closed connection's backend exits, and lets its locks go, a moment later: on a loaded machine
+    later than our next statement."""
+    from sqlalchemy import text
+
+    held = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid::bigint = :s AND objid::bigint = :g AND objsubid = 2")
+    deadline = time.monotonic() + within_s
+    with engine.connect() as conn:
+        while conn.execute(held, {"s": space, "g": key}).scalar():
+            assert time.monotonic() < deadline, f"the server kept the dead holder's lock for {within_s} s"
+            conn.rollback()
+            time.sleep(0.02)
 
 
 def test_cancelling_a_search_grid_ends_its_search(engine):
