@@ -47,14 +47,20 @@ class WorkerActor:
         self.options = options
         self.agent: Agent | None = None
         self.stop_requested = False
+        self.exit_code: int | None = None
+        self.one_loop = threading.Lock()
 
     def run(self) -> int:
+        """The agent loop, once per incarnation: a second call (its caller lost the first one's reply to a
+        moment's unreachability) waits for the same loop instead of starting another agent beside it."""
         from worker.client import ApiClient
 
-        if self.stop_requested:
-            return 0
-        self.agent = Agent(ApiClient(self.server_url, self.token), self.options)
-        return self.agent.run()
+        with self.one_loop:
+            if self.stop_requested or self.exit_code is not None:
+                return self.exit_code or 0
+            self.agent = Agent(ApiClient(self.server_url, self.token), self.options)
+            self.exit_code = self.agent.run()
+            return self.exit_code
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -107,6 +113,8 @@ class RayFleet:
         self.options = options
         self.actors: list[Any] = []
         self.runs: dict[int, Any] = {}  # actor index -> ObjectRef of its running agent loop
+        # actor index -> ObjectRef of an `info` call to a restarting actor: its loop starts when that answers
+        self.reviving: dict[int, Any] = {}
         self.restarts = 0
         self.draining = threading.Event()
 
@@ -130,29 +138,46 @@ class RayFleet:
         return self
 
     def supervise_once(self, timeout: float = 1.0) -> None:
-        """Wait up to `timeout` for an agent loop to end; restart the loop of any actor that died."""
-        if not self.runs:
+        """Wait up to `timeout` for an agent loop to end or a restarted actor to answer; restart the loop of
+        any actor that died once its new incarnation answers."""
+        if not self.runs and not self.reviving:
             time.sleep(timeout)
             return
-        index_of = {ref: index for index, ref in self.runs.items()}
-        ready, _ = ray.wait(list(index_of), num_returns=1, timeout=timeout)
+        waiting = {ref: ("run", index) for index, ref in self.runs.items()}
+        waiting.update({ref: ("revive", index) for index, ref in self.reviving.items()})
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
         for ref in ready:
-            index = index_of[ref]
+            kind, index = waiting[ref]
+            if kind == "revive":
+                self._revived(index, ref)
+                continue
+            del self.runs[index]
             try:
                 ray.get(ref)
                 log.info("fleet: worker %d stopped", index)
-                del self.runs[index]
             except ACTOR_GONE as exc:
                 if self.draining.is_set():
-                    del self.runs[index]
                     continue
                 self.restarts += 1
                 log.warning("fleet: worker %d died (%s); Ray restarts it, its job resumes from its checkpoint",
                             index, type(exc).__name__)
-                self.runs[index] = self.actors[index].run.remote()
+                self.reviving[index] = self.actors[index].info.remote()
+
+    def _revived(self, index: int, ref: Any) -> None:
+        """A call sent just after a death can still reach the dead process and fail: that is the same death,
+        so ask again; the agent loop goes only to an incarnation that has answered."""
+        del self.reviving[index]
+        if self.draining.is_set():
+            return
+        try:
+            ray.get(ref)
+        except ACTOR_GONE:
+            self.reviving[index] = self.actors[index].info.remote()
+            return
+        self.runs[index] = self.actors[index].run.remote()
 
     def supervise(self, stop: threading.Event) -> None:
-        while not stop.is_set() and self.runs:
+        while not stop.is_set() and (self.runs or self.reviving):
             self.supervise_once()
 
     def status(self, timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -165,6 +190,7 @@ class RayFleet:
         for actor in self.actors:
             actor.stop.remote()
         deadline = time.monotonic() + timeout
+        self.reviving.clear()  # a restarting actor has no job to release: its lease brings the job back
         while self.runs and time.monotonic() < deadline:
             self.supervise_once(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
         clean = not self.runs
