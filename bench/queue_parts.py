@@ -29,14 +29,17 @@ from bench.queue_sustained import BARE_CLAIM, BARE_FINISH, BARE_PG, _bare_connec
 # name -> SQL run on its database after the migrations. "as shipped" is the reference.
 VARIANTS = {
     "as shipped": [],
-    # The claim's attempt row checks that its job exists: a lookup and a FOR KEY SHARE lock of the row the
-    # same statement just updated (jobs are never deleted, so the cascade never runs).
-    "no attempts FK": ["ALTER TABLE attempts DROP CONSTRAINT attempts_job_id_fkey"],
+    # Migration 0014's attempts undone: keyed by id, with a job_id index and the foreign key to jobs (a
+    # lookup and a FOR KEY SHARE lock of the row the same statement just updated) beside it.
+    "attempts before 0014": ["ALTER TABLE attempts DROP CONSTRAINT attempts_pkey",
+                             "ALTER TABLE attempts ADD CONSTRAINT attempts_pkey PRIMARY KEY (id)",
+                             "ALTER TABLE attempts ADD CONSTRAINT attempts_job_id_fkey FOREIGN KEY (job_id) "
+                             "REFERENCES jobs (id) ON DELETE CASCADE",
+                             "CREATE INDEX ix_attempts_job ON attempts (job_id)"],
     # The index entries a claim's and a finish's non-HOT updates of the job row add, apart from the claim's
     # own indexes (ix_jobs_claim, ix_jobs_gang): about what narrow queue/lease tables would save.
     "no uq key, no running index": ["ALTER TABLE jobs DROP CONSTRAINT uq_jobs_grid_key", "DROP INDEX ix_jobs_running"],
 }
-VARIANTS["all three dropped"] = VARIANTS["no attempts FK"] + VARIANTS["no uq key, no running index"]
 TURN = 500  # cycles per loop per turn
 WARMUP = 500  # cycles per loop before measuring: statements prepared, caches warm
 

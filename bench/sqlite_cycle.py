@@ -74,10 +74,11 @@ class Loops:
         finished = conn.execute(self.raw_finish, {
             "v_state": "succeeded", "v_result": '{"loss": 0.0}', "v_finished_at": now, "v_attempt_id": None,
             "v_worker_id": None, "v_lease_expires_at": None,
-            "b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": wid}).fetchone()
-        if finished is None:
+            "b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": wid}).rowcount
+        if not finished:
             raise RuntimeError("finish refused")
-        conn.execute(q.END_ATTEMPT, {"aid": attempt_id, "outcome": "succeeded", "now": now, "error": None})
+        conn.execute(q.END_ATTEMPT, {"job_id": job_id, "aid": attempt_id, "outcome": "succeeded", "now": now,
+                                     "error": None})
         # no events row: a succeeded attempt's row is its end event (q.ENDS_IN_ATTEMPT_ROW)
         aid = q.new_id()
         filters = ClaimFilters.of(["noop"], 0.0, False, None)  # as Queue.claim(wid, trainers=["noop"])

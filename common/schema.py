@@ -13,6 +13,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -149,18 +150,22 @@ search_trials = Table(
     Index("ix_search_trials_job", "job_id"),
 )
 
+# Keyed by (job_id, id): a job's history is the key's prefix, and on SQLite (WITHOUT ROWID) the rows are that one
+# B-tree, so a cycle's attempt writes land on one page. Every write of an attempt names its job. No foreign key:
+# jobs are never deleted (migration 0014).
 attempts = Table(
     "attempts",
     metadata,
-    Column("id", String(32), primary_key=True),
-    Column("job_id", Integer, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("id", String(32), nullable=False),
+    Column("job_id", Integer, nullable=False),
     Column("worker_id", String(32)),
     Column("outcome", String(20), nullable=False, default="running"),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
     Column("code_rev", String(100)),
     Column("error", Text),
-    Index("ix_attempts_job", "job_id"),
+    PrimaryKeyConstraint("job_id", "id", name="attempts_pkey"),
+    sqlite_with_rowid=False,
 )
 
 workers = Table(

@@ -161,7 +161,7 @@ _PG_FINISH = _pyformat(
     ),
     ended AS (
         UPDATE attempts SET outcome = job.outcome, ended_at = :now, error = job.error
-        FROM job WHERE attempts.id = job.attempt_id AND attempts.outcome = 'running'
+        FROM job WHERE attempts.job_id = job.id AND attempts.id = job.attempt_id AND attempts.outcome = 'running'
     ),
     event AS (  -- not for the ends an attempt row says in full (ENDS_IN_ATTEMPT_ROW)
         INSERT INTO events (job_id, attempt_id, "time", kind, message)
@@ -381,7 +381,7 @@ def _finish_sqlite(queue: Queue, worker_id: str, members: list[MemberFinish], no
                 continue
             values = queue._next_state(_Row(dict(row)), m.outcome, m.result, m.error, now)
             conn.execute(t.jobs.update().where(t.jobs.c.id == m.job_id), values)
-            queue._end_attempt(conn, m.attempt_id, m.outcome, now, m.error)
+            queue._end_attempt(conn, m.job_id, m.attempt_id, m.outcome, now, m.error)
             if m.outcome not in ENDS_IN_ATTEMPT_ROW:
                 queue._event(conn, m.job_id, m.attempt_id, m.outcome, _finish_message(m.outcome, values, m.error),
                              now)

@@ -63,7 +63,8 @@ _UPDATE_WORKER = update(t.workers).where(t.workers.c.id == bindparam("b_worker_i
 _INSERT_EVENT = insert(t.events)
 _END_ATTEMPT = (
     update(t.attempts)
-    .where(t.attempts.c.id == bindparam("b_attempt_id"), t.attempts.c.outcome == "running")
+    .where(t.attempts.c.job_id == bindparam("b_job_id"), t.attempts.c.id == bindparam("b_attempt_id"),
+           t.attempts.c.outcome == "running")
 )
 _CURRENT_ATTEMPT = (t.jobs.c.id == bindparam("b_job_id"), t.jobs.c.attempt_id == bindparam("b_attempt_id"),
                     t.jobs.c.worker_id == bindparam("b_worker_id"), t.jobs.c.state == "running")  # the fence
@@ -113,7 +114,8 @@ _SQLITE_FINISH_READ = """
     WHERE id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'
 """
 END_ATTEMPT = """
-    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error WHERE id = :aid AND outcome = 'running'
+    UPDATE attempts SET outcome = :outcome, ended_at = :now, error = :error
+    WHERE job_id = :job_id AND id = :aid AND outcome = 'running'
 """
 NEW_EVENT = """
     INSERT INTO events (job_id, attempt_id, "time", kind, message) VALUES (:job_id, :aid, :now, :kind, :message)
@@ -315,6 +317,7 @@ class Queue:
                     registered_at=now, last_seen_at=now, secret_hash=secret_hash,
                 )
             )
+        self._seen_written[worker_id] = now  # the claims of its first WORKER_SEEN_SECONDS need not refresh it
         return worker_id
 
     def worker_seen(self, worker_id: str, state: str | None = None) -> bool:
@@ -455,7 +458,8 @@ class Queue:
                 values.update(state="queued", not_before=now + self.policy.backoff("lost", losses))
             conn.execute(self._sql(_REQUEUE_LOST), {"job_id": row["id"], "aid": row["attempt_id"], "losses": losses,
                                                     **values})
-            conn.execute(self._sql(END_ATTEMPT), {"aid": row["attempt_id"], "outcome": "lost", "now": now,
+            conn.execute(self._sql(END_ATTEMPT), {"job_id": row["id"], "aid": row["attempt_id"], "outcome": "lost",
+                                                  "now": now,
                                                   "error": message})
             conn.execute(self._sql(NEW_EVENT), {"job_id": row["id"], "aid": row["attempt_id"], "now": now,
                                                 "kind": "lost", "message": message})
@@ -696,7 +700,7 @@ class Queue:
             values = self._next_state(None, outcome, result, error, now)
             statement, params = self.job_write(values, fenced=True)
             params.update(fence)
-            if conn.execute(statement, params).fetchone() is None:
+            if not conn.execute(statement, params).rowcount:
                 return _stale(job_id, attempt_id, worker_id)
         else:
             job = conn.execute(_SQLITE_FINISH_READ, fence).fetchone()
@@ -705,7 +709,7 @@ class Queue:
             values = self._next_state(SimpleNamespace(**dict(job)), outcome, result, error, now)
             statement, params = self.job_write(values)
             conn.execute(statement, {"b_job_id": job_id, **params})
-        conn.execute(END_ATTEMPT, {"aid": attempt_id, "outcome": outcome, "now": now, "error": error})
+        conn.execute(END_ATTEMPT, {"job_id": job_id, "aid": attempt_id, "outcome": outcome, "now": now, "error": error})
         if outcome not in ENDS_IN_ATTEMPT_ROW:
             conn.execute(NEW_EVENT, {"job_id": job_id, "aid": attempt_id, "now": now, "kind": outcome,
                                      "message": _finish_message(outcome, values, error)})
@@ -714,13 +718,14 @@ class Queue:
     def job_write(self, values: dict[str, Any], fenced: bool = False) -> tuple[str, dict[str, Any]]:
         """SQLite: `UPDATE jobs SET <values> WHERE id = :b_job_id` (one fixed string per set of columns, so
         sqlite3 keeps it prepared) and its parameters, JSON columns encoded. `fenced`: only the current
-        attempt's running job of that worker, RETURNING its id (no row: the fence refused)."""
+        attempt's running job of that worker (rowcount 0: the fence refused; no RETURNING, whose row costs a
+        fetch)."""
         keys = (*values, fenced)
         statement = self._finish_writes.get(keys)
         if statement is None:
             sets = ", ".join(f"{key} = :v_{key}" for key in values)
-            where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running' "
-                     "RETURNING id") if fenced else "id = :b_job_id"
+            where = ("id = :b_job_id AND attempt_id = :b_attempt_id AND worker_id = :b_worker_id AND state = 'running'"
+                     if fenced else "id = :b_job_id")
             statement = self._finish_writes[keys] = f"UPDATE jobs SET {sets} WHERE {where}"
         return statement, {f"v_{key}": json.dumps(value) if key in _JSON_JOB_COLUMNS else value
                            for key, value in values.items()}
@@ -789,7 +794,8 @@ class Queue:
                 ),
                 ended AS (
                     UPDATE attempts SET outcome = '{outcome}', ended_at = :now, error = {ended_error}
-                    FROM job WHERE attempts.id = :b_attempt_id AND attempts.outcome = 'running'
+                    FROM job WHERE attempts.job_id = :b_job_id AND attempts.id = :b_attempt_id
+                      AND attempts.outcome = 'running'
                 ){"" if outcome in ENDS_IN_ATTEMPT_ROW else _PG_FINISH_EVENT.format(outcome=outcome)}"""
             ))
         params = {"b_job_id": job_id, "b_attempt_id": attempt_id, "b_worker_id": worker_id, "now": now}
@@ -870,7 +876,7 @@ class Queue:
                 .values(state="running", attempt_id=attempt_id, worker_id=row.worker_id,
                         lease_expires_at=now + self.policy.lease_seconds, losses=jobs.c.losses - 1)
             )
-            conn.execute(update(attempts).where(attempts.c.id == attempt_id)
+            conn.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.id == attempt_id)
                          .values(outcome="running", ended_at=None, error=None))
             silent = "" if row.last_seen_at is None else f" after {max(0.0, now - row.last_seen_at):.0f} s"
             self._event(conn, job_id, attempt_id, "regained",
@@ -889,8 +895,10 @@ class Queue:
         ).first() is not None
 
     @staticmethod
-    def _end_attempt(conn: Connection, attempt_id: str, outcome: str, now: float, error: str | None) -> None:
-        conn.execute(_END_ATTEMPT, {"b_attempt_id": attempt_id, "outcome": outcome, "ended_at": now, "error": error})
+    def _end_attempt(conn: Connection, job_id: int, attempt_id: str, outcome: str, now: float,
+                     error: str | None) -> None:
+        conn.execute(_END_ATTEMPT, {"b_job_id": job_id, "b_attempt_id": attempt_id, "outcome": outcome,
+                                    "ended_at": now, "error": error})
 
     @staticmethod
     def _event(conn: Connection, job_id: int, attempt_id: str | None, kind: str, message: str, now: float) -> None:
@@ -907,7 +915,8 @@ class Queue:
         with write_tx(self.engine) as conn:
             if not self._owns(conn, job_id, attempt_id, worker_id):
                 return _stale(job_id, attempt_id, worker_id)
-            conn.execute(update(t.attempts).where(t.attempts.c.id == attempt_id).values(code_rev=sha))
+            conn.execute(update(t.attempts).where(t.attempts.c.job_id == job_id, t.attempts.c.id == attempt_id)
+                         .values(code_rev=sha))
             self._event(conn, job_id, attempt_id, "code_rev", f"running commit {sha}", now)
         return Reply(ok=True)
 

@@ -68,3 +68,66 @@ def test_0005_keeps_grids_and_jobs_made_before_it(db_url):
             assert conn.execute(select(t.jobs.c.key, t.jobs.c.external_id)).all() == [("k", None)]
     finally:
         engine.dispose()
+
+
+def test_0014_keys_attempts_by_job_and_keeps_every_attempt_down_and_up(db_url):
+    """Attempts keyed by (job_id, id), without the foreign key and ix_attempts_job (on SQLite a WITHOUT ROWID
+    table); a downgrade brings the old key back. Rows survive both ways, and the queue writes them after."""
+    from alembic import command
+    from sqlalchemy import select
+
+    from common import schema as t
+    from common.db import alembic_config, make_engine
+    from scheduler.grids import submit_grid
+    from scheduler.queue import Queue
+    from scheduler.spec import GridSpec
+    from worker.trainers import validate_config
+
+    def shape(engine) -> dict:
+        found = inspect(engine)
+        stored = {"key": found.get_pk_constraint("attempts")["constrained_columns"],
+                  "foreign keys": [fk["referred_table"] for fk in found.get_foreign_keys("attempts")],
+                  "indexes": sorted(i["name"] for i in found.get_indexes("attempts"))}
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'attempts'")).scalar()
+            stored["without rowid"] = "WITHOUT ROWID" in sql.upper()
+        return stored
+
+    def attempts(engine) -> list:
+        with engine.connect() as conn:
+            return conn.execute(select(t.attempts).order_by(t.attempts.c.job_id, t.attempts.c.id)).all()
+
+    engine = make_engine(db_url)
+    queue = Queue(engine)
+    submit_grid(engine, GridSpec.model_validate({"name": "m", "trainer": "noop", "axes": {"value": [1.0, 2.0, 3.0]}}),
+                validate_config)
+    worker = queue.register_worker("w", "h", ["noop"])
+    first = queue.claim(worker, trainers=["noop"])
+    reply, running = queue.finish_and_claim(first.id, first.attempt_id, "succeeded", {"loss": 1.0},
+                                            worker_id=worker, trainers=["noop"])
+    assert reply.ok and running is not None
+    before = attempts(engine)
+    assert [(a.job_id, a.outcome) for a in before] == [(first.id, "succeeded"), (running.id, "running")]
+    new_shape = {"key": ["job_id", "id"], "foreign keys": [], "indexes": []}
+    sqlite = engine.dialect.name == "sqlite"
+    assert shape(engine) == {**new_shape, **({"without rowid": True} if sqlite else {})}
+    queue.close()
+    engine.dispose()
+
+    command.downgrade(alembic_config(db_url), "0013")
+    engine = make_engine(db_url)
+    assert shape(engine) == {"key": ["id"], "foreign keys": ["jobs"], "indexes": ["ix_attempts_job"],
+                             **({"without rowid": False} if sqlite else {})}
+    assert attempts(engine) == before
+    engine.dispose()
+
+    migrate(db_url)
+    engine = make_engine(db_url)
+    queue = Queue(engine)
+    assert shape(engine) == {**new_shape, **({"without rowid": True} if sqlite else {})}
+    assert attempts(engine) == before
+    assert queue.finish(running.id, running.attempt_id, "succeeded", {"loss": 2.0}, worker_id=worker).ok
+    assert [a.outcome for a in attempts(engine)] == ["succeeded", "succeeded"]
+    queue.close()
+    engine.dispose()
