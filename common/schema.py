@@ -39,6 +39,8 @@ grids = Table(
     # The grid this one was refined from (`gridfleet refine`); NULL for a grid of its own. No foreign key
     # (see migration 0005); submit_grid checks the parent exists.
     Column("parent_id", Integer),
+    # A claim's check that its job's grid is active, read without the row (migration 0015).
+    Index("ix_grids_state", "id", "state"),
 )
 
 jobs = Table(

@@ -99,7 +99,10 @@ _PICK = """
 _ACTIVE_GRID_IN = "grid_id IN (SELECT id FROM grids WHERE state = 'active')"
 # SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
 # SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
-_SQLITE_ACTIVE_GRID = "EXISTS (SELECT 1 FROM grids WHERE grids.id = jobs.grid_id AND grids.state = 'active')"
+# The lookup reads the covering ix_grids_state: the grid's row would make SQLite walk the overflow pages of its
+# spec to reach `state` (9-12 us a claim for a grid of 100,000 jobs; migration 0015).
+_SQLITE_ACTIVE_GRID = ("EXISTS (SELECT 1 FROM grids INDEXED BY ix_grids_state "
+                       "WHERE grids.id = jobs.grid_id AND grids.state = 'active')")
 _CLAIM_UPDATE = f"""
     UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
         lease_expires_at = :lease, attempts = attempts + 1,
