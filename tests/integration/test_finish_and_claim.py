@@ -225,7 +225,9 @@ def test_a_job_claimed_with_the_last_finish_is_released_when_the_agent_stops(eng
 
 def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(tmp_path):
     """SQLite builds an `IN (SELECT ...)` list by reading every grid on each claim; embedded databases collect
-    a grid per run. The claim looks up the job's grid by its key instead, and still skips inactive grids."""
+    a grid per run. The claim looks up the job's grid by its key instead, and still skips inactive grids. It
+    reads the covering ix_grids_state, not the grid's row: reaching `state` there walks a large spec's overflow
+    pages (migration 0015)."""
     from common.db import make_engine, migrate
     from scheduler.grids import cancel_grid, pause_grid
     from scheduler.claim_sql import CLAIM_FLOOR, ClaimFilters, sqlite_claim
@@ -243,7 +245,7 @@ def test_the_sqlite_claim_looks_up_each_jobs_grid_instead_of_reading_every_grid(
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + claim, {
                 "aid": "a", "wid": "w", "lease": 0.0, "now": time.time(),
                 "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
-        assert "SCAN grids" not in plan and "SEARCH grids USING INTEGER PRIMARY KEY" in plan, plan
+        assert "SCAN grids" not in plan and "SEARCH grids USING COVERING INDEX ix_grids_state" in plan, plan
         claimed = [queue.claim("w", now=time.time()) for _ in range(3)]
         assert [job and job.id for job in claimed] == [*ids, None]
     finally:
