@@ -23,36 +23,28 @@ down_revision = "0013"
 branch_labels = None
 depends_on = None
 
-COLUMNS = "id, job_id, worker_id, outcome, started_at, ended_at, code_rev, error"
 
-
-def _attempt_columns(job_id_references_jobs: bool) -> list[sa.Column]:
-    job_id = [sa.ForeignKey("jobs.id", ondelete="CASCADE")] if job_id_references_jobs else []
-    return [
-        sa.Column("id", sa.String(32), nullable=False),
-        sa.Column("job_id", sa.Integer, *job_id, nullable=False),
-        sa.Column("worker_id", sa.String(32)),
-        sa.Column("outcome", sa.String(20), nullable=False),
-        sa.Column("started_at", sa.Float, nullable=False),
-        sa.Column("ended_at", sa.Float),
-        sa.Column("code_rev", sa.String(100)),
-        sa.Column("error", sa.Text),
-    ]
-
-
-def _rebuild_sqlite(key: list[str], old_shape: bool) -> None:
-    """SQLite changes neither a table's key nor its rowid in place: copy the rows into a new table."""
-    op.create_table("attempts_new", *_attempt_columns(old_shape), sa.PrimaryKeyConstraint(*key),
-                    sqlite_with_rowid=old_shape)
-    op.execute(f"INSERT INTO attempts_new ({COLUMNS}) SELECT {COLUMNS} FROM attempts")
-    op.drop_table("attempts")  # nothing references attempts: no cascade
+def _rebuild_sqlite(key: list[str], with_rowid: bool, references_jobs: bool) -> None:
+    """SQLite changes neither a table's key nor its rowid in place: copy the rows into a new table of the same
+    columns (as stored) and drop the old one (nothing references attempts: the drop cascades nowhere)."""
+    bind = op.get_bind()
+    stored = sa.MetaData()
+    old = sa.Table("attempts", stored, autoload_with=bind, resolve_fks=False)
+    # The key's DDL names only jobs.id: a table of that one column stands for jobs.
+    jobs_id = sa.Table("jobs", stored, sa.Column("id", sa.Integer, primary_key=True)).c.id
+    keys = [sa.ForeignKeyConstraint(["job_id"], [jobs_id], ondelete="CASCADE")] if references_jobs else []
+    new = sa.Table("attempts_new", stored, *(sa.Column(c.name, c.type, nullable=c.nullable) for c in old.columns),
+                   sa.PrimaryKeyConstraint(*key), *keys, sqlite_with_rowid=with_rowid)
+    new.create(bind)
+    bind.execute(new.insert().from_select([c.name for c in old.columns], sa.select(old)))
+    op.drop_table("attempts")
     op.rename_table("attempts_new", "attempts")
 
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         op.drop_index("ix_attempts_job", table_name="attempts")
-        _rebuild_sqlite(["job_id", "id"], old_shape=False)
+        _rebuild_sqlite(["job_id", "id"], with_rowid=False, references_jobs=False)
         return
     op.drop_constraint("attempts_job_id_fkey", "attempts", type_="foreignkey")
     op.drop_constraint("attempts_pkey", "attempts", type_="primary")
@@ -62,7 +54,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
-        _rebuild_sqlite(["id"], old_shape=True)
+        _rebuild_sqlite(["id"], with_rowid=True, references_jobs=True)
     else:
         op.drop_constraint("attempts_pkey", "attempts", type_="primary")
         op.create_primary_key("attempts_pkey", "attempts", ["id"])
