@@ -61,11 +61,6 @@ _JSON_JOB_COLUMNS = frozenset(c.name for c in t.jobs.columns if isinstance(c.typ
 # Bind names must differ from column names, hence the b_ prefix.
 _UPDATE_WORKER = update(t.workers).where(t.workers.c.id == bindparam("b_worker_id"))
 _INSERT_EVENT = insert(t.events)
-_END_ATTEMPT = (
-    update(t.attempts)
-    .where(t.attempts.c.job_id == bindparam("b_job_id"), t.attempts.c.id == bindparam("b_attempt_id"),
-           t.attempts.c.outcome == "running")
-)
 _CURRENT_ATTEMPT = (t.jobs.c.id == bindparam("b_job_id"), t.jobs.c.attempt_id == bindparam("b_attempt_id"),
                     t.jobs.c.worker_id == bindparam("b_worker_id"), t.jobs.c.state == "running")  # the fence
 _FINISH_READ = select(
@@ -459,8 +454,7 @@ class Queue:
             conn.execute(self._sql(_REQUEUE_LOST), {"job_id": row["id"], "aid": row["attempt_id"], "losses": losses,
                                                     **values})
             conn.execute(self._sql(END_ATTEMPT), {"job_id": row["id"], "aid": row["attempt_id"], "outcome": "lost",
-                                                  "now": now,
-                                                  "error": message})
+                                                  "now": now, "error": message})
             conn.execute(self._sql(NEW_EVENT), {"job_id": row["id"], "aid": row["attempt_id"], "now": now,
                                                 "kind": "lost", "message": message})
         return len(rows)
@@ -897,8 +891,8 @@ class Queue:
     @staticmethod
     def _end_attempt(conn: Connection, job_id: int, attempt_id: str, outcome: str, now: float,
                      error: str | None) -> None:
-        conn.execute(_END_ATTEMPT, {"b_job_id": job_id, "b_attempt_id": attempt_id, "outcome": outcome,
-                                    "ended_at": now, "error": error})
+        conn.execute(text(END_ATTEMPT), {"job_id": job_id, "aid": attempt_id, "outcome": outcome, "now": now,
+                                         "error": error})
 
     @staticmethod
     def _event(conn: Connection, job_id: int, attempt_id: str | None, kind: str, message: str, now: float) -> None:
