@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from common import schema as t
 from common.settings import Settings
-from scheduler import gang, grids, reports
+from scheduler import gang, grids, pruning, reports
 from scheduler.queue import Metric, Queue
 from scheduler.spec import GridSpec
 from worker import trainers
@@ -221,6 +221,26 @@ def test_threshold_rule_and_grids_without_rules(queue):
     grids.submit_grid(queue.engine, spec, trainers.validate_config)
     job = queue.claim(worker, trainers=["curve"])
     assert not beat(queue, job, range(1, 10)).prune
+
+
+def test_the_rule_is_read_from_the_prune_member_of_the_spec_alone(queue):
+    """The Pruner refreshes a grid's rule every RULE_CACHE_SECONDS from the spec's `prune` member, which the
+    database extracts: a grid's whole spec (its axes) can be a megabyte of JSON."""
+    rule = {"rule": "asha", "min_steps": 2, "reduction_factor": 3, "max_resource": 54}
+    ids = submit(queue, "wide", [float(i) for i in range(3000)], rule)
+    grids.submit_grid(queue.engine, GridSpec(name="ruleless", trainer="curve", axes={"x": [5.0]}),
+                      trainers.validate_config)
+    with queue.engine.connect() as conn:
+        wide, ruleless = (conn.execute(select(t.grids.c.id).where(t.grids.c.name == name)).scalar_one()
+                          for name in ("wide", "ruleless"))
+        stored = pruning._loads(conn.execute(select(t.grids.c.spec).where(t.grids.c.id == wide)).scalar_one())
+        member = pruning._loads(conn.execute(pruning.prune_member(wide)).scalar())
+        nothing = pruning._loads(conn.execute(pruning.prune_member(ruleless)).scalar())
+    assert len(stored["axes"]["x"]) == 3000 and member == stored["prune"] and member["rule"] == "asha"
+    assert nothing is None
+    pruner = pruning.Pruner(queue.engine)
+    assert pruner.judge_steps(wide, ids[0]) == [2, 6, 18]  # the rungs below max_resource 54
+    assert pruner.judge_steps(ruleless, ids[0]) == []
 
 
 @pytest.mark.parametrize("prune, field, words", [
