@@ -412,8 +412,8 @@ class Queue:
             with self._tx() as conn:
                 self._scan_expired(conn, params["now"])
         see_worker = self._worker_seen_due(params["wid"], params["now"])
-        with self._autocommit.connection() as conn:
-            row = conn.execute(pg_claim(request.filters, see_worker), params).fetchone()
+        with self._autocommit.cursor() as cursor:
+            row = cursor.execute(pg_claim(request.filters, see_worker), params).fetchone()
         if see_worker:
             self._seen_written[params["wid"]] = params["now"]
         return row
@@ -505,8 +505,8 @@ class Queue:
                   "progress_total": values.get("progress_total"), "now": now}
         if not self._sqlite:
             params["metrics"] = Json([{"step": m.step, "time": m.time, "values": m.values} for m in metrics or ()])
-            with self._autocommit.connection() as conn:
-                row = conn.execute(_PG_HEARTBEAT, params).fetchone()
+            with self._autocommit.cursor() as cursor:
+                row = cursor.execute(_PG_HEARTBEAT, params).fetchone()
             if row is None:
                 return _stale(job_id, attempt_id, worker_id)
             return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
@@ -659,8 +659,8 @@ class Queue:
             see_worker = self._worker_seen_due(worker_id, now)
             statement, params = self._finish_postgres(job_id, attempt_id, worker_id, outcome, values, error, now,
                                                       see_worker)
-            with self._autocommit.connection() as conn:
-                if conn.execute(statement, params).fetchone() is None:
+            with self._autocommit.cursor() as cursor:
+                if cursor.execute(statement, params).fetchone() is None:
                     return _stale(job_id, attempt_id, worker_id)
             if see_worker:
                 self._seen_written[worker_id] = now
@@ -761,8 +761,8 @@ class Queue:
                 SELECT {", ".join(f"claimed.{column}" for column in CLAIM_COLUMNS.split(", "))}
                 FROM job LEFT JOIN claimed ON true
                 """)
-        with self._autocommit.connection() as conn:
-            row = conn.execute(statement, {**request.params, **params}).fetchone()
+        with self._autocommit.cursor() as cursor:
+            row = cursor.execute(statement, {**request.params, **params}).fetchone()
         if see_worker and row is not None:
             self._seen_written[worker_id] = now
         return row

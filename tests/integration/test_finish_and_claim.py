@@ -74,7 +74,7 @@ def unscanned(engine, policy):
 
 
 class _Counted:
-    """A psycopg connection that counts the statements run on it."""
+    """A psycopg connection (or cursor) that counts the statements run on it."""
 
     def __init__(self, conn, counts: list[str]):
         self._conn, self._counts = conn, counts
@@ -92,13 +92,19 @@ def count_statements(queue: Queue, monkeypatch) -> list[str]:
     counts: list[str] = []
     if queue._autocommit is None:
         return counts
-    connection = queue._autocommit.connection
+    connection, cursor = queue._autocommit.connection, queue._autocommit.cursor
 
     @contextmanager
     def counted():
         with connection() as conn:
             yield _Counted(conn, counts)
+
+    @contextmanager
+    def counted_cursor():
+        with cursor() as kept:
+            yield _Counted(kept, counts)
     monkeypatch.setattr(queue._autocommit, "connection", counted)
+    monkeypatch.setattr(queue._autocommit, "cursor", counted_cursor)
     return counts
 
 
