@@ -10,6 +10,7 @@ from typing import Iterator
 
 import psycopg
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from sqlalchemy import Connection, Engine, create_engine, event, exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
@@ -150,14 +151,15 @@ class AutocommitConnections:
 
     @contextmanager
     def cursor(self) -> Iterator[psycopg.Cursor]:
-        """A checked-out connection's own cursor, made with the connection's first cursor() and kept with it.
-        conn.execute makes a new cursor (and its adapters' Transformer) for every statement: a sixth of a
-        worker's client CPU per claim+finish cycle with 16 worker processes (bench/README.md)."""
+        """A checked-out connection's own cursor, made with the connection's first cursor() and kept with it;
+        rows are tuples. conn.execute makes a new cursor (and its adapters' Transformer) for every statement,
+        and dict rows a dict per row: a fifth of a worker's client CPU per claim+finish cycle with 16 worker
+        processes (bench/README.md)."""
         conn = self._checkout()
         try:
             cursor = self._cursors.get(conn)
             if cursor is None:
-                cursor = self._cursors[conn] = conn.cursor()
+                cursor = self._cursors[conn] = conn.cursor(row_factory=tuple_row)
             yield cursor
         finally:
             self._idle.append(conn)  # a broken one is dropped at its next checkout

@@ -372,16 +372,18 @@ class Queue:
         return row
 
     def _claimed(self, request: SimpleNamespace, row) -> ClaimedJob | None:
-        """The ClaimedJob of a committed claim's row (None: nothing claimed); moves the claim floor past it."""
+        """The ClaimedJob of a committed claim's row, CLAIM_COLUMNS in their order (None: nothing claimed); moves
+        the claim floor past it."""
         if row is None:
             return None
-        self.claimed_at(request.filters, row["priority"], row["id"])
+        job_id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts = row
+        self.claimed_at(request.filters, priority, job_id)
         params = request.params
         return ClaimedJob(
-            id=row["id"], grid_id=row["grid_id"], attempt_id=params["aid"], worker_id=params["wid"],
-            trainer=row["trainer"], config=_json(row["config"]), seed=row["seed"], resources=_json(row["resources"]),
-            code_rev=row["code_rev"], store=row["store"], checkpoint=_json(row["checkpoint"]), attempt=row["attempts"],
-            lease_expires_at=params["lease"], prune_steps=self.pruner.judge_steps(row["grid_id"], row["id"]),
+            id=job_id, grid_id=grid_id, attempt_id=params["aid"], worker_id=params["wid"], trainer=trainer,
+            config=_json(config), seed=seed, resources=_json(resources), code_rev=code_rev, store=store,
+            checkpoint=_json(checkpoint), attempt=attempts, lease_expires_at=params["lease"],
+            prune_steps=self.pruner.judge_steps(grid_id, job_id),
         )
 
     def _claim_sqlite(self, request: SimpleNamespace, scan: bool):
@@ -509,7 +511,7 @@ class Queue:
                 row = cursor.execute(_PG_HEARTBEAT, params).fetchone()
             if row is None:
                 return _stale(job_id, attempt_id, worker_id)
-            return Reply(ok=True, cancel=bool(row["cancel_requested"]), lease_expires_at=lease)
+            return Reply(ok=True, cancel=bool(row[0]), lease_expires_at=lease)  # cancel_requested
         with self._tx() as conn:
             row = conn.execute(_SQLITE_HEARTBEAT, params).fetchone()
             if row is None:
@@ -643,7 +645,7 @@ class Queue:
             row = self._pg_finish_claim(job_id, attempt_id, worker_id, outcome, values, error, now, request)
             if row is not None:
                 reply = Reply(ok=True, state=values["state"])
-                if row["id"] is None:
+                if row[0] is None:  # the finish held, nothing was claimed from the floor
                     params["from_rank"], params["from_id"] = self.claim_floor(request.filters, True)
                     row = self._claim_postgres(request, True)
                 return reply, self._claimed(request, row)
