@@ -183,7 +183,7 @@ class AutocommitConnections:
 
     @staticmethod
     def _usable(conn: psycopg.Connection) -> bool:
-        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+        if conn.closed or conn.pgconn.transaction_status != TransactionStatus.IDLE:  # conn.info: an object a call
             return False  # closed, broken, or interrupted mid-statement
         if hasattr(select, "poll"):
             return not _server_closed(conn)
