@@ -53,9 +53,8 @@ class Point:
     value: float
 
 
-def rule_of(spec: dict[str, Any] | None) -> PruneSpec | None:
-    """The grid's prune rule from its stored spec (the spec was validated when posted)."""
-    prune = (spec or {}).get("prune")
+def rule_of(prune: dict[str, Any] | None) -> PruneSpec | None:
+    """The grid's prune rule from its stored spec's `prune` member (prune_member; validated when posted)."""
     return PruneSpec.model_validate(prune) if prune else None
 
 
@@ -156,7 +155,7 @@ class Pruner:
             return cached[1]
         with self.engine.connect() as conn:
             prune = conn.execute(prune_member(grid_id)).scalar()
-        rule = rule_of({"prune": _loads(prune)})
+        rule = rule_of(_loads(prune))
         self._rules[grid_id] = (time.monotonic() + RULE_CACHE_SECONDS, rule)
         return rule
 
