@@ -232,8 +232,9 @@ def gpu_projection(steps: int, device: str) -> None:
         group = [{**flags, **SEED_TRAINING, "n_layers": n_layers, "state_size": size}
                  for flags in seed_flag_combos(residual_only=size == 32)]
         time_fused([c | {"steps": 2} for c in group], device)  # warm-up: kernels, allocator
-        base = time_fused([c | {"steps": 2} for c in group], device)  # set-up and 2 steps
-        seconds = time_fused([c | {"steps": steps + 2} for c in group], device)
+        # best of two each: one slow set-up would otherwise make the difference wrong, even negative
+        base = min(time_fused([c | {"steps": 2} for c in group], device) for _ in range(2))  # set-up, 2 steps
+        seconds = min(time_fused([c | {"steps": steps + 2} for c in group], device) for _ in range(2))
         per_step = (seconds - base) / steps  # the set-up (models, corpus) is not part of the 10,989 steps
         total += per_step * SEED_END_STEP
         rows.append(f"L{n_layers} S{size}: {len(group)} members, {per_step * 1000:.1f} ms/step")

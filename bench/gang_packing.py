@@ -39,6 +39,7 @@ def configs(corpus: Path) -> dict[str, dict]:
         "perturbation": {"training": {"log_every": 1}},
         "learning_rules": {"rule": "bptt", "log_every": 1},
         "noop": {"steps": 10, "fuse_group": "a"},
+        "curve": {"steps": 10, "fuse_group": "a"},
     }
 
 
