@@ -8,7 +8,6 @@ retries, cancels and expiry scans putting jobs back (or taking them out), the wo
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -79,12 +78,11 @@ def cycle_of(conn):
     job_id, priority = cursor.execute(FIRST_CLAIM, {"aid": attempt_id, "wid": worker_id, "lease": now + 60,
                                                     "now": now, "from_rank": -(2**31), "from_id": 0}).fetchone()
     held = {"job": job_id, "aid": attempt_id, "floor": (-priority, job_id)}
-    result = json.loads('{"loss": 0.0}')
 
     def cycle():
         now, attempt_id = time.time(), uuid.uuid4().hex
         row = cursor.execute(FINISH_AND_CLAIM, {
-            "result": Json(result), "now": now, "b_job_id": held["job"], "b_attempt_id": held["aid"],
+            "result": Json({"loss": 0.0}), "now": now, "b_job_id": held["job"], "b_attempt_id": held["aid"],
             "wid": worker_id, "from_rank": held["floor"][0], "from_id": held["floor"][1], "aid": attempt_id,
             "lease": now + 60}, prepare=True).fetchone()
         if row is None or row[0] is None:

@@ -9,9 +9,9 @@ gridfleet of this working tree), each on a fresh database of its own, run `--cyc
 turns, the order reversed every turn, so the machine's load moves all three alike. With `--workers N` a
 side is N processes on its database, racing for its jobs, the turn's cycles shared among them (its CPU
 summed, its wall time the slowest process's). `--narrow` adds a fourth side: the cycle of a prototype
-with claimable jobs and leases in narrow tables of their own (bench/narrow_queue.py), on this tree's schema. A gridfleet side whose
-Queue has `finish_and_claim` cycles through it (each finish claims the next job, as the embedded agent does);
-an older one runs claim then finish. Printed per turn: CPU us
+with claimable jobs and leases in narrow tables of their own (bench/narrow_queue.py), on this tree's schema.
+A gridfleet side whose Queue has `finish_and_claim` cycles through it (each finish claims the next job, as the
+embedded agent does); an older one runs claim then finish. Printed per turn: CPU us
 per cycle of each process and its Postgres backends (/proc, local server), and the medians: bare/gridfleet
 by CPU per job and by jobs/s, and this tree / base. A change worth a few percent shows here when runs
 minutes apart differ by 2x (bench/README.md).
@@ -96,20 +96,26 @@ def _bare_side(url: str, rows: int, migrate, _make_engine, close: list):
     return cycle, [conn.info.backend_pid]
 
 
-def _gridfleet_side(url: str, jobs: int, migrate, make_engine, close: list):
-    """`migrate` None: another process of the side migrated the database and submitted the jobs."""
+def _submit_noop_grid(engine, jobs: int) -> None:
+    """One grid of `jobs` noop jobs: what a gridfleet side (and the narrow prototype's) claims."""
     from scheduler.grids import submit_grid
-    from scheduler.queue import Queue
     from scheduler.spec import GridSpec
     from worker.trainers import validate_config
+
+    submit_grid(engine, GridSpec.model_validate({"name": "interleaved", "trainer": "noop",
+                                                 "axes": {"value": [float(i) for i in range(jobs)]}}),
+                validate_config)
+
+
+def _gridfleet_side(url: str, jobs: int, migrate, make_engine, close: list):
+    """`migrate` None: another process of the side migrated the database and submitted the jobs."""
+    from scheduler.queue import Queue
 
     engine = make_engine(url)
     close.append(engine.dispose)
     if migrate:
         migrate(url)
-        submit_grid(engine, GridSpec.model_validate({"name": "interleaved", "trainer": "noop",
-                                                     "axes": {"value": [float(i) for i in range(jobs)]}}),
-                    validate_config)
+        _submit_noop_grid(engine, jobs)
     queue = Queue(engine)
     worker_id = queue.register_worker(name="bench", host="bench", trainers=["noop"])
 
@@ -138,18 +144,13 @@ def _narrow_side(url: str, jobs: int, migrate, make_engine, close: list):
     from sqlalchemy.engine import make_url
 
     from bench.narrow_queue import SETUP, cycle_of
-    from scheduler.grids import submit_grid
-    from scheduler.spec import GridSpec
-    from worker.trainers import validate_config
 
     if migrate:
         migrate(url)
         engine = make_engine(url)
         with engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE jobs SET (fillfactor = 50)")  # room for HOT versions
-        submit_grid(engine, GridSpec.model_validate({"name": "interleaved", "trainer": "noop",
-                                                     "axes": {"value": [float(i) for i in range(jobs)]}}),
-                    validate_config)
+        _submit_noop_grid(engine, jobs)
         engine.dispose()
     conn = psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False), autocommit=True,
                            prepare_threshold=0)
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one process of a side
     parser.add_argument("--attach", help=argparse.SUPPRESS)  # internal: the side's database, set up already
     args = parser.parse_args(argv)
+    if not 1 <= args.workers <= args.cycles:
+        parser.error(f"--workers must be between 1 and --cycles ({args.cycles}): each process needs a cycle a "
+                     f"turn; got {args.workers}")
     if args.serve:
         serve(args.serve, args.pg_admin_url, args.turns * args.cycles + 100 * args.workers, args.attach)
         return 0
