@@ -2,14 +2,12 @@
 
     .venv/bin/python bench/queue_interleaved.py --base HEAD~3 --turns 10 --cycles 1500
     .venv/bin/python bench/queue_interleaved.py --workers 4 --turns 8 --cycles 4000   # 4 processes a side
-    .venv/bin/python bench/queue_interleaved.py --workers 16 --narrow   # and bench/narrow_queue.py's prototype
 
 Three sides (the bare loop of bench/queue_sustained.py, gridfleet at `--base` extracted with git archive,
 gridfleet of this working tree), each on a fresh database of its own, run `--cycles` claim+finish cycles in
 turns, the order reversed every turn, so the machine's load moves all three alike. With `--workers N` a
 side is N processes on its database, racing for its jobs, the turn's cycles shared among them (its CPU
-summed, its wall time the slowest process's). `--narrow` adds a fourth side: the cycle of a prototype
-with claimable jobs and leases in narrow tables of their own (bench/narrow_queue.py), on this tree's schema.
+summed, its wall time the slowest process's).
 A gridfleet side whose Queue has `finish_and_claim` cycles through it (each finish claims the next job, as the
 embedded agent does); an older one runs claim then finish. Printed per turn: CPU us
 per cycle of each process and its Postgres backends (/proc, local server), and the medians: bare/gridfleet
@@ -55,7 +53,7 @@ def serve(kind: str, admin_url: str, cycles: int, attach: str | None = None) -> 
     url = make_url(normalize_url(admin_url)).set(database=name).render_as_string(hide_password=False)
     close = []
     try:
-        side = {"bare": _bare_side, "narrow": _narrow_side}.get(kind, _gridfleet_side)
+        side = _bare_side if kind == "bare" else _gridfleet_side
         cycle, pids = side(url, cycles + 1_000, migrate if attach is None else None, make_engine, close)
         print(f"ready {name}", flush=True)
         for line in sys.stdin:
@@ -97,7 +95,7 @@ def _bare_side(url: str, rows: int, migrate, _make_engine, close: list):
 
 
 def _submit_noop_grid(engine, jobs: int) -> None:
-    """One grid of `jobs` noop jobs: what a gridfleet side (and the narrow prototype's) claims."""
+    """One grid of `jobs` noop jobs: what a gridfleet side claims."""
     from scheduler.grids import submit_grid
     from scheduler.spec import GridSpec
     from worker.trainers import validate_config
@@ -138,31 +136,6 @@ def _gridfleet_side(url: str, jobs: int, migrate, make_engine, close: list):
     return cycle, [c.info.backend_pid for c in queue._autocommit._open]
 
 
-def _narrow_side(url: str, jobs: int, migrate, make_engine, close: list):
-    """bench/narrow_queue.py's prototype: `migrate` None: another process of the side set it up."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from bench.narrow_queue import SETUP, cycle_of
-
-    if migrate:
-        migrate(url)
-        engine = make_engine(url)
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE jobs SET (fillfactor = 50)")  # room for HOT versions
-        _submit_noop_grid(engine, jobs)
-        engine.dispose()
-    conn = psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False), autocommit=True,
-                           prepare_threshold=0)
-    close.append(conn.close)
-    for statement in SETUP if migrate else []:
-        conn.execute(statement)
-    cycle = cycle_of(conn)
-    for _ in range(50):
-        cycle()
-    return cycle, [conn.info.backend_pid]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git ref to compare this working tree with (HEAD)")
@@ -170,7 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=1_500, help="claim+finish cycles per turn and side (1,500)")
     parser.add_argument("--workers", type=int, default=1, help="processes per side, sharing its turn's cycles (1)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("GRIDFLEET_BENCH_POSTGRES_URL", PG_ADMIN_URL_DEFAULT))
-    parser.add_argument("--narrow", action="store_true", help="also race bench/narrow_queue.py's prototype")
     parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run one process of a side
     parser.add_argument("--attach", help=argparse.SUPPRESS)  # internal: the side's database, set up already
     args = parser.parse_args(argv)
@@ -183,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gf_bench_base_") as base:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.base], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
-        trees = {"bare": ROOT, "base": Path(base), "this": ROOT} | ({"narrow": ROOT} if args.narrow else {})
+        trees = {"bare": ROOT, "base": Path(base), "this": ROOT}
         return _compare(trees, args)
 
 
@@ -196,7 +168,7 @@ def _compare(trees: dict[str, Path], args) -> int:
             for _ in range(args.workers):
                 # this script serves every side (a base may predate it); the side's code comes from its tree
                 command = [sys.executable, str(Path(__file__).resolve()), "--serve",
-                           name if name in ("bare", "narrow") else "gridfleet", "--turns", str(args.turns), "--cycles",
+                           "bare" if name == "bare" else "gridfleet", "--turns", str(args.turns), "--cycles",
                            str(args.cycles), "--workers", str(args.workers), "--pg-admin-url", args.pg_admin_url]
                 if database:  # the side's first process made it
                     command += ["--attach", database]
@@ -236,7 +208,7 @@ def _report(turns: dict[str, list[tuple[float, float, float]]], args) -> None:
     total = {name: statistics.median(c + b for c, b, _ in rows) for name, rows in turns.items()}
     rate = {name: statistics.median(r for _, _, r in rows) for name, rows in turns.items()}
     print(f"bare: median {total['bare']:.0f} us per cycle, {rate['bare']:.0f} jobs/s")
-    for name in [name for name in ("base", "this", "narrow") if name in turns]:
+    for name in ("base", "this"):
         client = statistics.median(c for c, _, _ in turns[name])
         backends = statistics.median(b for _, b, _ in turns[name])
         print(f"{name}: median {total[name]:.0f} us per cycle (client {client:.0f}, backends {backends:.0f}), "

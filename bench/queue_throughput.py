@@ -294,7 +294,7 @@ class JobFeeder:
 
     def vacuum_tables(self) -> None:
         """VACUUM the queue's tables, as autovacuum would between bursts (Postgres). Each claimed job leaves a
-        dead entry at the front of ix_jobs_claim that every later claim walks over until a vacuum; without
+        dead entry at the front of claimable's key that a claim from the first job walks over until a vacuum; without
         this, each window would pay for all the windows before it (and autovacuum may be off on a dev server)."""
         if not self.vacuum:
             return
@@ -302,7 +302,7 @@ class JobFeeder:
 
         with self.engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            for table in ("jobs", "attempts", "workers", "events"):
+            for table in ("jobs", "claimable", "running", "attempts", "workers", "events"):
                 conn.execute(text(f"VACUUM {table}"))
 
     def ensure(self, wanted: int) -> float:

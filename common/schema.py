@@ -92,29 +92,48 @@ jobs = Table(
     # Its grid_id prefix also serves a grid's jobs by state: no (grid_id, state) index, since every claim and
     # finish would insert into it (migration 0010).
     UniqueConstraint("grid_id", "key", name="uq_jobs_grid_key"),
-    # Postgres: room on each page for a row's next version, so updates that change no indexed column
-    # (a heartbeat's lease, step and progress) stay HOT (migration 0009).
-    postgresql_with={"fillfactor": 70},
+    # Postgres: room on each page for a row's next versions. No index holds a column the claim, a heartbeat or
+    # a finish writes (state, lease, worker, progress), so all three update the row HOT: no index entry per
+    # update, and no dead entries for later claims to read (migration 0016).
+    postgresql_with={"fillfactor": 50},
 )
 
-# Indexes of the hot path (migration 0009; docs/queue.md). Each lists the states it holds: any other state
-# (a terminal one added later included) is in none of them. Keyed by rank = -priority, so the claim's order
-# (priority high first, then age) is ascending and a claim can start its scan at a row comparison.
-_QUEUED = text("state = 'queued'")
-_RUNNING = text("state = 'running'")
-# The claim scans queued jobs by rank, then id.
-Index("ix_jobs_claim", -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED, sqlite_where=_QUEUED)
-# A gang claim then takes the queued jobs of the first job's grid and fuse key, in the same order. Jobs without
-# a key gang only themselves and are never read through it, so it does not hold them (migration 0012).
-_QUEUED_WITH_KEY = text("state = 'queued' AND fuse_key IS NOT NULL")
-Index("ix_jobs_gang", jobs.c.grid_id, jobs.c.fuse_key, -jobs.c.priority, jobs.c.id, postgresql_where=_QUEUED_WITH_KEY,
-      sqlite_where=_QUEUED_WITH_KEY)
-# Running jobs by worker: the expiry scan and "what does this worker still run". No lease in it (heartbeats).
-# The job's id after the worker's: a fenced write descends to its one entry instead of reading the entries the
-# worker's finished jobs left until a VACUUM (migration 0013). No deduplication: a posting list holding the
-# live running job is never removed (migration 0011).
-Index("ix_jobs_running", jobs.c.worker_id, jobs.c.id, postgresql_where=_RUNNING, sqlite_where=_RUNNING,
-      postgresql_with={"deduplicate_items": "off"})
+# The queue's own narrow tables (migration 0016), kept by triggers on `jobs` from its state: a job is in
+# `claimable` exactly while it is queued and in `running` exactly while it runs, whichever statement moved it
+# (a claim, a finish, a retry, a cancel, an expiry scan, a resume). An index on `jobs` for those states would
+# hold `state`, and every claim and finish would then insert index entries and leave dead ones behind.
+# claimable: what a claim filters and orders by, a copy of the job's columns. Keyed by rank = -priority, then
+# id: the claim's order (priority high first, then age), which a claim starts reading at its claim floor.
+claimable = Table(
+    "claimable",
+    metadata,
+    Column("rank", Integer, nullable=False),
+    Column("job_id", Integer, nullable=False),
+    Column("grid_id", Integer, nullable=False),
+    Column("trainer", String(100), nullable=False),
+    Column("gpus", Float, nullable=False),
+    Column("code_rev", String(100)),
+    Column("not_before", Float, nullable=False),
+    Column("fuse_key", String(200)),
+    PrimaryKeyConstraint("rank", "job_id", name="claimable_pkey"),
+    sqlite_with_rowid=False,
+)
+# A gang claim takes the queued jobs of the first job's grid and fuse key, in claim order. Jobs without a key
+# gang only themselves and are never read through it, so it does not hold them (migration 0012).
+_HAS_FUSE_KEY = text("fuse_key IS NOT NULL")
+Index("ix_claimable_gang", claimable.c.grid_id, claimable.c.fuse_key, claimable.c.rank, claimable.c.job_id,
+      postgresql_where=_HAS_FUSE_KEY, sqlite_where=_HAS_FUSE_KEY)
+# running: the running jobs by worker, for the expiry scan and "what does this worker run now". No lease in it:
+# the lease stays on the job row, which heartbeats update HOT; the scan reads the few running jobs' rows.
+running = Table(
+    "running",
+    metadata,
+    Column("worker_id", String(32), nullable=False),
+    Column("job_id", Integer, nullable=False),
+    PrimaryKeyConstraint("worker_id", "job_id", name="running_pkey"),
+    sqlite_with_rowid=False,
+)
+
 _HAS_EXTERNAL_ID = text("external_id IS NOT NULL")
 Index("ix_jobs_external_id", jobs.c.external_id, postgresql_where=_HAS_EXTERNAL_ID, sqlite_where=_HAS_EXTERNAL_ID)
 

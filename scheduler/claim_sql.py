@@ -57,15 +57,17 @@ class ClaimFilters(NamedTuple):
             raise ValueError(f"gpus must be a finite number; got {gpus!r}")
         return cls(names, gpus, bool(can_pin_code), None if grid_id is None else int(grid_id))
 
-    def where(self) -> str:
-        """The filters as one SQL condition on `jobs`, the same text on both databases."""
-        parts = [f"gpus <= {self.gpus!r}"]
+    def where(self, table: str = "claimable") -> str:
+        """The filters as one SQL condition on `table` (`claimable`, or `jobs`: the same columns), the same text
+        on both databases."""
+        parts = [f"{table}.gpus <= {self.gpus!r}"]
         if self.trainers is not None:  # an empty list matches no job
-            parts.append(f"trainer IN ({', '.join(map(sql_string, self.trainers))})" if self.trainers else "1 = 0")
+            parts.append(f"{table}.trainer IN ({', '.join(map(sql_string, self.trainers))})" if self.trainers
+                         else "1 = 0")
         if not self.can_pin:
-            parts.append("code_rev IS NULL")
+            parts.append(f"{table}.code_rev IS NULL")
         if self.grid_id is not None:
-            parts.append(f"grid_id = {self.grid_id:d}")
+            parts.append(f"{table}.grid_id = {self.grid_id:d}")
         return " AND ".join(parts)
 
 
@@ -84,25 +86,34 @@ def pyformat(sql: str) -> str:
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql.replace("%", "%%"))
 
 
-# The claim's pick. It starts the scan of ix_jobs_claim at the claim floor (rank, id) by a row comparison in
-# index order: claimed jobs stay in the index as dead entries until a VACUUM, and walking them from the start
-# made each claim read 3 -> 22 -> 80 index pages after 0 / 5,000 / 20,000 claims (issue 15).
+# The claim's pick, from `claimable` (common/schema.py: a trigger keeps a queued job there) in its key's order:
+# (rank, job_id). It starts at the claim floor by a row comparison: claimed jobs stay in the key as dead
+# entries until a VACUUM, and walking them from the start made each claim read 3 -> 22 -> 80 index pages after
+# 0 / 5,000 / 20,000 claims (issue 15).
+# Postgres locks the job's row, not the claimable one (FOR UPDATE OF jobs SKIP LOCKED): the claim's UPDATE
+# then fires the trigger that deletes the claimable row, so a claim takes a job's locks in the order every
+# other writer of the job does (job row, then its claimable row) and never deadlocks with a cancel or a
+# retry. The job's own state and backoff are checked on the locked row: when another claimer took the job
+# after this statement's snapshot, Postgres rechecks them on the row's new version and skips it.
 # `{after}`: finish_and_claim's extra condition on Postgres (pg_claim_ctes).
 _PICK = """
-    SELECT {columns} FROM jobs{indexed_by}
-    WHERE state = 'queued'{after} AND (-priority, id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
-      AND not_before <= :now AND {filters}
+    SELECT {columns} FROM claimable{join}
+    WHERE {after}(claimable.rank, claimable.job_id) >= (CAST(:from_rank AS INTEGER), CAST(:from_id AS INTEGER))
+      AND {claimable}
       AND {active_grid}
-    ORDER BY -priority, id
+    ORDER BY claimable.rank, claimable.job_id
     LIMIT 1{lock}
 """
-_ACTIVE_GRID_IN = "grid_id IN (SELECT id FROM grids WHERE state = 'active')"
+_JOB_OF_CLAIMABLE = " JOIN jobs AS job_row ON job_row.id = claimable.job_id"
+_JOB_IS_QUEUED = " AND job_row.state = 'queued' AND job_row.not_before <= :now"
+_LOCK_JOB = " FOR UPDATE OF job_row SKIP LOCKED"
+_ACTIVE_GRID_IN = "claimable.grid_id IN (SELECT id FROM grids WHERE state = 'active')"
 # SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
 # SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
 # The lookup reads the covering ix_grids_state: the grid's row would make SQLite walk the overflow pages of its
 # spec to reach `state` (9-12 us a claim for a grid of 100,000 jobs; migration 0015).
 _SQLITE_ACTIVE_GRID = ("EXISTS (SELECT 1 FROM grids INDEXED BY ix_grids_state "
-                       "WHERE grids.id = jobs.grid_id AND grids.state = 'active')")
+                       "WHERE grids.id = claimable.grid_id AND grids.state = 'active')")
 _CLAIM_UPDATE = f"""
     UPDATE jobs SET state = 'running', attempt_id = :aid, worker_id = :wid,
         lease_expires_at = :lease, attempts = attempts + 1,
@@ -114,25 +125,27 @@ _CLAIM_UPDATE = f"""
 # filter, so a refused finish locks and scans nothing), and never the job being finished. Only terminal
 # outcomes take that path, so the job is `running` in the statement's snapshot and the pick could not see
 # it anyway; the id test keeps the one statement from ever updating that row twice.
-_AFTER_FINISH = " AND EXISTS (SELECT 1 FROM job) AND id <> :b_job_id"
+_AFTER_FINISH = "EXISTS (SELECT 1 FROM job) AND claimable.job_id <> :b_job_id AND "
 
 
 @lru_cache(maxsize=256)
-def pick(filters: ClaimFilters, postgres: bool, after_finish: bool = False, columns: str = "id") -> str:
-    """The pick of one claimable job, its `columns` (`:name` parameters: from_rank, from_id, now; b_job_id
-    after a finish); a gang claim's first job too (scheduler/gang.py).
-    Postgres locks it (FOR UPDATE SKIP LOCKED). SQLite: INDEXED BY, because without statistics its planner
-    took ix_jobs_grid_state and sorted every queued job of the grid on each claim (EXPLAIN QUERY PLAN: "USE
-    TEMP B-TREE FOR ORDER BY"); and a lookup of the job's grid instead of the IN list."""
-    return _PICK.format(columns=columns, indexed_by="" if postgres else " INDEXED BY ix_jobs_claim",
-                        after=_AFTER_FINISH if after_finish else "", filters=ClaimFilters(*filters).where(),
+def pick(filters: ClaimFilters, postgres: bool, after_finish: bool = False, columns: str = "claimable.job_id") -> str:
+    """The pick of one claimable job, its `columns` of `claimable` (`:name` parameters: from_rank, from_id,
+    now; b_job_id after a finish); a gang claim's first job too (scheduler/gang.py). Postgres locks the job's
+    row (FOR UPDATE OF job_row SKIP LOCKED). SQLite looks up the job's grid instead of an IN list; its planner
+    reads claimable's key in order (the gang index holds only keyed jobs, so no other index fits)."""
+    return _PICK.format(columns=columns, join=_JOB_OF_CLAIMABLE if postgres else "",
+                        after=_AFTER_FINISH if after_finish else "", claimable=claimable(filters, postgres),
                         active_grid=_ACTIVE_GRID_IN if postgres else _SQLITE_ACTIVE_GRID,
-                        lock=" FOR UPDATE SKIP LOCKED" if postgres else "")
+                        lock=_LOCK_JOB if postgres else "")
 
 
-def claimable(filters: ClaimFilters) -> str:
-    """The condition a claimable job meets, without the claim floor and its grid's state (a gang's members)."""
-    return f"state = 'queued' AND not_before <= :now AND {ClaimFilters(*filters).where()}"
+def claimable(filters: ClaimFilters, postgres: bool) -> str:
+    """The condition a row of `claimable` meets when a claim with these filters may take its job, without the
+    claim floor and the grid's state (a gang's members too). Postgres: on the job's locked row (`job_row`),
+    the job is still queued and out of its backoff."""
+    return (f"claimable.not_before <= :now AND {ClaimFilters(*filters).where()}"
+            + (_JOB_IS_QUEUED if postgres else ""))
 
 
 @lru_cache(maxsize=256)

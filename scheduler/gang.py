@@ -29,20 +29,20 @@ from scheduler.queue import _ROW_FREE_OUTCOMES, ENDS_IN_ATTEMPT_ROW, NEW_ATTEMPT
 _GANG_WORKER_SEEN = WORKER_SEEN_OF.format(worker="id = :wid AND EXISTS (SELECT 1 FROM job)")
 _COLUMNS = "id, grid_id, priority, trainer, config, seed, resources, code_rev, store, checkpoint, attempts"
 # The first job: the one Queue.claim would take (claim_sql.pick: same filters, from the Queue's claim floor).
-_FIRST_COLUMNS = "id, grid_id, priority, fuse_key"
-# The members: queued jobs of the first job's grid and fuse key, from the first job on in claim order (no
+_FIRST_COLUMNS = "claimable.job_id AS id, claimable.grid_id, -claimable.rank AS priority, claimable.fuse_key"
+# The members: claimable jobs of the first job's grid and fuse key, from the first job on in claim order (no
 # claimable one of them comes before it: the first job is the first claimable of all). The row comparison
-# starts the scan of ix_jobs_gang there instead of at the claimed jobs the grid left behind.
+# starts the scan of ix_claimable_gang there instead of at the claimed jobs the grid left behind.
 _SAME_KEY = """
-    grid_id = {first}.grid_id AND fuse_key = {first}.fuse_key
-    AND (-priority, id) >= (-{first}.priority, {first}.id)
+    claimable.grid_id = {first}.grid_id AND claimable.fuse_key = {first}.fuse_key
+    AND (claimable.rank, claimable.job_id) >= (-{first}.priority, {first}.id)
 """
 
 # Postgres: pick the first claimable job exactly as Queue.claim does, then lock up to :k queued jobs of its
 # grid with its fuse key (itself included: it comes first in that order, and our own lock is no conflict; a
-# NULL key gangs only itself), skipping rows other claimers hold. Two branches, not an OR, and the keyed one
-# LATERAL: it then reads ix_jobs_gang in order for the first job's values (an OR, or a plain join, made the
-# generic plan filter every queued job through ix_jobs_claim: 31 ms per claim at 40,000 queued).
+# NULL key gangs only itself), skipping job rows other claimers hold (claim_sql.pick locks job rows). Two
+# branches, not an OR, and the keyed one LATERAL: it then reads the gang index in order for the first job's
+# values (an OR, or a plain join, made the generic plan filter every queued job: 31 ms per claim at 40,000).
 # Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python). One statement
 # per filter set, as the single claim's (claim_sql.py).
 @lru_cache(maxsize=256)
@@ -52,10 +52,11 @@ def _pg_claim(filters: ClaimFilters) -> str:
     WITH first AS ({pick(filters, True, columns=_FIRST_COLUMNS)}),
     keyed AS (
         SELECT same.id FROM first, LATERAL (
-            SELECT id FROM jobs  -- ix_jobs_gang: this grid's queued jobs of this key, in claim order
-            WHERE {_SAME_KEY.format(first="first")} AND {claimable(filters)}
-            ORDER BY -priority, id
-            LIMIT :k FOR UPDATE SKIP LOCKED
+            SELECT claimable.job_id AS id  -- ix_claimable_gang: this grid's jobs of this key, in claim order
+            FROM claimable JOIN jobs AS job_row ON job_row.id = claimable.job_id
+            WHERE {_SAME_KEY.format(first="first")} AND {claimable(filters, True)}
+            ORDER BY claimable.rank, claimable.job_id
+            LIMIT :k FOR UPDATE OF job_row SKIP LOCKED
         ) AS same
         WHERE first.fuse_key IS NOT NULL
     ),
@@ -79,15 +80,15 @@ def _pg_claim(filters: ClaimFilters) -> str:
 
 
 # SQLite: the same two picks, inside BEGIN IMMEDIATE (one writer at a time: nothing to skip), on the Queue's
-# raw sqlite3 connection; INDEXED BY as in Queue.claim (without statistics SQLite sorted the grid's jobs).
+# raw sqlite3 connection; INDEXED BY: without statistics SQLite could read claimable's key and filter.
 @lru_cache(maxsize=256)
 def _sqlite_members(filters: ClaimFilters) -> str:
     return f"""
-    SELECT id FROM jobs INDEXED BY ix_jobs_gang
+    SELECT job_id AS id FROM claimable INDEXED BY ix_claimable_gang
     WHERE grid_id = :first_grid AND fuse_key = :first_key
-      AND (-priority, id) >= (-CAST(:first_priority AS INTEGER), CAST(:first_id AS INTEGER))
-      AND {claimable(filters)}
-    ORDER BY -priority, id LIMIT :k
+      AND (rank, job_id) >= (-CAST(:first_priority AS INTEGER), CAST(:first_id AS INTEGER))
+      AND {claimable(filters, False)}
+    ORDER BY rank, job_id LIMIT :k
 """
 
 

@@ -9,8 +9,9 @@ finishes is one statement (data-modifying CTEs) in autocommit mode, prepared by 
 one `BEGIN IMMEDIATE` transaction of statements that sqlite3 keeps prepared, and `finish_and_claim` (the
 embedded agent's cycle) puts a finish and the next claim in one (docs/queue.md): one transaction on SQLite,
 one statement on Postgres for the terminal outcomes.
-A claim starts its index scan at this Queue's claim floor (docs/queue.md): the entries that claims leave
-behind in ix_jobs_claim until a VACUUM are never read again, so a claim costs the same after 100,000 jobs.
+A claim reads `claimable` (a trigger keeps queued jobs there; common/schema.py) from this Queue's claim floor
+(docs/queue.md): the entries that claims leave behind in its key until a VACUUM are never read again, so a
+claim costs the same after 100,000 jobs.
 Expired leases are handled by the claim call itself: no janitor is needed for correctness.
 """
 from __future__ import annotations
@@ -120,12 +121,13 @@ _PG_FINISH_EVENT = """,
                     INSERT INTO events (job_id, attempt_id, "time", kind, message)
                     SELECT id, :b_attempt_id, :now, '{outcome}', :message FROM job
                 )"""
-# ix_jobs_running (worker_id) of running jobs: no lease in any index, so heartbeats stay HOT; the scan reads
-# the running jobs (about one per worker) and sorts the expired ones.
+# The running jobs (about one per worker) from `running` (common/schema.py), their leases from their rows: no
+# lease in any index, so heartbeats stay HOT; the scan sorts the expired ones. Postgres locks the job rows.
 _EXPIRED = """
-    SELECT id, attempt_id, losses, cancel_requested FROM jobs
-    WHERE state = 'running' AND lease_expires_at < :now AND lease_expires_at >= :expired_since
-    ORDER BY lease_expires_at LIMIT {batch}{lock}
+    SELECT jobs.id, jobs.attempt_id, jobs.losses, jobs.cancel_requested
+    FROM running JOIN jobs ON jobs.id = running.job_id
+    WHERE jobs.state = 'running' AND jobs.lease_expires_at < :now AND jobs.lease_expires_at >= :expired_since
+    ORDER BY jobs.lease_expires_at LIMIT {batch}{lock}
 """
 _REQUEUE_LOST = """
     UPDATE jobs SET losses = :losses, attempt_id = NULL, worker_id = NULL, lease_expires_at = NULL, state = :state,
@@ -135,7 +137,8 @@ _REQUEUE_LOST = """
 """
 _END_LEASES_OF = """
     UPDATE jobs SET lease_expires_at = :ended
-    WHERE state = 'running' AND worker_id IN (SELECT id FROM workers WHERE last_seen_at < :silent_since)
+    WHERE state = 'running' AND id IN (SELECT job_id FROM running WHERE worker_id IN (
+        SELECT id FROM workers WHERE last_seen_at < :silent_since))
 """
 
 
@@ -224,13 +227,13 @@ class Queue:
         # each call one BEGIN IMMEDIATE transaction.
         # enable_sort off: the generic plan costs the claim floor's row comparison at a default 1/3 of the rows,
         # and below a few thousand queued jobs it then read them all and sorted them (a bitmap scan) instead
-        # of reading ix_jobs_claim in order from the floor; statements that need a sort still sort.
+        # of reading claimable's key in order from the floor; statements that need a sort still sort.
         # jit off: every plan with a sort then costs over jit_above_cost, and JIT compiled a gang claim for
         # 0.37 s on every run (its statement took 0.4 s instead of 1 ms).
         self._autocommit = None if self._sqlite else AutocommitConnections(
             engine, row_factory=dict_row, options="-c plan_cache_mode=force_generic_plan -c enable_sort=off -c jit=off")
         self._raw_sqlite = SqliteConnections(engine) if self._sqlite else None
-        lock = "" if self._sqlite else " FOR UPDATE SKIP LOCKED"
+        lock = "" if self._sqlite else " FOR UPDATE OF jobs SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
         self._finish_writes: dict[tuple[str, ...], str] = {}  # one statement per set of job columns
         self._statements: dict[str, str] = {}  # raw `:name` SQL -> this database's form
@@ -278,7 +281,7 @@ class Queue:
         return now - self._seen_written.get(worker_id, -math.inf) >= WORKER_SEEN_SECONDS
 
     def claim_floor(self, filters: tuple, scan: bool) -> tuple[int, int]:
-        """Where a claim with these filters starts its scan of ix_jobs_claim: CLAIM_FLOOR (every job) when it
+        """Where a claim with these filters starts its scan of claimable: CLAIM_FLOOR (every job) when it
         scans for expired leases, else the (rank, id) this Queue claimed last with them."""
         if scan:
             self._claim_floors.clear()
@@ -935,17 +938,19 @@ class Queue:
 
 
 def refresh_planner_stats(engine: Engine) -> None:
-    """ANALYZE the jobs table (Postgres; a no-op on SQLite). Call after adding many jobs at once.
+    """ANALYZE the jobs and claimable tables (Postgres; a no-op on SQLite). Call after adding many jobs at once.
 
     Until autovacuum gets to a freshly filled table, the planner's estimates are stale and it picks a
     claim plan that reads and sorts every queued job of every active grid on each claim (11 ms per claim
     at 20,000 queued jobs, 35 ms at 60,000, by EXPLAIN ANALYZE; see bench/README.md) instead of reading
-    the first entry of ix_jobs_claim (about 0.1 ms). SQLite's planner picks that index without statistics.
+    the first entries of claimable's key (about 0.1 ms). SQLite's planner picks that key without statistics.
+    Not `running`: analyzed while nearly empty, its generic plans would keep scanning it sequentially.
     """
     if is_sqlite(engine):
         return
     with engine.connect() as conn:
         conn.execute(text("ANALYZE jobs"))
+        conn.execute(text("ANALYZE claimable"))
         conn.commit()
 
 

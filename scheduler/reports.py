@@ -234,8 +234,8 @@ def list_workers(engine: Engine, stale_after: float = 120.0) -> list[dict]:
     now = time.time()
     hidden = ("secret_hash", "state", "current_job_id")  # the hash is no one's business; the other two: below
     shown = [c for c in t.workers.c if c.name not in hidden]
-    running = (select(t.jobs.c.worker_id, func.min(t.jobs.c.id).label("job_id"))
-               .where(t.jobs.c.state == "running").group_by(t.jobs.c.worker_id).subquery())
+    running = (select(t.running.c.worker_id, func.min(t.running.c.job_id).label("job_id"))
+               .group_by(t.running.c.worker_id).subquery())  # the running jobs (a trigger keeps the table)
     with read_tx(engine) as conn:
         rows = conn.execute(
             select(*shown, running.c.job_id).outerjoin_from(t.workers, running, running.c.worker_id == t.workers.c.id)
@@ -264,6 +264,7 @@ def running_jobs(engine: Engine, grid_id: int) -> list[dict[str, Any]]:
         rows = conn.execute(
             select(t.jobs.c.id, t.jobs.c.attempts, t.jobs.c.step, t.jobs.c.progress_done, t.jobs.c.progress_total,
                    t.jobs.c.config, t.jobs.c.attempt_id, t.jobs.c.checkpoint)
+            .join_from(t.running, t.jobs, t.jobs.c.id == t.running.c.job_id)  # not every job of the grid
             .where(t.jobs.c.grid_id == grid_id, t.jobs.c.state == "running").order_by(t.jobs.c.id)
         ).mappings().all()
     return [{**r, "config": _loads(r["config"]), "checkpoint": _loads(r["checkpoint"])} for r in rows]

@@ -29,7 +29,9 @@ def _workers_by_grid(engine: Engine) -> dict[int, list[dict[str, str]]]:
     with read_tx(engine) as conn:
         rows = conn.execute(
             select(t.jobs.c.grid_id, t.workers.c.id, t.workers.c.name).distinct()
-            .join(t.workers, t.workers.c.id == t.jobs.c.worker_id)
+            .select_from(t.running)  # the running jobs (a trigger keeps the table), not every job
+            .join(t.jobs, t.jobs.c.id == t.running.c.job_id)
+            .join(t.workers, t.workers.c.id == t.running.c.worker_id)
             .where(t.jobs.c.state == "running").order_by(t.workers.c.name)
         ).all()
     out: dict[int, list[dict[str, str]]] = {}

@@ -36,7 +36,7 @@ def counts_of(engine, grid: str) -> dict[str, int]:
 
 def test_the_jobs_table_has_no_grid_state_index(engine):
     names = {ix["name"] for ix in inspect(engine).get_indexes("jobs")}
-    assert "ix_jobs_grid_state" not in names and "ix_jobs_running" in names
+    assert "ix_jobs_grid_state" not in names and "ix_jobs_external_id" in names
 
 
 def test_migration_0010_goes_down_and_up_with_the_jobs_kept(db_url):

@@ -1,6 +1,6 @@
 """The queue at grid scale (issue 15): a claim reads the same few index pages however many jobs finished
 before it (no VACUUM: the test server's autovacuum is off), the claim floor never hides a job, and
-migration 0009 goes down and up again on both databases."""
+the queue's migrations go down and up again on both databases."""
 from __future__ import annotations
 
 import re
@@ -61,17 +61,17 @@ def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
     queue = Queue(engine, expiry_scan_seconds=3600.0)  # no scan clears the floor during the test
     worker = queue.register_worker("w", "host", ["noop"])
     if engine.dialect.name == "sqlite":
-        # SQLite deletes index entries in place; what matters is the plan: the claim index in order, no sort.
+        # SQLite deletes index entries in place; what matters is the plan: claimable's key in order, no sort.
         with queue._raw_sqlite.transaction() as conn:
             plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sqlite_claim(FILTERS), {
                 "aid": "a", "wid": worker, "lease": 0.0, "now": time.time(),
                 "from_rank": CLAIM_FLOOR[0], "from_id": CLAIM_FLOOR[1]}))
-        assert "ix_jobs_claim" in plan and "TEMP B-TREE" not in plan, plan
+        assert "SEARCH claimable USING PRIMARY KEY" in plan and "TEMP B-TREE" not in plan, plan
         cycles(queue, worker, 200)
         assert queue._claim_floors[FILTERS][1] == 200  # the floor follows the claims (job ids 1..1600)
         return
     plan = generic_pick_plan(queue)
-    assert "Index Scan using ix_jobs_claim" in plan and "ROW((- priority), id) >= ROW($2, $3)" in plan, plan
+    assert "Index Scan using claimable_pkey" in plan and "ROW(rank, job_id) >= ROW($2, $3)" in plan, plan
     cycles(queue, worker, 200)
     early = pick_buffers(queue, queue._claim_floors[FILTERS])
     cycles(queue, worker, 1_300)
@@ -121,7 +121,7 @@ def test_migration_0009_goes_down_and_up_with_the_jobs_kept(db_url):
         command.downgrade(alembic_config(db_url), "0006")
         names = {ix["name"] for ix in inspect(engine).get_indexes("jobs")}
         assert "ix_jobs_lease" in names and "ix_jobs_running" not in names
-        command.upgrade(alembic_config(db_url), "head")
+        command.upgrade(alembic_config(db_url), "0015")  # its indexes lived until 0016 made them tables
         inspector = inspect(engine)
         names = {ix["name"] for ix in inspector.get_indexes("jobs")}
         assert "ix_jobs_running" in names and "ix_jobs_lease" not in names
@@ -133,6 +133,7 @@ def test_migration_0009_goes_down_and_up_with_the_jobs_kept(db_url):
             else:
                 definition = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_claim'"))
             assert "'queued'" in definition.scalar()  # the claimable state is listed: no other state is in it
+        command.upgrade(alembic_config(db_url), "head")
         queue = Queue(engine)
         worker = queue.register_worker("w", "host", ["noop"])
         claimed = [queue.claim(worker, trainers=["noop"]) for _ in range(4)]
@@ -170,19 +171,23 @@ def test_claims_finishes_and_heartbeats_refresh_the_workers_last_seen_at_most_ev
     assert seen() == (t0 + 2 * WORKER_SEEN_SECONDS + 2, "idle")
 
 
-def _down_and_up(db_url: str, before: str, done: Callable[[Any], bool]) -> Engine:
-    """Check `done(conn)` holds at head, not after downgrading to `before`, and again after upgrading back,
-    with the three jobs submitted first kept. Returns the engine (the caller disposes of it)."""
+def _down_and_up(db_url: str, before: str, done: Callable[[Any], bool], after: str = "0015") -> Engine:
+    """Check `done(conn)` holds at `after` (the last revision with the index it checks: 0016 made the queue's
+    indexes tables), not after downgrading to `before`, and again after upgrading back, with the three jobs
+    submitted first kept at head. Returns the engine (the caller disposes of it)."""
     engine = make_engine(db_url)
     submit(engine, "kept", 3)
+    command.downgrade(alembic_config(db_url), after)
     with engine.connect() as conn:
         assert done(conn)
     command.downgrade(alembic_config(db_url), before)
     with engine.connect() as conn:
         assert not done(conn)
-    command.upgrade(alembic_config(db_url), "head")
+    command.upgrade(alembic_config(db_url), after)
     with engine.connect() as conn:
         assert done(conn)
+    command.upgrade(alembic_config(db_url), "head")
+    with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 3
     return engine
 
@@ -238,38 +243,25 @@ def fenced_write_buffers(queue: Queue, job) -> tuple[str, int]:
     return scan
 
 
-def test_migration_0013_a_fenced_write_skips_the_entries_its_workers_finished_jobs_left(db_url):
-    """ix_jobs_running keyed by worker alone: the fenced UPDATE of every finish and heartbeat read the entries of
-    all the jobs its worker had finished (nothing vacuums here) when the statistics say few jobs run: 15 pages
-    after 1,500 jobs. Keyed by (worker_id, id) it descends to the one entry, or the plan takes the primary key:
-    4 pages."""
-    if db_url.startswith("sqlite"):
+def test_a_fenced_write_finds_its_job_by_the_primary_key_after_1500_finished_jobs(engine):
+    """No index of `jobs` holds a running job's worker any more (migration 0016): the fenced UPDATE of every
+    finish and heartbeat descends the primary key to its job, however many jobs its worker finished before
+    (nothing vacuums here). With ix_jobs_running keyed by worker alone it read 15 pages after 1,500 jobs."""
+    if engine.dialect.name == "sqlite":
         return  # SQLite deletes index entries in place
-    command.downgrade(alembic_config(db_url), "0012")
-    engine = make_engine(db_url)
     queue = Queue(engine, expiry_scan_seconds=3600.0)
     try:
-        submit(engine, "g", 3_100)  # ANALYZE: no job runs yet
+        submit(engine, "g", 1_600)  # ANALYZE: no job runs yet
         worker = queue.register_worker("w", "h", ["noop"])
         job = queue.claim(worker, trainers=["noop"])
-
-        def cycles() -> None:
-            nonlocal job
-            for _ in range(1_500):
-                reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", worker_id=worker,
-                                                    trainers=["noop"])
-                assert reply.ok
-
-        cycles()
-        before = fenced_write_buffers(queue, job)
-        command.upgrade(alembic_config(db_url), "head")  # builds the index anew: cycle as many jobs again
-        cycles()
-        head = fenced_write_buffers(queue, job)
-        assert head[1] <= 4 and before == ("ix_jobs_running", before[1]) and before[1] >= 8, (head, before)
-        assert queue.heartbeat(job.id, job.attempt_id, step=1, worker_id=worker).ok  # its entry is back
+        for _ in range(1_500):
+            reply, job = queue.finish_and_claim(job.id, job.attempt_id, "succeeded", worker_id=worker,
+                                                trainers=["noop"])
+            assert reply.ok
+        index, pages = fenced_write_buffers(queue, job)
+        assert index == "jobs_pkey" and pages <= 4, (index, pages)
     finally:
         queue.close()
-        engine.dispose()
 
 
 def explain_analyze(conn, statement: str, params: dict, buffers: bool = False) -> dict:
@@ -352,7 +344,8 @@ def test_a_claims_trainer_names_reach_the_database_as_the_same_strings(db_url):
 def test_claim_filters_are_one_statement_each_and_find_the_floor_by_their_values():
     filters = ClaimFilters.of(["b", "a", "b"], 1, 0, None)
     assert filters == (("a", "b"), 1.0, False, None) and hash(filters) == hash((("a", "b"), 1.0, False, None))
-    assert filters.where() == "gpus <= 1.0 AND trainer IN ('a', 'b') AND code_rev IS NULL"
-    assert ClaimFilters.of(None, 0.5, True, 7).where() == "gpus <= 0.5 AND grid_id = 7"
-    assert ClaimFilters.of([], 0, True, None).where() == "gpus <= 0.0 AND 1 = 0"
+    assert filters.where() == ("claimable.gpus <= 1.0 AND claimable.trainer IN ('a', 'b') "
+                               "AND claimable.code_rev IS NULL")
+    assert ClaimFilters.of(None, 0.5, True, 7).where("jobs") == "jobs.gpus <= 0.5 AND jobs.grid_id = 7"
+    assert ClaimFilters.of([], 0, True, None).where() == "claimable.gpus <= 0.0 AND 1 = 0"
     assert pick(filters, True) is pick((("a", "b"), 1.0, False, None), True)  # made once per filter set
