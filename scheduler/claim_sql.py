@@ -90,11 +90,11 @@ def pyformat(sql: str) -> str:
 # (rank, job_id). It starts at the claim floor by a row comparison: claimed jobs stay in the key as dead
 # entries until a VACUUM, and walking them from the start made each claim read 3 -> 22 -> 80 index pages after
 # 0 / 5,000 / 20,000 claims (issue 15).
-# Postgres locks the job's row, not the claimable one (FOR UPDATE OF jobs SKIP LOCKED): the claim's UPDATE
-# then fires the trigger that deletes the claimable row, so a claim takes a job's locks in the order every
-# other writer of the job does (job row, then its claimable row) and never deadlocks with a cancel or a
-# retry. The job's own state and backoff are checked on the locked row: when another claimer took the job
-# after this statement's snapshot, Postgres rechecks them on the row's new version and skips it.
+# Postgres locks both the claimable row and the job's row (FOR UPDATE OF claimable, job_row SKIP LOCKED), and
+# takes a job that neither another claimer nor any other writer holds: a cancel or a retry updates the job row
+# first and then (its trigger) the claimable row, so a claim that waited for neither can never be part of a
+# deadlock with one. The job's own state and backoff are checked on the locked row: when another claimer took
+# the job after this statement's snapshot, Postgres rechecks them on the row's new version and skips it.
 # `{after}`: finish_and_claim's extra condition on Postgres (pg_claim_ctes).
 _PICK = """
     SELECT {columns} FROM claimable{join}
@@ -106,7 +106,7 @@ _PICK = """
 """
 _JOB_OF_CLAIMABLE = " JOIN jobs AS job_row ON job_row.id = claimable.job_id"
 _JOB_IS_QUEUED = " AND job_row.state = 'queued' AND job_row.not_before <= :now"
-_LOCK_JOB = " FOR UPDATE OF job_row SKIP LOCKED"
+_LOCK_JOB = " FOR UPDATE OF claimable, job_row SKIP LOCKED"
 _ACTIVE_GRID_IN = "claimable.grid_id IN (SELECT id FROM grids WHERE state = 'active')"
 # SQLite builds the list of an `IN (SELECT ...)` by reading every grid on each claim (EXPLAIN QUERY PLAN: "LIST
 # SUBQUERY ... SCAN grids"): 54-61 us per claim with 500 grids, against 10-14 us for a lookup of the job's grid.
@@ -121,6 +121,15 @@ _CLAIM_UPDATE = f"""
     WHERE id = ({{pick}})
     RETURNING {CLAIM_COLUMNS}
 """
+# Postgres moves the claimed job from `claimable` to `running` in the claim's own statement: its trigger leaves
+# a claim to it (migration 0016: a plpgsql call cost 28 us of a 120 us claim). SQLite's trigger does it.
+_PG_TAKE = """
+    taken AS (
+        DELETE FROM claimable WHERE (rank, job_id) = ({pick})
+        RETURNING job_id
+    ),
+    claimed AS ({claim}),
+    lease AS (INSERT INTO running (worker_id, job_id) SELECT :wid, id FROM claimed)"""
 # finish_and_claim's claim: only when the finish's fence held (its `job` CTE returned the row: a one-time
 # filter, so a refused finish locks and scans nothing), and never the job being finished. Only terminal
 # outcomes take that path, so the job is `running` in the statement's snapshot and the pick could not see
@@ -131,8 +140,8 @@ _AFTER_FINISH = "EXISTS (SELECT 1 FROM job) AND claimable.job_id <> :b_job_id AN
 @lru_cache(maxsize=256)
 def pick(filters: ClaimFilters, postgres: bool, after_finish: bool = False, columns: str = "claimable.job_id") -> str:
     """The pick of one claimable job, its `columns` of `claimable` (`:name` parameters: from_rank, from_id,
-    now; b_job_id after a finish); a gang claim's first job too (scheduler/gang.py). Postgres locks the job's
-    row (FOR UPDATE OF job_row SKIP LOCKED). SQLite looks up the job's grid instead of an IN list; its planner
+    now; b_job_id after a finish); a gang claim's first job too (scheduler/gang.py). Postgres locks the
+    claimable row and the job's row. SQLite looks up the job's grid instead of an IN list; its planner
     reads claimable's key in order (the gang index holds only keyed jobs, so no other index fits)."""
     return _PICK.format(columns=columns, join=_JOB_OF_CLAIMABLE if postgres else "",
                         after=_AFTER_FINISH if after_finish else "", claimable=claimable(filters, postgres),
@@ -157,9 +166,11 @@ def sqlite_claim(filters: ClaimFilters) -> str:
 
 @lru_cache(maxsize=256)
 def pg_claim_ctes(filters: ClaimFilters, after_finish: bool = False) -> str:
-    """Postgres: the claim's data-modifying CTEs (`:name` text): `claimed` (the job) and `new_attempt`."""
+    """Postgres: the claim's data-modifying CTEs (`:name` text): `taken` (its claimable row), `claimed` (the
+    job), `lease` (its running row) and `new_attempt`."""
     return f"""
-    claimed AS ({_CLAIM_UPDATE.format(pick=pick(filters, True, after_finish))}),
+{_PG_TAKE.format(pick=pick(filters, True, after_finish, "claimable.rank, claimable.job_id"),
+                claim=_CLAIM_UPDATE.format(pick="SELECT job_id FROM taken"))},
     new_attempt AS (
         INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
         SELECT :aid, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed

@@ -38,9 +38,10 @@ _SAME_KEY = """
     AND (claimable.rank, claimable.job_id) >= (-{first}.priority, {first}.id)
 """
 
-# Postgres: pick the first claimable job exactly as Queue.claim does, then lock up to :k queued jobs of its
+# Postgres: pick the first claimable job exactly as Queue.claim does, then lock up to :k claimable jobs of its
 # grid with its fuse key (itself included: it comes first in that order, and our own lock is no conflict; a
-# NULL key gangs only itself), skipping job rows other claimers hold (claim_sql.pick locks job rows). Two
+# NULL key gangs only itself), skipping rows other writers hold (claim_sql.pick: claimable and job rows), and
+# move them from claimable to running (the trigger leaves claims to the statement, as claim_sql's). Two
 # branches, not an OR, and the keyed one LATERAL: it then reads the gang index in order for the first job's
 # values (an OR, or a plain join, made the generic plan filter every queued job: 31 ms per claim at 40,000).
 # Each member's attempt id is made in the statement (uuid hex, as new_id() makes them in Python). One statement
@@ -51,16 +52,21 @@ def _pg_claim(filters: ClaimFilters) -> str:
         f"""
     WITH first AS ({pick(filters, True, columns=_FIRST_COLUMNS)}),
     keyed AS (
-        SELECT same.id FROM first, LATERAL (
-            SELECT claimable.job_id AS id  -- ix_claimable_gang: this grid's jobs of this key, in claim order
+        SELECT same.id, same.rank FROM first, LATERAL (
+            SELECT claimable.job_id AS id, claimable.rank  -- ix_claimable_gang: the key's jobs in claim order
             FROM claimable JOIN jobs AS job_row ON job_row.id = claimable.job_id
             WHERE {_SAME_KEY.format(first="first")} AND {claimable(filters, True)}
             ORDER BY claimable.rank, claimable.job_id
-            LIMIT :k FOR UPDATE OF job_row SKIP LOCKED
+            LIMIT :k FOR UPDATE OF claimable, job_row SKIP LOCKED
         ) AS same
         WHERE first.fuse_key IS NOT NULL
     ),
-    members AS (SELECT id FROM first WHERE fuse_key IS NULL UNION ALL SELECT id FROM keyed),
+    members AS (SELECT id, -priority AS rank FROM first WHERE fuse_key IS NULL UNION ALL SELECT id, rank FROM keyed),
+    -- out of claimable by their keys (every (rank, id) pair of the two lists is a member's: an id has one rank)
+    taken AS (
+        DELETE FROM claimable WHERE rank = ANY(ARRAY(SELECT rank FROM members))
+          AND job_id = ANY(ARRAY(SELECT id FROM members))
+    ),
     claimed AS (
         UPDATE jobs SET state = 'running', attempt_id = replace(gen_random_uuid()::text, '-', ''),
             worker_id = :wid, lease_expires_at = :lease, attempts = attempts + 1,
@@ -69,6 +75,7 @@ def _pg_claim(filters: ClaimFilters) -> str:
         RETURNING jobs.attempt_id, jobs.id, jobs.grid_id, jobs.priority, jobs.trainer, jobs.config, jobs.seed,
             jobs.resources, jobs.code_rev, jobs.store, jobs.checkpoint, jobs.attempts
     ),
+    lease AS (INSERT INTO running (worker_id, job_id) SELECT :wid, id FROM claimed),
     new_attempts AS (
         INSERT INTO attempts (id, job_id, worker_id, outcome, started_at, code_rev)
         SELECT attempt_id, id, :wid, 'running', :now, COALESCE(code_rev, :code_rev) FROM claimed
@@ -163,6 +170,9 @@ _PG_FINISH = _pyformat(
     ended AS (
         UPDATE attempts SET outcome = job.outcome, ended_at = :now, error = job.error
         FROM job WHERE attempts.job_id = job.id AND attempts.id = job.attempt_id AND attempts.outcome = 'running'
+    ),
+    unrun AS (  -- out of running by their keys (queue.py's _PG_UNRUN: the trigger leaves successes to it)
+        DELETE FROM running WHERE worker_id = :wid AND job_id = ANY(ARRAY(SELECT id FROM job))
     ),
     event AS (  -- not for the ends an attempt row says in full (ENDS_IN_ATTEMPT_ROW)
         INSERT INTO events (job_id, attempt_id, "time", kind, message)

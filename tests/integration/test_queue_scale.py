@@ -78,7 +78,7 @@ def test_a_claim_reads_as_much_after_1500_finished_jobs_as_after_200(engine):
     floor = queue._claim_floors[FILTERS]
     late = pick_buffers(queue, floor)
     from_start = pick_buffers(queue, CLAIM_FLOOR)  # what the first claim after an expiry scan reads
-    assert late <= early + 1 and late <= 8, (early, late)
+    assert late <= early + 1 and late <= 10, (early, late)  # claimable (3), the grid (2), the job (3), locks
     assert from_start > late, "walking the 1,500 dead entries from the start should read more pages than the floor"
 
 

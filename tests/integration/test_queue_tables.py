@@ -77,8 +77,16 @@ def test_claimable_and_running_follow_every_move_of_a_job(engine):
                               {"g": g}).scalar()
     assert grids.cancel_job(engine, queued) == "cancelled" and assert_tables_follow_jobs(engine) == (3, 4)
     assert grids.retry_job(engine, queued) == "queued" and assert_tables_follow_jobs(engine) == (4, 4)
-    while (job := queue.claim(worker, trainers=["noop"], now=t0 + 1_000.0)) is not None:  # every lease expired
-        assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + 1_000.0, worker_id=worker).ok
+    x = queue.claim(other, trainers=["noop"], now=t0 + 1_000.0)  # every lease before expired: requeued
+    assert queue.requeue_expired(now=t0 + 1_100.0) >= 1  # x's too
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT state FROM jobs WHERE id = :id"), {"id": x.id}).scalar() == "queued"
+    assert queue.heartbeat(x.id, x.attempt_id, step=1, now=t0 + 1_100.0, worker_id=other).ok  # regained
+    queued, running = assert_tables_follow_jobs(engine)
+    assert running == 1
+    assert queue.finish(x.id, x.attempt_id, "succeeded", now=t0 + 1_100.0, worker_id=other).ok
+    while (job := queue.claim(worker, trainers=["noop"], now=t0 + 1_100.0)) is not None:
+        assert queue.finish(job.id, job.attempt_id, "succeeded", now=t0 + 1_100.0, worker_id=worker).ok
     assert assert_tables_follow_jobs(engine) == (0, 0)
     queue.close()
 
