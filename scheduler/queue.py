@@ -130,13 +130,17 @@ _PG_FINISH_EVENT = """,
                     SELECT id, :b_attempt_id, :now, '{outcome}', :message FROM job
                 )"""
 # The running jobs (about one per worker) from `running` (common/schema.py), their leases from their rows: no
-# lease in any index, so heartbeats stay HOT; the scan sorts the expired ones. Postgres locks the job rows.
+# lease in any index, so heartbeats stay HOT; the scan sorts the expired ones. Postgres locks the job rows, and
+# reads them by key from the list of running ids: joined to `running`, the generic plan read all of `jobs`
+# (statistics taken when nothing ran say few jobs run), 7% of a 16-worker cycle's backend CPU.
 _EXPIRED = """
     SELECT jobs.id, jobs.attempt_id, jobs.losses, jobs.cancel_requested
-    FROM running JOIN jobs ON jobs.id = running.job_id
-    WHERE jobs.state = 'running' AND jobs.lease_expires_at < :now AND jobs.lease_expires_at >= :expired_since
+    FROM {running_jobs}
+    jobs.state = 'running' AND jobs.lease_expires_at < :now AND jobs.lease_expires_at >= :expired_since
     ORDER BY jobs.lease_expires_at LIMIT {batch}{lock}
 """
+_SQLITE_RUNNING_JOBS = "running JOIN jobs ON jobs.id = running.job_id WHERE"
+_PG_RUNNING_JOBS = "jobs WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM running)) AND"
 _REQUEUE_LOST = """
     UPDATE jobs SET losses = :losses, attempt_id = NULL, worker_id = NULL, lease_expires_at = NULL, state = :state,
         finished_at = COALESCE(:finished_at, finished_at), last_error = COALESCE(:last_error, last_error),
@@ -246,7 +250,8 @@ class Queue:
         self._finish_writes: dict[tuple[str, ...], str] = {}  # one statement per set of job columns
         self._statements: dict[str, str] = {}  # raw `:name` SQL -> this database's form
         self._seen_written: dict[str, float] = {}  # worker id -> the last_seen_at this Queue wrote last
-        self._expired_sql = _EXPIRED.format(batch=EXPIRED_BATCH, lock=lock)
+        self._expired_sql = _EXPIRED.format(batch=EXPIRED_BATCH, lock=lock, running_jobs=_SQLITE_RUNNING_JOBS
+                                            if self._sqlite else _PG_RUNNING_JOBS)
 
     def close(self) -> None:
         """Close the Queue's own raw connections (the engine's dispose() does it too)."""
