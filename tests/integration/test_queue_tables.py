@@ -142,6 +142,7 @@ def _claimer(db_url: str, name: str, gang: bool, start, results) -> None:
             idle_since = None
             for job in jobs:
                 claimed.append((job.id, job.attempt_id))
+                time.sleep(0.005)  # it trains: the canceller's front meets the claimers' on a fast machine too
                 queue.finish(job.id, job.attempt_id, "succeeded", {"loss": 0.0}, worker_id=worker)
         queue.close()
         engine.dispose()
@@ -160,6 +161,8 @@ def test_claims_racing_cancels_in_four_processes_never_deadlock_lose_or_double_a
     processes = [SPAWN.Process(target=_claimer, args=(db_url, f"w{i}", i % 2 == 1, start, results)) for i in range(4)]
     for process in processes:
         process.start()
+    with engine.connect() as conn:  # the canceller's connection is open before the start, as the claimers' are
+        conn.execute(text("SELECT 1"))
     start.wait(timeout=120)
     cancelled = []
     for job_id in sorted(ids, reverse=True)[::2]:  # from the last, while the claimers take the first: they meet
