@@ -98,9 +98,10 @@ jobs = Table(
     postgresql_with={"fillfactor": 50},
 )
 
-# The queue's own narrow tables (migration 0016), kept by triggers on `jobs` from its state: a job is in
-# `claimable` exactly while it is queued and in `running` exactly while it runs, whichever statement moved it
-# (a claim, a finish, a retry, a cancel, an expiry scan, a resume). An index on `jobs` for those states would
+# The queue's own narrow tables (migration 0016), kept from the job's state: a job is in `claimable` exactly
+# while it is queued and in `running` exactly while it runs. Triggers on `jobs` make every move (a retry, a
+# cancel, an expiry scan, a resume), except on Postgres the two of every cycle (a claim, a finish), which the
+# Queue's own statements make (scheduler/claim_sql.py, scheduler/queue.py). An index on `jobs` for those states would
 # hold `state`, and every claim and finish would then insert index entries and leave dead ones behind.
 # claimable: what a claim filters and orders by, a copy of the job's columns. Keyed by rank = -priority, then
 # id: the claim's order (priority high first, then age), which a claim starts reading at its claim floor.

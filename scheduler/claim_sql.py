@@ -57,17 +57,16 @@ class ClaimFilters(NamedTuple):
             raise ValueError(f"gpus must be a finite number; got {gpus!r}")
         return cls(names, gpus, bool(can_pin_code), None if grid_id is None else int(grid_id))
 
-    def where(self, table: str = "claimable") -> str:
-        """The filters as one SQL condition on `table` (`claimable`, or `jobs`: the same columns), the same text
-        on both databases."""
-        parts = [f"{table}.gpus <= {self.gpus!r}"]
+    def where(self) -> str:
+        """The filters as one SQL condition on `claimable`, the same text on both databases."""
+        parts = [f"claimable.gpus <= {self.gpus!r}"]
         if self.trainers is not None:  # an empty list matches no job
-            parts.append(f"{table}.trainer IN ({', '.join(map(sql_string, self.trainers))})" if self.trainers
+            parts.append(f"claimable.trainer IN ({', '.join(map(sql_string, self.trainers))})" if self.trainers
                          else "1 = 0")
         if not self.can_pin:
-            parts.append(f"{table}.code_rev IS NULL")
+            parts.append("claimable.code_rev IS NULL")
         if self.grid_id is not None:
-            parts.append(f"{table}.grid_id = {self.grid_id:d}")
+            parts.append(f"claimable.grid_id = {self.grid_id:d}")
         return " AND ".join(parts)
 
 

@@ -135,12 +135,14 @@ _PG_FINISH_EVENT = """,
 # (statistics taken when nothing ran say few jobs run), 7% of a 16-worker cycle's backend CPU.
 _EXPIRED = """
     SELECT jobs.id, jobs.attempt_id, jobs.losses, jobs.cancel_requested
-    FROM {running_jobs}
-    jobs.state = 'running' AND jobs.lease_expires_at < :now AND jobs.lease_expires_at >= :expired_since
+    FROM {jobs}
+    WHERE {listed}jobs.state = 'running' AND jobs.lease_expires_at < :now AND jobs.lease_expires_at >= :expired_since
     ORDER BY jobs.lease_expires_at LIMIT {batch}{lock}
 """
-_SQLITE_RUNNING_JOBS = "running JOIN jobs ON jobs.id = running.job_id WHERE"
-_PG_RUNNING_JOBS = "jobs WHERE jobs.id = ANY(ARRAY(SELECT job_id FROM running)) AND"
+_SQLITE_EXPIRED = _EXPIRED.format(jobs="running JOIN jobs ON jobs.id = running.job_id", listed="",
+                                  batch=EXPIRED_BATCH, lock="")
+_PG_EXPIRED = _EXPIRED.format(jobs="jobs", listed="jobs.id = ANY(ARRAY(SELECT job_id FROM running)) AND ",
+                              batch=EXPIRED_BATCH, lock=" FOR UPDATE OF jobs SKIP LOCKED")
 _REQUEUE_LOST = """
     UPDATE jobs SET losses = :losses, attempt_id = NULL, worker_id = NULL, lease_expires_at = NULL, state = :state,
         finished_at = COALESCE(:finished_at, finished_at), last_error = COALESCE(:last_error, last_error),
@@ -245,13 +247,11 @@ class Queue:
         self._autocommit = None if self._sqlite else AutocommitConnections(
             engine, row_factory=dict_row, options="-c plan_cache_mode=force_generic_plan -c enable_sort=off -c jit=off")
         self._raw_sqlite = SqliteConnections(engine) if self._sqlite else None
-        lock = "" if self._sqlite else " FOR UPDATE OF jobs SKIP LOCKED"
         self._finish_read = _FINISH_READ if self._sqlite else _FINISH_READ.with_for_update()
         self._finish_writes: dict[tuple[str, ...], str] = {}  # one statement per set of job columns
         self._statements: dict[str, str] = {}  # raw `:name` SQL -> this database's form
         self._seen_written: dict[str, float] = {}  # worker id -> the last_seen_at this Queue wrote last
-        self._expired_sql = _EXPIRED.format(batch=EXPIRED_BATCH, lock=lock, running_jobs=_SQLITE_RUNNING_JOBS
-                                            if self._sqlite else _PG_RUNNING_JOBS)
+        self._expired_sql = _SQLITE_EXPIRED if self._sqlite else _PG_EXPIRED
 
     def close(self) -> None:
         """Close the Queue's own raw connections (the engine's dispose() does it too)."""

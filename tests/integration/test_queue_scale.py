@@ -346,6 +346,6 @@ def test_claim_filters_are_one_statement_each_and_find_the_floor_by_their_values
     assert filters == (("a", "b"), 1.0, False, None) and hash(filters) == hash((("a", "b"), 1.0, False, None))
     assert filters.where() == ("claimable.gpus <= 1.0 AND claimable.trainer IN ('a', 'b') "
                                "AND claimable.code_rev IS NULL")
-    assert ClaimFilters.of(None, 0.5, True, 7).where("jobs") == "jobs.gpus <= 0.5 AND jobs.grid_id = 7"
+    assert ClaimFilters.of(None, 0.5, True, 7).where() == "claimable.gpus <= 0.5 AND claimable.grid_id = 7"
     assert ClaimFilters.of([], 0, True, None).where() == "claimable.gpus <= 0.0 AND 1 = 0"
     assert pick(filters, True) is pick((("a", "b"), 1.0, False, None), True)  # made once per filter set
