@@ -456,7 +456,10 @@ def serve(conn: Connection, agent_pid: int, preload: list[str]) -> None:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the agent, which stops its job
     multiprocessing.current_process().daemon = False  # a daemonic process may not start children
-    conn.send(("ready", PROTOCOL, _preload(preload)))
+    try:
+        conn.send(("ready", PROTOCOL, _preload(preload)))
+    except OSError:  # the agent closed the socket while this process imported (its run ended): nothing to serve
+        return
     fork = multiprocessing.get_context("fork")
     while True:
         try:
